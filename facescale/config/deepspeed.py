@@ -1,0 +1,45 @@
+"""Derive the DeepSpeed JSON from the facescale config, so batch sizes and precision cannot disagree."""
+
+from __future__ import annotations
+
+import copy
+
+from facescale.config.schema import Config
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Samples per rank per forward pass."""
+    sch = cfg.schedule
+    return sch.global_batch_size // (world_size * sch.grad_accumulation)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_json(cfg: Config, world_size: int, precision: str) -> dict:
+    """The `config` dict handed to `deepspeed.initialize` for the backbone engine.
+
+    `precision` is the resolved one (fp32 | bf16 | fp16). bf16 runs as DeepSpeed's torch autocast (fp32 master
+    weights, bf16 compute); fp16 uses DeepSpeed's dynamic loss scaling.
+    """
+    ds: dict = {
+        "train_batch_size": cfg.schedule.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": cfg.schedule.grad_accumulation,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "overlap_comm": cfg.deepspeed.overlap_comm},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "Fail"},
+    }
+    if precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    return _merge(ds, cfg.deepspeed.extra)

@@ -1,0 +1,171 @@
+"""Load a `Config` from YAML plus `--set section.key=value` overrides, with errors that say how to fix them."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from facescale.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: where, which key, and the fix."""
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" did you mean '{close[0]}'?" if close else f" known keys: {', '.join(sorted(known))}"
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type; raise ConfigError naming `where`."""
+    origin = typing.get_origin(hint)
+    if hint is Any or hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple and args and args[-1] is not Ellipsis and len(items) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(items)}")
+        return tuple(items) if origin is tuple else items
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported field type {hint}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{key}';{_suggest(key, list(fields))}")
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str, source: str) -> None:
+    """Apply one `a.b.c=value` string to the raw mapping; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"{source}: override '{override}' must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: '{dotted}' goes through a non-mapping key '{k}'")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (tuples become lists), ready for YAML/JSON."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                base_dir: str | Path | None = None) -> Config:
+    """Read YAML at `path` (None = defaults), apply overrides, validate; raise ConfigError on any problem.
+
+    Relative data paths are resolved against `base_dir` (default: the current directory).
+    """
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found (configs live in configs/, e.g. configs/synthetic.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    for ov in overrides:
+        _apply_override(raw, ov, f"{source} (--set)")
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    from facescale.config.validate import validate
+
+    validate(cfg, source)
+    return cfg
+
+
+def load_config_text(text: str, source: str) -> Config:
+    """Parse a saved config (e.g. a checkpoint's config.yaml) without checking that its paths exist here."""
+    try:
+        raw = yaml.safe_load(text) or {}
+        return _build(Config, raw, "")
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    Path(path).write_text(config_yaml(cfg))

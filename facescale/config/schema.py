@@ -1,0 +1,135 @@
+"""Typed configuration tree: one dataclass per section, loaded from YAML by `facescale.config.load`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Backbone choice; `name` is a key of `facescale.models.registry`."""
+
+    name: str = "r50"
+    embedding_size: int = 512
+    dropout: float = 0.0
+    # "batch" (default, insightface-shaped) or "group" (batch-independent, used by equivalence tests)
+    norm: str = "batch"
+
+
+@dataclass
+class DataConfig:
+    """Training shards and how they are read."""
+
+    shards: str = ""  # directory holding manifest.json + *.tar (+ *.idx)
+    reader: str = "auto"  # auto | dali | webdataset
+    image_size: int = 112
+    num_workers: int = 1  # webdataset DataLoader workers per rank
+    dali_threads: int = 2  # DALI CPU threads per rank
+    shuffle_buffer: int = 4096
+    random_mirror: bool = True
+    on_bad_sample: str = "error"  # error | skip
+    max_skip_fraction: float = 0.01
+
+
+@dataclass
+class MarginConfig:
+    """Margin on the target logit: cos(m1*theta + m2) - m3, scaled by s."""
+
+    type: str = "arcface"  # arcface | cosface | combined | arcface_straight_through
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    interclass_filtering_threshold: float = 0.0
+
+
+@dataclass
+class HeadConfig:
+    """The model-parallel class-center layer (Partial FC) or the F2C pool."""
+
+    type: str = "partial_fc"  # partial_fc | dcp
+    sample_rate: float = 1.0
+    margin: MarginConfig = field(default_factory=MarginConfig)
+    optimizer: str = "sgd"  # sgd | adamw
+    update: str = "dense"  # dense | sparse
+    lr_scale: float = 1.0  # head lr = optim.lr * lr_scale
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    storage_dtype: str = "fp32"  # fp32 | bf16
+    init_std: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    """Backbone optimizer (run by the DeepSpeed engine)."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 5.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Step-based schedule: linear warmup then polynomial decay to zero."""
+
+    steps: int = 1000
+    warmup_steps: int = 0
+    power: float = 2.0
+    global_batch_size: int = 128  # = micro batch per rank * world size * grad accumulation
+    grad_accumulation: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What the derived DeepSpeed JSON takes from us; batch sizes come from `schedule`."""
+
+    zero_stage: int = 1
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = bf16 on CUDA, fp32 on CPU)
+    overlap_comm: bool = False
+    extra: dict = field(default_factory=dict)  # merged last into the JSON, for expert knobs
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often the run is saved."""
+
+    every_steps: int = 0  # 0 = only at the end
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | <path>
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard output."""
+
+    run_dir: str = "runs/default"
+    every_steps: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Verification sets evaluated during and after training."""
+
+    bins: list[str] = field(default_factory=list)
+    every_steps: int = 0  # 0 = only at the end
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

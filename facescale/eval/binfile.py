@@ -1,0 +1,77 @@
+"""insightface verification `.bin` files: a pickle of (list of encoded images, list of is-same flags).
+
+Images are in pair order: pair i is images (2*i, 2*i+1). Reading uses a restricted unpickler that only
+accepts plain containers, bytes and bools (plus numpy bool scalars, which some converters write), so a
+hostile file cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+_NUMPY_GLOBALS = {
+    ("numpy", "dtype"), ("numpy", "bool_"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+}
+
+
+class VerificationBin(NamedTuple):
+    """A verification set: images 2*i and 2*i+1 form pair i; `issame[i]` says if they share an identity."""
+
+    images: list[bytes]
+    issame: list[bool]
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Refuses every global except the few numpy names that appear in real-world `.bin` files."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a .bin holds only bytes and bools")
+
+
+def write_bin(path: str | Path, images: Sequence[bytes], issame: Sequence[bool]) -> Path:
+    """Write an insightface-compatible `.bin` (images in pair order); returns the path."""
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{path}: need 2 images per pair, got {len(images)} images for {len(issame)} pairs")
+    path = Path(path)
+    payload = ([bytes(image) for image in images], [bool(flag) for flag in issame])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        pickle.dump(payload, handle, protocol=4)
+    tmp.replace(path)
+    return path
+
+
+def read_bin(path: str | Path) -> VerificationBin:
+    """Read a `.bin` written by insightface or `write_bin`; a malformed file raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"verification set {path} does not exist")
+    try:
+        content = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not an insightface .bin pickle ({error})") from error
+    if not (isinstance(content, list | tuple) and len(content) == 2):
+        raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(content).__name__}")
+    images, issame = content
+    images = [_as_bytes(image, path, number) for number, image in enumerate(images)]
+    flags = [bool(flag) for flag in issame]
+    if len(images) != 2 * len(flags) or not flags:
+        raise ValueError(f"{path}: {len(images)} images for {len(flags)} pairs; a .bin holds exactly "
+                         "2 images per pair and at least one pair")
+    return VerificationBin(images, flags)
+
+
+def _as_bytes(image: Any, path: Path, number: int) -> bytes:
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if hasattr(image, "tobytes") and getattr(image, "dtype", None) is not None and image.dtype.itemsize == 1:
+        return image.tobytes()  # numpy uint8 buffer of encoded bytes
+    raise ValueError(f"{path}: image {number} is a {type(image).__name__}, expected encoded image bytes")

@@ -1,0 +1,235 @@
+"""Embedding extraction for evaluation (flip-summed, optionally split over ranks) and `.bin` verification.
+
+Images are normalized exactly like training: RGB, CHW float32, (x - 127.5) / 127.5. Every rank extracts a
+contiguous slice and all-gathers, so all ranks finish with every embedding and none waits idle on rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from facescale.dist.partition import class_partition
+from facescale.eval.verification import pixel_baseline, verify_embeddings
+
+ImageInput = bytes | bytearray | memoryview | np.ndarray
+
+
+def decode_image(image: ImageInput, image_size: int | None, source: str,
+                 index: int | None = None) -> np.ndarray:
+    """One image as HWC uint8 RGB: JPEG via simplejpeg (PIL fallback), other formats via PIL; size checked.
+
+    Errors name `source` (a file) and, for a collection, the image `index` within it.
+    """
+    where = source if index is None else f"{source}: image {index}"
+    if isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+        try:
+            pixels = _decode_bytes(data)
+        except Exception as error:  # noqa: BLE001 - every decoder failure becomes one clear message
+            raise ValueError(f"{where} could not be decoded ({error}); "
+                             "expected JPEG or PNG bytes") from error
+    else:
+        pixels = np.asarray(image)
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"{where} must be HWC uint8 RGB, got {pixels.dtype} {pixels.shape}")
+    if image_size is not None and pixels.shape[:2] != (image_size, image_size):
+        height, width = pixels.shape[:2]
+        raise ValueError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; "
+                         "evaluation needs aligned crops of the training size (re-align or set image_size)")
+    return pixels
+
+
+def _decode_bytes(data: bytes) -> np.ndarray:
+    if data[:2] == b"\xff\xd8":
+        try:
+            import simplejpeg
+
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ImportError:
+            pass
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _progress(total: int, enabled: bool, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """(update, close) for a progress bar on stderr: tqdm when installed, else a plain count line."""
+    if not enabled:
+        return (lambda n: None), (lambda: None)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=label, unit="img", file=sys.stderr, leave=False)
+        return bar.update, bar.close
+    except ImportError:
+        done = [0]
+
+        def update(n: int) -> None:
+            done[0] += n
+            print(f"\r{label}: {done[0]}/{total} images", end="", file=sys.stderr, flush=True)
+
+        return update, lambda: print(file=sys.stderr)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def _embed_slice(model: nn.Module, images: Sequence[ImageInput], batch_size: int, device: torch.device,
+                 flip: bool, image_size: int | None, source: str, first_index: int,
+                 progress: bool) -> torch.Tensor:
+    dtype = _model_dtype(model)
+    update, close = _progress(len(images), progress, f"embedding {os.path.basename(source)}")
+    chunks = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = [decode_image(images[i], image_size, source, first_index + i)
+                     for i in range(start, min(start + batch_size, len(images)))]
+            if len({b.shape for b in batch}) > 1:
+                raise ValueError(f"{source}: images {first_index + start}.. have different sizes")
+            pixels = torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2)
+            x = pixels.to(dtype).sub_(127.5).div_(127.5)
+            inputs = torch.cat([x, x.flip(3)]) if flip else x
+            out = model(inputs)
+            if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                raise TypeError(f"the model must return a [batch, dim] tensor, got {type(out).__name__} "
+                                f"{getattr(out, 'shape', '')}")
+            emb = out[: len(batch)] + out[len(batch):] if flip else out
+            chunks.append(emb.float())
+            update(len(batch))
+    finally:
+        close()
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)
+
+
+def _all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.device) -> torch.Tensor:
+    """Every rank's [n_r, D] rows concatenated in rank order (padded to equal length for the gather).
+
+    `local=None` means this rank failed: every rank then raises instead of waiting in the next collective.
+    """
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    shape = (0, 0, 1) if local is None else (local.shape[0], local.shape[1], 0)
+    meta = torch.tensor(shape, dtype=torch.int64, device=on)
+    metas = [torch.zeros_like(meta) for _ in range(world_size)]
+    dist.all_gather(metas, meta)
+    failed = [r for r, m in enumerate(metas) if int(m[2])]
+    if failed or local is None:
+        raise RuntimeError(f"embedding extraction failed on rank(s) {failed}; see that rank's error")
+    counts = [int(m[0]) for m in metas]
+    dim = max(int(m[1]) for m in metas)
+    padded = torch.zeros(max(counts), dim, dtype=torch.float32, device=on)
+    if local.shape[0]:
+        padded[: local.shape[0]] = local.to(on)
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)])
+
+
+def extract_embeddings(model: nn.Module, images: Sequence[ImageInput] | np.ndarray, batch_size: int,
+                       device: torch.device | str, flip: bool = True, rank: int = 0, world_size: int = 1,
+                       progress: bool = True, image_size: int | None = 112,
+                       source: str = "<images>") -> np.ndarray:
+    """Embeddings [N, D] float32 of encoded or HWC uint8 images, each summed with its horizontal flip.
+
+    With world_size > 1 (process group initialized) rank r embeds its contiguous slice and all ranks receive
+    all N rows; an error on one rank is raised on every rank. Ranks may run different batch counts, so pass
+    a module whose forward needs no collectives (not a ZeRO-3 partitioned one). The model runs in eval mode
+    under no_grad; its train/eval mode is restored afterwards.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(images) == 0:
+        raise ValueError(f"{source}: no images to embed")
+    if world_size > 1 and not (dist.is_initialized() and dist.get_world_size() == world_size):
+        raise RuntimeError(f"world_size={world_size} needs an initialized process group of that size")
+    device = torch.device(device)
+    start, count = class_partition(len(images), world_size, rank)
+    was_training = model.training
+    model.eval()
+    try:
+        local = _embed_slice(model, images[start:start + count], batch_size, device, flip, image_size,
+                             source, start, progress and rank == 0)
+    except Exception:
+        if world_size > 1:  # tell the other ranks before raising, so none hangs in the gather
+            try:
+                _all_gather_rows(None, world_size, device)
+            except RuntimeError:
+                pass
+        raise
+    finally:
+        model.train(was_training)
+    rows = _all_gather_rows(local, world_size, device) if world_size > 1 else local
+    return rows.cpu().numpy()
+
+
+_PIXEL_BASELINE_CACHE: dict[tuple[str, int, int], Any] = {}
+
+
+def _cached_pixel_baseline(bin_path: str, images: Sequence[bytes], issame: Sequence[bool],
+                           image_size: int | None) -> Any:
+    stat = os.stat(bin_path)
+    key = (os.path.abspath(bin_path), stat.st_mtime_ns, stat.st_size)
+    if key not in _PIXEL_BASELINE_CACHE:
+        _PIXEL_BASELINE_CACHE[key] = pixel_baseline(images, issame, image_size, source=bin_path)
+    return _PIXEL_BASELINE_CACHE[key]
+
+
+def load_bin_checked(bin_path: str) -> tuple[list[bytes], list[bool]]:
+    """Read an insightface `.bin`; any malformation becomes a ValueError naming the file."""
+    from facescale.eval.binfile import read_bin
+
+    try:
+        images, issame = read_bin(bin_path)
+    except (ValueError, FileNotFoundError):
+        raise  # read_bin's messages already name the file
+    except Exception as error:  # noqa: BLE001 - anything else is reported with the file name
+        raise ValueError(f"{bin_path}: not a readable insightface .bin ({error})") from error
+    if len(images) != 2 * len(issame) or not issame:
+        raise ValueError(f"{bin_path}: {len(images)} images for {len(issame)} pairs; a .bin holds exactly "
+                         "2 images per pair and at least one pair")
+    return list(images), [bool(s) for s in issame]
+
+
+def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch.device | str,
+                 rank: int = 0, world_size: int = 1, image_size: int | None = 112, flip: bool = True,
+                 progress: bool = True, pixel_reference: bool = True) -> dict[str, Any]:
+    """Verification accuracy of `model` on one `.bin` (10-fold), with TAR@FAR and the raw-pixel baseline.
+
+    Every rank returns the same dict; the pixel baseline is computed once per file and process.
+    """
+    images, issame = load_bin_checked(bin_path)
+    embeddings = extract_embeddings(model, images, batch_size, device, flip=flip, rank=rank,
+                                    world_size=world_size, progress=progress, image_size=image_size,
+                                    source=bin_path)
+    result = verify_embeddings(embeddings, issame)
+    report: dict[str, Any] = {
+        "name": os.path.splitext(os.path.basename(bin_path))[0],
+        "num_pairs": result.num_pairs,
+        "accuracy": result.accuracy_mean,
+        "accuracy_std": result.accuracy_std,
+        "threshold": result.best_threshold,
+        "cosine_threshold": result.best_cosine_threshold,
+        "embedding_norm": float(np.linalg.norm(embeddings, axis=1).mean()),
+    }
+    for far, tar in result.tar_at_far.items():
+        report[f"tar_at_far_{far:.0e}"] = tar
+    if pixel_reference:
+        baseline = _cached_pixel_baseline(bin_path, images, issame, image_size)
+        report["pixel_accuracy"] = baseline.accuracy_mean
+        report["pixel_accuracy_std"] = baseline.accuracy_std
+    return report

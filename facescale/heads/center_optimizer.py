@@ -1,0 +1,153 @@
+"""SGD / AdamW for one rank's shard of class centers, with dense or sparse (sampled-rows-only) updates.
+
+Semantics of the two modes when Partial FC samples a subset of centers each step:
+  dense   every row of the shard is updated every step, as torch.optim would on insightface v2's full-shard
+          Parameter: rows that were not sampled have zero gradient but still get "ghost" updates (SGD momentum
+          keeps moving them and weight decay shrinks them; AdamW decays them and their moments).
+  sparse  only the sampled rows and their optimizer state are read and written (PFC v1 / the paper's
+          semantics): an unsampled row and its state stay bit-identical, so it is as if that step never
+          happened for it. AdamW keeps a per-row step count so bias correction is per row.
+With momentum 0 and weight decay 0, SGD gives identical results in both modes. Storage of centers and
+state may be bf16; all update math runs in fp32 (row blocks are up-cast, updated and written back), and
+dense mode works through the shard in row blocks so no full-size fp32 temporary is ever allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+OPTIMIZERS = ("sgd", "adamw")
+UPDATE_MODES = ("dense", "sparse")
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """t in at least fp32: itself when already fp32/fp64 (updates hit storage), else an fp32 working copy."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _write_back(storage: Tensor, work: Tensor) -> None:
+    if work is not storage:
+        storage.copy_(work)
+
+
+class CenterOptimizer(torch.nn.Module):
+    """Optimizer state (as buffers, so `.to(device)` moves it) and the update rule for a [rows, D] shard."""
+
+    def __init__(self, num_rows: int, dim: int, *, kind: str = "sgd", mode: str = "dense", momentum: float = 0.9,
+                 weight_decay: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 state_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 block_rows: int = 16384) -> None:
+        super().__init__()
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"head.optimizer = {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if mode not in UPDATE_MODES:
+            raise ValueError(f"head.update = {mode!r}: choose one of {', '.join(UPDATE_MODES)}")
+        self.kind, self.mode, self.block_rows = kind, mode, block_rows
+        self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
+        shape = (num_rows, dim)
+        if kind == "sgd" and momentum > 0:
+            self.register_buffer("momentum_buffer", torch.zeros(shape, dtype=state_dtype, device=device), False)
+        if kind == "adamw":
+            self.register_buffer("exp_avg", torch.zeros(shape, dtype=state_dtype, device=device), False)
+            self.register_buffer("exp_avg_sq", torch.zeros(shape, dtype=state_dtype, device=device), False)
+            self.register_buffer("row_steps", torch.zeros(num_rows, dtype=torch.int64, device=device), False)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Row-aligned state ([rows, ...] each), for checkpoints; resharding is row slicing."""
+        return dict(self.named_buffers())
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        """Copy saved state into the buffers (shapes must match; dtype/device are converted)."""
+        expected = self.state_tensors()
+        if set(state) != set(expected):
+            raise ValueError(f"center optimizer state has keys {sorted(state)}, expected {sorted(expected)} "
+                             f"for optimizer={self.kind}; was the checkpoint written with another head.optimizer?")
+        for name, buffer in expected.items():
+            if tuple(state[name].shape) != tuple(buffer.shape):
+                raise ValueError(f"center optimizer state {name!r} has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(buffer.shape)}")
+            buffer.copy_(state[name])
+
+    @torch.no_grad()
+    def step(self, centers: Tensor, grad: Tensor, index: Tensor | None, lr: float) -> None:
+        """Apply one update. `grad` holds rows `index` (sorted, unique local ids) or the whole shard if None."""
+        if grad.shape[1:] != centers.shape[1:] or grad.shape[0] != (centers.shape[0] if index is None else len(index)):
+            raise ValueError(f"grad of shape {tuple(grad.shape)} does not match centers {tuple(centers.shape)} "
+                             f"and index of length {None if index is None else len(index)}")
+        if self.mode == "sparse" and index is not None:
+            self._update_rows(centers, grad, index, lr)
+        else:
+            self._update_dense(centers, grad, index, lr)
+
+    def _update_rows(self, centers: Tensor, grad: Tensor, index: Tensor, lr: float) -> None:
+        """Sparse mode: gather the sampled rows and their state, update in fp32, scatter back."""
+        params = _upcast(centers.index_select(0, index))
+        states = {name: buf.index_select(0, index) for name, buf in self.state_tensors().items()}
+        work = {name: (_upcast(s) if s.is_floating_point() else s) for name, s in states.items()}
+        self._apply_rule(params, work, grad.to(params.dtype), None, lr)
+        centers.index_copy_(0, index, params.to(centers.dtype))
+        for name, buf in self.state_tensors().items():
+            buf.index_copy_(0, index, work[name].to(buf.dtype))
+
+    def _update_dense(self, centers: Tensor, grad: Tensor, index: Tensor | None, lr: float) -> None:
+        """Dense mode: every row moves; rows absent from `index` see a zero gradient. Row-blocked."""
+        starts = list(range(0, centers.shape[0], self.block_rows))
+        if index is not None:  # where each block's slice of the sorted index begins and ends
+            bounds = torch.tensor(starts + [centers.shape[0]], device=index.device)
+            cuts = torch.searchsorted(index, bounds).tolist()
+        for block, first in enumerate(starts):
+            last = min(first + self.block_rows, centers.shape[0])
+            if index is None:
+                rows, block_grad = None, grad[first:last]
+            else:
+                lo, hi = cuts[block], cuts[block + 1]
+                rows, block_grad = index[lo:hi] - first, grad[lo:hi]
+            params = _upcast(centers[first:last])
+            block_grad = block_grad.to(params.dtype)
+            storage = {name: buf[first:last] for name, buf in self.state_tensors().items()}
+            work = {name: (_upcast(s) if s.is_floating_point() else s) for name, s in storage.items()}
+            self._apply_rule(params, work, block_grad, rows, lr)
+            _write_back(centers[first:last], params)
+            for name, s in storage.items():
+                _write_back(s, work[name])
+
+    def _apply_rule(self, params: Tensor, state: dict[str, Tensor], grad: Tensor, rows: Tensor | None,
+                    lr: float) -> None:
+        """Update fp32 `params`/`state` in place; `grad` belongs to `rows` of params (None = all rows)."""
+
+        def add_grad(target: Tensor, values: Tensor, alpha: float) -> None:
+            if rows is None:
+                target.add_(values, alpha=alpha)
+            else:
+                target.index_add_(0, rows, values, alpha=alpha)
+
+        wd = self.weight_decay
+        if self.kind == "sgd":
+            if self.momentum > 0:  # torch.optim.SGD: buf = momentum*buf + (g + wd*p); p -= lr*buf
+                buf = state["momentum_buffer"]
+                buf.mul_(self.momentum)
+                if wd:
+                    buf.add_(params, alpha=wd)
+                add_grad(buf, grad, 1.0)
+                params.add_(buf, alpha=-lr)
+            else:
+                if wd:
+                    params.mul_(1.0 - lr * wd)
+                add_grad(params, grad, -lr)
+            return
+        beta1, beta2 = self.betas  # torch.optim.AdamW, with a per-row step count for bias correction
+        steps = state["row_steps"]
+        steps.add_(1)
+        if wd:
+            params.mul_(1.0 - lr * wd)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1)
+        add_grad(exp_avg, grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2)
+        add_grad(exp_avg_sq, grad * grad, 1.0 - beta2)
+        step_f = steps.to(torch.float64)[:, None]  # 1 - 0.999**t loses 4 digits in fp32 at small t
+        bias1 = (1.0 - torch.pow(beta1, step_f)).to(params.dtype)
+        bias2_sqrt = (1.0 - torch.pow(beta2, step_f)).sqrt_().to(params.dtype)
+        denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(self.eps)
+        params.addcdiv_(exp_avg / bias1, denom, value=-lr)

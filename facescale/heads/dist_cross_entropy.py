@@ -1,0 +1,99 @@
+"""Margin softmax cross-entropy over class columns sharded across ranks, exact and in fp32.
+
+Each rank holds cosines [N, C_local] for the whole global batch against its own (sampled) centers. The
+softmax over all shards needs two collectives: all-reduce MAX of the row max, then one SUM all-reduce of
+(sum-exp, target logit) stacked together. The loss is the mean over the N global rows, identical on every
+rank. Backward is analytic: d loss / d logit = (softmax - onehot) * upstream / N, with no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from facescale.dist.collectives import all_reduce_
+from facescale.heads.margins import MarginSoftmaxSpec
+
+
+def _filtered_negatives(cos: Tensor, target_col: Tensor, threshold: float) -> Tensor:
+    """Mask of negatives whose cosine exceeds the inter-class threshold (never a row's own target)."""
+    mask = cos > threshold
+    if mask.shape[1]:
+        safe_col = target_col.clamp_min(0)[:, None]
+        keep = mask.gather(1, safe_col) & (target_col < 0)[:, None]  # rows without a local target keep theirs
+        mask.scatter_(1, safe_col, keep)
+    return mask
+
+
+class _MarginCrossEntropy(torch.autograd.Function):
+    """Fused margin + scale + filter + distributed softmax cross-entropy; see `margin_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx: Any, cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any) -> Tensor:
+        acc_dtype = torch.promote_types(cos.dtype, torch.float32)
+        cos = cos.to(acc_dtype)
+        num_rows = cos.shape[0]
+        has_target = target_col >= 0
+        safe_col = target_col.clamp_min(0)[:, None]
+        with torch.enable_grad():  # the margin is elementwise on N values: let autograd differentiate it
+            target_cos = cos.gather(1, safe_col).squeeze(1).detach().requires_grad_() if cos.shape[1] else \
+                torch.zeros(num_rows, dtype=acc_dtype, device=cos.device, requires_grad=True)
+            target_logit = spec.target_margin(target_cos) * spec.scale
+        target_logit_value = torch.where(has_target, target_logit.detach(), 0.0)
+
+        logits = cos * spec.scale
+        if spec.filter_threshold > 0:
+            logits.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
+        if cos.shape[1]:
+            current = logits.gather(1, safe_col).squeeze(1)
+            logits.scatter_(1, safe_col, torch.where(has_target, target_logit_value, current)[:, None])
+            row_max = logits.amax(dim=1)
+        else:
+            row_max = torch.full((num_rows,), float("-inf"), dtype=acc_dtype, device=cos.device)
+        all_reduce_(row_max, dist.ReduceOp.MAX, group)
+
+        probs = logits.sub_(row_max[:, None]).exp_()
+        sums = torch.stack([probs.sum(dim=1), target_logit_value])  # [2, N]: sum-exp, target logit
+        all_reduce_(sums, dist.ReduceOp.SUM, group)
+        sum_exp, global_target_logit = sums[0], sums[1]
+        probs.div_(sum_exp[:, None])
+        loss = (sum_exp.log() + row_max - global_target_logit).mean()
+
+        ctx.spec, ctx.num_rows = spec, num_rows
+        ctx.save_for_backward(probs, cos if spec.filter_threshold > 0 else None, target_col)
+        ctx.margin_graph = (target_cos, target_logit)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None]:
+        probs, cos, target_col = ctx.saved_tensors
+        spec = ctx.spec
+        target_cos, target_logit = ctx.margin_graph
+        has_target = target_col >= 0
+        safe_col = target_col.clamp_min(0)[:, None]
+        grad_logit_scale = grad_loss.to(probs.dtype) / ctx.num_rows
+        grad = probs * (grad_logit_scale * spec.scale)  # d loss/d cos for non-target, unfiltered columns
+        if spec.filter_threshold > 0:
+            grad.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
+        if grad.shape[1]:
+            target_prob = grad.gather(1, safe_col).squeeze(1) / spec.scale  # = p_t * upstream / N
+            grad_target_logit = torch.where(has_target, target_prob - grad_logit_scale, 0.0)
+            (grad_target_cos,) = torch.autograd.grad(target_logit, target_cos, grad_target_logit,
+                                                     retain_graph=True)
+            current = grad.gather(1, safe_col).squeeze(1)
+            grad.scatter_(1, safe_col, torch.where(has_target, grad_target_cos, current)[:, None])
+        return grad, None, None, None
+
+
+def margin_cross_entropy(cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any = None) -> Tensor:
+    """Global-mean margin softmax loss from local cosines [N, C_local] and target columns [N] (-1 = elsewhere).
+
+    Every global row must have its target column on exactly one rank. The result is the same scalar on
+    every rank; backward gives d loss/d cos for the local columns only (no collective needed).
+    """
+    if cos.dim() != 2 or target_col.shape != (cos.shape[0],):
+        raise ValueError(f"cos must be [N, C] and target_col [N]; got {tuple(cos.shape)}, {tuple(target_col.shape)}")
+    return _MarginCrossEntropy.apply(cos, target_col.long(), spec, group)

@@ -1,0 +1,80 @@
+"""Partial FC sampling: per step, keep every positive center of the shard plus uniform random negatives.
+
+Negatives are drawn uniformly without replacement from the shard's non-positive centers, by a generator
+seeded from (seed, rank, step): ranks draw independently, and a resumed run re-draws the same samples.
+Nothing of size [global batch x shard] or [shard x D] is allocated here; only shard-length score vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64 finaliser: spreads nearby integers (rank, step) to unrelated 64-bit seeds."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part, e.g. derive_seed(seed, rank, step)."""
+    state = 0
+    for part in parts:
+        state = _mix64(state ^ (int(part) & _MASK64))
+    return state >> 1
+
+
+def sampling_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for one rank's draw at one step (salted so it differs from the center-init streams)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, 0x5A3B1E, rank, step))
+    return generator
+
+
+def num_samples_for(sample_rate: float, count: int) -> int:
+    """Centers kept per step on a shard of `count`: int(sample_rate * count); 0 means positives only."""
+    if not 0.0 <= sample_rate <= 1.0:
+        raise ValueError(f"head.sample_rate = {sample_rate!r} must be in [0, 1] (1 = no sampling)")
+    return int(sample_rate * count)
+
+
+@dataclass
+class ShardSample:
+    """Which local centers take part in this step, and the labels remapped to their columns."""
+
+    index: Tensor | None  # sorted local center ids [C'] (long); None = the whole shard, in order
+    target_col: Tensor  # [N] column of each global row's target among the kept centers; -1 = other shard
+    num_positive: int  # distinct local centers that are targets in the global batch
+
+    @property
+    def width(self) -> int | None:
+        """Number of kept centers, or None when the whole shard is used."""
+        return None if self.index is None else int(self.index.numel())
+
+
+def sample_centers(global_labels: Tensor, start: int, count: int, num_sample: int,
+                   generator: torch.Generator | None) -> ShardSample:
+    """Choose this shard's centers for one step (see module docstring); num_sample >= count keeps all."""
+    labels = global_labels.long()
+    is_local = (labels >= start) & (labels < start + count)
+    local_ids = torch.where(is_local, labels - start, 0)
+    is_positive = torch.zeros(count, dtype=torch.bool, device=labels.device)
+    is_positive[local_ids[is_local]] = True
+    num_positive = int(is_positive.sum())
+    if num_sample >= count:
+        return ShardSample(index=None, target_col=torch.where(is_local, local_ids, -1), num_positive=num_positive)
+    if num_sample <= num_positive:
+        index = torch.nonzero(is_positive).squeeze(1)
+    else:
+        scores = torch.rand(count, generator=generator, device=labels.device)
+        scores.masked_fill_(is_positive, 2.0)  # rand < 1, so every positive ranks above every negative
+        index = torch.topk(scores, num_sample, sorted=False).indices.sort().values
+    target_col = torch.where(is_local, torch.searchsorted(index, local_ids), -1)
+    return ShardSample(index=index, target_col=target_col, num_positive=num_positive)

@@ -1,0 +1,104 @@
+"""insightface-style MobileFaceNet ("mbf", "mbf_large"): depthwise-separable blocks, GDC embedding head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from facescale.config.schema import ModelConfig
+from facescale.models.layers import norm1d, norm2d
+from facescale.models.registry import register_backbone
+
+SEPARABLE_CHANNELS = 512  # width of the 1x1 conv before the global depthwise conv
+
+
+def conv_norm(in_channels: int, out_channels: int, kernel: int, stride: int, groups: int, norm: str,
+              activation: bool) -> nn.Sequential:
+    """Conv (no bias) + norm, followed by a per-channel PReLU when `activation`."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups,
+                  bias=False),
+        norm2d(out_channels, norm),
+    ]
+    if activation:
+        layers.append(nn.PReLU(out_channels))
+    return nn.Sequential(*layers)
+
+
+class DepthwiseBlock(nn.Module):
+    """Inverted bottleneck: 1x1 expand to `hidden`, 3x3 depthwise (stride), linear 1x1 projection."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, stride: int, residual: bool,
+                 norm: str) -> None:
+        super().__init__()
+        if residual and (stride != 1 or in_channels != out_channels):
+            raise ValueError("a residual DepthwiseBlock needs stride 1 and equal in/out channels")
+        self.residual = residual
+        self.layers = nn.Sequential(
+            conv_norm(in_channels, hidden, 1, 1, 1, norm, activation=True),
+            conv_norm(hidden, hidden, 3, stride, hidden, norm, activation=True),
+            conv_norm(hidden, out_channels, 1, 1, 1, norm, activation=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(x)
+        return out + x if self.residual else out
+
+
+def residual_stage(channels: int, hidden: int, count: int, norm: str) -> nn.Sequential:
+    """`count` residual DepthwiseBlocks at constant width and resolution."""
+    return nn.Sequential(*[DepthwiseBlock(channels, channels, hidden, 1, True, norm) for _ in range(count)])
+
+
+class MobileFaceNet(nn.Module):
+    """112 -> 56 -> 28 -> 14 -> 7 with depthwise blocks, then a 7x7 global depthwise conv (GDC) head."""
+
+    def __init__(self, embedding_size: int = 512, blocks: tuple[int, int, int, int] = (1, 4, 6, 2),
+                 scale: int = 2, dropout: float = 0.0, norm: str = "batch") -> None:
+        super().__init__()
+        narrow, wide = 64 * scale, 128 * scale
+        if blocks[0] == 1:
+            # a single grouped 3x3 (64 groups) as in insightface, instead of a residual stage
+            stem_refine: nn.Module = conv_norm(narrow, narrow, 3, 1, 64, norm, activation=True)
+        else:
+            stem_refine = residual_stage(narrow, 128, blocks[0], norm)
+        self.layers = nn.Sequential(
+            conv_norm(3, narrow, 3, 2, 1, norm, activation=True),
+            stem_refine,
+            DepthwiseBlock(narrow, narrow, 128, 2, False, norm),
+            residual_stage(narrow, 128, blocks[1], norm),
+            DepthwiseBlock(narrow, wide, 256, 2, False, norm),
+            residual_stage(wide, 256, blocks[2], norm),
+            DepthwiseBlock(wide, wide, 512, 2, False, norm),
+            residual_stage(wide, 256, blocks[3], norm),
+        )
+        self.conv_sep = conv_norm(wide, SEPARABLE_CHANNELS, 1, 1, 1, norm, activation=True)
+        self.gdc = nn.Sequential(
+            nn.Conv2d(SEPARABLE_CHANNELS, SEPARABLE_CHANNELS, 7, groups=SEPARABLE_CHANNELS, bias=False),
+            norm2d(SEPARABLE_CHANNELS, norm),
+        )
+        self.dropout = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(SEPARABLE_CHANNELS, embedding_size, bias=False)
+        self.features = norm1d(embedding_size, norm)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.gdc(self.conv_sep(self.layers(images))).flatten(1)
+        return self.features(self.fc(self.dropout(x)))
+
+
+@register_backbone("mbf")
+def mobilefacenet(cfg: ModelConfig) -> MobileFaceNet:
+    """MobileFaceNet as arcface_torch's "mbf" (blocks 1-4-6-2, width x2), ≈2.0M parameters at 512-d."""
+    return MobileFaceNet(cfg.embedding_size, (1, 4, 6, 2), 2, cfg.dropout, cfg.norm)
+
+
+@register_backbone("mbf_large")
+def mobilefacenet_large(cfg: ModelConfig) -> MobileFaceNet:
+    """arcface_torch's "mbf_large" (blocks 2-8-12-4, width x4)."""
+    return MobileFaceNet(cfg.embedding_size, (2, 8, 12, 4), 4, cfg.dropout, cfg.norm)

@@ -1,0 +1,59 @@
+"""The one place where CPU and GPU differ: device, collective backend, precision, DeepSpeed accelerator."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from facescale.config.load import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What this process computes on and how it talks to the others."""
+
+    device: torch.device
+    backend: str  # nccl on CUDA, gloo on CPU
+    precision: str  # fp32 | bf16 | fp16
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def select_runtime(local_rank: int, requested_precision: str = "auto") -> Runtime:
+    """Pick the device for `local_rank` (CUDA when present, else CPU) and the matching backend and precision.
+
+    Must run before `deepspeed` is imported: on a CPU-only host it sets DS_ACCELERATOR=cpu so DeepSpeed does
+    not probe for CUDA.
+    """
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                               "visible; launch one process per GPU (srun --ntasks-per-node / --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device, backend = torch.device("cpu"), "gloo"
+    return Runtime(device=device, backend=backend, precision=resolve_precision(requested_precision, device))
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` means bf16 autocast on CUDA and fp32 on CPU; fp16 needs CUDA (loss scaling)."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("deepspeed.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return requested
+
+
+def configure_threads(ranks_on_host: int) -> None:
+    """Split this host's cores between its ranks so that intra-op thread pools do not oversubscribe."""
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, ranks_on_host)))

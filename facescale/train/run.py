@@ -1,0 +1,25 @@
+"""Entry point of one training process: resolve the launch, check the config, build, train, close."""
+
+from __future__ import annotations
+
+from facescale.config.load import load_config
+from facescale.config.validate import validate
+from facescale.dist.init import init_distributed, shutdown_distributed
+from facescale.runtime import configure_threads, select_runtime
+from launcher.env import resolve_dist_env
+
+
+def run_training(config_path: str | None, overrides: list[str]):
+    """Train with the config at `config_path` plus overrides; every check runs before the process group."""
+    env = resolve_dist_env()
+    cfg = load_config(config_path, overrides)
+    validate(cfg, str(config_path), world_size=env.world_size)
+    runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
+    configure_threads(env.local_world_size)
+    init_distributed(env, runtime)
+    try:
+        from facescale.train.trainer import Trainer
+
+        return Trainer(cfg, env, runtime).train()
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,143 @@
+"""Center optimizer: dense mode equals torch.optim on the full shard; sparse mode touches sampled rows only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facescale.config.schema import HeadConfig
+from facescale.heads import build_head
+from facescale.heads.center_optimizer import CenterOptimizer
+
+ROWS, DIM = 23, 4
+
+
+def _steps(num_steps: int = 6, seed: int = 0) -> list[tuple[torch.Tensor | None, torch.Tensor, float]]:
+    """(sorted index or None, grad rows, lr) per step; a None index means a full-shard gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = []
+    for step in range(num_steps):
+        if step == 2:
+            steps.append((None, torch.randn(ROWS, DIM, generator=gen), 0.05))
+            continue
+        index = torch.randperm(ROWS, generator=gen)[:7].sort().values
+        steps.append((index, torch.randn(7, DIM, generator=gen), 0.1 / (step + 1)))
+    return steps
+
+
+def _torch_optimizer(kind: str, param: torch.nn.Parameter, momentum: float, wd: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD([param], lr=1.0, momentum=momentum, weight_decay=wd)
+    return torch.optim.AdamW([param], lr=1.0, weight_decay=wd)
+
+
+@pytest.mark.parametrize("kind, momentum", [("sgd", 0.9), ("sgd", 0.0), ("adamw", 0.0)])
+@pytest.mark.parametrize("block_rows", [5, 1024])
+def test_dense_mode_equals_torch_optim_on_the_full_shard(kind: str, momentum: float, block_rows: int) -> None:
+    init = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1))
+    centers = init.clone()
+    opt = CenterOptimizer(ROWS, DIM, kind=kind, mode="dense", momentum=momentum, weight_decay=0.01,
+                          block_rows=block_rows)
+    param = torch.nn.Parameter(init.clone())
+    reference = _torch_optimizer(kind, param, momentum, 0.01)
+    for index, grad, lr in _steps():
+        opt.step(centers, grad, index, lr)
+        param.grad = grad.clone() if index is None else torch.zeros(ROWS, DIM).index_copy_(0, index, grad)
+        reference.param_groups[0]["lr"] = lr
+        reference.step()
+    torch.testing.assert_close(centers, param.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_sparse_mode_leaves_unsampled_rows_and_state_bit_identical(kind: str) -> None:
+    init = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(2))
+    centers = init.clone()
+    opt = CenterOptimizer(ROWS, DIM, kind=kind, mode="sparse", momentum=0.9, weight_decay=0.01)
+    history: dict[int, list[tuple[torch.Tensor, float]]] = {r: [] for r in range(ROWS)}
+    for index, grad, lr in _steps():
+        before = centers.clone()
+        state_before = {k: v.clone() for k, v in opt.state_tensors().items()}
+        opt.step(centers, grad, index, lr)
+        rows = list(range(ROWS)) if index is None else index.tolist()
+        untouched = torch.ones(ROWS, dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.equal(centers[untouched], before[untouched])
+        for name, value in opt.state_tensors().items():
+            assert torch.equal(value[untouched], state_before[name][untouched]), name
+        for position, row in enumerate(rows):
+            history[row].append((grad[position], lr))
+    # each row evolves exactly like torch.optim run only on the steps where it was sampled
+    for row, updates in history.items():
+        param = torch.nn.Parameter(init[row:row + 1].clone())
+        reference = _torch_optimizer(kind, param, 0.9, 0.01)
+        for grad, lr in updates:
+            param.grad = grad[None].clone()
+            reference.param_groups[0]["lr"] = lr
+            reference.step()
+        torch.testing.assert_close(centers[row:row + 1], param.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_bf16_storage_tracks_fp32_math(kind: str, mode: str) -> None:
+    init = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(3))
+    exact, low = init.clone(), init.to(torch.bfloat16)
+    opt32 = CenterOptimizer(ROWS, DIM, kind=kind, mode=mode, block_rows=4)
+    opt16 = CenterOptimizer(ROWS, DIM, kind=kind, mode=mode, state_dtype=torch.bfloat16, block_rows=4)
+    for index, grad, lr in _steps():
+        opt32.step(exact, grad, index, lr)
+        opt16.step(low, grad.to(torch.bfloat16), index, lr)
+    assert low.dtype == torch.bfloat16
+    assert all(v.dtype in (torch.bfloat16, torch.int64) for v in opt16.state_tensors().values())
+    torch.testing.assert_close(low.float(), exact, rtol=0.02, atol=0.02)
+
+
+def test_state_loading_checks_keys_and_shapes() -> None:
+    opt = CenterOptimizer(ROWS, DIM, kind="sgd", momentum=0.9)
+    with pytest.raises(ValueError, match="head.optimizer"):
+        opt.load_state_tensors({"exp_avg": torch.zeros(ROWS, DIM)})
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_tensors({"momentum_buffer": torch.zeros(ROWS + 1, DIM)})
+    with pytest.raises(ValueError, match="head.update"):
+        CenterOptimizer(ROWS, DIM, mode="lazy")
+
+
+def _head_trajectory(update: str, momentum: float, wd: float, steps: int = 5):
+    """Single-process head training on a fixed batch; returns losses, final centers, sampled ids per step."""
+    cfg = HeadConfig(sample_rate=0.3, update=update, momentum=momentum, weight_decay=wd)
+    head = build_head(cfg, num_classes=40, embedding_size=8, seed=11)
+    gen = torch.Generator().manual_seed(5)
+    emb, labels = torch.randn(6, 8, generator=gen), torch.randint(0, 40, (6,), generator=gen, dtype=torch.int32)
+    losses, sampled, snapshots = [], [], []
+    for step in range(steps):
+        snapshots.append((head.centers.clone(), {k: v.clone() for k, v in head.state_dict()["optimizer"].items()}))
+        loss, stats = head(emb.clone().requires_grad_(), labels, step)
+        loss.backward()
+        head.optimizer_step(0.5)
+        losses.append(loss.item())
+        sampled.append(head.last_sampled_classes.clone())
+        assert stats["num_sampled"] == 12
+    return losses, head.centers.clone(), sampled, snapshots
+
+
+def test_head_sparse_and_dense_agree_without_momentum_and_decay() -> None:
+    dense_losses, dense_centers, _, _ = _head_trajectory("dense", 0.0, 0.0)
+    sparse_losses, sparse_centers, _, _ = _head_trajectory("sparse", 0.0, 0.0)
+    assert dense_losses == sparse_losses
+    assert torch.equal(dense_centers, sparse_centers)
+    assert dense_losses[-1] < dense_losses[0]
+
+
+def test_head_sparse_mode_never_touches_unsampled_rows_but_dense_mode_does() -> None:
+    _, final, sampled, snapshots = _head_trajectory("sparse", 0.9, 5e-4)
+    for step in range(1, len(snapshots)):
+        (before, state_before), (after, state_after) = snapshots[step - 1], snapshots[step]
+        untouched = torch.ones(40, dtype=torch.bool)
+        untouched[sampled[step - 1]] = False
+        assert torch.equal(after[untouched], before[untouched])
+        assert torch.equal(state_after["momentum_buffer"][untouched], state_before["momentum_buffer"][untouched])
+    _, _, dense_sampled, dense_snapshots = _head_trajectory("dense", 0.9, 5e-4)
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[dense_sampled[2]] = False
+    moved = dense_snapshots[3][0][untouched] != dense_snapshots[2][0][untouched]  # ghost momentum/decay
+    assert bool(moved.all(dim=1).any())

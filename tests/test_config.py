@@ -1,0 +1,109 @@
+"""Config loading: typos, wrong types and impossible values fail early with the file, key and fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from facescale.config import ConfigError, load_config
+from facescale.config.deepspeed import deepspeed_json
+from facescale.config.load import config_yaml, load_config_text
+from facescale.config.validate import validate
+
+
+@pytest.fixture()
+def shard_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"num_classes": 10}))
+    return d
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def base(shard_dir: Path) -> str:
+    return f"model: {{name: demo}}\ndata: {{shards: {shard_dir}}}\n"
+
+
+def test_valid_config_and_override(tmp_path, shard_dir):
+    cfg = load_config(write(tmp_path, base(shard_dir)), ["head.sample_rate=0.3", "schedule.steps=7"])
+    assert cfg.head.sample_rate == 0.3 and cfg.schedule.steps == 7
+    assert cfg.model.name == "demo"
+
+
+def test_typo_gets_suggestion_and_file(tmp_path, shard_dir):
+    p = write(tmp_path, base(shard_dir) + "head: {sample_rat: 0.1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "head" in msg and "sample_rat" in msg and "did you mean 'sample_rate'" in msg
+
+
+def test_unknown_section(tmp_path, shard_dir):
+    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+        load_config(write(tmp_path, base(shard_dir) + "optimm: {lr: 1}\n"))
+
+
+def test_wrong_type(tmp_path, shard_dir):
+    with pytest.raises(ConfigError, match=r"schedule\.steps: expected an integer"):
+        load_config(write(tmp_path, base(shard_dir)), ["schedule.steps=many"])
+
+
+def test_sample_rate_out_of_range(tmp_path, shard_dir):
+    with pytest.raises(ConfigError, match=r"head\.sample_rate: 1\.5 is outside \[0, 1\]"):
+        load_config(write(tmp_path, base(shard_dir)), ["head.sample_rate=1.5"])
+
+
+def test_missing_shard_dir_names_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.shards: directory .* does not exist.*facescale synth"):
+        load_config(write(tmp_path, "data: {shards: /nonexistent/x}\n"))
+
+
+def test_batch_not_divisible_by_world(tmp_path, shard_dir):
+    cfg = load_config(write(tmp_path, base(shard_dir)), ["schedule.global_batch_size=100"])
+    with pytest.raises(ConfigError, match=r"global_batch_size: 100 is not divisible by world size 3"):
+        validate(cfg, "x.yaml", world_size=3)
+    validate(cfg, "x.yaml", world_size=2)
+
+
+def test_unknown_backbone_suggests(tmp_path, shard_dir):
+    with pytest.raises(ConfigError, match="did you mean 'r50'"):
+        load_config(write(tmp_path, base(shard_dir)), ["model.name=r5O"])
+
+
+def test_bad_choice(tmp_path, shard_dir):
+    with pytest.raises(ConfigError, match=r"head\.update: 'sparce'.*did you mean 'sparse'"):
+        load_config(write(tmp_path, base(shard_dir)), ["head.update=sparce"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("configs/nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path, shard_dir):
+    cfg = load_config(write(tmp_path, base(shard_dir)), ["optim.betas=[0.8, 0.9]", "eval.bins=[]"])
+    again = load_config_text(config_yaml(cfg), "saved.yaml")
+    assert again == cfg
+
+
+def test_shipped_configs_parse():
+    for path in sorted(Path("configs").glob("*.yaml")):
+        load_config_text(path.read_text(), str(path))
+
+
+def test_deepspeed_json_follows_config(tmp_path, shard_dir):
+    cfg = load_config(write(tmp_path, base(shard_dir)),
+                      ["schedule.global_batch_size=256", "schedule.grad_accumulation=2", "deepspeed.zero_stage=2"])
+    ds = deepspeed_json(cfg, world_size=4, precision="bf16")
+    assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
+    assert ds["torch_autocast"]["enabled"] and "fp16" not in ds
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 4 * ds["gradient_accumulation_steps"]
+    assert "torch_autocast" not in deepspeed_json(cfg, 4, "fp32")

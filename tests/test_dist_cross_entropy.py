@@ -1,0 +1,148 @@
+"""NormLinear cosines, the fused margin cross-entropy and the row collectives, against plain references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facescale.config.schema import MarginConfig
+from facescale.dist.collectives import (
+    all_gather_rows_with_grad,
+    check_equal_batch_sizes,
+    reduce_scatter_rows,
+    reduce_scatter_rows_by_all_reduce,
+)
+from facescale.dist.partition import class_partition
+from facescale.heads.dist_cross_entropy import margin_cross_entropy
+from facescale.heads.margins import build_margin
+from facescale.heads.norm_linear import norm_linear
+from tests.distributed import run_ranks
+from tests.pfc_reference import reference_logits_from_cos
+
+MARGINS = [
+    MarginConfig(type="arcface", s=64.0, m2=0.5),
+    MarginConfig(type="cosface", s=30.0, m3=0.4, interclass_filtering_threshold=0.2),
+    MarginConfig(type="combined", s=16.0, m1=1.2, m2=0.3, m3=0.1),
+    MarginConfig(type="arcface_straight_through", s=64.0, m2=0.5, interclass_filtering_threshold=0.3),
+]
+
+
+def _problem(rows: int = 12, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines in (-0.9, 0.9) kept 1e-3 away from every filter threshold used above, and labels."""
+    gen = torch.Generator().manual_seed(seed)
+    cos = torch.rand(rows, classes, generator=gen, dtype=torch.float64) * 1.8 - 0.9
+    for t in (0.2, 0.3):
+        near = (cos - t).abs() < 1e-3
+        cos[near] += 3e-3
+    labels = torch.randint(0, classes, (rows,), generator=gen)
+    return cos, labels
+
+
+def test_norm_linear_matches_normalize_then_linear_in_float64() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    upstream = torch.randn(6, 9, dtype=torch.float64, generator=gen)
+    got = norm_linear(x, w)
+    expected = F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got, (x, w), upstream)
+    expected_grads = torch.autograd.grad(expected, (x, w), upstream)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(norm_linear, (x, w))
+
+
+def test_norm_linear_half_inputs_give_fp32_cosines() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(8, 16, generator=gen), torch.randn(20, 16, generator=gen)
+    exact = norm_linear(x, w)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = norm_linear(x.to(dtype), w.to(dtype))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, exact, rtol=0, atol=2e-2)
+    mixed = norm_linear(x.to(torch.bfloat16).requires_grad_(), w.requires_grad_())  # bf16 emb, fp32 centers
+    assert mixed.dtype == torch.float32
+    mixed.sum().backward()
+    assert w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cfg", MARGINS, ids=lambda c: c.type)
+def test_single_rank_loss_and_grad_match_plain_cross_entropy(cfg: MarginConfig) -> None:
+    cos, labels = _problem()
+    spec = build_margin(cfg)
+    mine = cos.clone().requires_grad_()
+    loss = margin_cross_entropy(mine, labels, spec)
+    ref = cos.clone().requires_grad_()
+    ref_loss = F.cross_entropy(reference_logits_from_cos(ref, labels, cfg), labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    (loss * 3.0).backward()  # the upstream gradient is honoured (no .item())
+    (ref_loss * 3.0).backward()
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_gradcheck_fused_loss_float64() -> None:
+    cos, labels = _problem(rows=5, classes=4, seed=3)
+    for cfg in MARGINS[:3]:
+        spec = build_margin(cfg)
+        assert torch.autograd.gradcheck(lambda c, s=spec: margin_cross_entropy(c, labels, s),
+                                        (cos.clone().requires_grad_(),))
+
+
+def test_float32_cosines_give_float32_loss_matching_float64() -> None:
+    cos, labels = _problem()
+    spec = build_margin(MARGINS[0])
+    loss32 = margin_cross_entropy(cos.float(), labels, spec)
+    assert loss32.dtype == torch.float32
+    torch.testing.assert_close(loss32.double(), margin_cross_entropy(cos, labels, spec), rtol=1e-5, atol=0)
+
+
+def _sharded_loss_worker(rank: int, world: int) -> dict:
+    """Each rank owns a column block; compares loss and its column grads with the single-process result."""
+    out: dict = {"loss": [], "grad_err": [], "ref_loss": []}
+    cos, labels = _problem(rows=8, classes=7, seed=4)  # 7 columns over 3 ranks: 3, 2, 2
+    start, count = class_partition(cos.shape[1], world, rank)
+    mine_cols = (labels >= start) & (labels < start + count)
+    target_col = torch.where(mine_cols, labels - start, -1)
+    for cfg in MARGINS:
+        spec = build_margin(cfg)
+        local = cos[:, start:start + count].clone().requires_grad_()
+        loss = margin_cross_entropy(local, target_col, spec)
+        loss.backward()
+        ref = cos.clone().requires_grad_()
+        ref_loss = F.cross_entropy(reference_logits_from_cos(ref, labels, cfg), labels)
+        ref_loss.backward()
+        out["loss"].append(loss.item())
+        out["ref_loss"].append(ref_loss.item())
+        out["grad_err"].append((local.grad - ref.grad[:, start:start + count]).abs().max().item())
+
+    # collectives: reduce-scatter (native and fallback) and the all-gather's gradient
+    full = torch.arange(world * 2 * 3, dtype=torch.float64).reshape(world * 2, 3) * (rank + 1)
+    expected = (torch.arange(world * 2 * 3, dtype=torch.float64).reshape(world * 2, 3)
+                * sum(r + 1 for r in range(world)))[rank * 2:(rank + 1) * 2]
+    out["rs_native_ok"] = torch.equal(reduce_scatter_rows(full), expected)
+    out["rs_fallback_ok"] = torch.equal(reduce_scatter_rows_by_all_reduce(full), expected)
+    rows = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
+    gathered = all_gather_rows_with_grad(rows)
+    out["gather_ok"] = torch.equal(gathered[:, 0], torch.arange(world).repeat_interleave(2).double())
+    (gathered * (rank + 1)).sum().backward()  # every rank's loss weights all gathered rows by rank+1
+    out["gather_grad_ok"] = torch.equal(rows.grad, torch.full((2, 3), float(sum(range(1, world + 1))),
+                                                                dtype=torch.float64))
+    try:
+        check_equal_batch_sizes(4 if rank == 1 else 5, torch.device("cpu"))
+        out["size_error"] = None
+    except ValueError as err:
+        out["size_error"] = str(err)
+    return out
+
+
+def test_sharded_loss_matches_single_process_on_three_ranks() -> None:
+    results = run_ranks(_sharded_loss_worker, 3)
+    for res in results:
+        assert res["loss"] == pytest.approx(results[0]["loss"], rel=1e-14)  # same value on every rank
+        assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-12)
+        assert max(res["grad_err"]) < 1e-12
+        assert res["rs_native_ok"] and res["rs_fallback_ok"]
+        assert res["gather_ok"] and res["gather_grad_ok"]
+        assert res["size_error"] is not None and "[5, 4, 5]" in res["size_error"]

@@ -1,0 +1,85 @@
+"""Partial FC sampling: positives kept, exact width, uniform negatives, per-rank and per-step seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
+
+START, COUNT = 100, 50  # the shard holds global classes [100, 150)
+
+
+def _labels(seed: int = 0, rows: int = 24) -> torch.Tensor:
+    """Global-batch labels: some on this shard (with repeats), some elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randint(START, START + COUNT, (rows // 2,), generator=gen),
+                      torch.randint(0, START, (rows // 4,), generator=gen),
+                      torch.randint(START + COUNT, 400, (rows - rows // 2 - rows // 4,), generator=gen)])
+
+
+def _draw(labels: torch.Tensor, num_sample: int, rank: int = 0, step: int = 0, seed: int = 7):
+    return sample_centers(labels, START, COUNT, num_sample, sampling_generator(seed, rank, step))
+
+
+def test_positives_kept_width_exact_and_labels_remapped() -> None:
+    labels = _labels()
+    positives = torch.unique(labels[(labels >= START) & (labels < START + COUNT)]) - START
+    sample = _draw(labels, num_sample=20)
+    assert sample.index is not None and sample.index.numel() == 20 == sample.width
+    assert torch.equal(sample.index, torch.unique(sample.index))  # sorted, no repeats
+    assert set(positives.tolist()) <= set(sample.index.tolist())
+    assert sample.num_positive == positives.numel()
+    local = (labels >= START) & (labels < START + COUNT)
+    assert torch.equal(sample.target_col < 0, ~local)
+    assert torch.equal(sample.index[sample.target_col[local]] + START, labels[local])
+
+
+def test_positives_only_when_they_exceed_the_budget_or_rate_is_zero() -> None:
+    labels = _labels()
+    num_positive = _draw(labels, 20).num_positive
+    for budget in (0, num_positive - 1, num_positive):
+        sample = _draw(labels, budget)
+        assert sample.index.numel() == num_positive
+        assert torch.equal(sample.index + START, torch.unique(labels[(labels >= START) & (labels < START + COUNT)]))
+    assert num_samples_for(0.0, COUNT) == 0
+    assert num_samples_for(0.1, 1001) == 100
+    with pytest.raises(ValueError, match="head.sample_rate"):
+        num_samples_for(1.5, COUNT)
+
+
+def test_full_rate_keeps_the_whole_shard_without_an_index() -> None:
+    labels = _labels()
+    sample = _draw(labels, COUNT)
+    assert sample.index is None and sample.width is None
+    local = (labels >= START) & (labels < START + COUNT)
+    assert torch.equal(sample.target_col, torch.where(local, labels - START, -1))
+
+
+def test_negatives_are_uniform_without_replacement_chi_square() -> None:
+    labels = torch.tensor([START + 3, START + 3, START + 17, START + 40, 5, 999])
+    positives = {3, 17, 40}
+    steps, num_sample = 3000, 12
+    hits = torch.zeros(COUNT)
+    for step in range(steps):
+        index = _draw(labels, num_sample, step=step).index
+        assert index.numel() == num_sample and positives <= set(index.tolist())
+        hits[index] += 1
+    negatives = torch.tensor([c for c in range(COUNT) if c not in positives])
+    observed = hits[negatives]
+    expected = steps * (num_sample - len(positives)) / len(negatives)
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    # 46 degrees of freedom: the 99.9% quantile is about 81.4; a biased sampler lands far above
+    assert chi_square < 81.4, chi_square
+    assert int(hits[list(positives)].min()) == steps
+
+
+def test_seeding_differs_across_ranks_and_steps_and_repeats_exactly() -> None:
+    labels = _labels()
+    base = _draw(labels, 20, rank=0, step=5).index
+    assert torch.equal(base, _draw(labels, 20, rank=0, step=5).index)  # resume re-draws the same sample
+    assert not torch.equal(base, _draw(labels, 20, rank=1, step=5).index)
+    assert not torch.equal(base, _draw(labels, 20, rank=0, step=6).index)
+    assert not torch.equal(base, _draw(labels, 20, rank=0, step=5, seed=8).index)
+    seeds = {derive_seed(1, r, s) for r in range(8) for s in range(200)}
+    assert len(seeds) == 1600 and all(0 <= s < 2**63 for s in seeds)
