@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: 
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle bytes: tensors must not travel as shared-memory handles that die with this process
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # noqa: BLE001 - the traceback is the report
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -46,7 +48,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> l
         for _ in range(world):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break

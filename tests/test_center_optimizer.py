@@ -1,4 +1,4 @@
-"""Center optimizer: dense mode equals torch.optim on the full shard; sparse mode touches sampled rows only."""
+"""Center optimizer: dense mode equals torch.optim on the full shard; sparse touches sampled rows only."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def _steps(num_steps: int = 6, seed: int = 0) -> list[tuple[torch.Tensor | None,
     return steps
 
 
-def _torch_optimizer(kind: str, param: torch.nn.Parameter, momentum: float, wd: float) -> torch.optim.Optimizer:
+def _torch_optimizer(
+    kind: str, param: torch.nn.Parameter, momentum: float, wd: float
+) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD([param], lr=1.0, momentum=momentum, weight_decay=wd)
     return torch.optim.AdamW([param], lr=1.0, weight_decay=wd)
@@ -36,8 +38,9 @@ def _torch_optimizer(kind: str, param: torch.nn.Parameter, momentum: float, wd: 
 def test_dense_mode_equals_torch_optim_on_the_full_shard(kind: str, momentum: float, block_rows: int) -> None:
     init = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1))
     centers = init.clone()
-    opt = CenterOptimizer(ROWS, DIM, kind=kind, mode="dense", momentum=momentum, weight_decay=0.01,
-                          block_rows=block_rows)
+    opt = CenterOptimizer(
+        ROWS, DIM, kind=kind, mode="dense", momentum=momentum, weight_decay=0.01, block_rows=block_rows
+    )
     param = torch.nn.Parameter(init.clone())
     reference = _torch_optimizer(kind, param, momentum, 0.01)
     for index, grad, lr in _steps():
@@ -68,13 +71,13 @@ def test_sparse_mode_leaves_unsampled_rows_and_state_bit_identical(kind: str) ->
             history[row].append((grad[position], lr))
     # each row evolves exactly like torch.optim run only on the steps where it was sampled
     for row, updates in history.items():
-        param = torch.nn.Parameter(init[row:row + 1].clone())
+        param = torch.nn.Parameter(init[row : row + 1].clone())
         reference = _torch_optimizer(kind, param, 0.9, 0.01)
         for grad, lr in updates:
             param.grad = grad[None].clone()
             reference.param_groups[0]["lr"] = lr
             reference.step()
-        torch.testing.assert_close(centers[row:row + 1], param.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(centers[row : row + 1], param.detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -107,10 +110,15 @@ def _head_trajectory(update: str, momentum: float, wd: float, steps: int = 5):
     cfg = HeadConfig(sample_rate=0.3, update=update, momentum=momentum, weight_decay=wd)
     head = build_head(cfg, num_classes=40, embedding_size=8, seed=11)
     gen = torch.Generator().manual_seed(5)
-    emb, labels = torch.randn(6, 8, generator=gen), torch.randint(0, 40, (6,), generator=gen, dtype=torch.int32)
+    emb, labels = (
+        torch.randn(6, 8, generator=gen),
+        torch.randint(0, 40, (6,), generator=gen, dtype=torch.int32),
+    )
     losses, sampled, snapshots = [], [], []
     for step in range(steps):
-        snapshots.append((head.centers.clone(), {k: v.clone() for k, v in head.state_dict()["optimizer"].items()}))
+        snapshots.append(
+            (head.centers.clone(), {k: v.clone() for k, v in head.state_dict()["optimizer"].items()})
+        )
         loss, stats = head(emb.clone().requires_grad_(), labels, step)
         loss.backward()
         head.optimizer_step(0.5)
@@ -135,7 +143,9 @@ def test_head_sparse_mode_never_touches_unsampled_rows_but_dense_mode_does() -> 
         untouched = torch.ones(40, dtype=torch.bool)
         untouched[sampled[step - 1]] = False
         assert torch.equal(after[untouched], before[untouched])
-        assert torch.equal(state_after["momentum_buffer"][untouched], state_before["momentum_buffer"][untouched])
+        assert torch.equal(
+            state_after["momentum_buffer"][untouched], state_before["momentum_buffer"][untouched]
+        )
     _, _, dense_sampled, dense_snapshots = _head_trajectory("dense", 0.9, 5e-4)
     untouched = torch.ones(40, dtype=torch.bool)
     untouched[dense_sampled[2]] = False

@@ -86,8 +86,9 @@ def test_gradcheck_fused_loss_float64() -> None:
     cos, labels = _problem(rows=5, classes=4, seed=3)
     for cfg in MARGINS[:3]:
         spec = build_margin(cfg)
-        assert torch.autograd.gradcheck(lambda c, s=spec: margin_cross_entropy(c, labels, s),
-                                        (cos.clone().requires_grad_(),))
+        assert torch.autograd.gradcheck(
+            lambda c, s=spec: margin_cross_entropy(c, labels, s), (cos.clone().requires_grad_(),)
+        )
 
 
 def test_float32_cosines_give_float32_loss_matching_float64() -> None:
@@ -107,7 +108,7 @@ def _sharded_loss_worker(rank: int, world: int) -> dict:
     target_col = torch.where(mine_cols, labels - start, -1)
     for cfg in MARGINS:
         spec = build_margin(cfg)
-        local = cos[:, start:start + count].clone().requires_grad_()
+        local = cos[:, start : start + count].clone().requires_grad_()
         loss = margin_cross_entropy(local, target_col, spec)
         loss.backward()
         ref = cos.clone().requires_grad_()
@@ -115,20 +116,23 @@ def _sharded_loss_worker(rank: int, world: int) -> dict:
         ref_loss.backward()
         out["loss"].append(loss.item())
         out["ref_loss"].append(ref_loss.item())
-        out["grad_err"].append((local.grad - ref.grad[:, start:start + count]).abs().max().item())
+        out["grad_err"].append((local.grad - ref.grad[:, start : start + count]).abs().max().item())
 
     # collectives: reduce-scatter (native and fallback) and the all-gather's gradient
     full = torch.arange(world * 2 * 3, dtype=torch.float64).reshape(world * 2, 3) * (rank + 1)
-    expected = (torch.arange(world * 2 * 3, dtype=torch.float64).reshape(world * 2, 3)
-                * sum(r + 1 for r in range(world)))[rank * 2:(rank + 1) * 2]
+    expected = (
+        torch.arange(world * 2 * 3, dtype=torch.float64).reshape(world * 2, 3)
+        * sum(r + 1 for r in range(world))
+    )[rank * 2 : (rank + 1) * 2]
     out["rs_native_ok"] = torch.equal(reduce_scatter_rows(full), expected)
     out["rs_fallback_ok"] = torch.equal(reduce_scatter_rows_by_all_reduce(full), expected)
     rows = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
     gathered = all_gather_rows_with_grad(rows)
     out["gather_ok"] = torch.equal(gathered[:, 0], torch.arange(world).repeat_interleave(2).double())
     (gathered * (rank + 1)).sum().backward()  # every rank's loss weights all gathered rows by rank+1
-    out["gather_grad_ok"] = torch.equal(rows.grad, torch.full((2, 3), float(sum(range(1, world + 1))),
-                                                                dtype=torch.float64))
+    out["gather_grad_ok"] = torch.equal(
+        rows.grad, torch.full((2, 3), float(sum(range(1, world + 1))), dtype=torch.float64)
+    )
     try:
         check_equal_batch_sizes(4 if rank == 1 else 5, torch.device("cpu"))
         out["size_error"] = None

@@ -54,10 +54,18 @@ def test_straight_through_forward_is_arcface_backward_is_identity() -> None:
     torch.testing.assert_close(cos.grad, torch.ones_like(cos))
 
 
-@pytest.mark.parametrize("margin", [
-    ArcFaceMargin(0.5), ArcFaceMargin(0.2), CosFaceMargin(0.35), CombinedMargin(1.0, 0.5, 0.0),
-    CombinedMargin(1.35, 0.25, 0.1), CombinedMargin(2.0, 0.0, 0.3),
-], ids=repr)
+@pytest.mark.parametrize(
+    "margin",
+    [
+        ArcFaceMargin(0.5),
+        ArcFaceMargin(0.2),
+        CosFaceMargin(0.35),
+        CombinedMargin(1.0, 0.5, 0.0),
+        CombinedMargin(1.35, 0.25, 0.1),
+        CombinedMargin(2.0, 0.0, 0.3),
+    ],
+    ids=repr,
+)
 def test_float64_gradcheck_away_from_kinks(margin) -> None:
     # the straight-through margin's gradient is identity by definition, checked in its own test
     cos = _cosines(n=37)
@@ -87,14 +95,17 @@ def test_build_margin_reads_the_fields_its_type_names() -> None:
     assert isinstance(straight, ArcFaceStraightThroughMargin) and straight.m == 0.4
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"type": "sphereface"}, "head.margin.type"),
-    ({"s": 0.0}, "head.margin.s"),
-    ({"m2": 2.0}, "head.margin.m2"),
-    ({"type": "cosface", "m3": -0.1}, "head.margin.m3"),
-    ({"type": "combined", "m1": 0.5}, "head.margin.m1"),
-    ({"interclass_filtering_threshold": 1.5}, "head.margin.interclass_filtering_threshold"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"type": "sphereface"}, "head.margin.type"),
+        ({"s": 0.0}, "head.margin.s"),
+        ({"m2": 2.0}, "head.margin.m2"),
+        ({"type": "cosface", "m3": -0.1}, "head.margin.m3"),
+        ({"type": "combined", "m1": 0.5}, "head.margin.m1"),
+        ({"interclass_filtering_threshold": 1.5}, "head.margin.interclass_filtering_threshold"),
+    ],
+)
 def test_build_margin_names_the_bad_key(changes: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_margin(MarginConfig(**changes))

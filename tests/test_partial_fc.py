@@ -31,17 +31,29 @@ def _global_batch(world: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return emb, labels
 
 
-def _head(cfg: MarginConfig, sample_rate: float = 1.0, update: str = "sparse", dtype=torch.float64) -> PartialFCHead:
-    return PartialFCHead(NUM_CLASSES, DIM, build_margin(cfg), seed=SEED, sample_rate=sample_rate,
-                         optimizer="sgd", update=update, momentum=0.0, weight_decay=0.0, storage_dtype=dtype,
-                         init_std=STD)
+def _head(
+    cfg: MarginConfig, sample_rate: float = 1.0, update: str = "sparse", dtype=torch.float64
+) -> PartialFCHead:
+    return PartialFCHead(
+        NUM_CLASSES,
+        DIM,
+        build_margin(cfg),
+        seed=SEED,
+        sample_rate=sample_rate,
+        optimizer="sgd",
+        update=update,
+        momentum=0.0,
+        weight_decay=0.0,
+        storage_dtype=dtype,
+        init_std=STD,
+    )
 
 
 def _step(head: PartialFCHead, emb: torch.Tensor, labels: torch.Tensor, step: int = 0):
     """One trainer-style step with lr 1 and plain SGD: returns loss, stats, local emb grad, center grad."""
     rank, _ = rank_and_world()
-    local = emb[rank * BATCH:(rank + 1) * BATCH].clone().requires_grad_()
-    loss, stats = head(local, labels[rank * BATCH:(rank + 1) * BATCH], step)
+    local = emb[rank * BATCH : (rank + 1) * BATCH].clone().requires_grad_()
+    loss, stats = head(local, labels[rank * BATCH : (rank + 1) * BATCH], step)
     loss.backward()
     before = head.centers.clone()
     head.optimizer_step(1.0)
@@ -71,8 +83,14 @@ def _head_worker(rank: int, world: int) -> dict:
         out["init_matches_global"] = torch.equal(head.centers, full[shard])
         loss, _, emb_grad, center_grad = _step(head, emb, labels)
         ref_loss, ref_emb_grad, ref_center_grad = _reference(emb, full, labels, cfg, rows)
-        out["full"].append((loss.item(), ref_loss.item(), _rel_err(emb_grad, ref_emb_grad),
-                            _rel_err(center_grad, ref_center_grad[shard]) if head.count else 0.0))
+        out["full"].append(
+            (
+                loss.item(),
+                ref_loss.item(),
+                _rel_err(emb_grad, ref_emb_grad),
+                _rel_err(center_grad, ref_center_grad[shard]) if head.count else 0.0,
+            )
+        )
 
     for rate in (0.5, 0.0):  # sampling: reference restricted to exactly the sampled centers
         head = _head(MARGINS[0], sample_rate=rate)
@@ -83,17 +101,27 @@ def _head_worker(rank: int, world: int) -> dict:
         kept = torch.tensor(sorted(c for ids in everyone for c in ids))
         remap = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
         remap[kept] = torch.arange(len(kept))
-        ref_loss, ref_emb_grad, ref_center_grad = _reference(emb, full[kept], remap[labels.long()], MARGINS[0], rows)
+        ref_loss, ref_emb_grad, ref_center_grad = _reference(
+            emb, full[kept], remap[labels.long()], MARGINS[0], rows
+        )
         local_cols = (kept >= head.start) & (kept < head.start + head.count)
         unsampled = torch.ones(head.count, dtype=torch.bool)
         unsampled[torch.tensor(mine, dtype=torch.long) - head.start] = False
-        out["sampled"].append({
-            "loss": loss.item(), "ref_loss": ref_loss.item(), "emb_err": _rel_err(emb_grad, ref_emb_grad),
-            "center_err": _rel_err(center_grad[~unsampled], ref_center_grad[local_cols]) if len(mine) else 0.0,
-            "unsampled_unchanged": bool((center_grad[unsampled] == 0).all()),
-            "width_ok": stats["num_sampled"] == max(int(rate * head.count), stats["num_positive"]) == len(mine),
-            "all_positives": set(labels.tolist()) <= set(kept.tolist()),
-        })
+        out["sampled"].append(
+            {
+                "loss": loss.item(),
+                "ref_loss": ref_loss.item(),
+                "emb_err": _rel_err(emb_grad, ref_emb_grad),
+                "center_err": _rel_err(center_grad[~unsampled], ref_center_grad[local_cols])
+                if len(mine)
+                else 0.0,
+                "unsampled_unchanged": bool((center_grad[unsampled] == 0).all()),
+                "width_ok": stats["num_sampled"]
+                == max(int(rate * head.count), stats["num_positive"])
+                == len(mine),
+                "all_positives": set(labels.tolist()) <= set(kept.tolist()),
+            }
+        )
 
     # gradient accumulation: two forward/backward pairs then one step == sum of the two single-step updates
     deltas = []
@@ -127,6 +155,32 @@ def _head_worker(rank: int, world: int) -> dict:
     except ValueError as err:
         out["bad_meta_error"] = str(err)
 
+    # more ranks than classes: the last shard is empty yet takes part in every collective
+    tiny_classes = max(world - 1, 1)
+    tiny = PartialFCHead(
+        tiny_classes,
+        DIM,
+        build_margin(MARGINS[0]),
+        seed=SEED,
+        storage_dtype=torch.float64,
+        init_std=STD,
+        momentum=0.0,
+        weight_decay=0.0,
+    )
+    tiny_labels = labels % tiny_classes
+    loss, _, emb_grad, _ = _step(tiny, emb, tiny_labels)
+    ref_loss, ref_emb_grad, _ = _reference(emb, full[:tiny_classes], tiny_labels, MARGINS[0], rows)
+    out["empty_shard"] = (tiny.count, loss.item(), ref_loss.item(), _rel_err(emb_grad, ref_emb_grad))
+
+    # a label outside [0, C) on rank 0 stops every rank with the same error
+    bad_labels = labels[rows].clone()
+    bad_labels[0] = NUM_CLASSES if rank == 0 else bad_labels[0]
+    try:
+        head32(emb[rows].float(), bad_labels, 0)
+        out["label_error"] = None
+    except ValueError as err:
+        out["label_error"] = str(err)
+
     if world > 1:  # unequal per-rank batch sizes fail on every rank with a message naming them
         short = emb[rows][: BATCH - 1] if rank == world - 1 else emb[rows]
         try:
@@ -153,12 +207,22 @@ def _check(results: list[dict], world: int) -> None:
         assert (loss_dtype, grad_dtype) == ("torch.float32", "torch.bfloat16")
         assert loss_bf16 == pytest.approx(loss_ref, rel=2e-2)
         start = sum(r["meta"]["count"] for r in results[:rank])
-        assert res["meta"] == {"num_classes": NUM_CLASSES, "start": start, "count": res["meta"]["count"],
-                               "embedding_size": DIM, "optimizer": "sgd", "update": "sparse"}
+        assert res["meta"] == {
+            "num_classes": NUM_CLASSES,
+            "start": start,
+            "count": res["meta"]["count"],
+            "embedding_size": DIM,
+            "optimizer": "sgd",
+            "update": "sparse",
+        }
         assert res["roundtrip"] and "reshard" in res["bad_meta_error"]
         if world > 1:
             sizes = [BATCH] * (world - 1) + [BATCH - 1]
             assert str(sizes) in res["size_error"]
+        count, loss, ref_loss, emb_err = res["empty_shard"]
+        assert count == (0 if world > 1 and rank == world - 1 else 1)
+        assert loss == pytest.approx(ref_loss, rel=1e-10) and emb_err < 1e-5
+        assert "on ranks [0]" in res["label_error"]
     assert sum(r["meta"]["count"] for r in results) == NUM_CLASSES
 
 
@@ -172,7 +236,7 @@ def test_multi_rank_head_matches_reference(world: int) -> None:
 
 
 class _LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor produced by any op (forward, backward and optimizer alike)."""
+    """Records the largest tensor any op allocates (forward, backward and optimizer alike)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,8 +244,11 @@ class _LargestAllocation(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
+        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        input_storages = {a.untyped_storage().data_ptr() for a in inputs}
         for value in result if isinstance(result, tuple | list) else (result,):
-            if isinstance(value, torch.Tensor):
+            # in-place ops and views hand back (part of) an input: not an allocation
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in input_storages:
                 self.largest = max(self.largest, value.numel())
         return result
 

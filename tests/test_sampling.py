@@ -13,9 +13,13 @@ START, COUNT = 100, 50  # the shard holds global classes [100, 150)
 def _labels(seed: int = 0, rows: int = 24) -> torch.Tensor:
     """Global-batch labels: some on this shard (with repeats), some elsewhere."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randint(START, START + COUNT, (rows // 2,), generator=gen),
-                      torch.randint(0, START, (rows // 4,), generator=gen),
-                      torch.randint(START + COUNT, 400, (rows - rows // 2 - rows // 4,), generator=gen)])
+    return torch.cat(
+        [
+            torch.randint(START, START + COUNT, (rows // 2,), generator=gen),
+            torch.randint(0, START, (rows // 4,), generator=gen),
+            torch.randint(START + COUNT, 400, (rows - rows // 2 - rows // 4,), generator=gen),
+        ]
+    )
 
 
 def _draw(labels: torch.Tensor, num_sample: int, rank: int = 0, step: int = 0, seed: int = 7):
@@ -41,7 +45,9 @@ def test_positives_only_when_they_exceed_the_budget_or_rate_is_zero() -> None:
     for budget in (0, num_positive - 1, num_positive):
         sample = _draw(labels, budget)
         assert sample.index.numel() == num_positive
-        assert torch.equal(sample.index + START, torch.unique(labels[(labels >= START) & (labels < START + COUNT)]))
+        assert torch.equal(
+            sample.index + START, torch.unique(labels[(labels >= START) & (labels < START + COUNT)])
+        )
     assert num_samples_for(0.0, COUNT) == 0
     assert num_samples_for(0.1, 1001) == 100
     with pytest.raises(ValueError, match="head.sample_rate"):

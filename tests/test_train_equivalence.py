@@ -50,7 +50,7 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
     out = train_step(engine, head, iter([batch]), 0, 0.1, 0.1, world, 1, lambda: 0.0)
     state = head.state_dict()
     return {"loss": out.loss, "backbone": consolidated_backbone_state(engine),
-            "centers": state["weight"].float().clone(), "start": int(state["start"])}
+            "centers": state["centers"].float().clone(), "start": int(state["meta"]["start"])}
 
 
 def _all_stages(rank: int, world: int) -> list[dict]:
@@ -77,4 +77,4 @@ def _initial_centers(shape) -> torch.Tensor:
     from facescale.heads import build_head
 
     cfg = _config(1, 0, 1.0)
-    return build_head(cfg.head, NUM_CLASSES, EMB, seed=3).state_dict()["weight"].float()
+    return build_head(cfg.head, NUM_CLASSES, EMB, seed=3).state_dict()["centers"].float()

@@ -29,19 +29,31 @@ def rank_and_world(group: Any = None) -> tuple[int, int]:
     return 0, 1
 
 
-def check_equal_batch_sizes(batch_size: int, device: torch.device, group: Any = None) -> None:
-    """Raise a clear error unless every rank holds `batch_size` rows (the row all-gather requires it)."""
+def all_gather_ints(values: list[int], device: torch.device, group: Any = None) -> list[list[int]]:
+    """Every rank's short list of ints (same length on all ranks), in rank order; one tiny collective."""
+    local = torch.tensor(values, dtype=torch.int64, device=device)
     if not is_distributed(group):
-        return
-    world = dist.get_world_size(group)
-    sizes = torch.empty(world, dtype=torch.int64, device=device)
-    _all_gather_flat(sizes, torch.tensor([batch_size], dtype=torch.int64, device=device), group=group)
-    sizes_list = sizes.tolist()
-    if len(set(sizes_list)) != 1:
-        raise ValueError(
-            f"per-rank batch sizes differ: {sizes_list} (rank i holds entry i). The class-center head needs "
-            "the same number of rows on every rank: drop the last partial batch (drop_last) or pad it."
-        )
+        return [local.tolist()]
+    gathered = torch.empty(dist.get_world_size(group) * len(values), dtype=torch.int64, device=device)
+    _all_gather_flat(gathered, local, group=group)
+    return gathered.view(-1, len(values)).tolist()
+
+
+def batch_size_mismatch(sizes: list[int]) -> str | None:
+    """The error text for unequal per-rank batch sizes, or None when they are all equal."""
+    if len(set(sizes)) <= 1:
+        return None
+    return (
+        f"per-rank batch sizes differ: {sizes} (rank i holds entry i). The class-center head needs the "
+        "same number of rows on every rank: drop the last partial batch (drop_last) or pad it."
+    )
+
+
+def check_equal_batch_sizes(batch_size: int, device: torch.device, group: Any = None) -> None:
+    """Raise the same clear error on every rank unless all ranks hold `batch_size` rows."""
+    message = batch_size_mismatch([row[0] for row in all_gather_ints([batch_size], device, group)])
+    if message:
+        raise ValueError(message)
 
 
 def all_gather_rows(tensor: Tensor, group: Any = None) -> Tensor:
@@ -56,7 +68,7 @@ def all_gather_rows(tensor: Tensor, group: Any = None) -> Tensor:
 
 
 def reduce_scatter_rows(tensor: Tensor, group: Any = None) -> Tensor:
-    """Sum `tensor` ([W*B, ...]) over ranks and return this rank's rows [rank*B:(rank+1)*B], in one collective.
+    """Sum `tensor` ([W*B, ...]) over ranks; return this rank's rows [rank*B:(rank+1)*B], in one collective.
 
     Uses the native reduce-scatter (NCCL; gloo in recent torch). A backend that lacks it falls back to
     all_reduce followed by slicing, which moves W times more data but gives the same result.
@@ -85,7 +97,7 @@ def reduce_scatter_rows_by_all_reduce(tensor: Tensor, group: Any = None) -> Tens
     if world > 1:
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
     rows = tensor.shape[0] // world
-    return summed[rank * rows:(rank + 1) * rows].clone()
+    return summed[rank * rows : (rank + 1) * rows].clone()
 
 
 def all_reduce_(tensor: Tensor, op: Any, group: Any = None) -> Tensor:

@@ -15,17 +15,36 @@ STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 __all__ = ["PartialFCHead", "build_head", "STORAGE_DTYPES"]
 
 
-def build_head(cfg: HeadConfig, num_classes: int, embedding_size: int, *, seed: int, process_group: Any = None,
-               device: torch.device | str | None = None) -> PartialFCHead:
-    """Build this rank's Partial FC head (centers on `device`, default CPU) from the `head:` config section."""
+def build_head(
+    cfg: HeadConfig,
+    num_classes: int,
+    embedding_size: int,
+    *,
+    seed: int,
+    process_group: Any = None,
+    device: torch.device | str | None = None,
+) -> PartialFCHead:
+    """Build this rank's Partial FC head (centers on `device`, default CPU) from the `head:` config."""
     if cfg.type != "partial_fc":
         raise ValueError(f"head.type = {cfg.type!r}: build_head builds 'partial_fc' heads only")
     if cfg.storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"head.storage_dtype = {cfg.storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+        raise ValueError(
+            f"head.storage_dtype = {cfg.storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}"
+        )
     if cfg.init_std <= 0:
         raise ValueError(f"head.init_std = {cfg.init_std!r} must be > 0 (0.01 is usual)")
-    return PartialFCHead(num_classes, embedding_size, build_margin(cfg.margin), seed=seed,
-                         sample_rate=cfg.sample_rate, optimizer=cfg.optimizer, update=cfg.update,
-                         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                         storage_dtype=STORAGE_DTYPES[cfg.storage_dtype], init_std=cfg.init_std,
-                         process_group=process_group, device=device)
+    return PartialFCHead(
+        num_classes,
+        embedding_size,
+        build_margin(cfg.margin),
+        seed=seed,
+        sample_rate=cfg.sample_rate,
+        optimizer=cfg.optimizer,
+        update=cfg.update,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        storage_dtype=STORAGE_DTYPES[cfg.storage_dtype],
+        init_std=cfg.init_std,
+        process_group=process_group,
+        device=device,
+    )

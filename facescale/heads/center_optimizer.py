@@ -34,10 +34,21 @@ def _write_back(storage: Tensor, work: Tensor) -> None:
 class CenterOptimizer(torch.nn.Module):
     """Optimizer state (as buffers, so `.to(device)` moves it) and the update rule for a [rows, D] shard."""
 
-    def __init__(self, num_rows: int, dim: int, *, kind: str = "sgd", mode: str = "dense", momentum: float = 0.9,
-                 weight_decay: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 state_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 block_rows: int = 16384) -> None:
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        kind: str = "sgd",
+        mode: str = "dense",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        state_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        block_rows: int = 16384,
+    ) -> None:
         super().__init__()
         if kind not in OPTIMIZERS:
             raise ValueError(f"head.optimizer = {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -47,7 +58,9 @@ class CenterOptimizer(torch.nn.Module):
         self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
         shape = (num_rows, dim)
         if kind == "sgd" and momentum > 0:
-            self.register_buffer("momentum_buffer", torch.zeros(shape, dtype=state_dtype, device=device), False)
+            self.register_buffer(
+                "momentum_buffer", torch.zeros(shape, dtype=state_dtype, device=device), False
+            )
         if kind == "adamw":
             self.register_buffer("exp_avg", torch.zeros(shape, dtype=state_dtype, device=device), False)
             self.register_buffer("exp_avg_sq", torch.zeros(shape, dtype=state_dtype, device=device), False)
@@ -61,20 +74,28 @@ class CenterOptimizer(torch.nn.Module):
         """Copy saved state into the buffers (shapes must match; dtype/device are converted)."""
         expected = self.state_tensors()
         if set(state) != set(expected):
-            raise ValueError(f"center optimizer state has keys {sorted(state)}, expected {sorted(expected)} "
-                             f"for optimizer={self.kind}; was the checkpoint written with another head.optimizer?")
+            raise ValueError(
+                f"center optimizer state has keys {sorted(state)}, expected {sorted(expected)} "
+                f"for optimizer={self.kind}; was the checkpoint written with another head.optimizer?"
+            )
         for name, buffer in expected.items():
             if tuple(state[name].shape) != tuple(buffer.shape):
-                raise ValueError(f"center optimizer state {name!r} has shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(buffer.shape)}")
+                raise ValueError(
+                    f"center optimizer state {name!r} has shape {tuple(state[name].shape)}, "
+                    f"expected {tuple(buffer.shape)}"
+                )
             buffer.copy_(state[name])
 
     @torch.no_grad()
     def step(self, centers: Tensor, grad: Tensor, index: Tensor | None, lr: float) -> None:
-        """Apply one update. `grad` holds rows `index` (sorted, unique local ids) or the whole shard if None."""
-        if grad.shape[1:] != centers.shape[1:] or grad.shape[0] != (centers.shape[0] if index is None else len(index)):
-            raise ValueError(f"grad of shape {tuple(grad.shape)} does not match centers {tuple(centers.shape)} "
-                             f"and index of length {None if index is None else len(index)}")
+        """Apply one update. `grad` holds rows `index` (sorted, unique local ids); None = whole shard."""
+        if grad.shape[1:] != centers.shape[1:] or grad.shape[0] != (
+            centers.shape[0] if index is None else len(index)
+        ):
+            raise ValueError(
+                f"grad of shape {tuple(grad.shape)} does not match centers {tuple(centers.shape)} "
+                f"and index of length {None if index is None else len(index)}"
+            )
         if self.mode == "sparse" and index is not None:
             self._update_rows(centers, grad, index, lr)
         else:
@@ -112,8 +133,9 @@ class CenterOptimizer(torch.nn.Module):
             for name, s in storage.items():
                 _write_back(s, work[name])
 
-    def _apply_rule(self, params: Tensor, state: dict[str, Tensor], grad: Tensor, rows: Tensor | None,
-                    lr: float) -> None:
+    def _apply_rule(
+        self, params: Tensor, state: dict[str, Tensor], grad: Tensor, rows: Tensor | None, lr: float
+    ) -> None:
         """Update fp32 `params`/`state` in place; `grad` belongs to `rows` of params (None = all rows)."""
 
         def add_grad(target: Tensor, values: Tensor, alpha: float) -> None:

@@ -39,8 +39,11 @@ class _MarginCrossEntropy(torch.autograd.Function):
         has_target = target_col >= 0
         safe_col = target_col.clamp_min(0)[:, None]
         with torch.enable_grad():  # the margin is elementwise on N values: let autograd differentiate it
-            target_cos = cos.gather(1, safe_col).squeeze(1).detach().requires_grad_() if cos.shape[1] else \
-                torch.zeros(num_rows, dtype=acc_dtype, device=cos.device, requires_grad=True)
+            target_cos = (
+                cos.gather(1, safe_col).squeeze(1).detach().requires_grad_()
+                if cos.shape[1]
+                else torch.zeros(num_rows, dtype=acc_dtype, device=cos.device, requires_grad=True)
+            )
             target_logit = spec.target_margin(target_cos) * spec.scale
         target_logit_value = torch.where(has_target, target_logit.detach(), 0.0)
 
@@ -81,19 +84,24 @@ class _MarginCrossEntropy(torch.autograd.Function):
         if grad.shape[1]:
             target_prob = grad.gather(1, safe_col).squeeze(1) / spec.scale  # = p_t * upstream / N
             grad_target_logit = torch.where(has_target, target_prob - grad_logit_scale, 0.0)
-            (grad_target_cos,) = torch.autograd.grad(target_logit, target_cos, grad_target_logit,
-                                                     retain_graph=True)
+            (grad_target_cos,) = torch.autograd.grad(
+                target_logit, target_cos, grad_target_logit, retain_graph=True
+            )
             current = grad.gather(1, safe_col).squeeze(1)
             grad.scatter_(1, safe_col, torch.where(has_target, grad_target_cos, current)[:, None])
         return grad, None, None, None
 
 
-def margin_cross_entropy(cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any = None) -> Tensor:
-    """Global-mean margin softmax loss from local cosines [N, C_local] and target columns [N] (-1 = elsewhere).
+def margin_cross_entropy(
+    cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any = None
+) -> Tensor:
+    """Global-mean margin softmax loss from local cosines [N, C_local] and target columns [N] (-1: not here).
 
     Every global row must have its target column on exactly one rank. The result is the same scalar on
     every rank; backward gives d loss/d cos for the local columns only (no collective needed).
     """
     if cos.dim() != 2 or target_col.shape != (cos.shape[0],):
-        raise ValueError(f"cos must be [N, C] and target_col [N]; got {tuple(cos.shape)}, {tuple(target_col.shape)}")
+        raise ValueError(
+            f"cos must be [N, C] and target_col [N]; got {tuple(cos.shape)}, {tuple(target_col.shape)}"
+        )
     return _MarginCrossEntropy.apply(cos, target_col.long(), spec, group)

@@ -67,7 +67,7 @@ class CosFaceMargin(TargetMargin):
 
 
 class CombinedMargin(TargetMargin):
-    """cos(m1*theta + m2) - m3; where m1*theta + m2 > pi it uses c - sin(pi - m2)*m2 - m3 (ArcFace fallback)."""
+    """cos(m1*theta + m2) - m3; where m1*theta + m2 > pi it is c - sin(pi - m2)*m2 - m3 (ArcFace fallback)."""
 
     def __init__(self, m1: float, m2: float, m3: float) -> None:
         self.m1, self.m2, self.m3 = m1, m2, m3
@@ -83,7 +83,7 @@ class CombinedMargin(TargetMargin):
 
 
 class ArcFaceStraightThroughMargin(TargetMargin):
-    """Forward cos(theta + m) without fallback, backward d/dc = 1 (insightface arcface_torch since 2022-12)."""
+    """Forward cos(theta + m) without fallback, backward d/dc = 1 (arcface_torch since 2022-12)."""
 
     def __init__(self, m: float) -> None:
         self.m = m
@@ -116,17 +116,27 @@ def build_margin(cfg: MarginConfig) -> MarginSoftmaxSpec:
     _require(cfg.type in MARGIN_TYPES, "type", cfg.type, f"choose one of {', '.join(MARGIN_TYPES)}")
     _require(cfg.s > 0, "s", cfg.s, "the logit scale must be > 0 (64 is usual)")
     t = cfg.interclass_filtering_threshold
-    _require(0.0 <= t < 1.0, "interclass_filtering_threshold", t, "use 0 (off) or a cosine in (0, 1), e.g. 0.4")
+    _require(
+        0.0 <= t < 1.0, "interclass_filtering_threshold", t, "use 0 (off) or a cosine in (0, 1), e.g. 0.4"
+    )
     if cfg.type in ("arcface", "arcface_straight_through"):
-        _require(0.0 <= cfg.m2 < math.pi / 2, "m2", cfg.m2, f"{cfg.type} reads m2 as the angle margin, in [0, pi/2)")
-        margin: TargetMargin = (ArcFaceMargin(cfg.m2) if cfg.type == "arcface"
-                                else ArcFaceStraightThroughMargin(cfg.m2))
+        _require(
+            0.0 <= cfg.m2 < math.pi / 2,
+            "m2",
+            cfg.m2,
+            f"{cfg.type} reads m2 as the angle margin, in [0, pi/2)",
+        )
+        margin: TargetMargin = (
+            ArcFaceMargin(cfg.m2) if cfg.type == "arcface" else ArcFaceStraightThroughMargin(cfg.m2)
+        )
     elif cfg.type == "cosface":
         _require(cfg.m3 >= 0.0, "m3", cfg.m3, "cosface reads m3 as the cosine margin, >= 0 (e.g. 0.4)")
         margin = CosFaceMargin(cfg.m3)
     else:
         _require(cfg.m1 >= 1.0, "m1", cfg.m1, "combined reads m1 as the multiplicative angle margin, >= 1")
-        _require(0.0 <= cfg.m2 < math.pi / 2, "m2", cfg.m2, "combined reads m2 as the angle margin, in [0, pi/2)")
+        _require(
+            0.0 <= cfg.m2 < math.pi / 2, "m2", cfg.m2, "combined reads m2 as the angle margin, in [0, pi/2)"
+        )
         _require(cfg.m3 >= 0.0, "m3", cfg.m3, "combined reads m3 as the cosine margin, >= 0")
         margin = CombinedMargin(cfg.m1, cfg.m2, cfg.m3)
     return MarginSoftmaxSpec(target_margin=margin, scale=float(cfg.s), filter_threshold=float(t))

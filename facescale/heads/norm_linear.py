@@ -69,5 +69,7 @@ class _NormLinear(torch.autograd.Function):
 def norm_linear(x: Tensor, weight: Tensor) -> Tensor:
     """Cosine similarity matrix [N, C'] between rows of x [N, D] and rows of weight [C', D], in fp32+."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"norm_linear needs x [N, D] and weight [C, D]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"norm_linear needs x [N, D] and weight [C, D]; got {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
     return _NormLinear.apply(x, weight)

@@ -1,4 +1,4 @@
-"""The model-parallel class-center head (Partial FC): sharded centers, sampling, margin softmax, own optimizer.
+"""The model-parallel class-center head (Partial FC): sharded centers, sampling, margin softmax, optimizer.
 
 Centers are a buffer, not an nn.Parameter: no other optimizer (DeepSpeed's included) ever sees them, and
 `optimizer_step(lr)` updates them with the head's own CenterOptimizer (dense or sparse, see that module).
@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from facescale.dist.collectives import (
+    all_gather_ints,
     all_gather_rows,
     all_gather_rows_with_grad,
-    check_equal_batch_sizes,
+    batch_size_mismatch,
     rank_and_world,
 )
 from facescale.dist.partition import class_partition
@@ -27,7 +28,9 @@ from facescale.heads.margins import MarginSoftmaxSpec
 from facescale.heads.norm_linear import norm_linear
 from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
 
-INIT_BLOCK_ROWS = 4096  # centers are drawn in fixed global blocks so the full matrix is world-size independent
+INIT_BLOCK_ROWS = (
+    4096  # centers are drawn in fixed global blocks so the full matrix is world-size independent
+)
 _INIT_SALT = 0x1C3A7
 
 
@@ -39,20 +42,35 @@ def init_center_rows(start: int, count: int, dim: int, std: float, seed: int) ->
         generator = torch.Generator().manual_seed(derive_seed(seed, _INIT_SALT, block))
         values = torch.randn(INIT_BLOCK_ROWS, dim, generator=generator).mul_(std)
         lo, hi = max(start, block * INIT_BLOCK_ROWS), min(stop, (block + 1) * INIT_BLOCK_ROWS)
-        out[lo - start:hi - start] = values[lo - block * INIT_BLOCK_ROWS:hi - block * INIT_BLOCK_ROWS]
+        out[lo - start : hi - start] = values[lo - block * INIT_BLOCK_ROWS : hi - block * INIT_BLOCK_ROWS]
     return out
 
 
 class PartialFCHead(torch.nn.Module):
     """This rank's shard of class centers plus sampling, loss and optimizer (see module docstring)."""
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: MarginSoftmaxSpec, *, seed: int,
-                 sample_rate: float = 1.0, optimizer: str = "sgd", update: str = "dense", momentum: float = 0.9,
-                 weight_decay: float = 5e-4, storage_dtype: torch.dtype = torch.float32, init_std: float = 0.01,
-                 process_group: Any = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: MarginSoftmaxSpec,
+        *,
+        seed: int,
+        sample_rate: float = 1.0,
+        optimizer: str = "sgd",
+        update: str = "dense",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        storage_dtype: torch.dtype = torch.float32,
+        init_std: float = 0.01,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"num_classes ({num_classes}) and embedding_size ({embedding_size}) must be >= 1")
+            raise ValueError(
+                f"num_classes ({num_classes}) and embedding_size ({embedding_size}) must be >= 1"
+            )
         self.group = process_group
         self.rank, self.world_size = rank_and_world(process_group)
         self.num_classes, self.embedding_size = num_classes, embedding_size
@@ -61,26 +79,34 @@ class PartialFCHead(torch.nn.Module):
         self.num_sample = num_samples_for(sample_rate, self.count)
         centers = init_center_rows(self.start, self.count, embedding_size, init_std, seed)
         self.register_buffer("centers", centers.to(device=device, dtype=storage_dtype), persistent=False)
-        self.center_optimizer = CenterOptimizer(self.count, embedding_size, kind=optimizer, mode=update,
-                                                momentum=momentum, weight_decay=weight_decay,
-                                                state_dtype=storage_dtype, device=device)
+        self.center_optimizer = CenterOptimizer(
+            self.count,
+            embedding_size,
+            kind=optimizer,
+            mode=update,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            state_dtype=storage_dtype,
+            device=device,
+        )
         self._pending: list[tuple[Tensor | None, Tensor]] = []  # (sampled index, leaf whose .grad we apply)
         self.last_sampled_classes: Tensor | None = None  # global class ids used by the last forward
 
-    def forward(self, local_embeddings: Tensor, local_labels: Tensor, step: int) -> tuple[Tensor, dict[str, Any]]:
+    def forward(
+        self, local_embeddings: Tensor, local_labels: Tensor, step: int
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Global mean margin softmax loss (same on every rank) and stats for this step's sample."""
         if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {tuple(local_embeddings.shape)}")
+            raise ValueError(
+                f"embeddings must be [B, {self.embedding_size}], got {tuple(local_embeddings.shape)}"
+            )
         if local_labels.shape != (local_embeddings.shape[0],):
-            raise ValueError(f"labels must be [B] = [{local_embeddings.shape[0]}], got {tuple(local_labels.shape)}")
-        if local_embeddings.shape[0] == 0:
-            raise ValueError("empty batch: the class-center head needs at least one row per rank")
+            raise ValueError(
+                f"labels must be [B] = [{local_embeddings.shape[0]}], got {tuple(local_labels.shape)}"
+            )
         device = self.centers.device
-        check_equal_batch_sizes(local_embeddings.shape[0], device, self.group)  # every step: a rank may change
         labels = local_labels.to(device=device, dtype=torch.long)
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}); got min {int(labels.min())}, "
-                             f"max {int(labels.max())} (does data.shards match the head's num_classes?)")
+        self._check_batch_across_ranks(labels)
         embeddings = all_gather_rows_with_grad(local_embeddings.to(device), self.group)
         global_labels = all_gather_rows(labels, self.group)
 
@@ -90,14 +116,37 @@ class PartialFCHead(torch.nn.Module):
             weight = self.centers.detach().requires_grad_()
         else:
             weight = self.centers.index_select(0, sample.index).requires_grad_()
-        self._pending.append((sample.index, weight))
+        if torch.is_grad_enabled():  # an evaluation forward under no_grad leaves nothing to apply
+            self._pending.append((sample.index, weight))
         self.last_sampled_classes = self.start + (
-            torch.arange(self.count, device=device) if sample.index is None else sample.index)
-        loss = margin_cross_entropy(norm_linear(embeddings, weight), sample.target_col, self.margin, self.group)
+            torch.arange(self.count, device=device) if sample.index is None else sample.index
+        )
+        loss = margin_cross_entropy(
+            norm_linear(embeddings, weight), sample.target_col, self.margin, self.group
+        )
         width = self.count if sample.index is None else int(sample.index.numel())
-        stats = {"num_sampled": width, "num_positive": sample.num_positive,
-                 "positive_fraction": sample.num_positive / width if width else 0.0}
+        stats = {
+            "num_sampled": width,
+            "num_positive": sample.num_positive,
+            "positive_fraction": sample.num_positive / width if width else 0.0,
+        }
         return loss, stats
+
+    def _check_batch_across_ranks(self, labels: Tensor) -> None:
+        """One tiny all-gather of (batch size, bad labels) so every rank raises the same error together."""
+        bad = int(((labels < 0) | (labels >= self.num_classes)).sum())
+        info = all_gather_ints([labels.shape[0], bad], labels.device, self.group)
+        message = batch_size_mismatch([size for size, _ in info])
+        if message:
+            raise ValueError(message)
+        if any(size == 0 for size, _ in info):
+            raise ValueError("empty batch: the class-center head needs at least one row per rank")
+        if any(count for _, count in info):
+            raise ValueError(
+                f"labels outside [0, {self.num_classes}) on ranks "
+                f"{[rank for rank, (_, count) in enumerate(info) if count]}: does the dataset's class "
+                "count match the head's num_classes?"
+            )
 
     def optimizer_step(self, lr: float) -> None:
         """Update the centers from the grads of every forward/backward since the last step, then clear them.
@@ -115,11 +164,13 @@ class PartialFCHead(torch.nn.Module):
         self._pending.clear()
 
     def _collect_grads(self) -> tuple[Tensor | None, Tensor]:
-        """Merge pending (index, leaf.grad) pairs: one pair as is; several (grad accumulation) summed by row."""
+        """Merge pending (index, leaf.grad) pairs; several (grad accumulation) are summed per row."""
         grads = []
         for index, leaf in self._pending:
             if leaf.grad is None:
-                raise RuntimeError("no center gradient: call loss.backward() between forward() and optimizer_step()")
+                raise RuntimeError(
+                    "no center gradient: call loss.backward() between forward() and optimizer_step()"
+                )
             grads.append((index, leaf.grad))
         if len(grads) == 1:
             return grads[0]
@@ -140,14 +191,21 @@ class PartialFCHead(torch.nn.Module):
 
     def metadata(self) -> dict[str, int]:
         """Where this shard sits in the global class range (saved with every state_dict)."""
-        return {"num_classes": self.num_classes, "start": self.start, "count": self.count,
-                "embedding_size": self.embedding_size}
+        return {
+            "num_classes": self.num_classes,
+            "start": self.start,
+            "count": self.count,
+            "embedding_size": self.embedding_size,
+        }
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """{"meta": metadata + optimizer kind, "centers": [count, D], "optimizer": {name: [count, ...]}}."""
         meta = dict(self.metadata(), optimizer=self.center_optimizer.kind, update=self.center_optimizer.mode)
-        return {"meta": meta, "centers": self.centers.detach().clone(),
-                "optimizer": {k: v.detach().clone() for k, v in self.center_optimizer.state_tensors().items()}}
+        return {
+            "meta": meta,
+            "centers": self.centers.detach().clone(),
+            "optimizer": {k: v.detach().clone() for k, v in self.center_optimizer.state_tensors().items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a shard saved by `state_dict`; its metadata must describe exactly this shard."""
@@ -156,8 +214,10 @@ class PartialFCHead(torch.nn.Module):
             raise ValueError("not a Partial FC head state: expected keys 'meta', 'centers', 'optimizer'")
         for key, value in self.metadata().items():
             if meta.get(key) != value:
-                raise ValueError(f"head checkpoint has {key}={meta.get(key)} but this rank needs {value} "
-                                 f"(rank {self.rank} of {self.world_size}); reshard the checkpoint for this world size")
+                raise ValueError(
+                    f"head checkpoint has {key}={meta.get(key)} but this rank needs {value} "
+                    f"(rank {self.rank} of {self.world_size}); reshard the checkpoint for this world size"
+                )
         self.centers.copy_(state_dict["centers"])
         self.center_optimizer.load_state_tensors(state_dict.get("optimizer", {}))
         self._pending.clear()

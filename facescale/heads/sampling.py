@@ -31,7 +31,9 @@ def derive_seed(*parts: int) -> int:
     return state >> 1
 
 
-def sampling_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+def sampling_generator(
+    seed: int, rank: int, step: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """The generator for one rank's draw at one step (salted so it differs from the center-init streams)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(seed, 0x5A3B1E, rank, step))
@@ -59,8 +61,9 @@ class ShardSample:
         return None if self.index is None else int(self.index.numel())
 
 
-def sample_centers(global_labels: Tensor, start: int, count: int, num_sample: int,
-                   generator: torch.Generator | None) -> ShardSample:
+def sample_centers(
+    global_labels: Tensor, start: int, count: int, num_sample: int, generator: torch.Generator | None
+) -> ShardSample:
     """Choose this shard's centers for one step (see module docstring); num_sample >= count keeps all."""
     labels = global_labels.long()
     is_local = (labels >= start) & (labels < start + count)
@@ -69,7 +72,9 @@ def sample_centers(global_labels: Tensor, start: int, count: int, num_sample: in
     is_positive[local_ids[is_local]] = True
     num_positive = int(is_positive.sum())
     if num_sample >= count:
-        return ShardSample(index=None, target_col=torch.where(is_local, local_ids, -1), num_positive=num_positive)
+        return ShardSample(
+            index=None, target_col=torch.where(is_local, local_ids, -1), num_positive=num_positive
+        )
     if num_sample <= num_positive:
         index = torch.nonzero(is_positive).squeeze(1)
     else:

@@ -66,7 +66,8 @@ class DemoNet(nn.Module):
         self.fc = nn.Linear(widths[2] * OUTPUT_GRID * OUTPUT_GRID, embedding_size)
         self.features = embedding_norm(embedding_size, norm)
         self._init_weights()
-        self.to(memory_format=torch.channels_last)
+        # Weights stay contiguous: DeepSpeed broadcasts and flattens parameters as plain buffers. Only the
+        # activations go channels_last (oneDNN/cuDNN pick the NHWC kernels from the input's layout).
 
     def _init_weights(self) -> None:
         for module in self.modules():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from facescale.config.schema import ModelConfig
 from facescale.models.layers import DropPath, norm1d
@@ -67,7 +68,8 @@ class FaceViT(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.patch_embed = nn.Conv2d(3, embed_dim, PATCH_SIZE, stride=PATCH_SIZE)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # only created when used, so DDP/ZeRO never see a parameter that gets no gradient
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_ratio > 0 else None
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth ramp
         self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, rate) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim)
@@ -82,7 +84,8 @@ class FaceViT(nn.Module):
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -92,7 +95,7 @@ class FaceViT(nn.Module):
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         return x
@@ -103,7 +106,7 @@ class FaceViT(nn.Module):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         x = x + self.pos_embed
         keep = self.num_patches - int(self.num_patches * self.mask_ratio)
-        if not (self.training and keep < self.num_patches):
+        if not self.training or self.mask_token is None or keep == self.num_patches:
             return self.norm(self._run_blocks(x))
         order = torch.rand(x.shape[0], self.num_patches, device=x.device).argsort(dim=1)
         kept = order[:, :keep, None].expand(-1, -1, self.embed_dim)

@@ -33,7 +33,8 @@ class TrainResult:
 
 
 def build_backbone_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """The client optimizer DeepSpeed wraps for the backbone."""
+    """The client optimizer DeepSpeed wraps for the backbone (frozen parameters left out)."""
+    params = [p for p in params if p.requires_grad]
     o = cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -59,6 +60,7 @@ class Trainer:
         ds_config = deepspeed_json(cfg, env.world_size, runtime.precision)
         self.engine, *_ = deepspeed.initialize(
             model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()), config=ds_config)
+
         self.head = build_head(cfg.head, self.manifest.num_classes, cfg.model.embedding_size,
                                seed=cfg.schedule.seed).to(runtime.device)
         self.micro_batch = micro_batch_size(cfg, env.world_size)
