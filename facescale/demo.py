@@ -25,15 +25,30 @@ def ensure_data(data_dir: Path) -> None:
 
     t0 = time.perf_counter()
     m = synthesize(data_dir, **SYNTH)
-    print(f"[demo] synthesized {m.num_samples} images of {m.num_classes} identities "
-          f"(+{SYNTH['holdout_identities']} held out) in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"[demo] synthesized {m.num_samples} images of {m.num_classes} identities "
+        f"(+{SYNTH['holdout_identities']} held out) in {time.perf_counter() - t0:.0f} s"
+    )
 
 
 def train(ranks: int, config: str, run_dir: Path, overrides: list[str]) -> dict:
     """One torchrun job of `ranks` CPU processes; returns its result.json."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-           f"--master_port={free_port()}", "-m", "facescale", "train", "--config", config,
-           "--set", f"logging.run_dir={run_dir}", "--set", "checkpoint.resume=none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        f"--master_port={free_port()}",
+        "-m",
+        "facescale",
+        "train",
+        "--config",
+        config,
+        "--set",
+        f"logging.run_dir={run_dir}",
+        "--set",
+        "checkpoint.resume=none",
+    ]
     for ov in overrides:
         cmd += ["--set", ov]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}

@@ -1,7 +1,7 @@
 """Resolve RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from whichever launcher started us.
 
 Supported: torchrun and the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), mpirun (Open MPI's
-OMPI_COMM_WORLD_* or PMI_*), and srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master = first host of the job).
+OMPI_COMM_WORLD_* or PMI_*), and srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master = first job host).
 Precedence is torchrun-style env > MPI > Slurm; two sources that both describe this process must agree.
 """
 
@@ -37,9 +37,14 @@ class DistEnv:
     def export(self, environ: dict | None = None) -> None:
         """Write the resolved values back as the env:// variables torch.distributed and DeepSpeed read."""
         env = os.environ if environ is None else environ
-        env.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
-                   LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
-                   MASTER_PORT=str(self.master_port))
+        env.update(
+            RANK=str(self.rank),
+            LOCAL_RANK=str(self.local_rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
 
 
 def _int(env: Mapping[str, str], key: str, source: str) -> int:
@@ -72,8 +77,13 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def slurm_hosts(nodelist: str) -> list[str]:
     """Hostnames of a Slurm nodelist, via `scontrol show hostnames` when available."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
         if out:
             return out
     except (OSError, subprocess.SubprocessError):
@@ -88,29 +98,44 @@ def _from_torchrun(env: Mapping[str, str]) -> DistEnv | None:
         return None
     if len(present) != len(keys):
         missing = [k for k in keys if k not in env]
-        raise LaunchEnvError(f"torchrun-style env: {present} set but {missing} missing; "
-                             "set all of RANK, WORLD_SIZE (and LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or none")
+        raise LaunchEnvError(
+            f"torchrun-style env: {present} set but {missing} missing; "
+            "set all of RANK, WORLD_SIZE (and LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or none"
+        )
     world = _int(env, "WORLD_SIZE", "torchrun-style env")
-    return DistEnv(rank=_int(env, "RANK", "torchrun-style env"),
-                   local_rank=_int(env, "LOCAL_RANK", "torchrun-style env") if "LOCAL_RANK" in env else 0,
-                   world_size=world,
-                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
-                   master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                   master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)), source="torchrun")
+    return DistEnv(
+        rank=_int(env, "RANK", "torchrun-style env"),
+        local_rank=_int(env, "LOCAL_RANK", "torchrun-style env") if "LOCAL_RANK" in env else 0,
+        world_size=world,
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
+        source="torchrun",
+    )
 
 
 def _from_mpi(env: Mapping[str, str]) -> DistEnv | None:
     for prefix, rank_k, size_k, local_k, lsize_k in (
-        ("OMPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-         "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        (
+            "OMPI",
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "OMPI_COMM_WORLD_LOCAL_SIZE",
+        ),
         ("PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ):
         if rank_k in env and size_k in env:
             world = _int(env, size_k, prefix)
-            return DistEnv(rank=_int(env, rank_k, prefix), local_rank=int(env.get(local_k, 0)),
-                           world_size=world, local_world_size=int(env.get(lsize_k, world)),
-                           master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                           master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)), source="mpi")
+            return DistEnv(
+                rank=_int(env, rank_k, prefix),
+                local_rank=int(env.get(local_k, 0)),
+                world_size=world,
+                local_world_size=int(env.get(lsize_k, world)),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
+                source="mpi",
+            )
     return None
 
 
@@ -124,9 +149,15 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv | None:
     port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else job_port(job)
     tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", str(world))
     local_world = int(re.match(r"\d+", tasks_per_node).group()) if re.match(r"\d+", tasks_per_node) else world
-    return DistEnv(rank=_int(env, "SLURM_PROCID", "slurm"), local_rank=int(env.get("SLURM_LOCALID", 0)),
-                   world_size=world, local_world_size=local_world, master_addr=addr, master_port=port,
-                   source="slurm")
+    return DistEnv(
+        rank=_int(env, "SLURM_PROCID", "slurm"),
+        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        world_size=world,
+        local_world_size=local_world,
+        master_addr=addr,
+        master_port=port,
+        source="slurm",
+    )
 
 
 def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -134,8 +165,15 @@ def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     found = [d for d in (_from_torchrun(env), _from_mpi(env), _from_slurm(env)) if d is not None]
     if not found:
-        return DistEnv(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"),
-                       int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
+        return DistEnv(
+            0,
+            0,
+            1,
+            1,
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            "single",
+        )
     chosen = found[0]
     for other in found[1:]:
         # srun running one torchrun per node legitimately differs (fewer Slurm tasks than ranks); an srun with
@@ -144,7 +182,8 @@ def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             raise LaunchEnvError(
                 f"launchers disagree: {chosen.source} says rank {chosen.rank}/{chosen.world_size} but "
                 f"{other.source} says rank {other.rank}/{other.world_size}; unset the stale variables "
-                "(e.g. RANK/WORLD_SIZE exported in a batch script) or launch with one launcher only")
+                "(e.g. RANK/WORLD_SIZE exported in a batch script) or launch with one launcher only"
+            )
     if not 0 <= chosen.rank < chosen.world_size:
         raise LaunchEnvError(f"{chosen.source}: rank {chosen.rank} is outside world size {chosen.world_size}")
     return chosen

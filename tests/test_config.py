@@ -99,11 +99,15 @@ def test_shipped_configs_parse():
 
 
 def test_deepspeed_json_follows_config(tmp_path, shard_dir):
-    cfg = load_config(write(tmp_path, base(shard_dir)),
-                      ["schedule.global_batch_size=256", "schedule.grad_accumulation=2", "deepspeed.zero_stage=2"])
+    cfg = load_config(
+        write(tmp_path, base(shard_dir)),
+        ["schedule.global_batch_size=256", "schedule.grad_accumulation=2", "deepspeed.zero_stage=2"],
+    )
     ds = deepspeed_json(cfg, world_size=4, precision="bf16")
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
     assert ds["torch_autocast"]["enabled"] and "fp16" not in ds
-    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 4 * ds["gradient_accumulation_steps"]
+    assert (
+        ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 4 * ds["gradient_accumulation_steps"]
+    )
     assert "torch_autocast" not in deepspeed_json(cfg, 4, "fp32")

@@ -13,8 +13,14 @@ def test_single_process_without_launcher():
 
 
 def test_torchrun_and_deepspeed_launcher():
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "node0", "MASTER_PORT": "1234"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "1234",
+    }
     d = resolve_dist_env(env)
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (3, 4, 1, 2)
     assert (d.master_addr, d.master_port, d.source) == ("node0", 1234, "torchrun")
@@ -26,33 +32,61 @@ def test_partial_torchrun_env_is_an_error():
 
 
 def test_openmpi():
-    env = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "99"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "99",
+    }
     d = resolve_dist_env(env)
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.source) == (5, 8, 1, 4, "mpi")
 
 
 def test_srun_task_per_rank():
-    env = {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_STEP_ID": "0",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+    env = {
+        "SLURM_PROCID": "6",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "2",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+    }
     d = resolve_dist_env(env)
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.source) == (6, 8, 2, 4, "slurm")
     assert d.master_addr == "gpu07" and d.master_port == 20000 + 4242
 
 
 def test_batch_shell_is_not_a_rank():
-    assert resolve_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).source == "single"
+    assert (
+        resolve_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).source == "single"
+    )
 
 
 def test_torchrun_inside_srun_per_node_is_fine():
-    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
-           "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n[1-2]"}
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
     assert resolve_dist_env(env).rank == 5
 
 
 def test_disagreeing_launchers_are_an_error():
-    env = {"RANK": "0", "WORLD_SIZE": "4", "SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0",
-           "SLURM_JOB_NODELIST": "n1"}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "4",
+        "SLURM_PROCID": "2",
+        "SLURM_NTASKS": "4",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": "n1",
+    }
     with pytest.raises(LaunchEnvError, match="launchers disagree"):
         resolve_dist_env(env)
 

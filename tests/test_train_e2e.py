@@ -1,4 +1,4 @@
-"""End to end: `facescale train` under torchrun with 2 CPU ranks writes TensorBoard scalars and a checkpoint."""
+"""End to end: `facescale train` under torchrun on 2 CPU ranks writes TensorBoard scalars and a checkpoint."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ import pytest
 
 from launcher.ports import free_port
 
-REQUIRED_SCALARS = {"train/loss", "train/lr", "perf/samples_per_s", "perf/step_ms", "perf/data_wait_ms",
-                    "perf/max_memory_mb", "train/grad_norm", "eval/verify/accuracy"}
+REQUIRED_SCALARS = {
+    "train/loss",
+    "train/lr",
+    "perf/samples_per_s",
+    "perf/step_ms",
+    "perf/data_wait_ms",
+    "perf/max_memory_mb",
+    "train/grad_norm",
+    "eval/verify/accuracy",
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +34,37 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def _train(shards: Path, run_dir: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-           f"--master_port={free_port()}", "-m", "facescale", "train", "--config", "configs/synthetic.yaml",
-           "--set", f"data.shards={shards}", "--set", f"eval.bins=[{shards / 'verify.bin'}]",
-           "--set", f"logging.run_dir={run_dir}", "--set", "schedule.steps=4", "--set", "schedule.warmup_steps=1",
-           "--set", "schedule.global_batch_size=16", "--set", "logging.every_steps=2",
-           "--set", "eval.every_steps=0", "--set", "checkpoint.every_steps=2", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        f"--master_port={free_port()}",
+        "-m",
+        "facescale",
+        "train",
+        "--config",
+        "configs/synthetic.yaml",
+        "--set",
+        f"data.shards={shards}",
+        "--set",
+        f"eval.bins=[{shards / 'verify.bin'}]",
+        "--set",
+        f"logging.run_dir={run_dir}",
+        "--set",
+        "schedule.steps=4",
+        "--set",
+        "schedule.warmup_steps=1",
+        "--set",
+        "schedule.global_batch_size=16",
+        "--set",
+        "logging.every_steps=2",
+        "--set",
+        "eval.every_steps=0",
+        "--set",
+        "checkpoint.every_steps=2",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -55,7 +88,9 @@ def test_two_rank_training_writes_events_and_checkpoint(tiny_shards, tmp_path):
     step_dir = run_dir / "checkpoints" / latest
     assert latest == "step_00000004" and (step_dir / "COMPLETE").is_file()
     assert sorted(p.name for p in (step_dir / "head").iterdir()) == [
-        "shard-00000-of-00002.pt", "shard-00001-of-00002.pt"]
+        "shard-00000-of-00002.pt",
+        "shard-00001-of-00002.pt",
+    ]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 4 and 0.0 <= result["eval"]["verify"]["accuracy"] <= 1.0
     assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed.json").is_file()

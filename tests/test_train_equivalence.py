@@ -41,16 +41,23 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
     images = torch.randn(GLOBAL_BATCH, 3, 112, 112)
     labels = torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,))
     per = GLOBAL_BATCH // world
-    batch = (images[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per])
+    batch = (images[rank * per : (rank + 1) * per], labels[rank * per : (rank + 1) * per])
     torch.manual_seed(1)
     backbone = build_backbone(cfg.model)
-    engine, *_ = deepspeed.initialize(model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()),
-                                      config=deepspeed_json(cfg, world, "fp32"))
+    engine, *_ = deepspeed.initialize(
+        model=backbone,
+        optimizer=build_backbone_optimizer(cfg, backbone.parameters()),
+        config=deepspeed_json(cfg, world, "fp32"),
+    )
     head = build_head(cfg.head, NUM_CLASSES, EMB, seed=3)
     out = train_step(engine, head, iter([batch]), 0, 0.1, 0.1, world, 1, lambda: 0.0)
     state = head.state_dict()
-    return {"loss": out.loss, "backbone": consolidated_backbone_state(engine),
-            "centers": state["centers"].float().clone(), "start": int(state["meta"]["start"])}
+    return {
+        "loss": out.loss,
+        "backbone": consolidated_backbone_state(engine),
+        "centers": state["centers"].float().clone(),
+        "start": int(state["meta"]["start"]),
+    }
 
 
 def _all_stages(rank: int, world: int) -> list[dict]:
@@ -65,8 +72,13 @@ def test_w2_step_equals_w1_step_for_every_zero_stage():
         ref, parts = single[i], [r[i] for r in double]
         assert parts[0]["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"stage {stage} loss"
         for name, value in ref["backbone"].items():
-            torch.testing.assert_close(parts[0]["backbone"][name], value, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, n=name, s=stage: f"stage {s} {n}: {m}")
+            torch.testing.assert_close(
+                parts[0]["backbone"][name],
+                value,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, n=name, s=stage: f"stage {s} {n}: {m}",
+            )
         merged = torch.cat([p["centers"] for p in sorted(parts, key=lambda p: p["start"])])
         torch.testing.assert_close(merged, ref["centers"], rtol=1e-4, atol=1e-6)
         # the step really changed something (guards against a test that cannot fail)

@@ -38,8 +38,12 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -60,9 +64,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / "latest").is_file():
         p = p / (p / "latest").read_text().strip()
     if not (p / COMPLETE).is_file():
-        missing = [n for n in ("backbone", "backbone.pt", "head", "trainer.json", COMPLETE) if not (p / n).exists()]
-        raise CheckpointError(f"checkpoint '{p}' is incomplete (missing: {', '.join(missing)}); it was "
-                              "interrupted while saving. Use an earlier step directory or checkpoints/latest")
+        missing = [
+            n for n in ("backbone", "backbone.pt", "head", "trainer.json", COMPLETE) if not (p / n).exists()
+        ]
+        raise CheckpointError(
+            f"checkpoint '{p}' is incomplete (missing: {', '.join(missing)}); it was "
+            "interrupted while saving. Use an earlier step directory or checkpoints/latest"
+        )
     return p
 
 
@@ -89,12 +97,16 @@ class CheckpointManager:
                 (step_dir / sub).mkdir(parents=True, exist_ok=True)
         _barrier()
         engine.save_checkpoint(str(step_dir), tag="backbone", save_latest=False)
-        atomic_torch_save(head.state_dict(), step_dir / "head" / f"shard-{self.rank:05d}-of-{self.world_size:05d}.pt")
+        atomic_torch_save(
+            head.state_dict(), step_dir / "head" / f"shard-{self.rank:05d}-of-{self.world_size:05d}.pt"
+        )
         atomic_torch_save(rng_state(), step_dir / "state" / f"rank-{self.rank:05d}.pt")
         weights = consolidated_backbone_state(engine)
         if self.rank == 0:
             atomic_torch_save(weights, step_dir / "backbone.pt")
-            atomic_write_text(step_dir / "trainer.json", json.dumps({**trainer_state, "world_size": self.world_size}))
+            atomic_write_text(
+                step_dir / "trainer.json", json.dumps({**trainer_state, "world_size": self.world_size})
+            )
             atomic_write_text(step_dir / "config.yaml", config_yaml)
         _barrier()
         if self.rank == 0:
@@ -115,15 +127,20 @@ class CheckpointManager:
         trainer = json.loads((step_dir / "trainer.json").read_text())
         saved_world = trainer.get("world_size")
         if saved_world != self.world_size:
-            raise CheckpointError(f"checkpoint '{step_dir}' was saved by {saved_world} ranks, this run has "
-                                  f"{self.world_size}; reshard it first with `facescale reshard`")
-        loaded, _ = engine.load_checkpoint(str(step_dir), tag="backbone", load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+            raise CheckpointError(
+                f"checkpoint '{step_dir}' was saved by {saved_world} ranks, this run has "
+                f"{self.world_size}; reshard it first with `facescale reshard`"
+            )
+        loaded, _ = engine.load_checkpoint(
+            str(step_dir), tag="backbone", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load '{step_dir / 'backbone'}'")
         shard = step_dir / "head" / f"shard-{self.rank:05d}-of-{self.world_size:05d}.pt"
         if not shard.is_file():
-            raise CheckpointError(f"checkpoint '{step_dir}' has no head shard for rank {self.rank} ({shard.name})")
+            raise CheckpointError(
+                f"checkpoint '{step_dir}' has no head shard for rank {self.rank} ({shard.name})"
+            )
         head.load_state_dict(torch.load(shard, map_location="cpu", weights_only=False))
         rank_state = step_dir / "state" / f"rank-{self.rank:05d}.pt"
         if rank_state.is_file():
@@ -141,13 +158,15 @@ def consolidated_backbone_state(engine) -> dict[str, torch.Tensor] | None:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     else:
-        state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                 for k, v in module.state_dict().items()}
+        state = {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in module.state_dict().items()
+        }
     return state if rank == 0 else None
 
 
 def load_backbone(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    """Build the backbone of a saved run in eval mode with its consolidated weights; returns (model, config)."""
+    """Build a saved run's backbone in eval mode with its consolidated weights; returns (model, config)."""
     from facescale.config.load import load_config_text
     from facescale.models.registry import build_backbone
 

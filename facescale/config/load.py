@@ -1,4 +1,4 @@
-"""Load a `Config` from YAML plus `--set section.key=value` overrides, with errors that say how to fix them."""
+"""Load a `Config` from YAML plus `--set section.key=value` overrides; errors say how to fix them."""
 
 from __future__ import annotations
 
@@ -113,6 +113,7 @@ def _apply_override(tree: dict, override: str, source: str) -> None:
 
 def config_to_dict(cfg: Any) -> dict:
     """Plain nested dict of a config (tuples become lists), ready for YAML/JSON."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
@@ -121,11 +122,13 @@ def config_to_dict(cfg: Any) -> dict:
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
+
     return plain(dataclasses.asdict(cfg))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
-                base_dir: str | Path | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None
+) -> Config:
     """Read YAML at `path` (None = defaults), apply overrides, validate; raise ConfigError on any problem.
 
     Relative data paths are resolved against `base_dir` (default: the current directory).
@@ -135,7 +138,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"{p}: config file not found (configs live in configs/, e.g. configs/synthetic.yaml)")
+            raise ConfigError(
+                f"{p}: config file not found (configs live in configs/, e.g. configs/synthetic.yaml)"
+            )
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -121,6 +121,14 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    """Process-group timeouts: long for start-up and checkpoint loading, shorter once training runs."""
+
+    init_timeout_s: float = 1800.0
+    timeout_s: float = 600.0  # a dead or hung rank ends the job within this
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -133,3 +141,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)

@@ -44,33 +44,58 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     from facescale.models.registry import list_backbones
 
     names = list_backbones()
-    _check(cfg.model.name in names, source, "model.name",
-           f"unknown backbone '{cfg.model.name}';{_suggest(cfg.model.name, names)}")
+    _check(
+        cfg.model.name in names,
+        source,
+        "model.name",
+        f"unknown backbone '{cfg.model.name}';{_suggest(cfg.model.name, names)}",
+    )
     _check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
     _check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
 
     shards = Path(cfg.data.shards) if cfg.data.shards else None
-    _check(shards is not None, source, "data.shards",
-           "no shard directory set; make one with `facescale synth --out DIR` or `facescale convert`, "
-           "then pass --set data.shards=DIR")
-    _check(shards.is_dir(), source, "data.shards",
-           f"directory '{shards}' does not exist; create it with `facescale synth --out {shards}` "
-           "or point data.shards at your converted shards")
-    _check((shards / "manifest.json").is_file(), source, "data.shards",
-           f"'{shards}' has no manifest.json; it is not a facescale shard directory "
-           "(write shards with `facescale synth` or `facescale convert`)")
+    _check(
+        shards is not None,
+        source,
+        "data.shards",
+        "no shard directory set; make one with `facescale synth --out DIR` or `facescale convert`, "
+        "then pass --set data.shards=DIR",
+    )
+    _check(
+        shards.is_dir(),
+        source,
+        "data.shards",
+        f"directory '{shards}' does not exist; create it with `facescale synth --out {shards}` "
+        "or point data.shards at your converted shards",
+    )
+    _check(
+        (shards / "manifest.json").is_file(),
+        source,
+        "data.shards",
+        f"'{shards}' has no manifest.json; it is not a facescale shard directory "
+        "(write shards with `facescale synth` or `facescale convert`)",
+    )
     _check(cfg.data.image_size > 0, source, "data.image_size", "must be > 0")
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     _check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
     _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, source, "data.max_skip_fraction", "must be in [0, 1]")
 
     head = cfg.head
-    _check(0.0 <= head.sample_rate <= 1.0, source, "head.sample_rate",
-           f"{head.sample_rate} is outside [0, 1] (1.0 = all centers, 0.1 = Partial FC at 10%, 0 = positives only)")
+    _check(
+        0.0 <= head.sample_rate <= 1.0,
+        source,
+        "head.sample_rate",
+        f"{head.sample_rate} is outside [0, 1] "
+        "(1.0 = all centers, 0.1 = Partial FC at 10%, 0 = positives only)",
+    )
     _check(head.margin.s > 0, source, "head.margin.s", "scale must be > 0 (64 is usual)")
     _check(head.margin.m1 > 0, source, "head.margin.m1", "must be > 0 (1.0 = no multiplicative margin)")
-    _check(0.0 <= head.margin.interclass_filtering_threshold < 1.0, source,
-           "head.margin.interclass_filtering_threshold", "must be in [0, 1) (0 disables filtering)")
+    _check(
+        0.0 <= head.margin.interclass_filtering_threshold < 1.0,
+        source,
+        "head.margin.interclass_filtering_threshold",
+        "must be in [0, 1) (0 disables filtering)",
+    )
     _check(0.0 <= head.momentum < 1.0, source, "head.momentum", "must be in [0, 1)")
     _check(head.weight_decay >= 0, source, "head.weight_decay", "must be >= 0")
     _check(head.lr_scale > 0, source, "head.lr_scale", "must be > 0")
@@ -82,25 +107,42 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
 
     sch = cfg.schedule
     _check(sch.steps > 0, source, "schedule.steps", "must be > 0")
-    _check(0 <= sch.warmup_steps < sch.steps, source, "schedule.warmup_steps",
-           f"{sch.warmup_steps} must be >= 0 and smaller than schedule.steps ({sch.steps})")
+    _check(
+        0 <= sch.warmup_steps < sch.steps,
+        source,
+        "schedule.warmup_steps",
+        f"{sch.warmup_steps} must be >= 0 and smaller than schedule.steps ({sch.steps})",
+    )
     _check(sch.power > 0, source, "schedule.power", "must be > 0")
     _check(sch.grad_accumulation >= 1, source, "schedule.grad_accumulation", "must be >= 1")
     _check(sch.global_batch_size > 0, source, "schedule.global_batch_size", "must be > 0")
     if world_size is not None:
         per_step = world_size * sch.grad_accumulation
-        _check(sch.global_batch_size % per_step == 0, source, "schedule.global_batch_size",
-               f"{sch.global_batch_size} is not divisible by world size {world_size} x grad_accumulation "
-               f"{sch.grad_accumulation}; use a multiple of {per_step}, e.g. "
-               f"{max(per_step, sch.global_batch_size // per_step * per_step)}")
+        _check(
+            sch.global_batch_size % per_step == 0,
+            source,
+            "schedule.global_batch_size",
+            f"{sch.global_batch_size} is not divisible by world size {world_size} x grad_accumulation "
+            f"{sch.grad_accumulation}; use a multiple of {per_step}, e.g. "
+            f"{max(per_step, sch.global_batch_size // per_step * per_step)}",
+        )
 
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.checkpoint.keep_last >= 1, source, "checkpoint.keep_last", "must be >= 1")
-    _check(cfg.checkpoint.every_steps >= 0, source, "checkpoint.every_steps", "must be >= 0 (0 = only at the end)")
+    _check(
+        cfg.checkpoint.every_steps >= 0,
+        source,
+        "checkpoint.every_steps",
+        "must be >= 0 (0 = only at the end)",
+    )
     _check(cfg.logging.every_steps >= 1, source, "logging.every_steps", "must be >= 1")
     _check(bool(cfg.logging.run_dir), source, "logging.run_dir", "must be set")
     for i, b in enumerate(cfg.eval.bins):
-        _check(Path(b).is_file(), source, f"eval.bins[{i}]",
-               f"verification set '{b}' not found (make one with `facescale synth` or `facescale make-bin`)")
+        _check(
+            Path(b).is_file(),
+            source,
+            f"eval.bins[{i}]",
+            f"verification set '{b}' not found (make one with `facescale synth` or `facescale make-bin`)",
+        )
     _check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
     _check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")

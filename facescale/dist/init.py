@@ -21,8 +21,13 @@ def init_distributed(env: DistEnv, runtime: Runtime, timeout_s: float = 1800.0) 
     if env.source == "single":
         env = DistEnv(0, 0, 1, 1, "127.0.0.1", free_port(), "single")
     env.export()
-    dist.init_process_group(backend=runtime.backend, init_method="env://", rank=env.rank,
-                            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=runtime.backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def shutdown_distributed() -> None:

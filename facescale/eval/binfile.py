@@ -1,8 +1,8 @@
 """insightface verification `.bin` files: a pickle of (list of encoded images, list of is-same flags).
 
 Images are in pair order: pair i is images (2*i, 2*i+1). Reading uses a restricted unpickler that only
-accepts plain containers, bytes and bools (plus numpy bool scalars, which some converters write), so a
-hostile file cannot run code.
+accepts plain containers, bytes and bools (plus numpy scalars/arrays and `_codecs.encode`, which real files
+written by other tools contain), so a hostile file cannot run code.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _NUMPY_GLOBALS = {
     ("numpy", "dtype"), ("numpy", "bool_"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
 }
 
 

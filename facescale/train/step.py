@@ -25,8 +25,17 @@ class StepResult:
     head_stats: dict = field(default_factory=dict)
 
 
-def train_step(engine, head, batches: Iterator, step: int, lr_backbone: float, lr_head: float,
-               world_size: int, grad_accumulation: int, clock) -> StepResult:
+def train_step(
+    engine,
+    head,
+    batches: Iterator,
+    step: int,
+    lr_backbone: float,
+    lr_head: float,
+    world_size: int,
+    grad_accumulation: int,
+    clock,
+) -> StepResult:
     """Run `grad_accumulation` micro-steps and one optimizer step of backbone and head."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_backbone
@@ -49,5 +58,6 @@ def train_step(engine, head, batches: Iterator, step: int, lr_backbone: float, l
     head.optimizer_step(lr_head)
     norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
     norm = float(norm) if norm is not None else None
-    return StepResult(loss=float(loss_sum) / grad_accumulation, data_wait_s=wait, grad_norm=norm,
-                      head_stats=stats)
+    return StepResult(
+        loss=float(loss_sum) / grad_accumulation, data_wait_s=wait, grad_norm=norm, head_stats=stats
+    )

@@ -19,6 +19,7 @@ from facescale.runtime import Runtime
 from facescale.train.schedule import lr_at
 from facescale.train.step import train_step
 from launcher.env import DistEnv
+from launcher.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 
 
 @dataclass
@@ -59,17 +60,25 @@ class Trainer:
         backbone = build_backbone(cfg.model)
         ds_config = deepspeed_json(cfg, env.world_size, runtime.precision)
         self.engine, *_ = deepspeed.initialize(
-            model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()), config=ds_config)
+            model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()), config=ds_config
+        )
 
-        self.head = build_head(cfg.head, self.manifest.num_classes, cfg.model.embedding_size,
-                               seed=cfg.schedule.seed).to(runtime.device)
+        self.head = build_head(
+            cfg.head, self.manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed
+        ).to(runtime.device)
         self.micro_batch = micro_batch_size(cfg, env.world_size)
-        self.loader = build_train_loader(cfg.data, rank=env.rank, world_size=env.world_size,
-                                         batch_size=self.micro_batch, seed=cfg.schedule.seed,
-                                         device=runtime.device)
+        self.loader = build_train_loader(
+            cfg.data,
+            rank=env.rank,
+            world_size=env.world_size,
+            batch_size=self.micro_batch,
+            seed=cfg.schedule.seed,
+            device=runtime.device,
+        )
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard)
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
         self.step = 0
+        self.preemption = PreemptionFlag.install()
         if env.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
@@ -92,7 +101,7 @@ class Trainer:
             yield from self.loader
 
     def _eval_model(self) -> torch.nn.Module:
-        """The backbone for extraction; under ZeRO-3 a gathered plain copy, so ranks may run unequal batches."""
+        """The backbone for extraction; under ZeRO-3 a gathered plain copy (ranks may run unequal batches)."""
         if self.engine.zero_optimization_stage() != 3:
             return self.engine.module
         import deepspeed
@@ -114,22 +123,40 @@ class Trainer:
         was_training = model.training
         model.eval()
         for path in self.cfg.eval.bins:
-            res = evaluate_bin(model, path, batch_size=self.cfg.eval.batch_size, device=self.runtime.device,
-                               rank=self.env.rank, world_size=self.env.world_size,
-                               image_size=self.cfg.data.image_size, progress=False)
+            res = evaluate_bin(
+                model,
+                path,
+                batch_size=self.cfg.eval.batch_size,
+                device=self.runtime.device,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                image_size=self.cfg.data.image_size,
+                progress=False,
+            )
             name = res["name"]
             results[name] = res
-            self.metrics.scalars(self.step, {f"eval/{name}/{k}": v for k, v in res.items()
-                                             if isinstance(v, float | int) and not isinstance(v, bool)})
-            self.metrics.console(f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} "
-                                 f"± {res['accuracy_std']:.4f} (raw-pixel baseline "
-                                 f"{res.get('pixel_accuracy', float('nan')):.4f}, {res['num_pairs']} pairs)")
+            self.metrics.scalars(
+                self.step,
+                {
+                    f"eval/{name}/{k}": v
+                    for k, v in res.items()
+                    if isinstance(v, float | int) and not isinstance(v, bool)
+                },
+            )
+            self.metrics.console(
+                f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} "
+                f"± {res['accuracy_std']:.4f} (raw-pixel baseline "
+                f"{res.get('pixel_accuracy', float('nan')):.4f}, {res['num_pairs']} pairs)"
+            )
         model.train(was_training)
         return results
 
     def save(self) -> None:
-        state = {"step": self.step, "epoch": self.step // max(1, self.loader.steps_per_epoch),
-                 "seed": self.cfg.schedule.seed}
+        state = {
+            "step": self.step,
+            "epoch": self.step // max(1, self.loader.steps_per_epoch),
+            "seed": self.cfg.schedule.seed,
+        }
         self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg))
 
     def train(self) -> TrainResult:
@@ -141,8 +168,17 @@ class Trainer:
         while self.step < sch.steps:
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim.lr, sch)
-            out = train_step(self.engine, self.head, batches, self.step, lr, lr * cfg.head.lr_scale,
-                             self.env.world_size, sch.grad_accumulation, time.perf_counter)
+            out = train_step(
+                self.engine,
+                self.head,
+                batches,
+                self.step,
+                lr,
+                lr * cfg.head.lr_scale,
+                self.env.world_size,
+                sch.grad_accumulation,
+                time.perf_counter,
+            )
             self.step += 1
             loss = out.loss
             step_time += time.perf_counter() - t0
@@ -151,29 +187,51 @@ class Trainer:
             if self.step % log_every == 0 or self.step == sch.steps:
                 elapsed = time.perf_counter() - t_window
                 n = log_every if self.step % log_every == 0 else self.step % log_every
-                scalars = {"train/loss": loss, "train/lr": lr, "perf/samples_per_s": samples / elapsed,
-                           "perf/step_ms": 1000 * step_time / n, "perf/data_wait_ms": 1000 * data_wait / n,
-                           "perf/max_memory_mb": peak_memory_mb(self.runtime.device),
-                           "train/grad_norm": out.grad_norm}
+                scalars = {
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "perf/samples_per_s": samples / elapsed,
+                    "perf/step_ms": 1000 * step_time / n,
+                    "perf/data_wait_ms": 1000 * data_wait / n,
+                    "perf/max_memory_mb": peak_memory_mb(self.runtime.device),
+                    "train/grad_norm": out.grad_norm,
+                }
                 scalars.update({f"head/{k}": float(v) for k, v in out.head_stats.items()})
                 self.metrics.scalars(self.step, scalars)
                 self.metrics.console(
                     f"[train] step {self.step}/{sch.steps} loss {loss:.4f} lr {lr:.4g} "
                     f"{samples / elapsed:.0f} img/s step {1000 * step_time / n:.0f} ms "
-                    f"data-wait {1000 * data_wait / n:.0f} ms")
+                    f"data-wait {1000 * data_wait / n:.0f} ms"
+                )
                 samples, step_time, data_wait, t_window = 0, 0.0, 0.0, time.perf_counter()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < sch.steps:
                 self.evaluate()
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
-                    and self.step < sch.steps:
+            if (
+                cfg.checkpoint.every_steps
+                and self.step % cfg.checkpoint.every_steps == 0
+                and self.step < sch.steps
+            ):
                 self.save()
+            if self.preemption.should_stop(self.runtime.device) and self.step < sch.steps:
+                self.metrics.console(
+                    f"[facescale] preempted at step {self.step}: saving and exiting "
+                    f"with code {REQUEUE_EXIT_CODE} for requeue"
+                )
+                self.save()
+                self.metrics.close()
+                raise SystemExit(REQUEUE_EXIT_CODE)
         train_time = time.perf_counter() - t_start
         throughput = (self.step - start_step) * sch.global_batch_size / max(train_time, 1e-9)
         self.save()
         if cfg.eval.bins:
             eval_results = self.evaluate()
-        result = TrainResult(steps=self.step, final_loss=loss, samples_per_s=throughput, eval=eval_results,
-                             run_dir=str(self.run_dir))
+        result = TrainResult(
+            steps=self.step,
+            final_loss=loss,
+            samples_per_s=throughput,
+            eval=eval_results,
+            run_dir=str(self.run_dir),
+        )
         if self.env.rank == 0:
             (self.run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
         self.metrics.close()

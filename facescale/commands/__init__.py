@@ -1,0 +1,1 @@
+"""Subcommands of the `facescale` CLI; each module exposes `register(subparsers)`."""

@@ -1,0 +1,92 @@
+"""`facescale eval verify|ijb`, `facescale make-bin`, `facescale export onnx`: judge and ship a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import torch
+
+    from facescale.checkpoint import load_backbone
+    from facescale.eval.extract import evaluate_bin
+
+    model, cfg = load_backbone(args.checkpoint)
+    for path in args.bin:
+        res = evaluate_bin(
+            model,
+            path,
+            batch_size=args.batch_size,
+            device=torch.device("cpu"),
+            image_size=cfg.data.image_size,
+        )
+        print(json.dumps({"bin": path, **res}, default=str))
+    return 0
+
+
+def _ijb(args: argparse.Namespace) -> int:
+    import torch
+
+    from facescale.checkpoint import load_backbone
+    from facescale.eval.ijb import evaluate_ijb
+
+    model, cfg = load_backbone(args.checkpoint)
+    res = evaluate_ijb(
+        model,
+        args.meta,
+        name=args.name,
+        batch_size=args.batch_size,
+        device=torch.device("cpu"),
+        image_size=cfg.data.image_size,
+    )
+    print(json.dumps({k: v for k, v in res.items() if k not in ("scores", "labels")}, default=str))
+    return 0
+
+
+def _make_bin(args: argparse.Namespace) -> int:
+    from facescale.eval.make_bin import make_bin
+
+    n = make_bin(args.root, args.pairs, args.out, image_size=args.image_size)
+    print(f"[make-bin] wrote {n} pairs to {args.out}")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from facescale.checkpoint import load_backbone
+    from facescale.eval.onnx_export import export_onnx
+
+    model, cfg = load_backbone(args.checkpoint)
+    res = export_onnx(model, args.out, image_size=cfg.data.image_size)
+    print(f"[export] wrote {res['path']} (max abs diff vs torch {res['max_abs_diff']:.2e})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    v = esub.add_parser("verify", help="10-fold verification on insightface .bin sets")
+    v.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
+    v.add_argument("--bin", nargs="+", required=True)
+    v.add_argument("--batch-size", type=int, default=64)
+    v.set_defaults(func=_verify)
+    j = esub.add_parser("ijb", help="IJB-B/C style 1:1 template verification")
+    j.add_argument("--checkpoint", required=True)
+    j.add_argument("--meta", required=True, help="directory with the IJB meta files and images")
+    j.add_argument("--name", default="ijbc")
+    j.add_argument("--batch-size", type=int, default=128)
+    j.set_defaults(func=_ijb)
+
+    m = sub.add_parser("make-bin", help="build an insightface .bin verification set from image folders")
+    m.add_argument("--root", required=True)
+    m.add_argument("--pairs", required=True, help="pairs file in LFW pairs.txt format")
+    m.add_argument("--out", required=True)
+    m.add_argument("--image-size", type=int, default=112)
+    m.set_defaults(func=_make_bin)
+
+    x = sub.add_parser("export", help="export a checkpoint")
+    xsub = x.add_subparsers(dest="export_command", required=True)
+    o = xsub.add_parser("onnx", help="ONNX with a dynamic batch axis, checked against torch")
+    o.add_argument("--checkpoint", required=True)
+    o.add_argument("--out", required=True)
+    o.set_defaults(func=_export_onnx)

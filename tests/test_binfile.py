@@ -1,0 +1,69 @@
+"""insightface `.bin` files: round trip, foreign layouts, refusing malformed or hostile files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from facescale.eval.binfile import read_bin, write_bin
+
+
+def test_round_trip_keeps_pair_order_and_flags(tmp_path):
+    images = [bytes([i]) * (i + 1) for i in range(6)]
+    path = write_bin(tmp_path / "v.bin", images, [True, False, True])
+    loaded = read_bin(path)
+    assert loaded.images == images and loaded.issame == [True, False, True]
+    got_images, got_issame = loaded  # unpacks like insightface's (bins, issame_list)
+    assert got_images[3] == images[3] and got_issame[1] is False
+
+
+def test_reads_insightface_style_pickle_with_numpy_flags(tmp_path):
+    path = tmp_path / "lfw.bin"
+    with open(path, "wb") as handle:  # tuple container, numpy bools, a uint8 buffer as one image
+        pickle.dump(((b"a", b"b", np.frombuffer(b"cd", np.uint8), b"e"), [np.bool_(True), np.bool_(False)]),
+                    handle, protocol=2)
+    images, issame = read_bin(path)
+    assert images == [b"a", b"b", b"cd", b"e"] and issame == [True, False]
+
+
+def test_write_refuses_unpaired_images(tmp_path):
+    with pytest.raises(ValueError, match="2 images per pair"):
+        write_bin(tmp_path / "v.bin", [b"a", b"b", b"c"], [True])
+
+
+@pytest.mark.parametrize("content, message", [
+    (([b"a", b"b", b"c"], [True]), "3 images for 1 pairs"),
+    (([], []), "at least one pair"),
+    ({"images": []}, "expected a pickled"),
+    (([b"a", 5], [True]), "image 1 is a int"),
+])
+def test_malformed_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps(content))
+    with pytest.raises(ValueError, match=message) as info:
+        read_bin(path)
+    assert str(path) in str(info.value)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_hostile_pickle_is_refused_without_running_code(tmp_path):
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps(([_Exploit(), b"x"], [True])))
+    with pytest.raises(ValueError, match="refusing to load"):
+        read_bin(path)
+
+
+def test_missing_and_truncated_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_bin(tmp_path / "none.bin")
+    truncated = tmp_path / "cut.bin"
+    truncated.write_bytes(pickle.dumps(([b"a", b"b"], [True]))[:10])
+    with pytest.raises(ValueError, match="cut.bin"):
+        read_bin(truncated)
