@@ -1,4 +1,4 @@
-"""One full training step (backbone in DeepSpeed + model-parallel head) on W=2 equals W=1 on the same batch."""
+"""One full training step (DeepSpeed backbone + model-parallel head): W=2 equals W=1 on the same batch."""
 
 from __future__ import annotations
 
