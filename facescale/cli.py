@@ -8,7 +8,7 @@ import sys
 
 from facescale.config.load import ConfigError
 
-COMMAND_MODULES = ("train", "synth", "eval")
+COMMAND_MODULES = ("train", "synth", "eval", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -175,6 +175,10 @@ def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             "single",
         )
     chosen = found[0]
+    if "TORCHELASTIC_RUN_ID" in env:
+        # torchrun's agent set RANK/WORLD_SIZE; Slurm/MPI variables then describe the agents (one task per
+        # node), and rendezvous order need not follow SLURM_PROCID, so they are not rank information.
+        found = found[:1]
     for other in found[1:]:
         # srun running one torchrun per node legitimately differs (fewer Slurm tasks than ranks); an srun with
         # one task per rank must agree with what torchrun-style variables say.

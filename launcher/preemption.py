@@ -1,19 +1,41 @@
 """Preemption: a signal sets a flag; all ranks agree on it at a step boundary, save, and exit for requeue.
 
 Never exit inside the handler (a collective may be in flight): the handler only records the signal.
-The trainer calls `should_stop()` once per step; it MAX-reduces the flag so every rank stops at the same step.
+The trainer calls `should_stop()` once per step; it MAX-reduces the flag so every rank stops at the same step,
+saves, and exits with REQUEUE_EXIT_CODE; `slurm/train_42m.sh` turns that code into `scontrol requeue`.
+Under a per-node agent (torchrun) the exit code does not reach the batch script, so when
+FACESCALE_REQUEUE_MARKER names a file, rank 0 also writes it (the signal name) once the ranks agree to stop.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 3  # the batch script requeues the job when the trainer exits with this code
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+REQUEUE_MARKER_ENV = "FACESCALE_REQUEUE_MARKER"
+
+_first_check_hooks: list[Callable[[], None]] = []
+
+
+def after_first_stop_check(hook: Callable[[], None]) -> None:
+    """Run `hook` once, right after the first `should_stop()` of this process (the end of training step 1).
+
+    `facescale.dist.init` uses it to switch from the start-up to the training collective timeout.
+    """
+    _first_check_hooks.append(hook)
+
+
+def _run_first_check_hooks() -> None:
+    while _first_check_hooks:
+        _first_check_hooks.pop(0)()
 
 
 class PreemptionFlag:
@@ -23,11 +45,14 @@ class PreemptionFlag:
         self.signal_name: str | None = None
 
     def _handle(self, signum: int, _frame) -> None:
+        first = self.signal_name is None
         self.signal_name = signal.Signals(signum).name
-        sys.stderr.write(f"[facescale] received {self.signal_name}: saving at the next step boundary\n")
+        if first:
+            sys.stderr.write(f"[facescale] received {self.signal_name}: saving at the next step boundary\n")
 
     @classmethod
     def install(cls, names: tuple[str, ...] = DEFAULT_SIGNALS) -> PreemptionFlag:
+        """Create a flag and make each signal in `names` set it (replacing any earlier handler)."""
         flag = cls()
         for name in names:
             signal.signal(getattr(signal, name), flag._handle)
@@ -36,6 +61,22 @@ class PreemptionFlag:
     def should_stop(self, device: torch.device | None = None) -> bool:
         """True on every rank once any rank has been signalled."""
         local = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        return bool(local.item())
+        stop = bool(local.item())
+        if stop and (not distributed or dist.get_rank() == 0):
+            write_requeue_marker(self.signal_name or "peer")
+        _run_first_check_hooks()
+        return stop
+
+
+def write_requeue_marker(reason: str, environ: dict | None = None) -> Path | None:
+    """Write the file named by FACESCALE_REQUEUE_MARKER (if set) so the batch script knows to requeue."""
+    path = (os.environ if environ is None else environ).get(REQUEUE_MARKER_ENV)
+    if not path:
+        return None
+    marker = Path(path)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{reason}\n")
+    return marker

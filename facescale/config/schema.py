@@ -44,6 +44,16 @@ class MarginConfig:
 
 
 @dataclass
+class DcpConfig:
+    """F2C's Dynamic Class Pool (used when head.type is "dcp"); see facescale/f2c/__init__.py."""
+
+    queue_size: int = 7409  # Q pool slots (one identity each, two G-Net feature rows per slot)
+    momentum: float = 0.99  # G-Net EMA: g = momentum * g + (1 - momentum) * p, once per iteration
+    identities_per_rank: int = 0  # B_id identities x 2 images per rank and micro-step; 0 = the micro batch
+    pool: str = "replicated"  # replicated (reference semantics) | sharded (slot owner by label hash)
+
+
+@dataclass
 class HeadConfig:
     """The model-parallel class-center layer (Partial FC) or the F2C pool."""
 
@@ -57,6 +67,7 @@ class HeadConfig:
     weight_decay: float = 5e-4
     storage_dtype: str = "fp32"  # fp32 | bf16
     init_std: float = 0.01
+    dcp: DcpConfig = field(default_factory=DcpConfig)
 
 
 @dataclass

@@ -16,6 +16,7 @@ CHOICES = {
     "head.optimizer": ("sgd", "adamw"),
     "head.update": ("dense", "sparse"),
     "head.storage_dtype": ("fp32", "bf16"),
+    "head.dcp.pool": ("replicated", "sharded"),
     "optim.name": ("sgd", "adamw"),
     "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
 }
@@ -100,6 +101,9 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(head.weight_decay >= 0, source, "head.weight_decay", "must be >= 0")
     _check(head.lr_scale > 0, source, "head.lr_scale", "must be > 0")
 
+    if head.type == "dcp":
+        _validate_dcp(cfg, source, world_size)
+
     _check(cfg.optim.lr > 0, source, "optim.lr", "must be > 0")
     _check(0.0 <= cfg.optim.momentum < 1.0, source, "optim.momentum", "must be in [0, 1)")
     _check(cfg.optim.weight_decay >= 0, source, "optim.weight_decay", "must be >= 0")
@@ -146,3 +150,58 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         )
     _check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
     _check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
+
+
+def _validate_dcp(cfg: Config, source: str, world_size: int | None) -> None:
+    """F2C pool checks: sizes, EMA momentum, ZeRO-3 refusal and Q against one gathered step's labels."""
+    dcp = cfg.head.dcp
+    _check(
+        dcp.queue_size >= 1, source, "head.dcp.queue_size", "must be >= 1 (pool slots, e.g. 1% of identities)"
+    )
+    _check(
+        0.0 <= dcp.momentum < 1.0,
+        source,
+        "head.dcp.momentum",
+        f"{dcp.momentum} must be in [0, 1) (G-Net EMA momentum, 0.99 in F2C)",
+    )
+    _check(
+        dcp.identities_per_rank >= 0,
+        source,
+        "head.dcp.identities_per_rank",
+        "must be >= 0 (0 = as many identities as the per-rank micro batch)",
+    )
+    _check(
+        cfg.deepspeed.zero_stage != 3,
+        source,
+        "deepspeed.zero_stage",
+        "head.type dcp keeps a full EMA copy of the backbone (G-Net) on every rank, which ZeRO-3's "
+        "parameter partitioning cannot feed; use zero_stage 1 or 2",
+    )
+    if world_size is None:
+        return
+    micro = cfg.schedule.global_batch_size // (world_size * cfg.schedule.grad_accumulation)
+    _check(
+        micro % 2 == 0,
+        source,
+        "schedule.global_batch_size",
+        f"head.type dcp splits each rank's instance batch into two halves, but it is {micro}; "
+        "use a global batch that gives an even batch per rank",
+    )
+    ids = dcp.identities_per_rank or micro
+    per_pass = world_size * (ids + micro // 2)
+    if dcp.pool == "replicated":
+        _check(
+            dcp.queue_size >= per_pass,
+            source,
+            "head.dcp.queue_size",
+            f"{dcp.queue_size} slots are fewer than the up to {per_pass} distinct labels one gathered pass "
+            f"inserts ({world_size} ranks x ({ids} identities + {micro // 2} instances)); labels would "
+            f"evict each other within a step. Use queue_size >= {per_pass}",
+        )
+    else:
+        _check(
+            dcp.queue_size >= world_size,
+            source,
+            "head.dcp.queue_size",
+            f"a sharded pool needs at least one slot per rank ({world_size}), got {dcp.queue_size}",
+        )

@@ -10,12 +10,17 @@ Semantics of the two modes when Partial FC samples a subset of centers each step
 With momentum 0 and weight decay 0, SGD gives identical results in both modes. Storage of centers and
 state may be bf16; all update math runs in fp32 (row blocks are up-cast, updated and written back), and
 dense mode works through the shard in row blocks so no full-size fp32 temporary is ever allocated.
+Both modes work in blocks of `block_rows` rows small enough to stay in cache across the few passes of the
+update rule; the gradient may be a tensor or a `CenterGrad` whose blocks are formed on demand (one small
+GEMM per block), so the head never materialises a [rows, D] gradient.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
 
 OPTIMIZERS = ("sgd", "adamw")
 UPDATE_MODES = ("dense", "sparse")
@@ -29,6 +34,12 @@ def _upcast(t: Tensor) -> Tensor:
 def _write_back(storage: Tensor, work: Tensor) -> None:
     if work is not storage:
         storage.copy_(work)
+
+
+def _grad_rows(grad: Tensor | CenterGrad, start: int, stop: int, weight: Tensor | None = None) -> Tensor:
+    """Rows [start, stop) of a gradient given as a tensor or formed on demand from a CenterGrad
+    (`weight`: those rows' current values in fp32, when the caller already has them)."""
+    return grad[start:stop] if isinstance(grad, Tensor) else grad.rows(start, stop, weight)
 
 
 class CenterOptimizer(torch.nn.Module):
@@ -47,7 +58,7 @@ class CenterOptimizer(torch.nn.Module):
         eps: float = 1e-8,
         state_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-        block_rows: int = 16384,
+        block_rows: int = 2048,
     ) -> None:
         super().__init__()
         if kind not in OPTIMIZERS:
@@ -87,31 +98,58 @@ class CenterOptimizer(torch.nn.Module):
             buffer.copy_(state[name])
 
     @torch.no_grad()
-    def step(self, centers: Tensor, grad: Tensor, index: Tensor | None, lr: float) -> None:
-        """Apply one update. `grad` holds rows `index` (sorted, unique local ids); None = whole shard."""
-        if grad.shape[1:] != centers.shape[1:] or grad.shape[0] != (
-            centers.shape[0] if index is None else len(index)
-        ):
+    def step(
+        self,
+        centers: Tensor,
+        grad: Tensor | CenterGrad,
+        index: Tensor | None,
+        lr: float,
+        inv_norms: Tensor | None = None,
+    ) -> None:
+        """Apply one update. `grad` holds rows `index` (sorted, unique local ids); None = whole shard.
+
+        `inv_norms` ([rows] fp32), if given, is refreshed with 1/||row|| of every row written (while the
+        block is in cache), so the next forward need not read the centers to normalise them."""
+        shape = tuple(grad.shape) if isinstance(grad, Tensor) else (grad.num_rows, centers.shape[1])
+        if shape[1:] != centers.shape[1:] or shape[0] != (centers.shape[0] if index is None else len(index)):
             raise ValueError(
-                f"grad of shape {tuple(grad.shape)} does not match centers {tuple(centers.shape)} "
+                f"grad of shape {shape} does not match centers {tuple(centers.shape)} "
                 f"and index of length {None if index is None else len(index)}"
             )
         if self.mode == "sparse" and index is not None:
-            self._update_rows(centers, grad, index, lr)
+            self._update_rows(centers, grad, index, lr, inv_norms)
         else:
-            self._update_dense(centers, grad, index, lr)
+            self._update_dense(centers, grad, index, lr, inv_norms)
 
-    def _update_rows(self, centers: Tensor, grad: Tensor, index: Tensor, lr: float) -> None:
-        """Sparse mode: gather the sampled rows and their state, update in fp32, scatter back."""
-        params = _upcast(centers.index_select(0, index))
-        states = {name: buf.index_select(0, index) for name, buf in self.state_tensors().items()}
-        work = {name: (_upcast(s) if s.is_floating_point() else s) for name, s in states.items()}
-        self._apply_rule(params, work, grad.to(params.dtype), None, lr)
-        centers.index_copy_(0, index, params.to(centers.dtype))
-        for name, buf in self.state_tensors().items():
-            buf.index_copy_(0, index, work[name].to(buf.dtype))
+    def _update_rows(
+        self, centers: Tensor, grad: Tensor | CenterGrad, index: Tensor, lr: float, inv_norms: Tensor | None
+    ) -> None:
+        """Sparse mode: per block of sampled rows, gather rows and state, update in fp32, scatter back."""
+        buffers = self.state_tensors()
+        for lo in range(0, len(index), self.block_rows):
+            hi = min(lo + self.block_rows, len(index))
+            rows = index[lo:hi]
+            params = _upcast(centers.index_select(0, rows))
+            work = {}
+            for name, buf in buffers.items():
+                gathered = buf.index_select(0, rows)
+                work[name] = _upcast(gathered) if gathered.is_floating_point() else gathered
+            self._apply_rule(params, work, _grad_rows(grad, lo, hi, params).to(params.dtype), None, lr)
+            stored = params.to(centers.dtype)
+            centers.index_copy_(0, rows, stored)
+            if inv_norms is not None:
+                inv_norms.index_copy_(0, rows, inverse_row_norms(stored, inv_norms.dtype))
+            for name, buf in buffers.items():
+                buf.index_copy_(0, rows, work[name].to(buf.dtype))
 
-    def _update_dense(self, centers: Tensor, grad: Tensor, index: Tensor | None, lr: float) -> None:
+    def _update_dense(
+        self,
+        centers: Tensor,
+        grad: Tensor | CenterGrad,
+        index: Tensor | None,
+        lr: float,
+        inv_norms: Tensor | None,
+    ) -> None:
         """Dense mode: every row moves; rows absent from `index` see a zero gradient. Row-blocked."""
         starts = list(range(0, centers.shape[0], self.block_rows))
         if index is not None:  # where each block's slice of the sorted index begins and ends
@@ -119,26 +157,38 @@ class CenterOptimizer(torch.nn.Module):
             cuts = torch.searchsorted(index, bounds).tolist()
         for block, first in enumerate(starts):
             last = min(first + self.block_rows, centers.shape[0])
+            params = _upcast(centers[first:last])
             if index is None:
-                rows, block_grad = None, grad[first:last]
+                rows, block_grad = None, _grad_rows(grad, first, last, params)
             else:
                 lo, hi = cuts[block], cuts[block + 1]
-                rows, block_grad = index[lo:hi] - first, grad[lo:hi]
-            params = _upcast(centers[first:last])
-            block_grad = block_grad.to(params.dtype)
+                rows = index[lo:hi] - first if hi > lo else None
+                block_grad = _grad_rows(grad, lo, hi) if hi > lo else None
+            if block_grad is not None:
+                block_grad = block_grad.to(params.dtype)
             storage = {name: buf[first:last] for name, buf in self.state_tensors().items()}
             work = {name: (_upcast(s) if s.is_floating_point() else s) for name, s in storage.items()}
             self._apply_rule(params, work, block_grad, rows, lr)
             _write_back(centers[first:last], params)
             for name, s in storage.items():
                 _write_back(s, work[name])
+            if inv_norms is not None:
+                inverse_row_norms(centers[first:last], inv_norms.dtype, out=inv_norms[first:last])
 
     def _apply_rule(
-        self, params: Tensor, state: dict[str, Tensor], grad: Tensor, rows: Tensor | None, lr: float
+        self,
+        params: Tensor,
+        state: dict[str, Tensor],
+        grad: Tensor | None,
+        rows: Tensor | None,
+        lr: float,
     ) -> None:
-        """Update fp32 `params`/`state` in place; `grad` belongs to `rows` of params (None = all rows)."""
+        """Update fp32 `params`/`state` in place; `grad` belongs to `rows` of params (None = all rows);
+        a None `grad` is an all-zero gradient."""
 
-        def add_grad(target: Tensor, values: Tensor, alpha: float) -> None:
+        def add_grad(target: Tensor, values: Tensor | None, alpha: float) -> None:
+            if values is None:  # a dense block without sampled rows: zero gradient
+                return
             if rows is None:
                 target.add_(values, alpha=alpha)
             else:
@@ -167,7 +217,7 @@ class CenterOptimizer(torch.nn.Module):
         exp_avg.mul_(beta1)
         add_grad(exp_avg, grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2)
-        add_grad(exp_avg_sq, grad * grad, 1.0 - beta2)
+        add_grad(exp_avg_sq, None if grad is None else grad * grad, 1.0 - beta2)
         step_f = steps.to(torch.float64)[:, None]  # 1 - 0.999**t loses 4 digits in fp32 at small t
         bias1 = (1.0 - torch.pow(beta1, step_f)).to(params.dtype)
         bias2_sqrt = (1.0 - torch.pow(beta2, step_f)).sqrt_().to(params.dtype)

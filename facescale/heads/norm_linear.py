@@ -7,6 +7,11 @@ extras are the row-norm vector and the C x D gradient itself:
 The GEMMs run in the promoted dtype of (x, W) (bf16 x bf16 stays bf16); cosines come out in fp32 (or
 float64 for float64 inputs), clamped to [-1, 1]. The clamp is treated as identity in backward: it only
 trims rounding excursions and keeps arccos-based margins defined.
+
+With a `CenterGrad` sink, backward does not form dW at all: it keeps G*r and x-hat, and `CenterGrad.rows`
+forms any block of dW on demand, so the center optimizer can compute and apply it block by block while the
+block is in cache (no C' x D gradient, and for a whole shard no C x D temporary, is ever allocated). Using
+sum_b G*cos = r * (w . P) with P = (G*r).t() @ xn, a block is P - r^2 (w . P) w.
 """
 
 from __future__ import annotations
@@ -24,52 +29,116 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def inverse_row_norms(rows: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """1 / max(||row||, eps) per row, accumulated in at least fp32 without copying `rows`."""
-    norms = torch.linalg.vector_norm(rows, dim=1, dtype=_accumulate_dtype(out_dtype))
-    return norms.clamp_min_(_NORM_EPS).reciprocal_()
+_NORM_BLOCK_ROWS = 4096  # half-precision rows are up-cast a cache-sized block at a time
+
+
+def inverse_row_norms(rows: Tensor, out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """1 / max(||row||, eps) per row, accumulated in at least fp32 without a full-size up-cast copy."""
+    acc_dtype = _accumulate_dtype(out_dtype)
+    if out is None:
+        out = torch.empty(rows.shape[0], dtype=acc_dtype, device=rows.device)
+    step = rows.shape[0] if rows.dtype == acc_dtype else _NORM_BLOCK_ROWS
+    for lo in range(0, rows.shape[0], max(step, 1)):
+        torch.linalg.vector_norm(rows[lo : lo + step], dim=1, dtype=acc_dtype, out=out[lo : lo + step])
+    return out.clamp_min_(_NORM_EPS).reciprocal_()
+
+
+class CenterGrad:
+    """d loss / d weight of one `norm_linear` call, kept factored (G*r, x-hat) and formed block by block."""
+
+    def __init__(self) -> None:
+        self.weight: Tensor | None = None  # the [C', D] rows the cosines were computed from
+        self.w_inv: Tensor | None = None  # [C'] 1/||w||, accumulate dtype
+        self.grad_scaled: Tensor | None = None  # [N, C'] G*r in the GEMM dtype; set by backward
+        self.x_hat: Tensor | None = None  # [N, D] in the GEMM dtype
+
+    @property
+    def ready(self) -> bool:
+        """True once backward has run."""
+        return self.grad_scaled is not None
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.weight is None else self.weight.shape[0]
+
+    def rows(self, start: int, stop: int, weight: Tensor | None = None) -> Tensor:
+        """dW for weight rows [start, stop) in the accumulate dtype: one small [rows, N] x [N, D] GEMM.
+
+        `weight`: those rows already in the accumulate dtype (saves an up-cast copy); default: own copy."""
+        if self.grad_scaled is None or self.weight is None or self.w_inv is None or self.x_hat is None:
+            raise RuntimeError(
+                "no center gradient: call loss.backward() between forward() and optimizer_step()"
+            )
+        cols = slice(start, stop)
+        acc_dtype = self.w_inv.dtype
+        weight = self.weight[cols].to(acc_dtype) if weight is None else weight
+        block = (self.grad_scaled[:, cols].t() @ self.x_hat).to(acc_dtype)  # P = (G*r).t() @ x-hat
+        w_inv = self.w_inv[cols]
+        radial = (block * weight).sum(dim=1).mul_(w_inv).mul_(w_inv)  # r^2 (w . P) = r^2 sum_b G*cos
+        return block.addcmul_(weight, radial[:, None], value=-1.0)
+
+    def full(self) -> Tensor:
+        """The whole [C', D] gradient (for callers that need it materialised, e.g. grad accumulation)."""
+        return self.rows(0, self.num_rows)
 
 
 class _NormLinear(torch.autograd.Function):
-    """Autograd Function behind `norm_linear`; saves x-hat, W, r and the cosines."""
+    """Autograd Function behind `norm_linear`; saves x-hat, W, r (and the cosines when it forms dW itself)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, sink: CenterGrad | None, w_inv: Tensor | None) -> Tensor:
         gemm_dtype = torch.promote_types(x.dtype, weight.dtype)
         acc_dtype = _accumulate_dtype(gemm_dtype)
         x_inv = inverse_row_norms(x, acc_dtype)
         x_hat = (x.to(acc_dtype) * x_inv[:, None]).to(gemm_dtype)
-        w_inv = inverse_row_norms(weight, acc_dtype)
-        cos = (x_hat @ weight.to(gemm_dtype).t()).to(acc_dtype)
-        cos.mul_(w_inv[None, :]).clamp_(-1.0, 1.0)
-        ctx.save_for_backward(x_hat, x_inv, weight, w_inv, cos)
-        ctx.x_dtype = x.dtype
+        w_inv = inverse_row_norms(weight, acc_dtype) if w_inv is None else w_inv.to(acc_dtype)
+        raw = x_hat @ weight.to(gemm_dtype).t()
+        if raw.dtype == acc_dtype:
+            cos = raw.mul_(w_inv[None, :])
+        else:  # one pass: up-cast and scale together
+            cos = torch.mul(raw, w_inv[None, :])
+        cos.clamp_(-1.0, 1.0)
+        ctx.save_for_backward(x_hat, x_inv, weight, w_inv, None if sink is not None else cos)
+        ctx.x_dtype, ctx.sink = x.dtype, sink
+        if sink is not None:
+            sink.weight, sink.w_inv = weight.detach(), w_inv
         return cos
 
     @staticmethod
-    def backward(ctx: Any, grad_cos: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad_cos: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x_hat, x_inv, weight, w_inv, cos = ctx.saved_tensors
         gemm_dtype = x_hat.dtype
-        acc_dtype = cos.dtype
-        grad_cos = grad_cos.to(acc_dtype)
+        acc_dtype = w_inv.dtype
         grad_x = grad_w = None
-        grad_scaled = grad_cos * w_inv[None, :]  # G * r, N x C'
+        grad_scaled = torch.empty(grad_cos.shape, dtype=gemm_dtype, device=grad_cos.device)
+        torch.mul(grad_cos, w_inv[None, :], out=grad_scaled)  # G * r, N x C', straight into the GEMM dtype
         if ctx.needs_input_grad[0]:
-            grad_x_hat = (grad_scaled.to(gemm_dtype) @ weight.to(gemm_dtype)).to(acc_dtype)
+            grad_x_hat = (grad_scaled @ weight.to(gemm_dtype)).to(acc_dtype)
             x_hat_acc = x_hat.to(acc_dtype)
             radial = (grad_x_hat * x_hat_acc).sum(dim=1, keepdim=True)
             grad_x = ((grad_x_hat - radial * x_hat_acc) * x_inv[:, None]).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_scaled.to(gemm_dtype).t() @ x_hat).to(acc_dtype)
-            radial_w = (grad_cos * cos).sum(dim=0).mul_(w_inv).mul_(w_inv)  # r^2 * sum_b G*cos
+        if ctx.sink is not None:
+            ctx.sink.grad_scaled, ctx.sink.x_hat = grad_scaled, x_hat
+        elif ctx.needs_input_grad[1]:
+            grad_w = (grad_scaled.t() @ x_hat).to(acc_dtype)
+            radial_w = (grad_cos.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv).mul_(w_inv)  # r^2 sum_b G*cos
             grad_w.addcmul_(weight, radial_w[:, None], value=-1.0)
-        return grad_x, grad_w
+        return grad_x, grad_w, None, None
 
 
-def norm_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """Cosine similarity matrix [N, C'] between rows of x [N, D] and rows of weight [C', D], in fp32+."""
+def norm_linear(
+    x: Tensor,
+    weight: Tensor,
+    center_grad: CenterGrad | None = None,
+    weight_inv_norms: Tensor | None = None,
+) -> Tensor:
+    """Cosine similarity matrix [N, C'] between rows of x [N, D] and rows of weight [C', D], in fp32+.
+
+    With `center_grad`, backward leaves weight.grad unset and fills `center_grad` instead (see module doc).
+    `weight_inv_norms` ([C'], accumulate dtype, no grad): 1/||w|| when the caller keeps them up to date.
+    """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"norm_linear needs x [N, D] and weight [C, D]; got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    return _NormLinear.apply(x, weight)
+    return _NormLinear.apply(x, weight, center_grad, weight_inv_norms)

@@ -4,11 +4,17 @@ Centers are a buffer, not an nn.Parameter: no other optimizer (DeepSpeed's inclu
 `optimizer_step(lr)` updates them with the head's own CenterOptimizer (dense or sparse, see that module).
 Per step, `forward` all-gathers embeddings (gradient-aware) and labels, samples this shard's centers,
 and returns the global-mean margin softmax loss; `loss.backward()` fills the local embedding grads with
-d(global mean loss)/d(local rows) and stashes the sampled-center grads for `optimizer_step`.
+d(global mean loss)/d(local rows) and stashes the sampled-center grads in factored form (`CenterGrad`), which
+`optimizer_step` turns into rows block by block as it updates them (no [C', D] or [C, D] gradient tensor).
+
+Timing for logs: `last_forward_ms`, `last_backward_ms` (from the loss's gradient arriving to the local
+embeddings' gradient being ready, i.e. the head's part of backward) and `last_optimizer_ms`, summed over the
+micro-steps of one optimizer step; `last_step_ms` is their total, set by `optimizer_step`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -25,7 +31,7 @@ from facescale.dist.partition import class_partition
 from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.margins import MarginSoftmaxSpec
-from facescale.heads.norm_linear import norm_linear
+from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
 from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
 
 INIT_BLOCK_ROWS = (
@@ -89,8 +95,13 @@ class PartialFCHead(torch.nn.Module):
             state_dtype=storage_dtype,
             device=device,
         )
-        self._pending: list[tuple[Tensor | None, Tensor]] = []  # (sampled index, leaf whose .grad we apply)
+        self._pending: list[tuple[Tensor | None, CenterGrad]] = []  # (sampled index, its center gradient)
         self.last_sampled_classes: Tensor | None = None  # global class ids used by the last forward
+        self._inv_norms: Tensor | None = None  # 1/||center|| per row, refreshed by optimizer_step
+        self._inv_norms_key: tuple | None = None  # (storage, version, dtype) of centers it matches
+        self._timing = {"forward": 0.0, "backward": 0.0}  # seconds, accumulated over pending micro-steps
+        self._backward_started = 0.0
+        self.last_forward_ms = self.last_backward_ms = self.last_optimizer_ms = self.last_step_ms = 0.0
 
     def forward(
         self, local_embeddings: Tensor, local_labels: Tensor, step: int
@@ -104,33 +115,67 @@ class PartialFCHead(torch.nn.Module):
             raise ValueError(
                 f"labels must be [B] = [{local_embeddings.shape[0]}], got {tuple(local_labels.shape)}"
             )
+        started = time.perf_counter()
         device = self.centers.device
         labels = local_labels.to(device=device, dtype=torch.long)
         self._check_batch_across_ranks(labels)
-        embeddings = all_gather_rows_with_grad(local_embeddings.to(device), self.group)
+        local = local_embeddings.to(device)
+        if local.requires_grad and torch.is_grad_enabled():
+            local = local.view_as(local)  # a fresh graph node whose grad hook marks the end of our backward
+            local.register_hook(self._backward_done)
+        embeddings = all_gather_rows_with_grad(local, self.group)
         global_labels = all_gather_rows(labels, self.group)
 
         generator = sampling_generator(self.seed, self.rank, step, device)
         sample = sample_centers(global_labels, self.start, self.count, self.num_sample, generator)
+        inv_norms = self._center_inv_norms()
         if sample.index is None:
             weight = self.centers.detach().requires_grad_()
         else:
             weight = self.centers.index_select(0, sample.index).requires_grad_()
+            inv_norms = inv_norms.index_select(0, sample.index)
+        center_grad = CenterGrad()
         if torch.is_grad_enabled():  # an evaluation forward under no_grad leaves nothing to apply
-            self._pending.append((sample.index, weight))
+            self._pending.append((sample.index, center_grad))
         self.last_sampled_classes = self.start + (
             torch.arange(self.count, device=device) if sample.index is None else sample.index
         )
         loss = margin_cross_entropy(
-            norm_linear(embeddings, weight), sample.target_col, self.margin, self.group
+            norm_linear(embeddings, weight, center_grad, inv_norms),
+            sample.target_col,
+            self.margin,
+            self.group,
         )
+        if loss.requires_grad:
+            loss.register_hook(self._backward_begins)
         width = self.count if sample.index is None else int(sample.index.numel())
         stats = {
             "num_sampled": width,
             "num_positive": sample.num_positive,
             "positive_fraction": sample.num_positive / width if width else 0.0,
         }
+        self._timing["forward"] += time.perf_counter() - started
         return loss, stats
+
+    def _centers_key(self) -> tuple:
+        centers = self.centers
+        return (centers.untyped_storage().data_ptr(), centers._version, centers.dtype, centers.device)
+
+    def _center_inv_norms(self) -> Tensor:
+        """1/||center|| for the shard: kept by optimizer_step, recomputed if anything else wrote centers."""
+        if self._inv_norms is None or self._inv_norms_key != self._centers_key():
+            dtype = torch.promote_types(self.centers.dtype, torch.float32)
+            self._inv_norms = inverse_row_norms(self.centers, dtype)
+            self._inv_norms_key = self._centers_key()
+        return self._inv_norms
+
+    def _backward_begins(self, grad: Tensor) -> None:
+        self._backward_started = time.perf_counter()
+
+    def _backward_done(self, grad: Tensor) -> None:
+        if self._backward_started:
+            self._timing["backward"] += time.perf_counter() - self._backward_started
+            self._backward_started = 0.0
 
     def _check_batch_across_ranks(self, labels: Tensor) -> None:
         """One tiny all-gather of (batch size, bad labels) so every rank raises the same error together."""
@@ -155,25 +200,36 @@ class PartialFCHead(torch.nn.Module):
         """
         if not self._pending:
             raise RuntimeError("optimizer_step() called without a preceding forward()")
+        started = time.perf_counter()
         index, grad = self._collect_grads()
-        self.center_optimizer.step(self.centers, grad, index, lr)
+        inv_norms = (
+            self._center_inv_norms()
+        )  # valid now, so valid after the step refreshes the rows it writes
+        self.center_optimizer.step(self.centers, grad, index, lr, inv_norms)
+        self._inv_norms_key = self._centers_key()
         self._pending.clear()
+        self.last_optimizer_ms = (time.perf_counter() - started) * 1e3
+        self.last_forward_ms = self._timing["forward"] * 1e3
+        self.last_backward_ms = self._timing["backward"] * 1e3
+        self.last_step_ms = self.last_forward_ms + self.last_backward_ms + self.last_optimizer_ms
+        self._timing = {"forward": 0.0, "backward": 0.0}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the stashed forward(s) and their center grads (the head keeps no other grad state)."""
         self._pending.clear()
+        self._timing = {"forward": 0.0, "backward": 0.0}
 
-    def _collect_grads(self) -> tuple[Tensor | None, Tensor]:
-        """Merge pending (index, leaf.grad) pairs; several (grad accumulation) are summed per row."""
-        grads = []
-        for index, leaf in self._pending:
-            if leaf.grad is None:
+    def _collect_grads(self) -> tuple[Tensor | None, Tensor | CenterGrad]:
+        """One pending forward: its CenterGrad as is (formed lazily by the optimizer). Several (grad
+        accumulation): each is materialised and they are summed per row."""
+        for _, center_grad in self._pending:
+            if not center_grad.ready:
                 raise RuntimeError(
                     "no center gradient: call loss.backward() between forward() and optimizer_step()"
                 )
-            grads.append((index, leaf.grad))
-        if len(grads) == 1:
-            return grads[0]
+        if len(self._pending) == 1:
+            return self._pending[0]
+        grads = [(index, center_grad.full()) for index, center_grad in self._pending]
         work_dtype = torch.promote_types(self.centers.dtype, torch.float32)
         if any(index is None for index, _ in grads):
             total = torch.zeros_like(self.centers, dtype=work_dtype)

@@ -22,6 +22,7 @@ class StepResult:
     loss: float
     data_wait_s: float
     grad_norm: float | None
+    head_s: float = 0.0  # wall time in the class-center layer: forward, backward, optimizer step
     head_stats: dict = field(default_factory=dict)
 
 
@@ -41,7 +42,7 @@ def train_step(
         group["lr"] = lr_backbone
     head.zero_grad()
     loss_sum = torch.zeros((), dtype=torch.float64)
-    wait = 0.0
+    wait = head_s = 0.0
     stats: dict = {}
     for _ in range(grad_accumulation):
         t0 = clock()
@@ -49,15 +50,23 @@ def train_step(
         wait += clock() - t0
         embeddings = engine(images)
         detached = embeddings.detach().float().requires_grad_(True)
+        t1 = clock()
         loss, stats = head(detached, labels, step)
         (loss / grad_accumulation).backward()
+        head_s += clock() - t1
         surrogate = (embeddings.float() * detached.grad).sum() * (world_size * grad_accumulation)
         engine.backward(surrogate)
         engine.step()
         loss_sum += loss.detach().double()
+    t2 = clock()
     head.optimizer_step(lr_head)
+    head_s += clock() - t2
     norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
     norm = float(norm) if norm is not None else None
     return StepResult(
-        loss=float(loss_sum) / grad_accumulation, data_wait_s=wait, grad_norm=norm, head_stats=stats
+        loss=float(loss_sum) / grad_accumulation,
+        data_wait_s=wait,
+        grad_norm=norm,
+        head_s=head_s,
+        head_stats=stats,
     )

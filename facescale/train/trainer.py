@@ -159,12 +159,32 @@ class Trainer:
         }
         self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg))
 
+    def _log(self, window: _Window, lr: float, out) -> None:
+        """TensorBoard scalars and the console line for the steps since the last log."""
+        scalars = {
+            "train/loss": out.loss,
+            "train/lr": lr,
+            **window.scalars(),
+            "perf/max_memory_mb": peak_memory_mb(self.runtime.device),
+            "train/grad_norm": out.grad_norm,
+        }
+        scalars.update({f"head/{k}": float(v) for k, v in out.head_stats.items()})
+        self.metrics.scalars(self.step, scalars)
+        self.metrics.console(
+            f"[train] step {self.step}/{self.cfg.schedule.steps} loss {out.loss:.4f} lr {lr:.4g} "
+            f"{scalars['perf/samples_per_s']:.0f} img/s step {scalars['perf/step_ms']:.0f} ms "
+            f"data-wait {scalars['perf/data_wait_ms']:.0f} ms head {scalars['head/step_ms']:.0f} ms"
+        )
+
+    def _preempted(self) -> bool:
+        """Collective: every rank learns whether any rank got a preemption signal."""
+        return self.preemption.should_stop(self.runtime.device)
+
     def train(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule
         batches = self._batches()
-        log_every, samples, t_window, loss = cfg.logging.every_steps, 0, time.perf_counter(), float("nan")
+        window, loss = _Window(sch.global_batch_size), float("nan")
         t_start, start_step, eval_results = time.perf_counter(), self.step, {}
-        step_time = data_wait = 0.0
         while self.step < sch.steps:
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim.lr, sch)
@@ -181,38 +201,16 @@ class Trainer:
             )
             self.step += 1
             loss = out.loss
-            step_time += time.perf_counter() - t0
-            data_wait += out.data_wait_s
-            samples += sch.global_batch_size
-            if self.step % log_every == 0 or self.step == sch.steps:
-                elapsed = time.perf_counter() - t_window
-                n = log_every if self.step % log_every == 0 else self.step % log_every
-                scalars = {
-                    "train/loss": loss,
-                    "train/lr": lr,
-                    "perf/samples_per_s": samples / elapsed,
-                    "perf/step_ms": 1000 * step_time / n,
-                    "perf/data_wait_ms": 1000 * data_wait / n,
-                    "perf/max_memory_mb": peak_memory_mb(self.runtime.device),
-                    "train/grad_norm": out.grad_norm,
-                }
-                scalars.update({f"head/{k}": float(v) for k, v in out.head_stats.items()})
-                self.metrics.scalars(self.step, scalars)
-                self.metrics.console(
-                    f"[train] step {self.step}/{sch.steps} loss {loss:.4f} lr {lr:.4g} "
-                    f"{samples / elapsed:.0f} img/s step {1000 * step_time / n:.0f} ms "
-                    f"data-wait {1000 * data_wait / n:.0f} ms"
-                )
-                samples, step_time, data_wait, t_window = 0, 0.0, 0.0, time.perf_counter()
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < sch.steps:
+            window.add(out, time.perf_counter() - t0)
+            if self.step % cfg.logging.every_steps == 0 or self.step == sch.steps:
+                self._log(window, lr, out)
+            if self.step == sch.steps:
+                break
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 self.evaluate()
-            if (
-                cfg.checkpoint.every_steps
-                and self.step % cfg.checkpoint.every_steps == 0
-                and self.step < sch.steps
-            ):
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            if self.preemption.should_stop(self.runtime.device) and self.step < sch.steps:
+            if self._preempted():
                 self.metrics.console(
                     f"[facescale] preempted at step {self.step}: saving and exiting "
                     f"with code {REQUEUE_EXIT_CODE} for requeue"
@@ -220,8 +218,9 @@ class Trainer:
                 self.save()
                 self.metrics.close()
                 raise SystemExit(REQUEUE_EXIT_CODE)
-        train_time = time.perf_counter() - t_start
-        throughput = (self.step - start_step) * sch.global_batch_size / max(train_time, 1e-9)
+        throughput = (
+            (self.step - start_step) * sch.global_batch_size / max(time.perf_counter() - t_start, 1e-9)
+        )
         self.save()
         if cfg.eval.bins:
             eval_results = self.evaluate()
@@ -238,3 +237,31 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return result
+
+
+class _Window:
+    """Timings accumulated between two log lines."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.step_s, self.wait_s, self.head_s, self.t0 = 0, 0.0, 0.0, 0.0, time.perf_counter()
+
+    def add(self, out, step_s: float) -> None:
+        self.steps += 1
+        self.step_s += step_s
+        self.wait_s += out.data_wait_s
+        self.head_s += out.head_s
+
+    def scalars(self) -> dict[str, float]:
+        n, elapsed = max(1, self.steps), max(time.perf_counter() - self.t0, 1e-9)
+        values = {
+            "perf/samples_per_s": self.steps * self.global_batch / elapsed,
+            "perf/step_ms": 1000 * self.step_s / n,
+            "perf/data_wait_ms": 1000 * self.wait_s / n,
+            "head/step_ms": 1000 * self.head_s / n,
+        }
+        self._reset()
+        return values

@@ -1,0 +1,493 @@
+"""Benchmark of the Partial FC head on one CPU process (world size 1): step time against the 3-GEMM floor,
+peak memory against theory, C x D allocations per step, and the speed-up over the obvious full-FC step.
+
+Every configuration runs in a fresh subprocess (peak RSS is a high-water mark); inside it the head's steps
+and the floor GEMMs alternate round by round so their ratio sees the same machine load. The obvious full FC
+of each (C, B, dtype) group runs in its own subprocess just before the group (it does not fit beside the
+head at C = 1M). See benchmarks/README.md for the columns.
+
+    .venv/bin/python benchmarks/head.py --classes 100k 1M --batch 128 512 --out benchmarks/results/head_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+DIM, LR, MOMENTUM, WEIGHT_DECAY, SCALE, MARGIN = 512, 0.1, 0.9, 5e-4, 64.0, 0.5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GIB = 1024**3
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def parse_count(text: str) -> int:
+    """'100k' -> 100000, '1M' -> 1000000, '2000' -> 2000."""
+    factor = {"k": 1_000, "m": 1_000_000}.get(text[-1].lower(), 1)
+    return int(float(text[:-1] if factor > 1 else text) * factor)
+
+
+def current_rss() -> int:
+    """Resident bytes now (from /proc/self/statm)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux clear_refs 5); False if not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Peak resident bytes since start or since the last `reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor an op allocates (outputs that are not views or in-place inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest, self.largest_op = 0, ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for value in result if isinstance(result, tuple | list) else (result,):
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in storages:
+                if value.numel() > self.largest:
+                    self.largest, self.largest_op = value.numel(), str(func)
+        return result
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """min / median / max of a list of milliseconds."""
+    return {"min": min(values), "med": statistics.median(values), "max": max(values)}
+
+
+class GemmFloor:
+    """The three matmuls of one step at one shape, into preallocated outputs (no allocation, no faults)."""
+
+    def __init__(self, weight: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
+        gen = torch.Generator().manual_seed(7)
+        self.weight = weight  # [C', D], read only
+        self.x = torch.randn(batch, DIM, generator=gen).to(dtype)
+        self.grad = torch.randn(batch, weight.shape[0], generator=gen).div_(weight.shape[0]).to(dtype)
+        self.logits = torch.empty(batch, weight.shape[0], dtype=dtype)
+        self.grad_x = torch.empty(batch, DIM, dtype=dtype)
+        self.grad_w = torch.empty(weight.shape[0], DIM, dtype=dtype)
+
+    def run_ms(self) -> float:
+        t0 = time.perf_counter()
+        torch.mm(self.x, self.weight.t(), out=self.logits)  # forward
+        torch.mm(self.grad, self.weight, out=self.grad_x)  # d-embeddings
+        torch.mm(self.grad.t(), self.x, out=self.grad_w)  # d-centers
+        return (time.perf_counter() - t0) * 1e3
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One head configuration: warm-up (peak RSS measured there), then timed steps alternating with floors."""
+    from facescale.config.schema import MarginConfig
+    from facescale.heads.margins import build_margin
+    from facescale.heads.partial_fc import PartialFCHead
+
+    torch.set_num_threads(cfg["threads"])
+    dtype = DTYPES[cfg["dtype"]]
+    classes, batch = cfg["classes"], cfg["batch"]
+    gen = torch.Generator().manual_seed(1)
+    embeddings = [torch.randn(batch, DIM, generator=gen).to(dtype) for _ in range(4)]
+    labels = [torch.randint(0, classes, (batch,), generator=gen) for _ in range(4)]
+    base_rss = current_rss()
+    peak_reset = reset_peak_rss()
+    head = PartialFCHead(
+        classes,
+        DIM,
+        build_margin(MarginConfig(type="arcface", s=SCALE, m2=MARGIN)),
+        seed=0,
+        sample_rate=cfg["rate"],
+        update=cfg["mode"],
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        storage_dtype=dtype,
+    )
+    state_bytes = sum(t.numel() * t.element_size() for t in head.center_optimizer.state_tensors().values())
+    centers_bytes = head.centers.numel() * head.centers.element_size()
+
+    def step(index: int) -> dict[str, float]:
+        x = embeddings[index % 4].clone().requires_grad_()
+        t0 = time.perf_counter()
+        loss, stats = head(x, labels[index % 4], index)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        head.optimizer_step(LR)
+        t3 = time.perf_counter()
+        return {
+            "fwd": (t1 - t0) * 1e3,
+            "bwd": (t2 - t1) * 1e3,
+            "opt": (t3 - t2) * 1e3,
+            "step": (t3 - t0) * 1e3,
+            "width": stats["num_sampled"],
+        }
+
+    warm = [step(i) for i in range(cfg["warmup"])]
+    peak_bytes = peak_rss() if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    width = warm[-1]["width"]
+    floor = GemmFloor(
+        head.centers[:width] if dtype == head.centers.dtype else head.centers[:width].to(dtype), batch, dtype
+    )
+    steps, floors = [], []
+    for i in range(cfg["steps"]):
+        floors.append(floor.run_ms())
+        steps.append(step(cfg["warmup"] + i))
+    del floor
+    tracker = LargestAllocation()
+    with tracker:
+        step(10_000)
+    logits_bytes = batch * width * 4
+    theory = centers_bytes + state_bytes + logits_bytes
+    step_ms = summary([s["step"] for s in steps])
+    floor_ms = summary(floors)
+    return {
+        **cfg,
+        "kind": "head",
+        "num_sampled": width,
+        "step_ms": step_ms,
+        "phase_ms": {p: statistics.median(s[p] for s in steps) for p in ("fwd", "bwd", "opt")},
+        "head_last_step_ms": getattr(head, "last_step_ms", None),
+        "floor_ms": floor_ms,
+        "step_over_floor": step_ms["med"] / floor_ms["med"],
+        "step_over_floor_per_round": [s["step"] / f for s, f in zip(steps, floors, strict=True)],
+        "warmup_step_ms": [w["step"] for w in warm],
+        "peak_bytes": peak_bytes - base_rss,
+        "peak_method": "VmHWM after clear_refs" if peak_reset else "ru_maxrss",
+        "theory_bytes": theory,
+        "theory": {"centers": centers_bytes, "optimizer_state": state_bytes, "sampled_logits": logits_bytes},
+        "peak_over_theory": (peak_bytes - base_rss) / theory,
+        "largest_alloc_elems": tracker.largest,
+        "largest_alloc_op": tracker.largest_op,
+        "shard_elems": classes * DIM,
+        "cxd_alloc_per_step": tracker.largest >= classes * DIM,
+    }
+
+
+def full_fc_step(
+    weight: torch.nn.Parameter,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    dtype: torch.dtype,
+) -> None:
+    """The obvious full FC: normalize W, linear, ArcFace margin, cross-entropy, SGD over all of W."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        cos = F.linear(F.normalize(x), F.normalize(weight)).float()
+    target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
+    logits = cos.scatter(1, labels[:, None], torch.cos(torch.acos(target) + MARGIN)) * SCALE
+    F.cross_entropy(logits, labels).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_full_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The obvious full-FC step for one (C, B, dtype), alternating with its own full-size GEMM floor."""
+    torch.set_num_threads(cfg["threads"])
+    dtype = DTYPES[cfg["dtype"]]
+    classes, batch = cfg["classes"], cfg["batch"]
+    gen = torch.Generator().manual_seed(1)
+    base_rss = current_rss()
+    peak_reset = reset_peak_rss()
+    weight = torch.nn.Parameter(torch.randn(classes, DIM, generator=gen).mul_(0.01))
+    optimizer = torch.optim.SGD([weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    xs = [torch.randn(batch, DIM, generator=gen).requires_grad_() for _ in range(2)]
+    labels = [torch.randint(0, classes, (batch,), generator=gen) for _ in range(2)]
+
+    def step(i: int) -> float:
+        t0 = time.perf_counter()
+        full_fc_step(weight, optimizer, xs[i % 2], labels[i % 2], dtype)
+        return (time.perf_counter() - t0) * 1e3
+
+    warm = [step(i) for i in range(cfg["warmup"])]
+    peak_bytes = peak_rss() if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    floor = GemmFloor(weight.detach() if dtype == torch.float32 else weight.detach().to(dtype), batch, dtype)
+    steps, floors = [], []
+    for i in range(cfg["steps"]):
+        floors.append(floor.run_ms())
+        steps.append(step(i))
+    step_ms, floor_ms = summary(steps), summary(floors)
+    return {
+        **cfg,
+        "kind": "full_fc",
+        "step_ms": step_ms,
+        "floor_ms": floor_ms,
+        "step_over_floor": step_ms["med"] / floor_ms["med"],
+        "warmup_step_ms": warm,
+        "peak_bytes": peak_bytes - base_rss,
+    }
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+def estimate_head_gib(classes: int, batch: int, rate: float, dtype: str) -> float:
+    """Rough peak of a head config plus its floor buffers (for skipping what cannot fit)."""
+    item = 2 if dtype == "bf16" else 4
+    width = classes if rate >= 1.0 else int(rate * classes)
+    state = 2 * classes * DIM * item
+    transient = width * DIM * (4 + 2 * item) + 5 * batch * width * 4
+    return (state + transient) / GIB
+
+
+def estimate_full_gib(classes: int, batch: int) -> float:
+    """Rough peak of the obvious full FC (fp32 W, grad, momentum, ~3 C x D and ~6 B x C temporaries)."""
+    return (classes * DIM * 4 * 6 + 6 * batch * classes * 4) / GIB
+
+
+def run_worker(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one config in a fresh Python process; a crash or timeout becomes an error record."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    t0 = time.time()
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {**cfg, "error": f"exit {done.returncode}: {done.stderr.strip()[-600:]}"}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Configs in run order: per (C, B, dtype) group, the full FC first, then every (rate, mode)."""
+    configs = []
+    for classes in args.classes:
+        for batch in args.batch:
+            for dtype in args.dtypes:
+                common = {"classes": classes, "batch": batch, "dtype": dtype, "threads": args.threads}
+                large = classes >= args.large_from
+                if args.baseline_steps > 0:
+                    full = {
+                        **common,
+                        "kind": "full_fc",
+                        "warmup": 1,
+                        "steps": args.baseline_steps_large if large else args.baseline_steps,
+                    }
+                    estimate = estimate_full_gib(classes, batch)
+                    if estimate > args.max_gib:
+                        full["skipped"] = f"estimated {estimate:.1f} GiB > --max-gib {args.max_gib}"
+                    configs.append(full)
+                for rate in args.rates:
+                    for mode in args.modes:
+                        cfg = {
+                            **common,
+                            "kind": "head",
+                            "rate": rate,
+                            "mode": mode,
+                            "warmup": args.warmup,
+                            "steps": args.steps_large if large else args.steps,
+                        }
+                        estimate = estimate_head_gib(classes, batch, rate, dtype)
+                        if estimate > args.max_gib:
+                            cfg["skipped"] = f"estimated {estimate:.1f} GiB > --max-gib {args.max_gib}"
+                        configs.append(cfg)
+    return configs
+
+
+def load_average() -> list[float]:
+    return list(os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse flags, run the selected grid (one subprocess per config) and write JSON + Markdown."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", nargs="+", type=parse_count, default=[100_000, 1_000_000])
+    parser.add_argument("--batch", nargs="+", type=int, default=[128, 512])
+    parser.add_argument("--rates", nargs="+", type=float, default=[1.0, 0.3, 0.1])
+    parser.add_argument("--modes", nargs="+", choices=("dense", "sparse"), default=["dense", "sparse"])
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--warmup", type=int, default=1, help="untimed head steps (peak RSS is read after)")
+    parser.add_argument("--steps", type=int, default=3, help="timed head steps, each after one floor")
+    parser.add_argument("--steps-large", type=int, default=2, help="timed head steps at C >= --large-from")
+    parser.add_argument("--baseline-steps", type=int, default=2, help="timed full-FC steps; 0 = no baseline")
+    parser.add_argument("--baseline-steps-large", type=int, default=1)
+    parser.add_argument("--large-from", type=parse_count, default=1_000_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-gib", type=float, default=14.0, help="skip configs estimated above this")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per config subprocess")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--append", action="store_true", help="add to an existing OUT.json instead")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        cfg = json.loads(args.worker)
+        result = run_head_config(cfg) if cfg["kind"] == "head" else run_full_config(cfg)
+        print(json.dumps(result))
+        return result
+
+    command = "python benchmarks/head.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report: dict[str, Any] = {
+        "command": command,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_"))},
+        },
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_start": load_average(),
+        "results": [],
+    }
+    for cfg in plan(args):
+        if "skipped" in cfg:
+            result = cfg
+        else:
+            result = run_worker(cfg, args.timeout)
+        report["results"].append(result)
+        print(one_line(result), flush=True)
+    report["load_average_end"] = load_average()
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    add_speedups(report["results"])
+    if args.out is not None and args.append and args.out.with_suffix(".json").exists():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        report["runs"] = previous.get("runs", [_run_info(previous)]) + [_run_info(report)]
+        report["results"] = previous["results"] + report["results"]
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(report))
+    return report
+
+
+def _run_info(report: dict[str, Any]) -> dict[str, Any]:
+    """The per-invocation fields of a report (kept per run when results are appended)."""
+    keys = ("command", "started", "finished", "load_average_start", "load_average_end")
+    return {key: report.get(key) for key in keys}
+
+
+def add_speedups(results: list[dict[str, Any]]) -> None:
+    """speed-up = full-FC median step / head median step, same (C, B, dtype) group of this run."""
+    full = {(r["classes"], r["batch"], r["dtype"]): r for r in results if r.get("kind") == "full_fc"}
+    for r in results:
+        base = full.get((r["classes"], r["batch"], r["dtype"]))
+        if r.get("kind") == "head" and "step_ms" in r and base is not None and "step_ms" in base:
+            r["speedup_vs_full_fc"] = base["step_ms"]["med"] / r["step_ms"]["med"]
+
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    return f"{r[key]['min']:.0f} / {r[key]['med']:.0f} / {r[key]['max']:.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The human-readable table of a report (what benchmarks/results/head_cpu.md holds)."""
+    lines = [
+        "# Partial FC head benchmark (CPU, world size 1, D = 512)",
+        "",
+        "Produced by (from the repo root):",
+        "",
+    ]
+    for run in report.get("runs", [_run_info(report)]):
+        lines += [
+            f"    PYTHONPATH=. .venv/bin/{run['command']}",
+            "",
+            f"(started {run['started']}, finished {run.get('finished', '?')}; load average 1/5/15 min "
+            f"{_loads(run['load_average_start'])} at start, "
+            f"{_loads(run.get('load_average_end') or [])} at end)",
+            "",
+        ]
+    lines += [
+        f"{report['machine']['cpu_count']} CPUs, {report['machine']['threads']} torch threads, torch "
+        f"{report['machine']['torch']}. The machine is shared: absolute times are noisy; step/floor ratios "
+        "are taken within one process with head steps and floor GEMMs alternating.",
+        "",
+        "| C | B | dtype | rate | mode | C' | step ms min/med/max | floor ms min/med/max | step/floor "
+        "| fwd / bwd / opt ms | peak GiB | theory GiB | peak/theory | largest alloc / (C*D) | vs full FC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if r.get("kind") != "head":
+            continue
+        head = f"| {r['classes']:,} | {r['batch']} | {r['dtype']} | {r['rate']} | {r['mode']} "
+        if "skipped" in r or "error" in r:
+            lines.append(head + f"| {r.get('skipped') or r.get('error')} |" + " |" * 9)
+            continue
+        phases = " / ".join(f"{r['phase_ms'][p]:.0f}" for p in ("fwd", "bwd", "opt"))
+        speedup = f"{r['speedup_vs_full_fc']:.1f}x" if "speedup_vs_full_fc" in r else "n/a"
+        lines.append(
+            head + f"| {r['num_sampled']:,} | {_cell(r, 'step_ms')} | {_cell(r, 'floor_ms')} "
+            f"| **{r['step_over_floor']:.2f}** | {phases} | {r['peak_bytes'] / GIB:.2f} "
+            f"| {r['theory_bytes'] / GIB:.2f} | **{r['peak_over_theory']:.2f}** "
+            f"| {r['largest_alloc_elems'] / r['shard_elems']:.3f} | {speedup} |"
+        )
+    lines += [
+        "",
+        "Obvious full FC (normalize W, linear, ArcFace, cross-entropy, torch.optim.SGD over all of W):",
+        "",
+        "| C | B | dtype | step ms min/med/max | full-size floor ms | step/floor | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if r.get("kind") != "full_fc":
+            continue
+        head = f"| {r['classes']:,} | {r['batch']} | {r['dtype']} "
+        if "skipped" in r or "error" in r:
+            lines.append(head + f"| {r.get('skipped') or r.get('error')} | | | |")
+            continue
+        lines.append(
+            head + f"| {_cell(r, 'step_ms')} | {r['floor_ms']['med']:.0f} "
+            f"| {r['step_over_floor']:.2f} | {r['peak_bytes'] / GIB:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _loads(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) or "?"
+
+
+def one_line(r: dict[str, Any]) -> str:
+    """A progress line for the console."""
+    name = f"{r['kind']:7s} C={r['classes']:>8d} B={r['batch']:>3d} {r['dtype']}"
+    if r.get("kind") == "head":
+        name += f" r={r['rate']:.1f} {r['mode']:6s}"
+    if "skipped" in r or "error" in r:
+        return f"{name}  {r.get('skipped') or r.get('error')}"
+    text = f"{name}  step {r['step_ms']['med']:9.1f} ms  floor {r['floor_ms']['med']:9.1f}"
+    text += f"  x{r['step_over_floor']:.2f}"
+    if r["kind"] == "head":
+        text += f"  peak {r['peak_bytes'] / GIB:.2f} GiB ({r['peak_over_theory']:.2f}x)"
+        text += f"  CxD {r['cxd_alloc_per_step']}"
+    return text + f"  [{r.get('wall_s', 0):.0f} s]"
+
+
+if __name__ == "__main__":
+    main()

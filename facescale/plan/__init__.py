@@ -1,0 +1,23 @@
+"""`facescale plan`: per-rank memory and per-step communication of a run, from the real layer definitions.
+
+Nothing is allocated: the backbone is built on the meta device, the center optimizer's buffers too, and the
+class partition is `facescale.dist.partition.class_partition`, so a 512-rank plan runs in seconds on a laptop.
+"""
+
+from facescale.plan.backbone import BackboneStats, backbone_stats, saved_tensor_bytes
+from facescale.plan.head import HeadShard, head_shard
+from facescale.plan.run import RankPlan, plan_rank, resolve_num_classes
+from facescale.plan.zero import ZeroMemory, zero_memory
+
+__all__ = [
+    "BackboneStats",
+    "HeadShard",
+    "RankPlan",
+    "ZeroMemory",
+    "backbone_stats",
+    "head_shard",
+    "plan_rank",
+    "resolve_num_classes",
+    "saved_tensor_bytes",
+    "zero_memory",
+]

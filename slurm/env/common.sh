@@ -1,0 +1,60 @@
+# Sourced by slurm/*.sh inside the batch shell: settings every cluster shares, the rendezvous address and
+# helpers. The per-cluster profile (slurm/env/${FACESCALE_CLUSTER:-default}.sh) is sourced after this file
+# and may override anything here.
+
+export PYTHONUNBUFFERED=1          # log lines reach the job's output file as they are written
+export PYTHONFAULTHANDLER=1        # Python stacks on SIGSEGV/SIGABRT (e.g. a NCCL abort)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+
+# NCCL error handling: tear down on a failed or timed-out collective (3 = PyTorch's default; the new
+# TORCH_NCCL_* names only) and dump the flight recorder of every rank into the run directory on timeout.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}
+export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
+# srun in Slurm >= 22.05 no longer inherits --cpus-per-task from the allocation.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+
+# Rendezvous: the first host of the job; a port derived from the job id and the requeue count, so
+# concurrent jobs on shared nodes and a requeued job (same id) never reuse a port (launcher/ports.py).
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
+MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 7919 * ${SLURM_RESTART_COUNT:-0}) % 20000))}
+export MASTER_ADDR MASTER_PORT
+
+# The interpreter: $PYTHON, else the repository's .venv (made by `make venv`), else python3 on PATH.
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=$PWD/.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHON
+
+facescale_banner() {
+  # One block at the top of every (re)start: what ran where, for post-mortems.
+  echo "=== facescale job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} $(date -Is)"
+  echo "    nodes ${SLURM_JOB_NODELIST} (${SLURM_JOB_NUM_NODES} x ${SLURM_NTASKS_PER_NODE:-?} tasks)" \
+       "gpus/node ${SLURM_GPUS_ON_NODE:-0} master ${MASTER_ADDR}:${MASTER_PORT}"
+  echo "    repo $(git rev-parse --short HEAD 2>/dev/null || echo '?') config ${CONFIG} run_dir ${RUN_DIR}"
+  echo "    python ${PYTHON} cluster profile ${FACESCALE_CLUSTER:-default}"
+}
+
+facescale_requeue_or_exit() {
+  # $1 = exit code of the training step. Code 3 (launcher/preemption.py) or the requeue marker means
+  # "checkpoint saved, please restart me": requeue the same job id (same run directory -> resume).
+  local rc=$1 marker=${FACESCALE_REQUEUE_MARKER:-}
+  local wanted=0
+  if [[ "$rc" -eq 3 ]]; then wanted=1; fi
+  if [[ "$rc" -ne 0 && -n "$marker" && -f "$marker" ]]; then wanted=1; fi
+  if [[ -n "$marker" ]]; then rm -f "$marker"; fi
+  if [[ "$wanted" -eq 1 ]]; then
+    if [[ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_REQUEUES:-20}" ]]; then
+      echo "=== preempted again but already requeued ${SLURM_RESTART_COUNT} times (MAX_REQUEUES); giving up"
+      exit 3
+    fi
+    echo "=== training saved a checkpoint for preemption (rc=$rc): requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "=== training ended with exit code $rc at $(date -Is)"
+  exit "$rc"
+}

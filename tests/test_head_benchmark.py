@@ -1,0 +1,96 @@
+"""benchmarks/head.py at a tiny size (so the script cannot rot), and the head's fast paths it measures:
+lazily formed center gradients, cached center norms and the per-step timing the trainer logs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from facescale.config.schema import MarginConfig
+from facescale.heads.margins import build_margin
+from facescale.heads.norm_linear import inverse_row_norms
+from facescale.heads.partial_fc import PartialFCHead
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("head_benchmark", REPO / "benchmarks" / "head.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_script_runs_a_tiny_grid_and_writes_json_and_markdown(tmp_path: Path) -> None:
+    bench = _benchmark_module()
+    out = tmp_path / "head_tiny"
+    argv = ["--classes", "2000", "--batch", "16", "--rates", "1.0", "0.1", "--modes", "sparse",
+            "--dtypes", "fp32", "--warmup", "1", "--steps", "1", "--baseline-steps", "1", "--threads", "1",
+            "--out", str(out)]  # fmt: skip
+    bench.main(argv)
+    report = json.loads(out.with_suffix(".json").read_text())
+    heads = {r["rate"]: r for r in report["results"] if r["kind"] == "head"}
+    full = [r for r in report["results"] if r["kind"] == "full_fc"]
+    assert not [r for r in report["results"] if "error" in r], report["results"]
+    assert set(heads) == {1.0, 0.1} and len(full) == 1
+    assert heads[0.1]["num_sampled"] == 200 and heads[1.0]["num_sampled"] == 2000
+    for r in heads.values():
+        assert r["step_ms"]["med"] > 0 and r["floor_ms"]["med"] > 0 and r["speedup_vs_full_fc"] > 0
+        assert r["theory_bytes"] > 0 and r["peak_bytes"] > 0
+        assert r["head_last_step_ms"] > 0
+    # at C = 2000 the whole shard is one optimizer block, so only the sampled step is free of C x D
+    assert not heads[0.1]["cxd_alloc_per_step"], heads[0.1]["largest_alloc_op"]
+    markdown = out.with_suffix(".md").read_text()
+    assert "benchmarks/head.py --classes 2000" in markdown
+    assert "| 2,000 | 16 | fp32 | 0.1 | sparse |" in markdown
+
+
+def test_plan_skips_what_cannot_fit_and_parses_counts() -> None:
+    bench = _benchmark_module()
+    assert bench.parse_count("100k") == 100_000 and bench.parse_count("1M") == 1_000_000
+    args = bench.argparse.Namespace(
+        classes=[10_000_000], batch=[512], rates=[1.0], modes=["dense"], dtypes=["fp32"], threads=1,
+        large_from=1_000_000, baseline_steps=1, baseline_steps_large=1, warmup=1, steps=1, steps_large=1,
+        max_gib=14.0,
+    )  # fmt: skip
+    configs = bench.plan(args)
+    assert [c["kind"] for c in configs] == ["full_fc", "head"]
+    assert all("skipped" in c for c in configs)
+
+
+def _head(update: str, dtype: torch.dtype, rate: float = 0.3) -> PartialFCHead:
+    return PartialFCHead(
+        500, 16, build_margin(MarginConfig()), seed=3, sample_rate=rate, update=update, storage_dtype=dtype
+    )
+
+
+@pytest.mark.parametrize("update", ["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_center_norms_match_recomputed_ones_after_steps(update: str, dtype: torch.dtype) -> None:
+    head = _head(update, dtype)
+    head.center_optimizer.block_rows = 64  # several blocks per step
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randn(8, 16, generator=gen).requires_grad_()
+        loss, _ = head(x, torch.randint(0, 500, (8,), generator=gen), step)
+        loss.backward()
+        head.optimizer_step(0.5)
+        cached = head._center_inv_norms()
+        torch.testing.assert_close(cached, inverse_row_norms(head.centers, torch.float32), rtol=0, atol=0)
+    head.centers.mul_(2.0)  # written outside optimizer_step: the cache must notice
+    torch.testing.assert_close(head._center_inv_norms(), inverse_row_norms(head.centers, torch.float32))
+
+
+def test_head_reports_step_timing_for_the_trainer() -> None:
+    head = _head("sparse", torch.float32)
+    x = torch.randn(8, 16).requires_grad_()
+    loss, _ = head(x, torch.arange(8), 0)
+    loss.backward()
+    head.optimizer_step(0.1)
+    parts = (head.last_forward_ms, head.last_backward_ms, head.last_optimizer_ms)
+    assert all(part > 0 for part in parts)
+    assert head.last_step_ms == pytest.approx(sum(parts))
