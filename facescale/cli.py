@@ -8,7 +8,7 @@ import sys
 
 from facescale.config.load import ConfigError
 
-COMMAND_MODULES = ("train", "synth", "eval", "plan")
+COMMAND_MODULES = ("train", "synth", "eval", "plan", "data", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from pathlib import Path
 from launcher.ports import free_port
 
 DATA = Path("data/synthetic")
+PFC_CONFIG, DCP_CONFIG = "configs/synthetic.yaml", "configs/synthetic_dcp.yaml"
 SYNTH = {"identities": 2000, "images_per_identity": 16, "holdout_identities": 300, "seed": 7}
 
 
@@ -57,33 +58,70 @@ def train(ranks: int, config: str, run_dir: Path, overrides: list[str]) -> dict:
     return json.loads((run_dir / "result.json").read_text())
 
 
+def _pfc_line(pfc_dir: Path, steps: int) -> str:
+    """The held-out accuracy of an earlier `make demo` (Partial FC) run, to read beside the DCP run."""
+    path = pfc_dir / "result.json"
+    if not path.is_file():
+        return f"no run in {pfc_dir} yet (`make demo` trains it on the same data)"
+    pfc = json.loads(path.read_text())
+    ver = pfc["eval"].get("verify", {})
+    return f"{100 * ver.get('accuracy', float('nan')):.2f}% after {pfc['steps']} steps (this run: {steps})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--sample-rate", type=float, default=0.1)
-    p.add_argument("--mode", choices=["pfc"], default="pfc")
-    p.add_argument("--config", default="configs/synthetic.yaml")
+    p.add_argument("--mode", choices=["pfc", "dcp"], default="pfc")
+    p.add_argument("--config", default=None, help=f"default: {PFC_CONFIG} (pfc), {DCP_CONFIG} (dcp)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
     args = p.parse_args(argv)
 
     ensure_data(DATA)
-    run_dir = Path(args.out) / f"{args.mode}_r{args.sample_rate:g}"
+    pfc_dir = Path(args.out) / f"pfc_r{args.sample_rate:g}"
+    if args.mode == "dcp":
+        run_dir, config, overrides = Path(args.out) / "dcp", args.config or DCP_CONFIG, list(args.set)
+    else:
+        config = args.config or PFC_CONFIG
+        run_dir, overrides = pfc_dir, [f"head.sample_rate={args.sample_rate}", *args.set]
     t0 = time.perf_counter()
-    result = train(args.ranks, args.config, run_dir, [f"head.sample_rate={args.sample_rate}", *args.set])
+    result = train(args.ranks, config, run_dir, overrides)
     wall = time.perf_counter() - t0
     ver = result["eval"].get("verify", {})
     acc, base = ver.get("accuracy", float("nan")), ver.get("pixel_accuracy", float("nan"))
     print("\n================ facescale demo ================")
     print(f"ranks                 : {args.ranks} (CPU, gloo, DeepSpeed)")
-    print(f"sample rate           : {args.sample_rate}")
+    if args.mode == "dcp":
+        print(f"head                  : F2C dynamic class pool ({config})")
+    else:
+        print(f"sample rate           : {args.sample_rate}")
     print(f"steps                 : {result['steps']}  final loss {result['final_loss']:.3f}")
     print(f"held-out accuracy     : {100 * acc:.2f}%  (10-fold, {ver.get('num_pairs', '?')} pairs)")
     print(f"raw-pixel baseline    : {100 * base:.2f}%  (same pairs)")
     print(f"gain over pixels      : {100 * (acc - base):+.2f} points")
+    if args.mode == "dcp":
+        print(f"Partial FC, same data : {_pfc_line(pfc_dir, result['steps'])}")
     print(f"throughput            : {result['samples_per_s']:.0f} images/s  (wall {wall:.0f} s)")
     print(f"TensorBoard           : .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'}")
+    print_comparison(Path(args.out))
     return 0
+
+
+def print_comparison(out: Path) -> None:
+    """Every finished demo run side by side (e.g. after `make demo` and `make demo SAMPLE_RATE=1.0`)."""
+    rows = []
+    for result_file in sorted(out.glob("*/result.json")):
+        r = json.loads(result_file.read_text())
+        ver = r["eval"].get("verify", {})
+        rows.append((result_file.parent.name, r["steps"], ver.get("accuracy", float("nan")),
+                     ver.get("pixel_accuracy", float("nan")), r["samples_per_s"]))
+    if len(rows) < 2:
+        return
+    print("\nruns so far (same data, same step budget):")
+    print(f"  {'run':<14}{'steps':>7}{'accuracy':>10}{'pixels':>9}{'img/s':>8}")
+    for name, steps, acc, base, ips in rows:
+        print(f"  {name:<14}{steps:>7}{100 * acc:>9.2f}%{100 * base:>8.2f}%{ips:>8.0f}")
 
 
 if __name__ == "__main__":

@@ -118,3 +118,18 @@ def test_sharded_world_one_equals_replicated_with_eviction():
         b, _ = sh(*args)
         torch.testing.assert_close(a, b)
     assert torch.equal(rep.pool.features, sh.pool.features)
+
+
+def test_local_margin_ce_equals_the_distributed_one_on_one_rank():
+    from facescale.f2c.loss import local_margin_cross_entropy
+    from facescale.heads.dist_cross_entropy import margin_cross_entropy
+
+    spec = build_margin(MarginConfig(type="arcface", s=32.0, m2=0.5, interclass_filtering_threshold=0.3))
+    cos = (torch.rand(6, 9, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_()
+    targets = torch.tensor([0, 3, 8, 2, 2, 5])
+    a = local_margin_cross_entropy(cos, targets, spec)
+    (ga,) = torch.autograd.grad(a, cos)
+    b = margin_cross_entropy(cos, targets, spec)
+    (gb,) = torch.autograd.grad(b, cos)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)

@@ -20,7 +20,7 @@ import pytest
 from launcher.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-INIT_TIMEOUT_S = 40  # start-up of 2 ranks on 2 busy cores fits easily
+INIT_TIMEOUT_S = 30  # start-up of 2 ranks on 2 busy cores fits easily
 TRAIN_TIMEOUT_S = 8
 
 

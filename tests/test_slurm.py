@@ -138,6 +138,27 @@ def test_sbatch_train_42m_runs_on_two_nodes(slurm_cluster, shards, tmp_path):
     assert json.loads((run_dir / "result.json").read_text())["steps"] == 4
 
 
+def test_sbatch_torchrun_per_node_script(slurm_cluster, shards, tmp_path):
+    args = _sbatch_args(tmp_path, shards, 2, "logging.every_steps=1")
+    args = ["--ntasks-per-node=1", "--cpus-per-task=2"] + [
+        a for a in args if not a.startswith(("--ntasks-per-node", "--cpus-per-task"))
+    ]
+    args[args.index("slurm/train_42m.sh")] = "slurm/train_torchrun.sh"
+    proc = subprocess.run(
+        ["bash", str(SLURM_TOOLS / "sbatch-wait.sh"), *args],
+        cwd=REPO,
+        env={**_job_env(tmp_path), "NPROC_PER_NODE": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    job_id = proc.stdout.split()[0] if proc.stdout.split() else "?"
+    log = next(tmp_path.glob("slurm-*.out"), None)
+    assert proc.returncode == 0, proc.stderr[-2000:] + (log.read_text()[-5000:] if log else "")
+    step_dir = tmp_path / "runs" / f"{JOB_NAME}-{job_id}" / "checkpoints" / "step_00000002"
+    assert len(list((step_dir / "head").iterdir())) == 4  # 2 nodes x 2 ranks from 2 torchrun agents
+
+
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, shards, tmp_path):
     steps = 120
     args = _sbatch_args(tmp_path, shards, steps, "logging.every_steps=5", "checkpoint.every_steps=0")
@@ -182,7 +203,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, shard
     saved_step = int(preempted.group(1))
     assert 10 <= saved_step < steps
     assert f"requeueing job {job_id}" in text
-    assert re.search(rf"resumed from \S+step_{saved_step:08d} at step {saved_step}\b", text), text[-5000:]
+    assert re.search(rf"resumed from \S+step_{saved_step:08d}\b.* at step {saved_step}\b", text), text[-5000:]
     assert text.count("=== facescale job") == 2  # the log was appended to, not truncated
     assert json.loads((run_dir / "result.json").read_text())["steps"] == steps
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"

@@ -51,7 +51,7 @@ def test_dali_cpu_pipeline_reads_the_synth_shards(small_set):
 
     out, manifest = small_set
     pipe = build_pipeline([str(p) for p in manifest.shard_paths()], [str(p) for p in manifest.index_paths()],
-                          rank=0, world_size=1, batch_size=4, num_threads=1, device_id=None, seed=0,
+                          shard_id=0, world_size=1, batch_size=4, num_threads=1, device_id=None, seed=0,
                           shuffle_buffer=1, mirror=False, random_shuffle=False)
     _, samples = _read_shards(out)
     for start in range(0, 24, 4):

@@ -15,6 +15,8 @@ def _run(args: argparse.Namespace) -> int:
         holdout_identities=args.holdout_identities,
         seed=args.seed,
         image_size=args.image_size,
+        verify_pairs=args.verify_pairs,
+        overwrite=args.overwrite,
     )
     print(f"[synth] wrote {m.num_samples} images of {m.num_classes} identities to {args.out}")
     return 0
@@ -28,4 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--holdout-identities", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--verify-pairs", type=int, default=3000, help="pairs in verify.bin (half same identity)")
+    s.add_argument("--overwrite", action="store_true", help="replace shards and verify.bin already in --out")
     s.set_defaults(func=_run)

@@ -111,6 +111,9 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = only at the end
     keep_last: int = 3
     resume: str = "auto"  # auto | none | <path>
+    # loss guard: a step with a non-finite loss or gradient is skipped; more than this many in a row save
+    # the last good state and stop the run (0 = stop at the first one)
+    max_bad_steps: int = 10
 
 
 @dataclass

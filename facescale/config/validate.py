@@ -134,6 +134,12 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.checkpoint.keep_last >= 1, source, "checkpoint.keep_last", "must be >= 1")
     _check(
+        cfg.checkpoint.max_bad_steps >= 0,
+        source,
+        "checkpoint.max_bad_steps",
+        "must be >= 0 (non-finite steps in a row tolerated before the run stops)",
+    )
+    _check(
         cfg.checkpoint.every_steps >= 0,
         source,
         "checkpoint.every_steps",

@@ -95,12 +95,14 @@ class DcpHead(nn.Module):
         stats = {"cls": 0.0, "neg": 0.0, "pooled": 0.0, "probes": 0.0}
         trial = self._pass(probe_x, labels_x, gallery_y, labels_y, commit=False, stats=stats)
         commit = self._pass(probe_y, labels_y, gallery_x, labels_x, commit=True, stats=stats)
-        fill = all_gather_ints([self.pool.fill()], self.pool.features.device, self.group)
+        fill = self.pool.fill()
+        if self.pool_mode == "sharded":
+            fill = sum(row[0] for row in all_gather_ints([fill], self.pool.features.device, self.group))
         out = {
             "classification_loss": stats["cls"],
             "outlier_loss": stats["neg"],
             "pooled_probe_fraction": stats["pooled"] / max(1.0, stats["probes"]),
-            "pool_fill": sum(row[0] for row in fill) / self.queue_size,
+            "pool_fill": fill / self.queue_size,
             "top_k": float(self.top_k),
         }
         return trial + commit, out

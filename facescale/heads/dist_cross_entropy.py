@@ -32,7 +32,9 @@ class _MarginCrossEntropy(torch.autograd.Function):
     """Fused margin + scale + filter + distributed softmax cross-entropy; see `margin_cross_entropy`."""
 
     @staticmethod
-    def forward(ctx: Any, cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any) -> Tensor:
+    def forward(
+        ctx: Any, cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any, in_place: bool
+    ) -> Tensor:
         acc_dtype = torch.promote_types(cos.dtype, torch.float32)
         cos = cos.to(acc_dtype)
         num_rows = cos.shape[0]
@@ -47,7 +49,8 @@ class _MarginCrossEntropy(torch.autograd.Function):
             target_logit = spec.target_margin(target_cos) * spec.scale
         target_logit_value = torch.where(has_target, target_logit.detach(), 0.0)
 
-        logits = cos * spec.scale
+        in_place = in_place and spec.filter_threshold == 0 and cos.dtype == acc_dtype
+        logits = cos.mul_(spec.scale) if in_place else cos * spec.scale
         if spec.filter_threshold > 0:
             logits.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
         if cos.shape[1]:
@@ -65,20 +68,21 @@ class _MarginCrossEntropy(torch.autograd.Function):
         probs.div_(sum_exp[:, None])
         loss = (sum_exp.log() + row_max - global_target_logit).mean()
 
-        ctx.spec, ctx.num_rows = spec, num_rows
+        ctx.spec, ctx.num_rows, ctx.in_place = spec, num_rows, in_place
         ctx.save_for_backward(probs, cos if spec.filter_threshold > 0 else None, target_col)
         ctx.margin_graph = (target_cos, target_logit)
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         probs, cos, target_col = ctx.saved_tensors
         spec = ctx.spec
         target_cos, target_logit = ctx.margin_graph
         has_target = target_col >= 0
         safe_col = target_col.clamp_min(0)[:, None]
         grad_logit_scale = grad_loss.to(probs.dtype) / ctx.num_rows
-        grad = probs * (grad_logit_scale * spec.scale)  # d loss/d cos for non-target, unfiltered columns
+        factor = grad_logit_scale * spec.scale  # d loss/d cos for non-target, unfiltered columns:
+        grad = probs.mul_(factor) if ctx.in_place else probs * factor
         if spec.filter_threshold > 0:
             grad.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
         if grad.shape[1]:
@@ -89,19 +93,22 @@ class _MarginCrossEntropy(torch.autograd.Function):
             )
             current = grad.gather(1, safe_col).squeeze(1)
             grad.scatter_(1, safe_col, torch.where(has_target, grad_target_cos, current)[:, None])
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def margin_cross_entropy(
-    cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any = None
+    cos: Tensor, target_col: Tensor, spec: MarginSoftmaxSpec, group: Any = None, in_place: bool = False
 ) -> Tensor:
     """Global-mean margin softmax loss from local cosines [N, C_local] and target columns [N] (-1: not here).
 
     Every global row must have its target column on exactly one rank. The result is the same scalar on
     every rank; backward gives d loss/d cos for the local columns only (no collective needed).
+    `in_place` (used by the head with its reused buffer): `cos` is overwritten by the logits, then the
+    probabilities, then the gradient, instead of allocating three more [N, C_local] tensors (ignored with the
+    inter-class filter, which needs the cosines in backward).
     """
     if cos.dim() != 2 or target_col.shape != (cos.shape[0],):
         raise ValueError(
             f"cos must be [N, C] and target_col [N]; got {tuple(cos.shape)}, {tuple(target_col.shape)}"
         )
-    return _MarginCrossEntropy.apply(cos, target_col.long(), spec, group)
+    return _MarginCrossEntropy.apply(cos, target_col.long(), spec, group, in_place)

@@ -86,18 +86,31 @@ class _NormLinear(torch.autograd.Function):
     """Autograd Function behind `norm_linear`; saves x-hat, W, r (and the cosines when it forms dW itself)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, sink: CenterGrad | None, w_inv: Tensor | None) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        sink: CenterGrad | None,
+        w_inv: Tensor | None,
+        out_holder: tuple[Tensor | None],
+    ) -> Tensor:
         gemm_dtype = torch.promote_types(x.dtype, weight.dtype)
         acc_dtype = _accumulate_dtype(gemm_dtype)
         x_inv = inverse_row_norms(x, acc_dtype)
         x_hat = (x.to(acc_dtype) * x_inv[:, None]).to(gemm_dtype)
         w_inv = inverse_row_norms(weight, acc_dtype) if w_inv is None else w_inv.to(acc_dtype)
-        raw = x_hat @ weight.to(gemm_dtype).t()
-        if raw.dtype == acc_dtype:
-            cos = raw.mul_(w_inv[None, :])
+        (out,) = out_holder  # in a tuple so autograd does not treat the returned buffer as a view of an input
+        reuse = out is not None and out.dtype == acc_dtype and out.shape == (x.shape[0], weight.shape[0])
+        if gemm_dtype == acc_dtype:
+            w_gemm = weight.to(gemm_dtype)  # a copy only for mixed inputs (fp32 x, bf16 centers)
+            cos = torch.mm(x_hat, w_gemm.t(), out=out) if reuse else x_hat @ w_gemm.t()
+            cos.mul_(w_inv[None, :])
         else:  # one pass: up-cast and scale together
-            cos = torch.mul(raw, w_inv[None, :])
+            raw = x_hat @ weight.to(gemm_dtype).t()
+            cos = torch.mul(raw, w_inv[None, :], out=out) if reuse else torch.mul(raw, w_inv[None, :])
+            del raw
         cos.clamp_(-1.0, 1.0)
+        ctx.grad_in_place = reuse
         ctx.save_for_backward(x_hat, x_inv, weight, w_inv, None if sink is not None else cos)
         ctx.x_dtype, ctx.sink = x.dtype, sink
         if sink is not None:
@@ -105,13 +118,16 @@ class _NormLinear(torch.autograd.Function):
         return cos
 
     @staticmethod
-    def backward(ctx: Any, grad_cos: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad_cos: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         x_hat, x_inv, weight, w_inv, cos = ctx.saved_tensors
         gemm_dtype = x_hat.dtype
         acc_dtype = w_inv.dtype
         grad_x = grad_w = None
-        grad_scaled = torch.empty(grad_cos.shape, dtype=gemm_dtype, device=grad_cos.device)
-        torch.mul(grad_cos, w_inv[None, :], out=grad_scaled)  # G * r, N x C', straight into the GEMM dtype
+        if ctx.grad_in_place and grad_cos.dtype == gemm_dtype and grad_cos.is_contiguous():
+            grad_scaled = grad_cos.mul_(w_inv[None, :])  # G * r in the caller's buffer (see norm_linear)
+        else:
+            grad_scaled = torch.empty(grad_cos.shape, dtype=gemm_dtype, device=grad_cos.device)
+            torch.mul(grad_cos, w_inv[None, :], out=grad_scaled)  # G * r, N x C', in the GEMM dtype
         if ctx.needs_input_grad[0]:
             grad_x_hat = (grad_scaled @ weight.to(gemm_dtype)).to(acc_dtype)
             x_hat_acc = x_hat.to(acc_dtype)
@@ -123,7 +139,7 @@ class _NormLinear(torch.autograd.Function):
             grad_w = (grad_scaled.t() @ x_hat).to(acc_dtype)
             radial_w = (grad_cos.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv).mul_(w_inv)  # r^2 sum_b G*cos
             grad_w.addcmul_(weight, radial_w[:, None], value=-1.0)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 def norm_linear(
@@ -131,14 +147,18 @@ def norm_linear(
     weight: Tensor,
     center_grad: CenterGrad | None = None,
     weight_inv_norms: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Cosine similarity matrix [N, C'] between rows of x [N, D] and rows of weight [C', D], in fp32+.
 
     With `center_grad`, backward leaves weight.grad unset and fills `center_grad` instead (see module doc).
     `weight_inv_norms` ([C'], accumulate dtype, no grad): 1/||w|| when the caller keeps them up to date.
+    `out` ([N, C'], accumulate dtype): a reused buffer for the cosines; passing it also lets backward
+    overwrite the incoming gradient with G*r in place, so only pass it when that gradient is yours to
+    consume (the head's chain: cosines -> logits -> probabilities -> gradient, all in one buffer).
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"norm_linear needs x [N, D] and weight [C, D]; got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    return _NormLinear.apply(x, weight, center_grad, weight_inv_norms)
+    return _NormLinear.apply(x, weight, center_grad, weight_inv_norms, (out,))

@@ -97,6 +97,7 @@ class PartialFCHead(torch.nn.Module):
         )
         self._pending: list[tuple[Tensor | None, CenterGrad]] = []  # (sampled index, its center gradient)
         self.last_sampled_classes: Tensor | None = None  # global class ids used by the last forward
+        self._buffers_by_name: dict[str, Tensor] = {}  # step-sized buffers reused across steps
         self._inv_norms: Tensor | None = None  # 1/||center|| per row, refreshed by optimizer_step
         self._inv_norms_key: tuple | None = None  # (storage, version, dtype) of centers it matches
         self._timing = {"forward": 0.0, "backward": 0.0}  # seconds, accumulated over pending micro-steps
@@ -129,11 +130,14 @@ class PartialFCHead(torch.nn.Module):
         generator = sampling_generator(self.seed, self.rank, step, device)
         sample = sample_centers(global_labels, self.start, self.count, self.num_sample, generator)
         inv_norms = self._center_inv_norms()
+        # the first forward after an optimizer step may reuse last step's big buffers (nothing refers to them)
+        reuse = torch.is_grad_enabled() and not self._pending
         if sample.index is None:
             weight = self.centers.detach().requires_grad_()
         else:
-            weight = self.centers.index_select(0, sample.index).requires_grad_()
+            weight = self._gather_rows(sample.index, reuse).requires_grad_()
             inv_norms = inv_norms.index_select(0, sample.index)
+        logits_buffer = self._buffer("logits", (embeddings.shape[0], weight.shape[0]), reuse)
         center_grad = CenterGrad()
         if torch.is_grad_enabled():  # an evaluation forward under no_grad leaves nothing to apply
             self._pending.append((sample.index, center_grad))
@@ -141,10 +145,11 @@ class PartialFCHead(torch.nn.Module):
             torch.arange(self.count, device=device) if sample.index is None else sample.index
         )
         loss = margin_cross_entropy(
-            norm_linear(embeddings, weight, center_grad, inv_norms),
+            norm_linear(embeddings, weight, center_grad, inv_norms, logits_buffer),
             sample.target_col,
             self.margin,
             self.group,
+            in_place=logits_buffer is not None,
         )
         if loss.requires_grad:
             loss.register_hook(self._backward_begins)
@@ -156,6 +161,28 @@ class PartialFCHead(torch.nn.Module):
         }
         self._timing["forward"] += time.perf_counter() - started
         return loss, stats
+
+    def _buffer(self, name: str, shape: tuple[int, int], reuse: bool) -> Tensor | None:
+        """A per-step [rows, cols] buffer kept across steps (fresh big tensors pay page faults each step);
+        None when it may not be reused (another forward's tensors still point at it)."""
+        if not reuse:
+            return None
+        dtype = self.centers.dtype
+        if name != "weight":
+            dtype = torch.promote_types(dtype, torch.float32)
+        buffer = self._buffers_by_name.get(name)
+        if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != dtype:
+            buffer = torch.empty(shape, dtype=dtype, device=self.centers.device)
+            self._buffers_by_name[name] = buffer
+        return buffer
+
+    def _gather_rows(self, index: Tensor, reuse: bool) -> Tensor:
+        """centers[index] into the reused weight buffer (or a fresh tensor)."""
+        buffer = self._buffer("weight", (len(index), self.embedding_size), reuse)
+        if buffer is None:
+            return self.centers.index_select(0, index)
+        buffer.requires_grad_(False)
+        return torch.index_select(self.centers, 0, index, out=buffer)
 
     def _centers_key(self) -> tuple:
         centers = self.centers

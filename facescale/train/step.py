@@ -5,14 +5,23 @@ this rank's embeddings (the all-gather's backward is a reduce-scatter), steps it
 gradient is handed to the engine through the surrogate `sum(emb * grad)`. DeepSpeed averages backbone
 gradients over the W data-parallel ranks and divides by the accumulation steps, so the surrogate is scaled by
 W * GAS to make the backbone gradient that of the global-mean loss.
+
+Loss guard: a non-finite loss or embedding gradient on any rank and micro-step (one MAX all-reduce per
+step), or DeepSpeed's own overflow verdict, skips the whole step: the engine's step runs with the torch
+optimizer's update disabled (DeepSpeed still clears its gradients), the head drops its gradients, and
+module buffers (BatchNorm statistics) are put back. `inject_nan` poisons the loss of every micro-step, to
+test that path honestly (the trainer sets it from FACESCALE_INJECT_NAN_STEPS).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -24,6 +33,55 @@ class StepResult:
     grad_norm: float | None
     head_s: float = 0.0  # wall time in the class-center layer: forward, backward, optimizer step
     head_stats: dict = field(default_factory=dict)
+    skipped: bool = False  # the loss guard dropped this step: no backbone or head update
+
+
+NAN_INJECTION_ENV = "FACESCALE_INJECT_NAN_STEPS"
+
+
+class NonFiniteLossError(RuntimeError):
+    """More consecutive steps than `checkpoint.max_bad_steps` had a non-finite loss or gradient."""
+
+
+def nan_injection_steps() -> frozenset[int]:
+    """0-based steps whose loss is poisoned with NaN, from FACESCALE_INJECT_NAN_STEPS="3,4" (tests only)."""
+    raw = os.environ.get(NAN_INJECTION_ENV, "").strip()
+    try:
+        return frozenset(int(part) for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"{NAN_INJECTION_ENV}={raw!r}: expected comma-separated step numbers") from exc
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank (MAX all-reduce; the flag itself when alone)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else engine.optimizer
+
+
+@contextmanager
+def update_disabled(engine):
+    """Within, the engine's step does its bookkeeping (gradient reduction, clearing, counters) but the
+    torch optimizer under it changes neither parameters nor state."""
+    base = _base_optimizer(engine)
+    base.step = lambda *args, **kwargs: None  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        del base.step
+
+
+def _snapshot_buffers(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.detach().clone()) for b in module.buffers()]
 
 
 def train_step(
@@ -36,15 +94,20 @@ def train_step(
     world_size: int,
     grad_accumulation: int,
     clock,
+    inject_nan: bool = False,
 ) -> StepResult:
-    """Run `grad_accumulation` micro-steps and one optimizer step of backbone and head."""
+    """Run `grad_accumulation` micro-steps and one optimizer step of backbone and head (or skip it, see
+    the module docstring)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_backbone
     head.zero_grad()
+    buffers = _snapshot_buffers(engine.module)
+    skipped_before = getattr(engine, "skipped_steps", 0)
     loss_sum = torch.zeros((), dtype=torch.float64)
     wait = head_s = 0.0
     stats: dict = {}
-    for _ in range(grad_accumulation):
+    bad = False
+    for micro in range(grad_accumulation):
         t0 = clock()
         images, labels = next(batches)
         wait += clock() - t0
@@ -52,14 +115,32 @@ def train_step(
         detached = embeddings.detach().float().requires_grad_(True)
         t1 = clock()
         loss, stats = head(detached, labels, step)
+        if inject_nan:
+            loss = loss * float("nan")
         (loss / grad_accumulation).backward()
         head_s += clock() - t1
+        bad = bad or not (
+            bool(torch.isfinite(loss.detach()).all()) and bool(torch.isfinite(detached.grad).all())
+        )
         surrogate = (embeddings.float() * detached.grad).sum() * (world_size * grad_accumulation)
         engine.backward(surrogate)
-        engine.step()
+        if micro == grad_accumulation - 1:
+            bad = any_rank(bad)
+        if bad and micro == grad_accumulation - 1:
+            with update_disabled(engine):
+                engine.step()
+        else:
+            engine.step()
         loss_sum += loss.detach().double()
+    bad = bad or getattr(engine, "skipped_steps", 0) != skipped_before  # DeepSpeed found an overflow
     t2 = clock()
-    head.optimizer_step(lr_head)
+    if bad:
+        head.zero_grad()
+        with torch.no_grad():
+            for live, saved in buffers:
+                live.copy_(saved)
+    else:
+        head.optimizer_step(lr_head)
     head_s += clock() - t2
     norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
     norm = float(norm) if norm is not None else None
@@ -69,4 +150,5 @@ def train_step(
         grad_norm=norm,
         head_s=head_s,
         head_stats=stats,
+        skipped=bad,
     )

@@ -17,7 +17,7 @@ from facescale.config.schema import Config
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.runtime import Runtime
 from facescale.train.schedule import lr_at
-from facescale.train.step import train_step
+from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
 from launcher.env import DistEnv
 from launcher.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 
@@ -63,21 +63,33 @@ class Trainer:
             model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()), config=ds_config
         )
 
-        self.head = build_head(
-            cfg.head, self.manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed
-        ).to(runtime.device)
         self.micro_batch = micro_batch_size(cfg, env.world_size)
-        self.loader = build_train_loader(
-            cfg.data,
-            rank=env.rank,
-            world_size=env.world_size,
-            batch_size=self.micro_batch,
-            seed=cfg.schedule.seed,
-            device=runtime.device,
-        )
+        self.train_step_fn = train_step
+        if cfg.head.type == "dcp":  # F2C: G-Net + Dynamic Class Pool + dual loader (facescale.f2c)
+            from facescale.f2c import build_dcp_mode
+
+            self.head, self.loader, self.train_step_fn = build_dcp_mode(
+                cfg, self.engine, self.manifest, rank=env.rank, world_size=env.world_size,
+                micro_batch=self.micro_batch, precision=runtime.precision, device=runtime.device,
+            )
+        else:
+            self.head = build_head(
+                cfg.head, self.manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed
+            ).to(runtime.device)
+            self.loader = build_train_loader(
+                cfg.data,
+                rank=env.rank,
+                world_size=env.world_size,
+                batch_size=self.micro_batch,
+                seed=cfg.schedule.seed,
+                device=runtime.device,
+            )
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard)
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
         self.step = 0
+        self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
+        self._skip_batches = 0  # batches to drop on resume when the loader has no load_state_dict
+        self._nan_steps = nan_injection_steps()
         self.preemption = PreemptionFlag.install()
         if env.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,9 +106,33 @@ class Trainer:
             return
         state = self.checkpoints.load(path, self.engine, self.head)
         self.step = int(state["step"])
-        self.metrics.console(f"[facescale] resumed from {path} at step {self.step}")
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_steps_in_row = int(state.get("bad_steps_in_row", 0))
+        cursor = state["rank_state"].get("loader", state.get("loader"))
+        if cursor is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(cursor)
+        else:  # exact for any deterministic loader, but it decodes every batch again
+            self._skip_batches = self.step * self.cfg.schedule.grad_accumulation
+            self.metrics.console(
+                f"[facescale] the loader cannot restore its position; skipping {self._skip_batches} batches"
+            )
+        self.metrics.console(
+            f"[facescale] resumed from {path} (saved by {state['world_size']} ranks) at step {self.step}"
+        )
 
     def _batches(self):
+        """Batches forever, from the resume position; the loader's draws from the global RNG (worker base
+        seeds) are kept out of the training RNG, so a resumed run draws what an uninterrupted one does."""
+        source = self._endless_batches()
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(source)
+            if self._skip_batches:
+                self._skip_batches -= 1
+                continue
+            yield batch
+
+    def _endless_batches(self):
         while True:
             yield from self.loader
 
@@ -151,13 +187,45 @@ class Trainer:
         model.train(was_training)
         return results
 
-    def save(self) -> None:
+    def save(self) -> Path:
+        """Checkpoint the run at the current step (collective); see facescale/checkpoint/manager.py."""
+        micro_steps = self.step * self.cfg.schedule.grad_accumulation
+        cursor = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         state = {
             "step": self.step,
-            "epoch": self.step // max(1, self.loader.steps_per_epoch),
+            "epoch": cursor["epoch"] if cursor else micro_steps // max(1, self.loader.steps_per_epoch),
+            "loader": cursor,
+            "samples_seen": self.step * self.cfg.schedule.global_batch_size,
             "seed": self.cfg.schedule.seed,
+            "lr": lr_at(self.step, self.cfg.optim.lr, self.cfg.schedule),
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_row": self.bad_steps_in_row,
+            "head_type": self.cfg.head.type,
         }
-        self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg))
+        extra = {"loader": cursor} if cursor is not None else {}
+        return self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg), extra)
+
+    def _guard(self, out) -> None:
+        """Count skipped steps; more than checkpoint.max_bad_steps in a row save and stop the run."""
+        if not getattr(out, "skipped", False):
+            self.bad_steps_in_row = 0
+            return
+        self.skipped_steps += 1
+        self.bad_steps_in_row += 1
+        self.metrics.scalars(self.step, {"train/skipped_steps": self.skipped_steps})
+        self.metrics.console(
+            f"[facescale] step {self.step}: non-finite loss or gradient, update skipped "
+            f"({self.bad_steps_in_row} in a row, {self.skipped_steps} in total)"
+        )
+        limit = self.cfg.checkpoint.max_bad_steps
+        if self.bad_steps_in_row > limit:
+            path = self.save()
+            self.metrics.close()
+            raise NonFiniteLossError(
+                f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient (more than "
+                f"checkpoint.max_bad_steps = {limit}); stopped at step {self.step}. The last good weights "
+                f"are saved in {path}. Lower optim.lr or check the data, then resume from it"
+            )
 
     def _log(self, window: _Window, lr: float, out) -> None:
         """TensorBoard scalars and the console line for the steps since the last log."""
@@ -167,6 +235,7 @@ class Trainer:
             **window.scalars(),
             "perf/max_memory_mb": peak_memory_mb(self.runtime.device),
             "train/grad_norm": out.grad_norm,
+            "train/skipped_steps": self.skipped_steps,
         }
         scalars.update({f"head/{k}": float(v) for k, v in out.head_stats.items()})
         self.metrics.scalars(self.step, scalars)
@@ -188,7 +257,7 @@ class Trainer:
         while self.step < sch.steps:
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim.lr, sch)
-            out = train_step(
+            out = self.train_step_fn(
                 self.engine,
                 self.head,
                 batches,
@@ -198,16 +267,19 @@ class Trainer:
                 self.env.world_size,
                 sch.grad_accumulation,
                 time.perf_counter,
+                **({"inject_nan": True} if self.step in self._nan_steps else {}),
             )
             self.step += 1
             loss = out.loss
             window.add(out, time.perf_counter() - t0)
             if self.step % cfg.logging.every_steps == 0 or self.step == sch.steps:
                 self._log(window, lr, out)
+            self._guard(out)
             if self.step == sch.steps:
                 break
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                self.evaluate()
+                with torch.random.fork_rng(devices=[]):  # keep exact resume independent of evaluation
+                    self.evaluate()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             if self._preempted():

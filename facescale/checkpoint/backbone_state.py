@@ -1,0 +1,162 @@
+"""The backbone's weights and optimizer state as plain per-parameter tensors, independent of the world size.
+
+DeepSpeed's own files hold ZeRO partitions that only load at the saving world size. To resume on another
+number of ranks we also save, on rank 0, the consolidated fp32 weights (`backbone.pt`) and every parameter's
+full optimizer state (`backbone_optim.pt`: SGD momentum, Adam moments, plus scalars such as Adam's step),
+gathered through DeepSpeed's tensor-fragment API (ZeRO 1/2) or read directly (no ZeRO). Loading writes
+them back into a freshly built engine of any world size: weights and optimizer state are restored exactly.
+ZeRO-3 keeps parameters partitioned; resuming it on another world size is refused (see `set_...`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+FORMAT = 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def consolidated_weights(engine) -> dict[str, torch.Tensor] | None:
+    """Full fp32 module state (parameters and buffers) on rank 0, None elsewhere; collective under ZeRO-3."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    else:
+        state = {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in module.state_dict().items()
+        }
+    return state if _rank() == 0 else None
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer doing the update (inside DeepSpeed's ZeRO wrapper, or the engine's own)."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else engine.optimizer
+
+
+def _uses_fragments(engine) -> bool:
+    return engine.zero_optimization_stage() in (1, 2)
+
+
+def _scalar_state(base: torch.optim.Optimizer) -> dict[str, Any]:
+    """Per-group scalars of the base optimizer's state (Adam's `step`), taken from its first entry."""
+    for entry in base.state.values():
+        return {
+            k: v.clone() if torch.is_tensor(v) else v
+            for k, v in entry.items()
+            if not torch.is_tensor(v) or v.dim() == 0
+        }
+    return {}
+
+
+def consolidated_optimizer_state(engine) -> dict[str, Any] | None:
+    """{"format", "optimizer", "params": {name: {key: full tensor}}, "scalars"} on rank 0, None elsewhere.
+
+    Collective under ZeRO 1/2 (one all-reduce per parameter and state key): every rank must call it."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    stage = engine.zero_optimization_stage()
+    base = _base_optimizer(engine)
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    if stage == 3:
+        supported = False
+    else:
+        supported = True
+        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        if _uses_fragments(engine):
+            keys = _fragment_keys(named)
+            for name, param in named:
+                params[name] = {
+                    k: safe_get_full_optimizer_state(param, k).detach().cpu().clone() for k in keys
+                }
+        else:
+            for name, param in named:
+                entry = base.state.get(param, {})
+                params[name] = {
+                    k: v.detach().cpu().clone()
+                    for k, v in entry.items()
+                    if torch.is_tensor(v) and v.shape == param.shape
+                }
+    state = {
+        "format": FORMAT,
+        "optimizer": type(base).__name__,
+        "zero_stage": stage,
+        "supported": supported,
+        "params": params,
+        "scalars": _scalar_state(base),
+    }
+    return state if _rank() == 0 else None
+
+
+def _fragment_keys(named: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
+    """Optimizer-state keys linked to the ZeRO fragments (empty before the first optimizer step)."""
+    for _, param in named:
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None and mapping.optim_fragment:
+            return sorted(mapping.get_optim_state_keys())
+    return []
+
+
+def _ensure_state_entries(engine, keys: set[str], scalars: dict[str, Any]) -> None:
+    """Create zero state for `keys` where the base optimizer has none yet (state is created lazily at the
+    first step) and link it to DeepSpeed's fragments, so that it can be written into."""
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for p in group["params"]:
+            entry = base.state[p]
+            for key in keys:
+                entry.setdefault(key, torch.zeros_like(p))
+            for key, value in scalars.items():
+                entry[key] = value.clone() if torch.is_tensor(value) else value
+    if _uses_fragments(engine) and hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+@torch.no_grad()
+def set_consolidated_state(engine, weights: dict[str, torch.Tensor], optim: dict[str, Any] | None) -> None:
+    """Write consolidated weights and optimizer state into `engine` (any world size; ZeRO 0/1/2)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if engine.zero_optimization_stage() == 3:
+        raise ValueError(
+            "resuming a ZeRO-3 backbone on a different world size is not supported yet; resume "
+            "on the saving world size, or train with deepspeed.zero_stage 1 or 2"
+        )
+    module = engine.module
+    missing = sorted(set(module.state_dict()) - set(weights))
+    if missing:
+        raise ValueError(
+            f"consolidated backbone weights lack {missing[:5]}; was it saved from another model?"
+        )
+    module.load_state_dict({k: weights[k].to(v.dtype) for k, v in module.state_dict().items()})
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    per_param = (optim or {}).get("params", {})
+    keys = {k for entry in per_param.values() for k in entry}
+    if optim is not None and per_param:
+        absent = [n for n, _ in named if n not in per_param]
+        if absent:
+            raise ValueError(f"consolidated optimizer state lacks parameters {absent[:5]}")
+        _ensure_state_entries(engine, keys, optim.get("scalars", {}))
+    fragments = _uses_fragments(engine)
+    base = _base_optimizer(engine)
+    for name, param in named:
+        value = weights[name].to(param.device)
+        if fragments:
+            safe_set_full_fp32_param(param, value.float())
+        for key in keys:
+            state_value = per_param[name][key].to(param.device)
+            if fragments:
+                safe_set_full_optimizer_state(param, state_value, key)
+            else:
+                base.state[param][key] = state_value.to(param.dtype).clone()

@@ -1,0 +1,123 @@
+"""Names inside a step directory, and the checks that tell a complete checkpoint from a broken one.
+
+A step directory is complete when `COMPLETE` exists (written last, after every rank finished) and every file
+the saving world promised is there; anything else is refused with a message that names what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+DEEPSPEED_DIR = "backbone"  # DeepSpeed's own files (tag "backbone"); valid only at the saving world size
+DEEPSPEED_TAG = "backbone"
+BACKBONE_WEIGHTS = "backbone.pt"  # consolidated fp32 module state (parameters and buffers of rank 0)
+BACKBONE_OPTIMIZER = "backbone_optim.pt"  # consolidated per-parameter optimizer state (world-size free)
+TRAINER_STATE = "trainer.json"
+CONFIG = "config.yaml"
+HEAD_DIR = "head"
+STATE_DIR = "state"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit this run."""
+
+
+def step_dir_name(step: int) -> str:
+    """`step_00001200`: zero-padded so that names sort by step."""
+    return f"step_{step:08d}"
+
+
+def head_shard_name(rank: int, world_size: int) -> str:
+    """File of one rank's head shard, e.g. `shard-00001-of-00004.pt`."""
+    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def rank_state_name(rank: int) -> str:
+    """File of one rank's RNG, module buffers and data cursor, e.g. `rank-00001.pt`."""
+    return f"rank-{rank:05d}.pt"
+
+
+def expected_files(world_size: int, with_deepspeed: bool) -> list[str]:
+    """Every path (relative to the step dir) a complete checkpoint of `world_size` ranks holds."""
+    names = [BACKBONE_WEIGHTS, BACKBONE_OPTIMIZER, TRAINER_STATE, CONFIG]
+    names += [f"{HEAD_DIR}/{head_shard_name(r, world_size)}" for r in range(world_size)]
+    names += [f"{STATE_DIR}/{rank_state_name(r)}" for r in range(world_size)]
+    if with_deepspeed:
+        names.append(DEEPSPEED_DIR)
+    return names
+
+
+def missing_files(step_dir: Path, world_size: int, with_deepspeed: bool) -> list[str]:
+    """The expected files that are absent from `step_dir`."""
+    return [n for n in expected_files(world_size, with_deepspeed) if not (step_dir / n).exists()]
+
+
+def read_trainer_state(step_dir: Path) -> dict[str, Any]:
+    """trainer.json of a step dir, or a CheckpointError naming the file."""
+    path = step_dir / TRAINER_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint '{step_dir}' has no {TRAINER_STATE}; it is not a facescale step dir"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from exc
+
+
+def _saving_world(step_dir: Path) -> int | None:
+    """World size of an interrupted save: from trainer.json when written, else from a head shard's name."""
+    if (step_dir / TRAINER_STATE).is_file():
+        try:
+            return int(json.loads((step_dir / TRAINER_STATE).read_text())["world_size"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    for shard in sorted((step_dir / HEAD_DIR).glob("shard-*-of-*.pt")):
+        return int(shard.stem.rsplit("-", 1)[1])
+    return None
+
+
+def verify_step_dir(step_dir: Path) -> dict[str, Any]:
+    """Check that `step_dir` is a complete checkpoint; return its trainer state, else name the gaps."""
+    if not step_dir.is_dir():
+        raise CheckpointError(f"checkpoint '{step_dir}' does not exist")
+    if not (step_dir / COMPLETE).is_file():
+        world = _saving_world(step_dir)
+        gaps = missing_files(step_dir, world or 1, True)
+        if world is None:
+            gaps.append(f"{HEAD_DIR}/shard-*")
+        raise CheckpointError(
+            f"checkpoint '{step_dir}' is incomplete: no {COMPLETE} marker (missing: "
+            f"{', '.join(gaps + [COMPLETE])}); it was interrupted while saving. Resume from "
+            f"'{step_dir.parent / LATEST}' or an earlier step directory"
+        )
+    state = read_trainer_state(step_dir)
+    world = state.get("world_size")
+    if not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"{step_dir / TRAINER_STATE} has no valid world_size ({world!r})")
+    gaps = missing_files(step_dir, world, bool(state.get("has_deepspeed_files", True)))
+    if gaps:
+        raise CheckpointError(
+            f"checkpoint '{step_dir}' is marked {COMPLETE} but lacks {', '.join(gaps)} (saved by {world} "
+            "ranks); it was damaged after saving. Use an earlier step directory"
+        )
+    return state
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run dir, its `checkpoints` dir or a step dir; return the complete step dir it means."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint '{p}' does not exist")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / LATEST).is_file():
+        p = p / (p / LATEST).read_text().strip()
+    elif not (p / TRAINER_STATE).exists() and not (p / COMPLETE).exists() and any(p.glob("step_*")):
+        raise CheckpointError(f"'{p}' holds step directories but no '{LATEST}'; name one step dir explicitly")
+    verify_step_dir(p)
+    return p

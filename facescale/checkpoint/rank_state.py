@@ -1,0 +1,59 @@
+"""What differs between ranks and lives outside DeepSpeed and the head: RNG streams and module buffers.
+
+RNG: torch (CPU and CUDA), numpy and Python `random` of every rank, so dropout and anything else seeded
+from the global generators continues exactly. Buffers: BatchNorm running statistics are updated from each
+rank's own batches and DeepSpeed saves rank 0's module only, so every rank keeps its own copy here.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of this process."""
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states saved by `rng_state` (CUDA ones only where CUDA is present)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_fresh_rng(seed: int, rank: int, step: int) -> None:
+    """Seed the global generators from (seed, rank, step) for a rank the checkpoint had no state for."""
+    words = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+    torch.manual_seed(int(words[0]))
+    np.random.seed(int(words[1]))
+    random.seed(int(words[0]) ^ int(words[1]))
+
+
+def module_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every buffer of `module` (running statistics, counters), on CPU."""
+    return {name: b.detach().cpu().clone() for name, b in module.named_buffers()}
+
+
+def load_module_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Copy saved buffers back in place; names must match the module's."""
+    own = dict(module.named_buffers())
+    if set(own) != set(buffers):
+        raise ValueError(
+            f"saved module buffers {sorted(set(buffers) ^ set(own))[:5]} do not match this backbone; "
+            "was the checkpoint written with another model.name?"
+        )
+    with torch.no_grad():
+        for name, value in buffers.items():
+            own[name].copy_(value)

@@ -1,0 +1,155 @@
+"""Re-cut saved class-center shards for another world size, with `class_partition` as the only rule.
+
+A head shard (`head.state_dict()`) is {"meta": {num_classes, start, count, ...}, ...}. Every tensor anywhere
+in it whose first dimension is the shard's `count` is per-row (centers, momentum, Adam moments, per-row step
+counts) and is re-cut by global class row; everything else (scalars, replicated state) must be identical on
+all shards and is copied. A head without `count` in its meta (F2C's replicated pool: `world_size` 1 in its
+meta) is replicated: every new rank gets shard 0's state unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facescale.checkpoint.atomic import atomic_torch_save, atomic_write_text
+from facescale.checkpoint.layout import (
+    BACKBONE_OPTIMIZER,
+    BACKBONE_WEIGHTS,
+    COMPLETE,
+    CONFIG,
+    HEAD_DIR,
+    STATE_DIR,
+    TRAINER_STATE,
+    CheckpointError,
+    head_shard_name,
+    rank_state_name,
+    verify_step_dir,
+)
+from facescale.dist.partition import class_partition
+
+
+def load_head_shards(step_dir: Path, world_size: int) -> list[dict[str, Any]]:
+    """Every saved head shard of a `world_size`-rank checkpoint, in rank order."""
+    shards = []
+    for rank in range(world_size):
+        path = step_dir / HEAD_DIR / head_shard_name(rank, world_size)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint '{step_dir}' lacks {HEAD_DIR}/{path.name}")
+        shards.append(torch.load(path, map_location="cpu", weights_only=False))
+    return shards
+
+
+def _is_row_sharded(shards: list[dict[str, Any]]) -> bool:
+    meta = shards[0].get("meta", {})
+    return all(k in meta for k in ("num_classes", "start", "count"))
+
+
+def _check_cover(shards: list[dict[str, Any]]) -> int:
+    """The shards must tile [0, num_classes) in order without gaps; returns num_classes."""
+    total = shards[0]["meta"]["num_classes"]
+    expected_start = 0
+    for i, shard in enumerate(sorted(shards, key=lambda s: s["meta"]["start"])):
+        meta = shard["meta"]
+        if meta["num_classes"] != total or meta["start"] != expected_start:
+            raise CheckpointError(
+                f"head shard {i} covers [{meta['start']}, +{meta['count']}) of "
+                f"{meta['num_classes']} classes; the shards do not tile [0, {total})"
+            )
+        expected_start += meta["count"]
+    if expected_start != total:
+        raise CheckpointError(f"head shards cover {expected_start} of {total} classes; a shard is missing")
+    return total
+
+
+def _rows(values: list[Any], counts: list[int], starts: list[int], lo: int, hi: int, where: str) -> Any:
+    """Rows [lo, hi) of the per-shard `values` (tensors / nested dicts), or the common replicated value."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _rows([v[k] for v in values], counts, starts, lo, hi, f"{where}.{k}") for k in first}
+    if (
+        torch.is_tensor(first)
+        and first.dim() >= 1
+        and all(v.shape[0] == c for v, c in zip(values, counts, strict=True))
+    ):
+        pieces = []
+        for value, start, count in zip(values, starts, counts, strict=True):
+            a, b = max(lo, start), min(hi, start + count)
+            if a < b:
+                pieces.append(value[a - start : b - start])
+        return torch.cat(pieces) if pieces else first[:0].clone()
+    for other in values[1:]:
+        same = torch.equal(other, first) if torch.is_tensor(first) else other == first
+        if not same:
+            raise CheckpointError(
+                f"head state '{where}' is neither per-row nor identical on every shard; "
+                "this head type cannot be resharded"
+            )
+    return first.clone() if torch.is_tensor(first) else first
+
+
+def reshard_head(shards: list[dict[str, Any]], world_size: int, rank: int) -> dict[str, Any]:
+    """The head state `rank` of `world_size` needs, cut from `shards` saved at any world size."""
+    if not _is_row_sharded(shards):
+        meta = shards[0].get("meta", {})
+        if meta.get("world_size", 1) != 1:
+            raise CheckpointError(
+                f"head state with meta {meta} is sharded but has no class range "
+                "(num_classes/start/count); it cannot be resharded"
+            )
+        return shards[0]
+    num_classes = _check_cover(shards)
+    start, count = class_partition(num_classes, world_size, rank)
+    counts = [s["meta"]["count"] for s in shards]
+    starts = [s["meta"]["start"] for s in shards]
+    body = {k: [s[k] for s in shards] for k in shards[0] if k != "meta"}
+    out = {k: _rows(v, counts, starts, start, start + count, k) for k, v in body.items()}
+    out["meta"] = {**shards[0]["meta"], "start": start, "count": count}
+    return out
+
+
+def full_centers(step_dir: Path) -> torch.Tensor:
+    """The whole [num_classes, D] center matrix of a complete checkpoint."""
+    state = verify_step_dir(step_dir)
+    shards = load_head_shards(step_dir, state["world_size"])
+    if not _is_row_sharded(shards) or "centers" not in shards[0]:
+        raise CheckpointError(
+            f"'{step_dir}' holds no class-center shards (head meta {shards[0].get('meta')})"
+        )
+    return reshard_head(shards, 1, 0)["centers"]
+
+
+def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:
+    """Write a complete copy of `step_dir` for `world_size` ranks to `out_dir` (offline, one process).
+
+    Head shards are re-cut; the backbone is carried by its consolidated weights and optimizer state (the
+    DeepSpeed partition files are left out: they only load at the saving world size); rank states are
+    copied for ranks that existed, new ranks start fresh generators seeded from (seed, rank, step)."""
+    state = verify_step_dir(step_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"output directory '{out_dir}' exists and is not empty; choose a new one")
+    shards = load_head_shards(step_dir, state["world_size"])
+    for sub in (HEAD_DIR, STATE_DIR):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    for name in (BACKBONE_WEIGHTS, BACKBONE_OPTIMIZER, CONFIG):
+        shutil.copy2(step_dir / name, out_dir / name)
+    for rank in range(world_size):
+        atomic_torch_save(
+            reshard_head(shards, world_size, rank), out_dir / HEAD_DIR / head_shard_name(rank, world_size)
+        )
+        source = step_dir / STATE_DIR / rank_state_name(rank)
+        rank_state = torch.load(source, weights_only=False) if source.is_file() else {"fresh": True}
+        atomic_torch_save(rank_state, out_dir / STATE_DIR / rank_state_name(rank))
+    new_state = {
+        **state,
+        "world_size": world_size,
+        "has_deepspeed_files": False,
+        "resharded_from": {"path": str(step_dir), "world_size": state["world_size"]},
+    }
+    atomic_write_text(out_dir / TRAINER_STATE, json.dumps(new_state, indent=2))
+    atomic_write_text(out_dir / COMPLETE, f"{state['step']}\n")
+    return out_dir

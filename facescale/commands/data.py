@@ -1,0 +1,65 @@
+"""`facescale convert rec|folder` (insightface RecordIO or image folders -> shards), `facescale validate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from facescale.data.convert import convert, folder_source, rec_source
+
+    source = rec_source(args.rec, args.idx) if args.format == "rec" else folder_source(args.root)
+    summary = convert(source, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
+                      image_size=args.image_size, quality=args.quality, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    for line in summary.lines():
+        print(f"[convert] {line}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from facescale.data.validate import validate_directory
+
+    report = validate_directory(args.dir, workers=args.workers)
+    for line in report.lines(show=args.show):
+        print(f"[validate] {line}")
+    if args.counts_csv:
+        with open(args.counts_csv, "w") as out:
+            out.write("label,images\n" + "".join(f"{i},{n}\n" for i, n in enumerate(report.counts.tolist())))
+    if not report.ok:
+        sys.stderr.write(f"facescale validate: {len(report.problems)} problems in {args.dir}\n")
+        return 1
+    return 0
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory for train-*.tar, *.idx, manifest.json")
+    parser.add_argument("--shard-size", type=int, default=20000, help="samples per shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards of another conversion")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="convert insightface RecordIO or image folders to shards "
+                                             "(resumable: re-run the same command after an interruption)")
+    formats = convert.add_subparsers(dest="format", required=True)
+    rec = formats.add_parser("rec", help="insightface train.rec + train.idx (no MXNet needed)")
+    rec.add_argument("--rec", required=True)
+    rec.add_argument("--idx", required=True)
+    _add_output_options(rec)
+    folder = formats.add_parser("folder", help="one directory of images per identity under --root")
+    folder.add_argument("--root", required=True)
+    _add_output_options(folder)
+    convert.set_defaults(func=_convert)
+
+    validate = sub.add_parser("validate", help="decode every sample of a shard directory, check the manifest")
+    validate.add_argument("dir")
+    validate.add_argument("--workers", type=int, default=1)
+    validate.add_argument("--show", type=int, default=50, help="problems to print")
+    validate.add_argument("--counts-csv", default="", help="write per-identity image counts here")
+    validate.set_defaults(func=_validate)

@@ -1,0 +1,108 @@
+"""F2C's identity loader: per rank, batches of B_id identities with two images each (reference §1.4).
+
+Each pass over the identities is a fresh seeded permutation (reshuffled every pass, unlike the reference,
+whose sampler never calls set_epoch), padded by wrapping to a multiple of W and dealt round-robin to the
+ranks, so every identity is drawn once per pass. Per identity two distinct images are drawn uniformly; an
+identity with one image gives it twice, the second view mirrored. Other views are mirrored independently with
+p = 0.5 when `data.random_mirror`. Passes cycle forever; the instance loader defines the epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from facescale.data.jpeg import decode_jpeg
+from facescale.data.loader import stream_seed
+from facescale.f2c.identity_index import IdentityIndex, ImageReader
+
+UInt8Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [B, H, W, 3] x 2, labels [B]
+
+
+class IdentityPairs(IterableDataset):
+    """The endless stream of one rank's identity batches as uint8 HWC pairs (split over loader workers)."""
+
+    def __init__(
+        self,
+        index: IdentityIndex,
+        *,
+        rank: int,
+        world_size: int,
+        identities_per_batch: int,
+        seed: int,
+        mirror: bool,
+        image_size: int,
+    ) -> None:
+        super().__init__()
+        self.index, self.rank, self.world_size = index, rank, world_size
+        self.batch, self.seed, self.mirror, self.image_size = identities_per_batch, seed, mirror, image_size
+        self.eligible = np.nonzero(index.counts() > 0)[0]
+        self.batches_per_pass = -(-len(self.eligible) // world_size) // identities_per_batch
+        if self.batches_per_pass < 1:
+            raise ValueError(
+                f"the shards hold {len(self.eligible)} identities with images, fewer than "
+                f"{identities_per_batch} per rank for {world_size} ranks; lower head.dcp.identities_per_rank"
+            )
+        self.reader = ImageReader(index)
+
+    def rank_identities(self, pass_number: int) -> np.ndarray:
+        """This rank's identities of one pass, in order (the pass's permutation, padded, dealt by rank)."""
+        order = np.random.default_rng(stream_seed(self.seed, 0xD1, pass_number)).permutation(self.eligible)
+        padded = np.resize(order, -(-len(order) // self.world_size) * self.world_size)
+        return padded[self.rank :: self.world_size]
+
+    def make_batch(self, pass_number: int, batch_number: int) -> UInt8Pairs:
+        """Batch `batch_number` of pass `pass_number`: first views, second views, labels."""
+        labels = self.rank_identities(pass_number)[
+            batch_number * self.batch : (batch_number + 1) * self.batch
+        ]
+        rng = np.random.default_rng(stream_seed(self.seed, self.rank, pass_number, batch_number))
+        first = np.empty((len(labels), self.image_size, self.image_size, 3), np.uint8)
+        second = np.empty_like(first)
+        for i, label in enumerate(labels):
+            rows = self.index.images_of(int(label))
+            if len(rows) >= 2:
+                a, b = rng.choice(len(rows), 2, replace=False)
+                flip_a, flip_b = (rng.random(2) < 0.5) & self.mirror
+            else:
+                a = b = 0
+                flip_a = bool(rng.random() < 0.5) & self.mirror
+                flip_b = not flip_a  # one image: the two views differ by a mirror
+            first[i] = self._image(rows[a], bool(flip_a))
+            second[i] = self._image(rows[b], bool(flip_b))
+        return torch.from_numpy(first), torch.from_numpy(second), torch.from_numpy(labels.astype(np.int64))
+
+    def _image(self, row: int, flip: bool) -> np.ndarray:
+        image = decode_jpeg(self.reader.read(row))
+        if image.shape != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"{self.index.shard_paths[int(self.index.shard[row])]} at byte "
+                f"{int(self.index.offset[row])}: image is {image.shape}, expected "
+                f"({self.image_size}, {self.image_size}, 3)"
+            )
+        return image[:, ::-1] if flip else image
+
+    def __iter__(self) -> Iterator[UInt8Pairs]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        serial = worker  # batch serial numbers over all passes; worker w makes w, w + workers, ...
+        while True:
+            yield self.make_batch(serial // self.batches_per_pass, serial % self.batches_per_pass)
+            serial += workers
+
+
+def build_identity_loader(dataset: IdentityPairs, num_workers: int) -> DataLoader:
+    """Endless DataLoader over the identity pairs; workers take turns, so the batch order is deterministic."""
+    from facescale.data.wds_reader import _one_thread_worker
+
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_one_thread_worker,
+        prefetch_factor=2 if num_workers else None,
+    )

@@ -1,0 +1,103 @@
+"""Bad data with both readers: corrupt JPEG, truncated tar, missing .lbl, label out of range, no shards.
+
+`on_bad_sample: error` must stop naming the shard, key and reason; `skip` must leave the sample out, count
+it, keep every batch full, and stop once the skip budget (`max_skip_fraction`) is exceeded."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from facescale.config.schema import DataConfig
+from facescale.data.bad_data import BadSampleError
+from facescale.data.jpeg import encode_jpeg
+from facescale.data.loader import build_train_loader, dali_available
+from facescale.data.manifest import Manifest, ManifestError
+from facescale.data.shard_writer import ShardWriter, index_tar
+from facescale.data.synth_faces import render_identity
+
+SIZE, COUNT, CLASSES, BATCH = 16, 12, 12, 2
+CPU = torch.device("cpu")
+READERS = ["webdataset"] + (["dali"] if dali_available() else [])
+CASES = {"corrupt_jpeg": ("train-000000.tar", "000000005", "JPEG does not decode"),
+         "label_out_of_range": ("train-000000.tar", "000000005", "label 99 outside [0, 12)"),
+         "missing_lbl": ("train-000000.tar", "000000005", "missing .lbl"),
+         "truncated_tar": ("train-000001.tar", "000000008", "truncated")}
+
+
+def make_bad_dir(out, case: str):
+    """12 samples (label = index) in two shards of 6, with one defect of kind `case` (or "good")."""
+    images = render_identity(2, 0, COUNT, SIZE)
+    with ShardWriter(out, shard_size=6) as writer:
+        for label, image in enumerate(images):
+            jpeg = encode_jpeg(image)
+            if case == "corrupt_jpeg" and label == 5:
+                jpeg = b"\xff\xd8" + bytes(range(256)) * 2
+            writer.write(jpeg, 99 if case == "label_out_of_range" and label == 5 else label)
+    Manifest(num_classes=CLASSES, num_samples=COUNT, image_size=SIZE, source="test", shards=writer.shards,
+             samples_per_identity=[1] * CLASSES).save(out)
+    if case == "missing_lbl":
+        tar_path = out / "train-000000.tar"
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar if m.name != "000000005.lbl"]
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in members:
+                tar.addfile(member, io.BytesIO(data))
+        index_tar(tar_path)
+    if case == "truncated_tar":  # cut shard 1 inside the JPEG of its third sample (key 000000008)
+        tar_path = out / "train-000001.tar"
+        line = (out / "train-000001.idx").read_text().splitlines()[3].split()
+        tar_path.write_bytes(tar_path.read_bytes()[: int(line[1]) + 10])
+    return out
+
+
+def _loader(directory, reader, **overrides):
+    config = DataConfig(shards=str(directory), reader=reader, image_size=SIZE, num_workers=0, dali_threads=1,
+                        shuffle_buffer=4, random_mirror=False, max_skip_fraction=0.5)
+    return build_train_loader(dataclasses.replace(config, **overrides), rank=0, world_size=1,
+                              batch_size=BATCH, seed=1, device=CPU)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_error_policy_names_shard_key_and_reason(tmp_path, reader, case):
+    shard, key, reason = CASES[case]
+    loader = _loader(make_bad_dir(tmp_path, case), reader, on_bad_sample="error")
+    with pytest.raises(BadSampleError) as caught:
+        for _ in range(2):
+            list(loader.iter_epoch())
+    assert shard in str(caught.value) and key in str(caught.value) and reason in str(caught.value)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_skip_policy_leaves_bad_samples_out_and_counts_them(tmp_path, reader, case):
+    loader = _loader(make_bad_dir(tmp_path, case), reader, on_bad_sample="skip", num_workers=1)
+    lost = {5} if case != "truncated_tar" else {8, 9, 10, 11}
+    for _ in range(2):
+        batches = list(loader.iter_epoch())
+        assert len(batches) == loader.steps_per_epoch
+        labels = torch.cat([labels for _, labels in batches]).tolist()
+        assert len(labels) == loader.steps_per_epoch * BATCH and not set(labels) & lost
+    assert loader.skipped >= len(lost) and loader.seen == 2 * loader.steps_per_epoch * BATCH
+    with pytest.raises(BadSampleError, match="max_skip_fraction"):  # DALI at start-up, webdataset on reading
+        list(_loader(tmp_path, reader, on_bad_sample="skip", max_skip_fraction=0.01).iter_epoch())
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_empty_or_missing_shard_list_stops_with_the_fix(tmp_path, reader):
+    make_bad_dir(tmp_path, "good")
+    (tmp_path / "train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="train-000001.tar is listed in manifest.json but missing"):
+        _loader(tmp_path, reader)
+    body = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**body, "shards": [], "num_samples": 0}))
+    with pytest.raises(ManifestError, match="lists no shards"):
+        _loader(tmp_path, reader)
+    with pytest.raises(ManifestError, match="data.shards is empty"):
+        _loader("", reader)

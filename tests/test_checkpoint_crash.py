@@ -1,0 +1,143 @@
+"""Crash safety: a rank SIGKILLed between its shard writes leaves `latest` on the previous complete step, and
+incomplete, damaged or mismatched checkpoints are refused with messages that name what is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+
+NUM_CLASSES, EMB = 7, 4
+
+
+def _parts(rank: int, world: int, num_classes: int = NUM_CLASSES):
+    """A tiny DeepSpeed engine (one Linear) and a Partial FC head shard."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    from facescale.config.schema import HeadConfig
+    from facescale.heads import build_head
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, EMB)
+    config = {
+        "train_batch_size": world,
+        "zero_optimization": {"stage": 1},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config
+    )
+    head = build_head(HeadConfig(), num_classes, EMB, seed=1)
+    return engine, head
+
+
+def _save_then_die(rank: int, world: int, run_dir: str) -> None:
+    from facescale.checkpoint import CheckpointManager
+
+    engine, head = _parts(rank, world)
+    manager = CheckpointManager(run_dir, rank, world)
+    manager.save(1, engine, head, {"seed": 0}, "x: 1\n")
+    head.centers.add_(1.0)
+
+    def die_after_head_shard(name: str) -> None:
+        if rank == 1 and name.startswith("head/"):
+            os.kill(os.getpid(), signal.SIGKILL)  # no warning, no cleanup
+
+    manager.on_file_written = die_after_head_shard
+    manager.save(2, engine, head, {"seed": 0}, "x: 1\n")
+
+
+@pytest.mark.slow
+def test_kill_between_shard_writes_keeps_previous_latest(tmp_path: Path):
+    from facescale.checkpoint import CheckpointError, CheckpointManager, resolve_checkpoint
+
+    with pytest.raises(RuntimeError, match="distributed test failed"):
+        run_ranks(_save_then_die, 2, str(tmp_path), timeout=120)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    assert (root / "step_00000002" / "head" / "shard-00001-of-00002.pt").is_file()  # it did die mid-save
+    assert resolve_checkpoint(tmp_path) == root / "step_00000001"
+    assert CheckpointManager(tmp_path, 0, 2).latest() == root / "step_00000001"
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint(root / "step_00000002")
+    message = str(info.value)
+    assert "incomplete" in message and "COMPLETE" in message and "state/rank-00001.pt" in message
+
+    # a complete step dir that lost a file afterwards is refused, naming the file
+    damaged = tmp_path / "damaged"
+    shutil.copytree(root / "step_00000001", damaged)
+    (damaged / "head" / "shard-00000-of-00002.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"lacks head/shard-00000-of-00002\.pt"):
+        resolve_checkpoint(damaged)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere")
+
+
+def _load_mismatched(rank: int, world: int, run_dir: str) -> str:
+    from facescale.checkpoint import CheckpointError, CheckpointManager
+
+    engine, head = _parts(rank, world)
+    CheckpointManager(run_dir, rank, world).save(1, engine, head, {"seed": 0}, "x: 1\n")
+    engine, other_head = _parts(rank, world, num_classes=NUM_CLASSES + 1)
+    try:
+        CheckpointManager(run_dir, rank, world).load(run_dir, engine, other_head)
+    except CheckpointError as exc:
+        return str(exc)
+    return "loaded"
+
+
+@pytest.mark.slow
+def test_mismatched_head_is_refused_with_its_reason(tmp_path: Path):
+    messages = run_ranks(_load_mismatched, 1, str(tmp_path))
+    assert "num_classes=7 but this rank needs 8" in messages[0], messages
+
+
+def _shard(start: int, count: int, total: int = 5) -> dict:
+    rows = torch.arange(start, start + count, dtype=torch.float32)
+    return {
+        "meta": {
+            "num_classes": total,
+            "start": start,
+            "count": count,
+            "embedding_size": 2,
+            "optimizer": "adamw",
+        },
+        "centers": rows[:, None].repeat(1, 2),
+        "optimizer": {"exp_avg": -rows[:, None].repeat(1, 2), "row_steps": rows.long()},
+        "iteration": 4,
+    }
+
+
+def test_reshard_head_cuts_rows_by_class_partition():
+    from facescale.checkpoint import reshard_head
+    from facescale.dist.partition import class_partition
+
+    saved = [_shard(0, 3), _shard(3, 2)]  # class_partition(5, 2, r)
+    for world in (1, 2, 3, 4):
+        for rank in range(world):
+            start, count = class_partition(5, world, rank)
+            out = reshard_head(saved, world, rank)
+            expected = torch.arange(start, start + count, dtype=torch.float32)
+            assert out["meta"]["start"] == start and out["meta"]["count"] == count
+            assert torch.equal(out["centers"][:, 0], expected)
+            assert torch.equal(out["optimizer"]["exp_avg"][:, 1], -expected)
+            assert torch.equal(out["optimizer"]["row_steps"], expected.long())
+            assert out["iteration"] == 4
+
+
+def test_reshard_head_refuses_gaps_and_disagreeing_state():
+    from facescale.checkpoint import CheckpointError, reshard_head
+
+    with pytest.raises(CheckpointError, match="a shard is missing"):
+        reshard_head([_shard(0, 3)], 2, 0)
+    other = _shard(3, 2)
+    other["iteration"] = 5
+    with pytest.raises(CheckpointError, match="'iteration' is neither per-row nor identical"):
+        reshard_head([_shard(0, 3), other], 1, 0)

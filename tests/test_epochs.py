@@ -1,0 +1,117 @@
+"""Epochs of both readers: each sample at most once per epoch across ranks, exactly N mod (W*B) left out,
+the same order for the same seed and epoch, and an exact resumable cursor (state_dict/load_state_dict)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from facescale.config.schema import DataConfig
+from facescale.data.jpeg import encode_jpeg
+from facescale.data.loader import build_train_loader, dali_available
+from facescale.data.manifest import Manifest
+from facescale.data.shard_writer import ShardWriter
+from facescale.data.synth_faces import render_identity
+from facescale.data.wds_reader import epoch_plan
+from tests.distributed import run_ranks
+
+SIZE, COUNT = 16, 23  # shards of 7, 7, 7, 2 samples
+CPU = torch.device("cpu")
+READERS = ["webdataset"] + (["dali"] if dali_available() else [])
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """23 samples whose label is their index, in uneven shards."""
+    out = tmp_path_factory.mktemp("epochs")
+    with ShardWriter(out, shard_size=7) as writer:
+        for label, image in enumerate(render_identity(5, 0, COUNT, SIZE)):
+            writer.write(encode_jpeg(image), label)
+    Manifest(num_classes=COUNT, num_samples=COUNT, image_size=SIZE, source="test", shards=writer.shards,
+             samples_per_identity=[1] * COUNT).save(out)
+    return out
+
+
+def _loader(shard_dir, reader, rank=0, world=1, batch=2, seed=3, **overrides):
+    config = DataConfig(shards=str(shard_dir), reader=reader, image_size=SIZE, num_workers=0, dali_threads=1,
+                        shuffle_buffer=4, random_mirror=True)
+    return build_train_loader(dataclasses.replace(config, **overrides), rank=rank, world_size=world,
+                              batch_size=batch, seed=seed, device=CPU)
+
+
+def _epoch_labels(rank, world, shard_dir, batch, epochs):
+    """Per reader: the labels this rank yields in each of `epochs` epochs."""
+    torch.set_num_threads(1)
+    out = {}
+    for reader in READERS:
+        loader = _loader(shard_dir, reader, rank, world, batch)
+        out[reader] = [torch.cat([labels for _, labels in loader.iter_epoch()]).tolist()
+                       for _ in range(epochs)]
+    return out
+
+
+def _check_epochs(per_rank, world, batch):
+    steps = COUNT // (world * batch)
+    for reader in READERS:
+        for epoch in range(2):
+            labels = [per_rank[rank][reader][epoch] for rank in range(world)]
+            assert all(len(part) == steps * batch for part in labels)
+            union = [label for part in labels for label in part]
+            assert len(set(union)) == len(union) == COUNT - COUNT % (world * batch)
+        assert per_rank[0][reader][0] != per_rank[0][reader][1]  # a new order each epoch
+
+
+def test_three_ranks_see_each_sample_at_most_once_per_epoch(shard_dir):
+    _check_epochs(run_ranks(_epoch_labels, 3, str(shard_dir), 3, 2), world=3, batch=3)
+
+
+def test_two_ranks_see_each_sample_at_most_once_per_epoch(shard_dir):
+    _check_epochs([_epoch_labels(rank, 2, shard_dir, 4, 2) for rank in range(2)], world=2, batch=4)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_same_seed_and_epoch_give_the_same_batches(shard_dir, reader):
+    first, second = _loader(shard_dir, reader), _loader(shard_dir, reader)
+    pairs = zip(first.iter_epoch(), second.iter_epoch(), strict=True)
+    for (a_images, a_labels), (b_images, b_labels) in pairs:
+        assert torch.equal(a_labels, b_labels) and torch.equal(a_images, b_images)
+    other = torch.cat([labels for _, labels in _loader(shard_dir, reader, seed=4).iter_epoch()])
+    assert other.tolist() != torch.cat([labels for _, labels in first.iter_epoch()]).tolist()
+
+
+def _take(loader, count):
+    return [(images.clone(), labels.clone()) for images, labels in itertools.islice(iter(loader), count)]
+
+
+@pytest.mark.parametrize("reader,workers", [("webdataset", 0), ("webdataset", 3)]
+                         + ([("dali", 0)] if dali_available() else []))
+def test_restored_cursor_yields_exactly_the_uninterrupted_batches(shard_dir, reader, workers):
+    reference = _take(_loader(shard_dir, reader, num_workers=workers), 3 * 11)  # 11 steps per epoch
+    for consumed in (4, 11, 16):
+        interrupted = _loader(shard_dir, reader, num_workers=workers)
+        _take(interrupted, consumed)
+        state = interrupted.state_dict()
+        assert state == {"epoch": consumed // 11, "step_in_epoch": consumed % 11}
+        restored = _loader(shard_dir, reader, num_workers=workers)
+        restored.load_state_dict(state)
+        for (images, labels), (ref_images, ref_labels) in zip(_take(restored, 7), reference[consumed:],
+                                                              strict=False):
+            assert torch.equal(labels, ref_labels) and torch.equal(images, ref_images)
+        assert restored.seen == 7 * 2 and restored.skipped == 0
+    with pytest.raises(ValueError, match="another batch size"):
+        restored.load_state_dict({"epoch": 0, "step_in_epoch": 12})
+
+
+def test_webdataset_epoch_plan_covers_each_rank_part_once():
+    sizes = [7, 7, 7, 2]
+    for world, batch, workers in [(2, 4, 1), (3, 2, 2), (2, 1, 3)]:
+        steps = sum(sizes) // (world * batch)
+        covered = []
+        for rank in range(world):
+            plans = epoch_plan(sizes, epoch=1, seed=0, rank=rank, world_size=world, steps=steps,
+                               batch_size=batch, num_workers=workers)
+            covered += [(shard, p) for plan in plans for shard, lo, hi in plan for p in range(lo, hi)]
+        assert sorted(covered) == [(s, p) for s, n in enumerate(sizes) for p in range(n)]

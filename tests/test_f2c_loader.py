@@ -1,0 +1,118 @@
+"""Identity index (label -> JPEG locations from the .idx files), identity pairs and the dual-batch mix."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from facescale.data.jpeg import decode_jpeg, encode_jpeg
+from facescale.data.manifest import Manifest
+from facescale.data.shard_writer import ShardWriter, decode_label
+from facescale.f2c.dual_loader import mix_batches
+from facescale.f2c.identity_index import IdentityIndex, ImageReader
+from facescale.f2c.identity_loader import IdentityPairs
+
+SIZE = 16
+IMAGES_PER_IDENTITY = [1, 3, 2, 1, 4, 2, 0, 2]  # identity 6 has no image: never drawn
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ids")
+    rng = np.random.default_rng(0)
+    samples = [
+        (label, rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+        for label, count in enumerate(IMAGES_PER_IDENTITY)
+        for _ in range(count)
+    ]
+    order = rng.permutation(len(samples))
+    with ShardWriter(out, shard_size=5) as writer:
+        for i in order:
+            writer.write(encode_jpeg(samples[i][1]), samples[i][0])
+    Manifest(
+        num_classes=len(IMAGES_PER_IDENTITY),
+        num_samples=len(samples),
+        image_size=SIZE,
+        source="test",
+        shards=writer.shards,
+        samples_per_identity=IMAGES_PER_IDENTITY,
+    ).save(out)
+    return Manifest.load(out)
+
+
+def test_index_maps_every_label_to_its_own_jpegs(shards):
+    index = IdentityIndex.build(shards)
+    assert index.counts().tolist() == IMAGES_PER_IDENTITY
+    truth = {}  # (shard, data offset) -> (label, jpeg bytes), read with tarfile
+    for number, path in enumerate(shards.shard_paths()):
+        with tarfile.open(path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name, member in members.items():
+                if name.endswith(".jpg"):
+                    label = decode_label(tar.extractfile(members[name[:-4] + ".lbl"]).read())
+                    truth[(number, member.offset_data)] = (label, tar.extractfile(member).read())
+    reader = ImageReader(index)
+    seen = 0
+    for label in range(index.num_classes):
+        for row in index.images_of(label):
+            expected_label, jpeg = truth[(int(index.shard[row]), int(index.offset[row]))]
+            assert expected_label == label and reader.read(row) == jpeg
+            seen += 1
+    assert seen == len(truth)
+    reader.close()
+
+
+def test_pairs_two_distinct_images_or_one_image_and_its_mirror(shards):
+    index = IdentityIndex.build(shards)
+    pairs = IdentityPairs(
+        index, rank=0, world_size=1, identities_per_batch=7, seed=1, mirror=False, image_size=SIZE
+    )
+    first, second, labels = pairs.make_batch(0, 0)
+    assert sorted(labels.tolist()) == [0, 1, 2, 3, 4, 5, 7]
+    reader = ImageReader(index)
+    for a, b, label in zip(first.numpy(), second.numpy(), labels.tolist(), strict=True):
+        images = [decode_jpeg(reader.read(r)) for r in index.images_of(label)]
+        ia = next(i for i, im in enumerate(images) if np.array_equal(im, a))
+        if len(images) == 1:
+            assert np.array_equal(b, a[:, ::-1])
+        else:
+            ib = next(i for i, im in enumerate(images) if np.array_equal(im, b))
+            assert ia != ib
+
+
+def test_every_identity_once_per_pass_over_ranks_and_reshuffled(shards):
+    index = IdentityIndex.build(shards)
+    made = [
+        IdentityPairs(
+            index, rank=r, world_size=2, identities_per_batch=2, seed=4, mirror=True, image_size=SIZE
+        )
+        for r in range(2)
+    ]
+    for pass_number in range(3):
+        dealt = np.concatenate([p.rank_identities(pass_number) for p in made])
+        assert set(dealt.tolist()) == {0, 1, 2, 3, 4, 5, 7} and len(dealt) == 8  # one wrapped as padding
+    orders = {tuple(made[0].rank_identities(n).tolist()) for n in range(6)}
+    assert len(orders) > 1
+    stream, per_pass = iter(made[0]), made[0].batches_per_pass
+    labels = [next(stream)[2].tolist() for _ in range(2 * per_pass)]
+    assert [lab for batch in labels[:per_pass] for lab in batch] == made[0].rank_identities(0).tolist()[:4]
+    assert [lab for batch in labels[per_pass:] for lab in batch] == made[0].rank_identities(1).tolist()[:4]
+    with pytest.raises(ValueError, match="identities_per_rank"):
+        IdentityPairs(
+            index, rank=0, world_size=2, identities_per_batch=5, seed=0, mirror=True, image_size=SIZE
+        )
+
+
+def test_mix_batches_as_the_reference():
+    inst_images, inst_labels = torch.arange(4.0).view(4, 1), torch.tensor([10, 11, 12, 13])
+    first, second, ids = (
+        torch.tensor([[100.0], [101.0]]),
+        torch.tensor([[200.0], [201.0]]),
+        torch.tensor([1, 2]),
+    )
+    (x, lx), (y, ly) = mix_batches((inst_images, inst_labels), first, second, ids)
+    assert x.flatten().tolist() == [100, 101, 0, 1] and lx.tolist() == [1, 2, 10, 11]
+    assert y.flatten().tolist() == [200, 201, 2, 3] and ly.tolist() == [1, 2, 12, 13]
