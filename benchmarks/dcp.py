@@ -215,7 +215,7 @@ def main() -> None:
         rows += result if isinstance(result, list) else [result]
         print(result, flush=True)
     report = {
-        "command": " ".join(sys.argv),
+        "command": ".venv/bin/python " + " ".join(sys.argv),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": args.threads,
