@@ -16,7 +16,7 @@ def run_training(config_path: str | None, overrides: list[str]):
     validate(cfg, str(config_path), world_size=env.world_size)
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
     configure_threads(env.local_world_size)
-    init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s)
+    init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s, train_timeout_s=cfg.dist.timeout_s)
     try:
         from facescale.train.trainer import Trainer
 
