@@ -141,3 +141,24 @@ def test_reshard_head_refuses_gaps_and_disagreeing_state():
     other["iteration"] = 5
     with pytest.raises(CheckpointError, match="'iteration' is neither per-row nor identical"):
         reshard_head([_shard(0, 3), other], 1, 0)
+
+
+def test_incomplete_step_dir_names_what_is_missing(tmp_path: Path):
+    from facescale.checkpoint import CheckpointError, CheckpointManager, resolve_checkpoint
+
+    step = tmp_path / "checkpoints" / "step_00000004"
+    (step / "head").mkdir(parents=True)
+    torch.save({}, step / "head" / "shard-00000-of-00003.pt")  # one of three ranks got this far
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint(step)
+    for name in (
+        "head/shard-00001-of-00003.pt",
+        "state/rank-00002.pt",
+        "trainer.json",
+        "backbone",
+        "COMPLETE",
+    ):
+        assert name in str(info.value)
+    assert CheckpointManager(tmp_path, 0, 3).latest() is None  # no `latest` yet: a fresh start
+    with pytest.raises(CheckpointError, match="no 'latest'"):
+        resolve_checkpoint(tmp_path)

@@ -169,3 +169,56 @@ def test_sigkill_resume_and_nan_guard_match_uninterrupted_run(shards: Path, tmp_
     assert max(v for v in skipped if v is not None) == 3
     trainer = json.loads((ckpt / "step_00000007" / "trainer.json").read_text())
     assert trainer["skipped_steps"] == 3 and trainer["bad_steps_in_row"] == 2
+
+
+def _run_dcp(shards: Path, run_dir: Path) -> str:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    cmd += ["-m", "facescale", "train", "--config", "configs/synthetic_dcp.yaml"]
+    for setting in (
+        f"data.shards={shards}",
+        "eval.bins=[]",
+        f"logging.run_dir={run_dir}",
+        "schedule.steps=4",
+        "schedule.warmup_steps=1",
+        "schedule.global_batch_size=16",
+        "logging.every_steps=1",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=5",
+        "head.dcp.queue_size=32",
+        "head.dcp.identities_per_rank=4",
+    ):
+        cmd += ["--set", setting]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_dcp_resume_matches_uninterrupted_run(shards: Path, tmp_path: Path):
+    """F2C mode: resuming from step 2 (as after a kill right after that checkpoint) reproduces steps 3-4."""
+    import shutil
+
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _run_dcp(shards, reference)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    assert "resumed from" in _run_dcp(shards, resumed)
+    ref_losses, losses = _losses(reference), _losses(resumed)
+    assert sorted(losses) == [3, 4] and all(losses[s] == ref_losses[s] for s in (3, 4)), (ref_losses, losses)
+    for name in (
+        "backbone.pt",
+        "backbone_optim.pt",
+        "head/shard-00000-of-00002.pt",
+        "head/shard-00001-of-00002.pt",
+    ):
+        a = torch.load(reference / "checkpoints" / "step_00000004" / name, weights_only=False)
+        b = torch.load(resumed / "checkpoints" / "step_00000004" / name, weights_only=False)
+        _assert_same(a, b, name)
