@@ -21,6 +21,11 @@ REQUIRED_SCALARS = {
     "perf/max_memory_mb",
     "train/grad_norm",
     "eval/verify/accuracy",
+    "eval/verify/pixel_accuracy",
+    "head/step_ms",
+    "head/num_sampled",
+    "head/positive_fraction",
+    "data/skipped_samples",
 }
 
 

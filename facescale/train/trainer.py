@@ -236,6 +236,7 @@ class Trainer:
             "perf/max_memory_mb": peak_memory_mb(self.runtime.device),
             "train/grad_norm": out.grad_norm,
             "train/skipped_steps": self.skipped_steps,
+            **self._data_counters(),
         }
         scalars.update({f"head/{k}": float(v) for k, v in out.head_stats.items()})
         self.metrics.scalars(self.step, scalars)
@@ -244,6 +245,17 @@ class Trainer:
             f"{scalars['perf/samples_per_s']:.0f} img/s step {scalars['perf/step_ms']:.0f} ms "
             f"data-wait {scalars['perf/data_wait_ms']:.0f} ms head {scalars['head/step_ms']:.0f} ms"
         )
+
+    def _data_counters(self) -> dict[str, float]:
+        """Bad samples skipped under data.on_bad_sample=skip, summed over ranks (every rank calls this)."""
+        seen, skipped = getattr(self.loader, "seen", None), getattr(self.loader, "skipped", None)
+        if seen is None or skipped is None:
+            return {}
+        counts = torch.tensor([float(seen), float(skipped)], dtype=torch.float64, device=self.runtime.device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        return {"data/skipped_samples": counts[1].item(),
+                "data/skip_fraction": (counts[1] / counts.sum().clamp_min(1)).item()}
 
     def _preempted(self) -> bool:
         """Collective: every rank learns whether any rank got a preemption signal."""
