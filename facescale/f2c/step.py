@@ -3,6 +3,8 @@
 Same decoupled backward as `facescale.train.step`: the head sees detached P-Net features, returns the global
 loss, and its gradient goes to the engine through the surrogate sum(p * grad) scaled by W * GAS. The engine
 runs two forwards (x, then y, so BatchNorm sees 1.5B-image batches as in the reference) and one backward.
+With gradient accumulation every micro-step is one pool iteration (two passes, one committed insertion);
+G-Net is updated once per optimizer step, before the first micro-step's G-Net forward.
 """
 
 from __future__ import annotations

@@ -40,9 +40,13 @@ INIT_BLOCK_ROWS = (
 _INIT_SALT = 0x1C3A7
 
 
-def init_center_rows(start: int, count: int, dim: int, std: float, seed: int) -> Tensor:
-    """normal(0, std) rows [start, start+count) of the global [C, D] init; same values for any sharding."""
-    out = torch.empty(count, dim)
+def init_center_rows(
+    start: int, count: int, dim: int, std: float, seed: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """normal(0, std) rows [start, start+count) of the global [C, D] init; same values for any sharding.
+
+    Drawn in fp32 one block at a time and written straight into `dtype` (no full-size fp32 temporary)."""
+    out = torch.empty(count, dim, dtype=dtype)
     first_block, stop = start // INIT_BLOCK_ROWS, start + count
     for block in range(first_block, (stop + INIT_BLOCK_ROWS - 1) // INIT_BLOCK_ROWS):
         generator = torch.Generator().manual_seed(derive_seed(seed, _INIT_SALT, block))
@@ -83,8 +87,8 @@ class PartialFCHead(torch.nn.Module):
         self.start, self.count = class_partition(num_classes, self.world_size, self.rank)
         self.margin, self.seed, self.sample_rate = margin, seed, sample_rate
         self.num_sample = num_samples_for(sample_rate, self.count)
-        centers = init_center_rows(self.start, self.count, embedding_size, init_std, seed)
-        self.register_buffer("centers", centers.to(device=device, dtype=storage_dtype), persistent=False)
+        centers = init_center_rows(self.start, self.count, embedding_size, init_std, seed, storage_dtype)
+        self.register_buffer("centers", centers.to(device=device), persistent=False)
         self.center_optimizer = CenterOptimizer(
             self.count,
             embedding_size,
