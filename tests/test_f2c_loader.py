@@ -1,18 +1,16 @@
-"""Identity index (label -> JPEG locations from the .idx files), identity pairs and the dual-batch mix."""
+"""Identity pairs (over facescale.data.identity_index), their per-pass dealing, and the dual-batch mix."""
 
 from __future__ import annotations
-
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 
+from facescale.data.identity_index import IdentityIndex
 from facescale.data.jpeg import decode_jpeg, encode_jpeg
 from facescale.data.manifest import Manifest
-from facescale.data.shard_writer import ShardWriter, decode_label
+from facescale.data.shard_writer import ShardWriter
 from facescale.f2c.dual_loader import mix_batches
-from facescale.f2c.identity_index import IdentityIndex, ImageReader
 from facescale.f2c.identity_loader import IdentityPairs
 
 SIZE = 16
@@ -43,38 +41,15 @@ def shards(tmp_path_factory):
     return Manifest.load(out)
 
 
-def test_index_maps_every_label_to_its_own_jpegs(shards):
-    index = IdentityIndex.build(shards)
-    assert index.counts().tolist() == IMAGES_PER_IDENTITY
-    truth = {}  # (shard, data offset) -> (label, jpeg bytes), read with tarfile
-    for number, path in enumerate(shards.shard_paths()):
-        with tarfile.open(path) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name, member in members.items():
-                if name.endswith(".jpg"):
-                    label = decode_label(tar.extractfile(members[name[:-4] + ".lbl"]).read())
-                    truth[(number, member.offset_data)] = (label, tar.extractfile(member).read())
-    reader = ImageReader(index)
-    seen = 0
-    for label in range(index.num_classes):
-        for row in index.images_of(label):
-            expected_label, jpeg = truth[(int(index.shard[row]), int(index.offset[row]))]
-            assert expected_label == label and reader.read(row) == jpeg
-            seen += 1
-    assert seen == len(truth)
-    reader.close()
-
-
 def test_pairs_two_distinct_images_or_one_image_and_its_mirror(shards):
-    index = IdentityIndex.build(shards)
+    index = IdentityIndex.build(shards.directory)
     pairs = IdentityPairs(
         index, rank=0, world_size=1, identities_per_batch=7, seed=1, mirror=False, image_size=SIZE
     )
     first, second, labels = pairs.make_batch(0, 0)
     assert sorted(labels.tolist()) == [0, 1, 2, 3, 4, 5, 7]
-    reader = ImageReader(index)
     for a, b, label in zip(first.numpy(), second.numpy(), labels.tolist(), strict=True):
-        images = [decode_jpeg(reader.read(r)) for r in index.images_of(label)]
+        images = [decode_jpeg(index.read_jpeg(location)) for location in index.locations(label)]
         ia = next(i for i, im in enumerate(images) if np.array_equal(im, a))
         if len(images) == 1:
             assert np.array_equal(b, a[:, ::-1])
@@ -84,7 +59,7 @@ def test_pairs_two_distinct_images_or_one_image_and_its_mirror(shards):
 
 
 def test_every_identity_once_per_pass_over_ranks_and_reshuffled(shards):
-    index = IdentityIndex.build(shards)
+    index = IdentityIndex.build(shards.directory)
     made = [
         IdentityPairs(
             index, rank=r, world_size=2, identities_per_batch=2, seed=4, mirror=True, image_size=SIZE

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from facescale.data.identity_index import IdentityIndex, SampleLocation
 from facescale.data.jpeg import decode_jpeg
 from facescale.data.loader import stream_seed
-from facescale.f2c.identity_index import IdentityIndex, ImageReader
 
 UInt8Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [B, H, W, 3] x 2, labels [B]
 
@@ -39,14 +39,13 @@ class IdentityPairs(IterableDataset):
         super().__init__()
         self.index, self.rank, self.world_size = index, rank, world_size
         self.batch, self.seed, self.mirror, self.image_size = identities_per_batch, seed, mirror, image_size
-        self.eligible = np.nonzero(index.counts() > 0)[0]
+        self.eligible = np.nonzero(np.diff(index.starts) > 0)[0]
         self.batches_per_pass = -(-len(self.eligible) // world_size) // identities_per_batch
         if self.batches_per_pass < 1:
             raise ValueError(
                 f"the shards hold {len(self.eligible)} identities with images, fewer than "
                 f"{identities_per_batch} per rank for {world_size} ranks; lower head.dcp.identities_per_rank"
             )
-        self.reader = ImageReader(index)
 
     def rank_identities(self, pass_number: int) -> np.ndarray:
         """This rank's identities of one pass, in order (the pass's permutation, padded, dealt by rank)."""
@@ -63,7 +62,7 @@ class IdentityPairs(IterableDataset):
         first = np.empty((len(labels), self.image_size, self.image_size, 3), np.uint8)
         second = np.empty_like(first)
         for i, label in enumerate(labels):
-            rows = self.index.images_of(int(label))
+            rows = self.index.locations(int(label))
             if len(rows) >= 2:
                 a, b = rng.choice(len(rows), 2, replace=False)
                 flip_a, flip_b = (rng.random(2) < 0.5) & self.mirror
@@ -75,12 +74,11 @@ class IdentityPairs(IterableDataset):
             second[i] = self._image(rows[b], bool(flip_b))
         return torch.from_numpy(first), torch.from_numpy(second), torch.from_numpy(labels.astype(np.int64))
 
-    def _image(self, row: int, flip: bool) -> np.ndarray:
-        image = decode_jpeg(self.reader.read(row))
+    def _image(self, location: SampleLocation, flip: bool) -> np.ndarray:
+        image = decode_jpeg(self.index.read_jpeg(location))
         if image.shape != (self.image_size, self.image_size, 3):
             raise ValueError(
-                f"{self.index.shard_paths[int(self.index.shard[row])]} at byte "
-                f"{int(self.index.offset[row])}: image is {image.shape}, expected "
+                f"{location.tar} at byte {location.offset}: image is {image.shape}, expected "
                 f"({self.image_size}, {self.image_size}, 3)"
             )
         return image[:, ::-1] if flip else image

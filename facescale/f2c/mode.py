@@ -10,7 +10,6 @@ from facescale.config.schema import Config
 from facescale.f2c.dual_loader import DualLoader
 from facescale.f2c.ema import GalleryNet
 from facescale.f2c.head import DcpHead
-from facescale.f2c.identity_index import IdentityIndex
 from facescale.f2c.identity_loader import IdentityPairs, build_identity_loader
 from facescale.f2c.step import dcp_train_step
 from facescale.heads.margins import build_margin
@@ -30,6 +29,7 @@ def build_dcp_mode(
     device: torch.device,
 ) -> tuple[DcpHead, DualLoader, Any]:
     """(head, loader, step function) of F2C: G-Net from the engine's backbone, the pool, the dual loader."""
+    from facescale.data.identity_index import IdentityIndex
     from facescale.data.loader import build_train_loader
     from facescale.models.registry import build_backbone
 
@@ -60,7 +60,7 @@ def build_dcp_mode(
         device=device,
     )
     pairs = IdentityPairs(
-        IdentityIndex.build(manifest),
+        IdentityIndex.build(manifest.directory),
         rank=rank,
         world_size=world_size,
         identities_per_batch=dcp.identities_per_rank or micro_batch,
