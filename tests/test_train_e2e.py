@@ -74,12 +74,12 @@ def _train(shards: Path, run_dir: Path, ranks: int, *extra: str) -> subprocess.C
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def _scalar_tags(run_dir: Path) -> set[str]:
+def _event_tags(run_dir: Path) -> dict[str, set[str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
-    return set(acc.Tags()["scalars"])
+    return {kind: set(acc.Tags()[kind]) for kind in ("scalars", "images")}
 
 
 @pytest.mark.slow
@@ -87,8 +87,9 @@ def test_two_rank_training_writes_events_and_checkpoint(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = _train(tiny_shards, run_dir, 2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    tags = _scalar_tags(run_dir)
-    assert REQUIRED_SCALARS <= tags, f"missing scalars: {REQUIRED_SCALARS - tags}"
+    tags = _event_tags(run_dir)
+    assert REQUIRED_SCALARS <= tags["scalars"], f"missing scalars: {REQUIRED_SCALARS - tags['scalars']}"
+    assert "eval/verify/roc" in tags["images"]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     step_dir = run_dir / "checkpoints" / latest
     assert latest == "step_00000004" and (step_dir / "COMPLETE").is_file()
@@ -99,6 +100,18 @@ def test_two_rank_training_writes_events_and_checkpoint(tiny_shards, tmp_path):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 4 and 0.0 <= result["eval"]["verify"]["accuracy"] <= 1.0
     assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed.json").is_file()
+
+    # the trained checkpoint evaluates offline, extraction split over 2 ranks, with the same accuracy
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "-m", "facescale", "eval", "verify", "--checkpoint", str(run_dir),
+           "--bin", str(tiny_shards / "verify.bin"), "--out", str(out)]
+    ev = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                        timeout=600)
+    assert ev.returncode == 0, ev.stderr[-5000:]
+    report = json.loads([line for line in ev.stdout.splitlines() if line.startswith("{")][0])
+    assert report["accuracy"] == pytest.approx(result["eval"]["verify"]["accuracy"], abs=1e-6)
+    assert (out / "verify_roc.png").is_file()
 
 
 @pytest.mark.slow

@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
     v.add_argument("--bin", nargs="+", required=True)
     v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--out", default="eval_results", help="directory for the ROC curve images")
     v.set_defaults(func=_verify)
     j = esub.add_parser("ijb", help="IJB-B/C style 1:1 template verification")
     j.add_argument("--checkpoint", required=True)

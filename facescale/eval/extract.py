@@ -207,10 +207,12 @@ def load_bin_checked(bin_path: str) -> tuple[list[bytes], list[bool]]:
 
 def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, image_size: int | None = 112, flip: bool = True,
-                 progress: bool = True, pixel_reference: bool = True) -> dict[str, Any]:
+                 progress: bool = True, pixel_reference: bool = True,
+                 roc_image: bool = False) -> dict[str, Any]:
     """Verification accuracy of `model` on one `.bin` (10-fold), with TAR@FAR and the raw-pixel baseline.
 
-    Every rank returns the same dict; the pixel baseline is computed once per file and process.
+    Every rank returns the same dict; the pixel baseline is computed once per file and process. With
+    `roc_image`, `report["roc_image"]` is the ROC curve (genuine vs impostor cosines) as HWC uint8 RGB.
     """
     images, issame = load_bin_checked(bin_path)
     embeddings = extract_embeddings(model, images, batch_size, device, flip=flip, rank=rank,
@@ -232,4 +234,12 @@ def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch
         baseline = _cached_pixel_baseline(bin_path, images, issame, image_size)
         report["pixel_accuracy"] = baseline.accuracy_mean
         report["pixel_accuracy_std"] = baseline.accuracy_std
+    if roc_image:
+        from facescale.eval.roc import roc_figure
+        from facescale.eval.verification import pair_distances
+
+        cosines = 1.0 - pair_distances(embeddings) / 2.0
+        same = np.asarray(issame, dtype=bool)
+        report["roc_image"] = roc_figure({"model": (cosines[same], cosines[~same])},
+                                         title=f"ROC {report['name']}")
     return report

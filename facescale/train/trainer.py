@@ -168,8 +168,12 @@ class Trainer:
                 world_size=self.env.world_size,
                 image_size=self.cfg.data.image_size,
                 progress=False,
+                roc_image=self.env.rank == 0,
             )
             name = res["name"]
+            roc = res.pop("roc_image", None)
+            if roc is not None:
+                self.metrics.image(self.step, f"eval/{name}/roc", roc)
             results[name] = res
             self.metrics.scalars(
                 self.step,

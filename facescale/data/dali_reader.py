@@ -1,0 +1,142 @@
+"""The DALI training reader: `fn.readers.webdataset` over the indexed shards, JPEG decode, mirror, normalise.
+
+DALI splits the concatenated sample list of all shards evenly by sample count (`shard_id`, `num_shards`)
+and pads each rank's part (`pad_last_batch`); the iterator drops partial batches and we stop every rank
+after `steps_per_epoch` batches, so ranks see equal batch counts. Each epoch runs on a fresh pipeline
+seeded by (seed, rank, epoch) whose `shard_id` is `(rank + epoch) % world` — the same rotation DALI does
+between epochs by itself — so an epoch does not depend on earlier ones and can be rebuilt on resume.
+Decoding runs on the GPU ("mixed") when the model is on CUDA and on CPU threads (a CUDA-free pipeline,
+`device_id=None`) otherwise.
+
+Bad data: a failing DALI pipeline is dead and does not say which sample broke it (DALI 2.4's decoder raises
+"nvImageCodec failure" without the key). So under `on_bad_sample: error` a failure is diagnosed by
+scanning the shards to name the shard, key and reason; under `skip` the shards are scanned once at start-up
+(one JPEG decode per sample, ~0.1 ms per image per core) and DALI reads filtered `.idx` files that leave the
+bad samples out. For large sets, run `facescale validate` and repair the shards rather than skipping.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from facescale.config.schema import DataConfig
+from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
+from facescale.data.loader import Batch, TrainLoader, steps_per_epoch, stream_seed
+from facescale.data.manifest import Manifest
+from facescale.data.shard_writer import IMAGE_EXT, INDEX_VERSION, LABEL_EXT
+
+READER_NAME = "Reader"
+
+
+def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: int, world_size: int,
+                   batch_size: int, num_threads: int, device_id: int | None, seed: int, shuffle_buffer: int,
+                   mirror: bool, random_shuffle: bool = True) -> Pipeline:
+    """A built DALI pipeline giving ("images" float CHW in [-1, 1], "labels" int32 [1]) for one shard."""
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=2)
+    with pipe:
+        jpegs, labels = fn.readers.webdataset(
+            paths=tar_paths, index_paths=index_paths, ext=[IMAGE_EXT, LABEL_EXT],
+            dtypes=[types.UINT8, types.INT32], missing_component_behavior="error", shard_id=shard_id,
+            num_shards=world_size, random_shuffle=random_shuffle, initial_fill=max(1, shuffle_buffer),
+            pad_last_batch=True, name=READER_NAME)
+        decode_device = "cpu" if device_id is None else "mixed"
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        flip = fn.random.coin_flip(probability=0.5) if mirror else 0
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
+                                          std=[127.5] * 3, mirror=flip)
+        pipe.set_outputs(images, labels)
+    pipe.build()
+    return pipe
+
+
+def scan_all(manifest: Manifest, decode: bool = True) -> list[BadSample]:
+    """Every bad sample of the shard directory (see `facescale.data.bad_data`)."""
+    bad: list[BadSample] = []
+    for tar, index in zip(manifest.shard_paths(), manifest.index_paths(), strict=True):
+        bad += scan_shard(tar, index, num_classes=manifest.num_classes, image_size=manifest.image_size,
+                          decode=decode)[0]
+    return bad
+
+
+def write_filtered_indexes(manifest: Manifest, bad: list[BadSample], out_dir: Path) -> tuple[list[str], int]:
+    """Copies of the `.idx` files without the bad samples' lines; returns (index paths, samples kept)."""
+    drop = {(b.shard, b.position) for b in bad}
+    paths, kept = [], 0
+    for tar, index in zip(manifest.shard_paths(), manifest.index_paths(), strict=True):
+        lines = [s.line for s in read_index_lines(index) if (tar.name, s.position) not in drop]
+        path = out_dir / index.name
+        path.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(f"{line}\n" for line in lines))
+        paths.append(str(path))
+        kept += len(lines)
+    return paths, kept
+
+
+class DaliTrainLoader(TrainLoader):
+    """TrainLoader over one DALI pipeline per epoch, each cut to exactly `steps_per_epoch` batches."""
+
+    def __init__(self, manifest: Manifest, data_cfg: DataConfig, *, rank: int, world_size: int,
+                 batch_size: int, seed: int, device: torch.device, epoch: int = 0) -> None:
+        self.manifest, self.cfg = manifest, data_cfg
+        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
+        self.policy = SkipPolicy(data_cfg.on_bad_sample, data_cfg.max_skip_fraction)
+        self.epoch, self.step_in_epoch, self.seen = epoch, 0, 0
+        self.device = torch.device(device)
+        self.device_id = None
+        if self.device.type == "cuda":
+            index = self.device.index
+            self.device_id = index if index is not None else torch.cuda.current_device()
+        self.tar_paths = [str(p) for p in manifest.shard_paths()]
+        self.index_paths = [str(p) for p in manifest.index_paths()]
+        num_samples = manifest.num_samples
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if self.policy.policy == "skip":
+            bad = scan_all(manifest)
+            self.policy.check_budget(len(bad), manifest.num_samples, str(manifest.directory))
+            if bad:
+                self._scratch = tempfile.TemporaryDirectory(prefix="facescale-idx-")
+                scratch = Path(self._scratch.name)
+                self.index_paths, num_samples = write_filtered_indexes(manifest, bad, scratch)
+                self.policy.skipped = len(bad)  # the whole set's bad samples, left out of every epoch
+        self.steps_per_epoch = steps_per_epoch(num_samples, world_size, batch_size,
+                                               source=str(manifest.directory))
+
+    def epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        """Batches `skip`.. of `epoch` from a fresh pipeline (images on the model's device, labels int64)."""
+        try:
+            pipeline = build_pipeline(self.tar_paths, self.index_paths,
+                                      shard_id=(self.rank + epoch) % self.world_size,
+                                      world_size=self.world_size, batch_size=self.batch_size,
+                                      num_threads=self.cfg.dali_threads, device_id=self.device_id,
+                                      seed=stream_seed(self.seed, self.rank, epoch),
+                                      shuffle_buffer=self.cfg.shuffle_buffer, mirror=self.cfg.random_mirror)
+            batches = DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER_NAME,
+                                          last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            for step, outputs in enumerate(batches):
+                if step >= self.steps_per_epoch:  # DALI may give a batch more (its padding); drop it
+                    break
+                labels = outputs[0]["labels"].view(-1).to(torch.int64)
+                if bool(((labels < 0) | (labels >= self.manifest.num_classes)).any()):
+                    raise BadSampleError("a label outside the manifest's class range")
+                if step >= skip:
+                    yield outputs[0]["images"].to(self.device), labels.to(self.device)
+        except RuntimeError as error:
+            raise self._diagnose(error) from error
+
+    def _diagnose(self, error: BaseException) -> BaseException:
+        """Turn a dead pipeline's error into one naming the bad sample (found by scanning the shards)."""
+        if self.policy.policy == "skip":  # the pre-scan found nothing here; report DALI's own error
+            return error
+        bad = scan_all(self.manifest)
+        if not bad:
+            return error
+        return BadSampleError(f"bad training sample: {bad[0]} (DALI: {str(error).strip().splitlines()[-1]}); "
+                              "`facescale validate DIR` lists all of them; repair the shards or set "
+                              "data.on_bad_sample=skip")

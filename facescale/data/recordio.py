@@ -1,0 +1,146 @@
+"""Read insightface's MXNet RecordIO sets (`train.rec` + `train.idx`) without MXNet.
+
+Format facts used here (MXNet `dmlc::RecordIOWriter`, `mx.recordio.pack`, insightface's dataset convention):
+
+* a record is `uint32 magic 0xced7230a`, `uint32 lrecord` (little-endian), then `length` payload bytes padded
+  with zeros to a multiple of 4; `cflag = lrecord >> 29`, `length = lrecord & (2**29 - 1)`. cflag 0 is a whole
+  record; a payload that contained the magic word was split there into parts with cflag 1 (first), 2 (middle),
+  3 (last), and joining the parts puts the magic word back between them;
+* `train.idx` is text, one `key<TAB>byte offset of the record` per line;
+* a payload starts with the 24-byte IRHeader `struct.pack('<IfQQ', flag, label, id, id2)`; when `flag > 0`,
+  `flag` float32 labels follow the header (and `label` holds no value); the image bytes come after;
+* insightface sets: record 0 is a header whose first two labels are `(first_identity_record, end)`; image
+  records are 1 .. first_identity_record - 1, and identity records carry `(first_image, end_image)`. Without
+  that header (flag 0, e.g. a shuffled rec), every record in the index is an image. An image's class is its
+  label, or the first label of a multi-label header.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORD_MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
+_LENGTH_MASK = (1 << 29) - 1
+IR_HEADER = struct.Struct("<IfQQ")
+
+
+class RecordIOError(ValueError):
+    """A `.rec`/`.idx` pair that breaks the RecordIO format; the message names the file and offset."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One decoded record: the IRHeader fields, its labels (one or more) and the image bytes."""
+
+    flag: int
+    labels: tuple[float, ...]
+    id: int
+    id2: int
+    image: bytes
+
+    @property
+    def class_label(self) -> int:
+        """The class of an image record: its (first) label as an int."""
+        return int(self.labels[0])
+
+
+def read_index(idx_path: str | Path) -> dict[int, int]:
+    """`train.idx` as {record key: byte offset}; raises RecordIOError naming the bad line."""
+    offsets: dict[int, int] = {}
+    with open(idx_path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit():
+                raise RecordIOError(f"{idx_path}:{number}: expected 'key<TAB>offset', got {line.strip()!r}")
+            offsets[int(parts[0])] = int(parts[1])
+    if not offsets:
+        raise RecordIOError(f"{idx_path} lists no records; pass the .idx written with the .rec")
+    return offsets
+
+
+def read_payload(fd: int, offset: int, where: str) -> bytes:
+    """The payload of the record starting at byte `offset` of the open `.rec` file `fd` (parts joined)."""
+    parts: list[bytes] = []
+    while True:
+        head = os.pread(fd, 8, offset)
+        if len(head) < 8:
+            raise RecordIOError(f"{where}: record at offset {offset} runs past the end of the file")
+        magic, lrecord = struct.unpack("<II", head)
+        if magic != RECORD_MAGIC:
+            raise RecordIOError(f"{where}: no RecordIO magic at offset {offset} (found {magic:#010x}); "
+                                "the .idx does not belong to this .rec")
+        cflag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+        data = os.pread(fd, length, offset + 8)
+        if len(data) < length:
+            raise RecordIOError(f"{where}: record at offset {offset} is truncated "
+                                f"({len(data)} of {length} B)")
+        parts.append(data)
+        if cflag in (0, 3):
+            if cflag == 0 and len(parts) > 1:
+                raise RecordIOError(f"{where}: whole record inside a split record at offset {offset}")
+            return _MAGIC_BYTES.join(parts)
+        offset += 8 + length + (-length % 4)
+
+
+def unpack_record(payload: bytes, where: str) -> ImageRecord:
+    """Split a payload into its IRHeader, labels and image bytes."""
+    if len(payload) < IR_HEADER.size:
+        raise RecordIOError(f"{where}: payload of {len(payload)} B is shorter than the 24-byte IRHeader")
+    flag, label, record_id, id2 = IR_HEADER.unpack_from(payload)
+    body = payload[IR_HEADER.size:]
+    if flag == 0:
+        return ImageRecord(0, (label,), record_id, id2, body)
+    if len(body) < 4 * flag:
+        raise RecordIOError(f"{where}: header announces {flag} labels but the payload is too short")
+    labels = struct.unpack_from(f"<{flag}f", body)
+    return ImageRecord(flag, tuple(labels), record_id, id2, body[4 * flag:])
+
+
+class RecordFile:
+    """Random access to the records of a `.rec` by key (via its `.idx`); re-opens itself after a fork."""
+
+    def __init__(self, rec_path: str | Path, idx_path: str | Path) -> None:
+        self.rec_path, self.idx_path = Path(rec_path), Path(idx_path)
+        if not self.rec_path.is_file():
+            raise FileNotFoundError(f"{self.rec_path} not found; pass --rec the insightface train.rec")
+        self.offsets = read_index(self.idx_path)
+        self._fd: int | None = None
+        self._pid = -1
+
+    def read(self, key: int) -> ImageRecord:
+        """The record stored under `key`."""
+        if key not in self.offsets:
+            raise RecordIOError(f"{self.idx_path}: no record with key {key}")
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.rec_path, os.O_RDONLY), os.getpid()
+        where = f"{self.rec_path} (key {key})"
+        return unpack_record(read_payload(self._fd, self.offsets[key], where), where)
+
+    def image_keys(self) -> list[int]:
+        """Keys of the image records: 1 .. first identity record - 1 under an insightface header, else all."""
+        keys = sorted(self.offsets)
+        header = self.read(keys[0])
+        if keys[0] == 0 and header.flag > 0 and len(header.labels) >= 2:
+            first_identity = int(header.labels[0])
+            return [key for key in keys if 0 < key < first_identity]
+        return keys
+
+    def identity_count(self) -> int | None:
+        """How many identity records the insightface header announces, or None without such a header."""
+        keys = sorted(self.offsets)
+        header = self.read(keys[0])
+        if keys[0] == 0 and header.flag > 0 and len(header.labels) >= 2:
+            return int(header.labels[1]) - int(header.labels[0])
+        return None
+
+    def close(self) -> None:
+        """Close the file descriptor (the next `read` opens it again)."""
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
