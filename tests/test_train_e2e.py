@@ -111,7 +111,7 @@ def test_two_rank_training_writes_events_and_checkpoint(tiny_shards, tmp_path):
     assert ev.returncode == 0, ev.stderr[-5000:]
     report = json.loads([line for line in ev.stdout.splitlines() if line.startswith("{")][0])
     assert report["accuracy"] == pytest.approx(result["eval"]["verify"]["accuracy"], abs=1e-6)
-    assert (out / "verify_roc.png").is_file()
+    assert (out / "verify_roc.png").is_file(), ev.stdout[-2000:]
 
 
 @pytest.mark.slow

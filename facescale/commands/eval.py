@@ -7,21 +7,37 @@ import json
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import torch
+    """Extraction is split across ranks when launched with several (torchrun/srun); rank 0 reports."""
+    from pathlib import Path
+
+    from PIL import Image
 
     from facescale.checkpoint import load_backbone
+    from facescale.dist.init import init_distributed, shutdown_distributed
     from facescale.eval.extract import evaluate_bin
+    from facescale.runtime import select_runtime
+    from launcher.env import resolve_dist_env
 
-    model, cfg = load_backbone(args.checkpoint)
-    for path in args.bin:
-        res = evaluate_bin(
-            model,
-            path,
-            batch_size=args.batch_size,
-            device=torch.device("cpu"),
-            image_size=cfg.data.image_size,
-        )
-        print(json.dumps({"bin": path, **res}, default=str))
+    env = resolve_dist_env()
+    runtime = select_runtime(env.local_rank)
+    if env.world_size > 1:
+        init_distributed(env, runtime)
+    try:
+        model, cfg = load_backbone(args.checkpoint)
+        model.to(runtime.device)
+        for path in args.bin:
+            res = evaluate_bin(model, path, batch_size=args.batch_size, device=runtime.device, rank=env.rank,
+                               world_size=env.world_size, image_size=cfg.data.image_size,
+                               progress=env.rank == 0, roc_image=env.rank == 0)
+            if env.rank != 0:
+                continue
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            roc_path = out / f"{res['name']}_roc.png"
+            Image.fromarray(res.pop("roc_image")).save(roc_path)
+            print(json.dumps({"bin": path, **res, "roc_image": str(roc_path)}, default=str))
+    finally:
+        shutdown_distributed()
     return 0
 
 

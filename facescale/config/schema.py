@@ -27,6 +27,9 @@ class DataConfig:
     dali_threads: int = 2  # DALI CPU threads per rank
     shuffle_buffer: int = 4096
     random_mirror: bool = True
+    random_shift: int = 0  # max translation in pixels (0 = off); see facescale/data/augment.py
+    brightness: float = 0.0  # brightness jitter: factor ~ U[1 - b, 1 + b] (0 = off)
+    contrast: float = 0.0  # contrast jitter around 128: factor ~ U[1 - c, 1 + c] (0 = off)
     on_bad_sample: str = "error"  # error | skip
     max_skip_fraction: float = 0.01
 

@@ -80,6 +80,11 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     _check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
     _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, source, "data.max_skip_fraction", "must be in [0, 1]")
+    _check(0 <= cfg.data.random_shift < cfg.data.image_size // 2, source, "data.random_shift",
+           f"must be in [0, {cfg.data.image_size // 2}) pixels (0 disables it)")
+    for key in ("brightness", "contrast"):
+        _check(0.0 <= getattr(cfg.data, key) < 1.0, source, f"data.{key}",
+               "jitter must be in [0, 1) (0 disables it; 0.2 means factors in [0.8, 1.2])")
 
     head = cfg.head
     _check(

@@ -27,6 +27,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from facescale.config.schema import DataConfig
+from facescale.data.augment import NO_AUGMENT, Augment, augment_dali
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
 from facescale.data.loader import Batch, TrainLoader, steps_per_epoch, stream_seed
 from facescale.data.manifest import Manifest
@@ -37,7 +38,7 @@ READER_NAME = "Reader"
 
 def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: int, world_size: int,
                    batch_size: int, num_threads: int, device_id: int | None, seed: int, shuffle_buffer: int,
-                   mirror: bool, random_shuffle: bool = True) -> Pipeline:
+                   mirror: bool, random_shuffle: bool = True, augment: Augment = NO_AUGMENT) -> Pipeline:
     """A built DALI pipeline giving ("images" float CHW in [-1, 1], "labels" int32 [1]) for one shard."""
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
@@ -48,7 +49,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: in
             num_shards=world_size, random_shuffle=random_shuffle, initial_fill=max(1, shuffle_buffer),
             pad_last_batch=True, name=READER_NAME)
         decode_device = "cpu" if device_id is None else "mixed"
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = augment_dali(fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB), augment)
         flip = fn.random.coin_flip(probability=0.5) if mirror else 0
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
                                           std=[127.5] * 3, mirror=flip)
@@ -116,7 +117,8 @@ class DaliTrainLoader(TrainLoader):
                                       world_size=self.world_size, batch_size=self.batch_size,
                                       num_threads=self.cfg.dali_threads, device_id=self.device_id,
                                       seed=stream_seed(self.seed, self.rank, epoch),
-                                      shuffle_buffer=self.cfg.shuffle_buffer, mirror=self.cfg.random_mirror)
+                                      shuffle_buffer=self.cfg.shuffle_buffer, mirror=self.cfg.random_mirror,
+                                      augment=Augment.from_config(self.cfg))
             batches = DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER_NAME,
                                           last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
             for step, outputs in enumerate(batches):

@@ -25,6 +25,7 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import tar_file_iterator
 
 from facescale.config.schema import DataConfig
+from facescale.data.augment import NO_AUGMENT, Augment, augment_numpy
 from facescale.data.bad_data import (
     BadSample,
     BadSampleError,
@@ -39,7 +40,7 @@ from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
 
 Segment = tuple[int, int, int]  # (shard number, first sample position, end position)
-_ORDER, _SHUFFLE, _MIRROR = 11, 12, 13
+_ORDER, _SHUFFLE, _MIRROR, _AUGMENT = 11, 12, 13, 14
 _AGAIN = BadSample("", "", -1, "marks the start of a refill pass over the worker's range")
 
 
@@ -181,13 +182,13 @@ class RankStream(IterableDataset):
     def __init__(self, urls: list[str], shard_sizes: list[int], *, rank: int, world_size: int, seed: int,
                  start_epoch: int, start_step: int, batch_size: int, steps: int, num_workers: int,
                  shuffle_buffer: int, mirror: bool, image_size: int, num_classes: int,
-                 policy: SkipPolicy) -> None:
+                 policy: SkipPolicy, augment: Augment = NO_AUGMENT) -> None:
         super().__init__()
         self.urls, self.shard_sizes, self.rank, self.world_size = urls, shard_sizes, rank, world_size
         self.seed, self.start_epoch, self.start_step = seed, start_epoch, start_step
         self.batch_size, self.steps, self.num_workers = batch_size, steps, max(1, num_workers)
         self.shuffle_buffer, self.mirror, self.image_size = shuffle_buffer, mirror, image_size
-        self.num_classes, self.policy = num_classes, policy
+        self.num_classes, self.policy, self.augment = num_classes, policy, augment
         self._iterations = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -229,6 +230,7 @@ class RankStream(IterableDataset):
     def _batches(self, segments: list[Segment], epoch: int,
                  worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         flips = np.random.default_rng(stream_seed(self.seed, _MIRROR, epoch, self.rank, worker))
+        draws = np.random.default_rng(stream_seed(self.seed, _AUGMENT, epoch, self.rank, worker))
         images = np.empty((self.batch_size, self.image_size, self.image_size, 3), np.uint8)
         labels = np.empty(self.batch_size, np.int64)
         filled = skipped = 0
@@ -247,6 +249,8 @@ class RankStream(IterableDataset):
                     skipped += 1
                 continue
             image, labels[filled] = decoded
+            if self.augment.active:
+                image = augment_numpy(image, self.augment, draws)
             images[filled] = image[:, ::-1] if self.mirror and flips.random() < 0.5 else image
             filled += 1
             if filled == self.batch_size:
@@ -292,7 +296,8 @@ class WdsTrainLoader(TrainLoader):
                              num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
                              mirror=self.cfg.random_mirror, image_size=self.manifest.image_size,
                              num_classes=self.manifest.num_classes,
-                             policy=SkipPolicy(self.policy.policy, 1.0))
+                             policy=SkipPolicy(self.policy.policy, 1.0),
+                             augment=Augment.from_config(self.cfg))
         workers = self.cfg.num_workers
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           worker_init_fn=_one_thread_worker, pin_memory=self.device.type == "cuda",

@@ -137,17 +137,23 @@ class Trainer:
             yield from self.loader
 
     def _eval_model(self) -> torch.nn.Module:
-        """The backbone for extraction; under ZeRO-3 a gathered plain copy (ranks may run unequal batches)."""
-        if self.engine.zero_optimization_stage() != 3:
-            return self.engine.module
+        """A plain copy of the backbone with rank 0's BatchNorm statistics on every rank.
+
+        Each rank's running statistics come from its own batches; extraction is split across ranks, so all
+        must embed with the same statistics, the ones the checkpoint keeps (rank 0's). Under ZeRO-3 the
+        parameters are gathered for the copy, which also lets ranks run unequal numbers of batches.
+        """
         import deepspeed
 
         from facescale.models.registry import build_backbone
 
         copy = build_backbone(self.cfg.model).to(self.runtime.device)
-        params = list(self.engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        params = list(self.engine.module.parameters()) if self.engine.zero_optimization_stage() == 3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
             copy.load_state_dict(self.engine.module.state_dict())
+        if dist.is_initialized() and self.env.world_size > 1:
+            for buffer in copy.buffers():
+                dist.broadcast(buffer, src=0)
         return copy
 
     def evaluate(self) -> dict:
