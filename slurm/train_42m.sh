@@ -45,18 +45,4 @@ fi
 srun --kill-on-bad-exit=1 --wait=60 \
   "$PYTHON" -u -m facescale train --config "$CONFIG" \
   --set "logging.run_dir=$RUN_DIR" --set checkpoint.resume=auto "$@" &
-srun_pid=$!
-
-# With --signal=B:SIG the batch shell gets the signal: pass it on to the training tasks. SIGTERM (time limit,
-# scancel) reaches the tasks from Slurm itself; the shell stays alive to requeue or report.
-trapped=0
-trap 'trapped=1; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-trap 'trapped=1; scancel --signal=USR2 "$SLURM_JOB_ID"' USR2
-trap 'trapped=1; echo "=== batch shell got SIGTERM; waiting for the training step"' TERM
-while :; do
-  trapped=0
-  rc=0
-  wait "$srun_pid" || rc=$?
-  [[ "$trapped" -eq 1 ]] || break
-done
-facescale_requeue_or_exit "$rc"
+facescale_wait_step $!

@@ -45,16 +45,4 @@ srun --kill-on-bad-exit=1 --wait=60 --ntasks-per-node=1 \
     --max_restarts=0 --shutdown-timeout=300 \
     -m facescale train --config "$CONFIG" \
     --set "logging.run_dir=$RUN_DIR" --set checkpoint.resume=auto "$@" &
-srun_pid=$!
-
-trapped=0
-trap 'trapped=1; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-trap 'trapped=1; scancel --signal=USR2 "$SLURM_JOB_ID"' USR2
-trap 'trapped=1; echo "=== batch shell got SIGTERM; waiting for the training step"' TERM
-while :; do
-  trapped=0
-  rc=0
-  wait "$srun_pid" || rc=$?
-  [[ "$trapped" -eq 1 ]] || break
-done
-facescale_requeue_or_exit "$rc"
+facescale_wait_step $!

@@ -38,6 +38,24 @@ facescale_banner() {
   echo "    python ${PYTHON} cluster profile ${FACESCALE_CLUSTER:-default}"
 }
 
+facescale_wait_step() {
+  # $1 = pid of the backgrounded `srun` step. With --signal=B:SIG the batch shell gets the signal: pass it on
+  # to the training tasks. SIGTERM (time limit, scancel) reaches the tasks from Slurm itself; the shell stays
+  # alive to requeue or report. Ends with facescale_requeue_or_exit on the step's exit code.
+  local pid=$1 rc=0
+  trapped=0
+  trap 'trapped=1; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+  trap 'trapped=1; scancel --signal=USR2 "$SLURM_JOB_ID"' USR2
+  trap 'trapped=1; echo "=== batch shell got SIGTERM; waiting for the training step"' TERM
+  while :; do
+    trapped=0
+    rc=0
+    wait "$pid" || rc=$?
+    [[ "$trapped" -eq 1 ]] || break
+  done
+  facescale_requeue_or_exit "$rc"
+}
+
 facescale_requeue_or_exit() {
   # $1 = exit code of the training step. Code 3 (launcher/preemption.py) or the requeue marker means
   # "checkpoint saved, please restart me": requeue the same job id (same run directory -> resume).
