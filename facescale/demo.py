@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.ports import free_port
+from launcher.local import local_train_command
 
 DATA = Path("data/synthetic")
 PFC_CONFIG, DCP_CONFIG = "configs/synthetic.yaml", "configs/synthetic_dcp.yaml"
@@ -34,24 +34,8 @@ def ensure_data(data_dir: Path) -> None:
 
 def train(ranks: int, config: str, run_dir: Path, overrides: list[str]) -> dict:
     """One torchrun job of `ranks` CPU processes; returns its result.json."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        f"--master_port={free_port()}",
-        "-m",
-        "facescale",
-        "train",
-        "--config",
-        config,
-        "--set",
-        f"logging.run_dir={run_dir}",
-        "--set",
-        "checkpoint.resume=none",
-    ]
-    for ov in overrides:
-        cmd += ["--set", ov]
+    settings = [f"logging.run_dir={run_dir}", "checkpoint.resume=none", *overrides]
+    cmd = local_train_command(ranks, config, settings)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
     print("[demo] " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)

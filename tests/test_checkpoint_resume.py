@@ -15,14 +15,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from launcher.ports import free_port
+from launcher.local import local_train_command
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 7
@@ -39,15 +38,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _start(shards: Path, run_dir: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-    ]
-    cmd += ["-m", "facescale", "train", "--config", "configs/synthetic.yaml"]
-    for setting in (
+    cmd = local_train_command(2, "configs/synthetic.yaml", [
         f"data.shards={shards}",
         "data.num_workers=1",
         "eval.bins=[]",
@@ -59,8 +50,7 @@ def _start(shards: Path, run_dir: Path) -> subprocess.Popen:
         "checkpoint.every_steps=1",
         "checkpoint.keep_last=10",
         "checkpoint.max_bad_steps=1",
-    ):
-        cmd += ["--set", setting]
+    ])
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -172,15 +162,7 @@ def test_sigkill_resume_and_nan_guard_match_uninterrupted_run(shards: Path, tmp_
 
 
 def _run_dcp(shards: Path, run_dir: Path) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-    ]
-    cmd += ["-m", "facescale", "train", "--config", "configs/synthetic_dcp.yaml"]
-    for setting in (
+    cmd = local_train_command(2, "configs/synthetic_dcp.yaml", [
         f"data.shards={shards}",
         "eval.bins=[]",
         f"logging.run_dir={run_dir}",
@@ -192,8 +174,7 @@ def _run_dcp(shards: Path, run_dir: Path) -> str:
         "checkpoint.keep_last=5",
         "head.dcp.queue_size=32",
         "head.dcp.identities_per_rank=4",
-    ):
-        cmd += ["--set", setting]
+    ])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from launcher.ports import free_port
+from launcher.local import local_train_command
 
 HEAD_SCALARS = {
     "head/pool_fill",
@@ -37,20 +36,7 @@ def _train(shards: Path, run_dir: Path, steps: int) -> subprocess.CompletedProce
         "data.reader=webdataset",
         "data.num_workers=0",
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "facescale",
-        "train",
-        "--config",
-        "configs/synthetic_dcp.yaml",
-    ]
-    for value in sets:
-        cmd += ["--set", value]
+    cmd = local_train_command(2, "configs/synthetic_dcp.yaml", sets)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.local import local_train_command
 from launcher.ports import free_port
 
 REQUIRED_SCALARS = {
@@ -39,37 +40,10 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def _train(shards: Path, run_dir: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        f"--master_port={free_port()}",
-        "-m",
-        "facescale",
-        "train",
-        "--config",
-        "configs/synthetic.yaml",
-        "--set",
-        f"data.shards={shards}",
-        "--set",
-        f"eval.bins=[{shards / 'verify.bin'}]",
-        "--set",
-        f"logging.run_dir={run_dir}",
-        "--set",
-        "schedule.steps=4",
-        "--set",
-        "schedule.warmup_steps=1",
-        "--set",
-        "schedule.global_batch_size=16",
-        "--set",
-        "logging.every_steps=2",
-        "--set",
-        "eval.every_steps=0",
-        "--set",
-        "checkpoint.every_steps=2",
-        *extra,
-    ]
+    settings = [f"data.shards={shards}", f"eval.bins=[{shards / 'verify.bin'}]", f"logging.run_dir={run_dir}",
+                "schedule.steps=4", "schedule.warmup_steps=1", "schedule.global_batch_size=16",
+                "logging.every_steps=2", "eval.every_steps=0", "checkpoint.every_steps=2"]
+    cmd = local_train_command(ranks, "configs/synthetic.yaml", settings) + list(extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
