@@ -299,7 +299,10 @@ class WdsTrainLoader(TrainLoader):
                              policy=SkipPolicy(self.policy.policy, 1.0),
                              augment=Augment.from_config(self.cfg))
         workers = self.cfg.num_workers
+        # spawn, not fork: a worker forked while another thread (DALI, gloo, a queue feeder) holds a lock can
+        # deadlock waiting for its first index (seen once in the test suite)
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                          multiprocessing_context="spawn" if workers else None,
                           worker_init_fn=_one_thread_worker, pin_memory=self.device.type == "cuda",
                           prefetch_factor=2 if workers else None)
 
