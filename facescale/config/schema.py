@@ -25,6 +25,7 @@ class DataConfig:
     image_size: int = 112
     num_workers: int = 1  # webdataset DataLoader workers per rank
     dali_threads: int = 2  # DALI CPU threads per rank
+    jpeg_decoder: str = "auto"  # webdataset reader: auto (simplejpeg if installed) | simplejpeg | pil
     shuffle_buffer: int = 4096
     random_mirror: bool = True
     random_shift: int = 0  # max translation in pixels (0 = off); see facescale/data/augment.py

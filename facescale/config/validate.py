@@ -6,6 +6,7 @@ from pathlib import Path
 
 from facescale.config.load import ConfigError, _suggest
 from facescale.config.schema import Config
+from facescale.data.jpeg import JPEG_DECODERS
 
 CHOICES = {
     "model.norm": ("batch", "group"),
@@ -79,6 +80,8 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(cfg.data.image_size > 0, source, "data.image_size", "must be > 0")
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     _check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
+    _check(cfg.data.jpeg_decoder in JPEG_DECODERS, source, "data.jpeg_decoder",
+           f"must be one of {', '.join(JPEG_DECODERS)}")
     _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, source, "data.max_skip_fraction", "must be in [0, 1]")
     _check(0 <= cfg.data.random_shift < cfg.data.image_size // 2, source, "data.random_shift",
            f"must be in [0, {cfg.data.image_size // 2}) pixels (0 disables it)")

@@ -4,7 +4,11 @@ DALI splits the concatenated sample list of all shards evenly by sample count (`
 and pads each rank's part (`pad_last_batch`); the iterator drops partial batches and we stop every rank
 after `steps_per_epoch` batches, so ranks see equal batch counts. Each epoch runs on a fresh pipeline
 seeded by (seed, rank, epoch) whose `shard_id` is `(rank + epoch) % world` — the same rotation DALI does
-between epochs by itself — so an epoch does not depend on earlier ones and can be rebuilt on resume.
+between epochs by itself — so an epoch does not depend on earlier ones and can be rebuilt on resume. The
+next epoch's pipeline is built and starts decoding on a helper thread while the last batch of the current one
+trains, so short epochs do not pay the start-up (build, shuffle-buffer fill, first batches) in the open.
+The pipelines run DALI's dynamic executor: the iterator hands out its buffers as torch tensors (DLPack)
+instead of copying every batch, and a buffer stays valid for as long as a tensor refers to it.
 Decoding runs on the GPU ("mixed") when the model is on CUDA and on CPU threads (a CUDA-free pipeline,
 `device_id=None`) otherwise.
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,7 +34,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from facescale.config.schema import DataConfig
 from facescale.data.augment import NO_AUGMENT, Augment, augment_dali
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
-from facescale.data.loader import Batch, TrainLoader, steps_per_epoch, stream_seed
+from facescale.data.loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, INDEX_VERSION, LABEL_EXT
 
@@ -39,9 +44,13 @@ READER_NAME = "Reader"
 def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: int, world_size: int,
                    batch_size: int, num_threads: int, device_id: int | None, seed: int, shuffle_buffer: int,
                    mirror: bool, random_shuffle: bool = True, augment: Augment = NO_AUGMENT) -> Pipeline:
-    """A built DALI pipeline giving ("images" float CHW in [-1, 1], "labels" int32 [1]) for one shard."""
+    """A built DALI pipeline giving ("images" uint8 HWC RGB, augmented and mirrored; "labels" int32 [1]).
+
+    The normalisation to CHW float is `normalize_batch` on the model's device: as a DALI CPU operator
+    (crop_mirror_normalize) it cost more than the JPEG decode itself.
+    """
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                    prefetch_queue_depth=2)
+                    prefetch_queue_depth=2, exec_dynamic=True)
     with pipe:
         jpegs, labels = fn.readers.webdataset(
             paths=tar_paths, index_paths=index_paths, ext=[IMAGE_EXT, LABEL_EXT],
@@ -50,9 +59,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: in
             pad_last_batch=True, name=READER_NAME)
         decode_device = "cpu" if device_id is None else "mixed"
         images = augment_dali(fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB), augment)
-        flip = fn.random.coin_flip(probability=0.5) if mirror else 0
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
-                                          std=[127.5] * 3, mirror=flip)
+        if mirror:
+            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
         pipe.set_outputs(images, labels)
     pipe.build()
     return pipe
@@ -108,29 +116,64 @@ class DaliTrainLoader(TrainLoader):
                 self.policy.skipped = len(bad)  # the whole set's bad samples, left out of every epoch
         self.steps_per_epoch = steps_per_epoch(num_samples, world_size, batch_size,
                                                source=str(manifest.directory))
+        self._opener: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future[DALIGenericIterator]] | None = None
+
+    def open_epoch(self, epoch: int) -> DALIGenericIterator:
+        """An iterator over a fresh pipeline for `epoch` (it has decoded its first batch when returned)."""
+        pipeline = build_pipeline(self.tar_paths, self.index_paths,
+                                  shard_id=(self.rank + epoch) % self.world_size,
+                                  world_size=self.world_size, batch_size=self.batch_size,
+                                  num_threads=self.cfg.dali_threads, device_id=self.device_id,
+                                  seed=stream_seed(self.seed, self.rank, epoch),
+                                  shuffle_buffer=self.cfg.shuffle_buffer, mirror=self.cfg.random_mirror,
+                                  augment=Augment.from_config(self.cfg))
+        return DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER_NAME,
+                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
 
     def epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
-        """Batches `skip`.. of `epoch` from a fresh pipeline (images on the model's device, labels int64)."""
+        """Batches `skip`.. of `epoch` (images on the model's device, labels int64)."""
         try:
-            pipeline = build_pipeline(self.tar_paths, self.index_paths,
-                                      shard_id=(self.rank + epoch) % self.world_size,
-                                      world_size=self.world_size, batch_size=self.batch_size,
-                                      num_threads=self.cfg.dali_threads, device_id=self.device_id,
-                                      seed=stream_seed(self.seed, self.rank, epoch),
-                                      shuffle_buffer=self.cfg.shuffle_buffer, mirror=self.cfg.random_mirror,
-                                      augment=Augment.from_config(self.cfg))
-            batches = DALIGenericIterator([pipeline], ["images", "labels"], reader_name=READER_NAME,
-                                          last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            batches = self._take_opened(epoch) if skip == 0 else None
+            batches = batches or self.open_epoch(epoch)
             for step, outputs in enumerate(batches):
                 if step >= self.steps_per_epoch:  # DALI may give a batch more (its padding); drop it
                     break
                 labels = outputs[0]["labels"].view(-1).to(torch.int64)
                 if bool(((labels < 0) | (labels >= self.manifest.num_classes)).any()):
                     raise BadSampleError("a label outside the manifest's class range")
+                last = step == self.steps_per_epoch - 1
+                if last:
+                    self._open_ahead(epoch + 1)
                 if step >= skip:
-                    yield outputs[0]["images"].to(self.device), labels.to(self.device)
+                    yield normalize_batch(outputs[0]["images"], self.device), labels.to(self.device)
+                if last:
+                    return
         except RuntimeError as error:
             raise self._diagnose(error) from error
+
+    def _open_ahead(self, epoch: int) -> None:
+        """Start building `epoch`'s pipeline on the helper thread."""
+        self.reset()
+        if self._opener is None:
+            self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facescale-dali-open")
+        self._ahead = (epoch, self._opener.submit(self.open_epoch, epoch))
+
+    def _take_opened(self, epoch: int) -> DALIGenericIterator | None:
+        """The iterator opened ahead for `epoch`, if any (its build errors are raised here)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != epoch:
+            if ahead is not None:
+                self._ahead = ahead
+                self.reset()
+            return None
+        return ahead[1].result()
+
+    def reset(self) -> None:
+        """Drop an iterator opened ahead, after waiting for its build (not torn down mid-build)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].exception()  # waits for the build; its errors belong to an epoch no longer wanted
 
     def _diagnose(self, error: BaseException) -> BaseException:
         """Turn a dead pipeline's error into one naming the bad sample (found by scanning the shards)."""

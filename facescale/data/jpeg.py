@@ -26,11 +26,33 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """Decode JPEG bytes to an HWC uint8 RGB array (accurate DCT and upsampling, like DALI's CPU decoder)."""
-    if simplejpeg is not None:
+JPEG_DECODERS = ("auto", "simplejpeg", "pil")
+
+
+def decode_jpeg(data: bytes, out: np.ndarray | None = None, decoder: str = "auto") -> np.ndarray:
+    """Decode JPEG bytes to an HWC uint8 RGB array (accurate DCT and upsampling, like DALI's CPU decoder).
+
+    `decoder` "auto" is simplejpeg when installed, else Pillow; both give the same pixels. With `out`, the
+    pixels are written into it when the image has exactly its shape (no allocation, no extra copy); the
+    returned array then is `out`. An image of another shape is returned as a new array, `out` untouched.
+    """
+    if decoder not in JPEG_DECODERS:
+        raise ValueError(f"data.jpeg_decoder must be one of {', '.join(JPEG_DECODERS)}, got {decoder!r}")
+    if decoder == "simplejpeg" and simplejpeg is None:
+        raise ImportError("data.jpeg_decoder is 'simplejpeg' but it is not installed; pip install simplejpeg "
+                          "or set data.jpeg_decoder to 'auto'")
+    if decoder != "pil" and simplejpeg is not None:
+        if out is not None:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            if out.shape == (height, width, 3) and out.flags.c_contiguous:
+                simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+                return out
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        pixels = np.asarray(image.convert("RGB"))
+    if out is not None and out.shape == pixels.shape:
+        out[...] = pixels
+        return out
+    return pixels

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from facescale.data.loader import TrainLoader
+from facescale.data.loader import TrainLoader, normalize_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,8 +46,6 @@ class DualLoader:
         return self.instances.epoch
 
     def __iter__(self) -> Iterator[tuple[Batch, Batch]]:
-        from facescale.data.wds_reader import normalize_batch
-
         pairs = iter(self.identities)
         for instance in self.instances:
             if instance[0].shape[0] % 2:
