@@ -64,20 +64,24 @@ def _epoch(loader):
     return [(images.clone(), labels.clone()) for images, labels in loader.iter_epoch()]
 
 
-@pytest.mark.parametrize("reader", [pytest.param("dali", marks=needs_dali), "webdataset"])
-def test_reader_matches_reference_pixels_and_labels(shard_dir, reader):
+@pytest.mark.parametrize("reader,overrides", [
+    pytest.param("dali", {}, marks=needs_dali), ("webdataset", {}),
+    ("webdataset", {"num_workers": 2, "jpeg_decoder": "pil"}),  # shared-memory batches from workers, PIL
+    ("webdataset", {"num_workers": 1, "jpeg_decoder": "simplejpeg"})])
+def test_reader_matches_reference_pixels_and_labels(shard_dir, reader, overrides):
     if reader == "dali":
         _dali()
-    loader = build_train_loader(_config(shard_dir, reader), rank=0, world_size=1, batch_size=BATCH, seed=1,
-                                device=CPU)
+    loader = build_train_loader(_config(shard_dir, reader, **overrides), rank=0, world_size=1,
+                                batch_size=BATCH, seed=1, device=CPU)
     batches = _epoch(loader)
     assert loader.steps_per_epoch == COUNT // BATCH == len(batches)
     reference = _reference(shard_dir)
     for images, labels in batches:
         assert images.dtype == torch.float32 and images.shape == (BATCH, 3, SIZE, SIZE)
         assert labels.dtype == torch.int64 and labels.shape == (BATCH,)
+        assert images.is_contiguous()
         for image, label in zip(images, labels.tolist(), strict=True):
-            torch.testing.assert_close(image, reference[label], rtol=0, atol=1e-6)
+            assert torch.equal(image, reference[label])  # one normalisation, (x - 127.5) / 127.5, exactly
 
 
 @pytest.mark.parametrize("reader", [pytest.param("dali", marks=needs_dali), "webdataset"])

@@ -9,10 +9,13 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from facescale.data.jpeg import encode_jpeg
 from facescale.data.manifest import MANIFEST_FORMAT, Manifest, ManifestError
 from facescale.data.shard_writer import ShardWriter, decode_label, encode_label, index_tar
+from facescale.data.synth_faces import render_identity
 
 
 def _write(out_dir, count=7, shard_size=3):
@@ -126,3 +129,19 @@ def test_manifest_missing_or_not_json(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         Manifest.load(tmp_path)
+
+
+def test_decode_jpeg_into_a_buffer_and_by_either_decoder():
+    from facescale.data.jpeg import decode_jpeg
+
+    image = render_identity(1, 0, 1, 32)[0]
+    data = encode_jpeg(image, 95)
+    plain = decode_jpeg(data)
+    assert np.abs(plain.astype(int) - image).mean() < 8  # lossy, but the same picture
+    out = np.zeros((32, 32, 3), np.uint8)
+    assert decode_jpeg(data, out) is out and np.array_equal(out, plain)
+    assert np.array_equal(decode_jpeg(data, decoder="pil"), plain)  # both decoders: identical pixels
+    small = np.zeros((16, 16, 3), np.uint8)
+    assert decode_jpeg(data, small).shape == (32, 32, 3) and not small.any()  # wrong size: left untouched
+    with pytest.raises(ValueError, match="data.jpeg_decoder must be one of"):
+        decode_jpeg(data, decoder="turbo")
