@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
+from webdataset.filters import shuffle
 from webdataset.tariterators import tar_file_iterator
 
 from facescale.config.schema import DataConfig
@@ -220,8 +220,9 @@ class RankStream(IterableDataset):
             good = 0
             if cycle:
                 yield _AGAIN  # bad samples from here on were counted in the first pass
-            for sample in _shuffle(stream, self.shuffle_buffer, self.shuffle_buffer,
-                                   seed=stream_seed(self.seed, _SHUFFLE, epoch, self.rank, worker, cycle)):
+            buffer = shuffle(self.shuffle_buffer, self.shuffle_buffer,
+                             seed=stream_seed(self.seed, _SHUFFLE, epoch, self.rank, worker, cycle))
+            for sample in buffer(stream):
                 good += not isinstance(sample, BadSample)
                 yield sample
             if not good:
