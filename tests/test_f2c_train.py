@@ -1,5 +1,5 @@
 """End to end: `facescale train` with head.type dcp on 2 CPU ranks logs the pool scalars, saves the pool and
-G-Net with the checkpoint, and resumes from it."""
+G-Net with the checkpoint, resumes from it, and skips a step whose loss is not finite (loss guard)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ HEAD_SCALARS = {
 }
 
 
-def _train(shards: Path, run_dir: Path, steps: int) -> subprocess.CompletedProcess:
+def _train(shards: Path, run_dir: Path, steps: int, nan_steps: str = "",
+           every: int = 2) -> subprocess.CompletedProcess:
     sets = [
         f"data.shards={shards}",
         "eval.bins=[]",
@@ -32,12 +33,13 @@ def _train(shards: Path, run_dir: Path, steps: int) -> subprocess.CompletedProce
         "head.dcp.queue_size=32",
         "head.dcp.identities_per_rank=0",
         "logging.every_steps=1",
-        "checkpoint.every_steps=2",
+        f"checkpoint.every_steps={every}",
+        "checkpoint.keep_last=10",
         "data.reader=webdataset",
         "data.num_workers=0",
     ]
     cmd = local_train_command(2, "configs/synthetic_dcp.yaml", sets)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FACESCALE_INJECT_NAN_STEPS": nan_steps}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -58,7 +60,13 @@ def test_dcp_training_logs_pool_scalars_checkpoints_and_resumes(tmp_path):
     shard = torch.load(run_dir / "checkpoints/step_00000002/head/shard-00001-of-00002.pt", weights_only=False)
     assert shard["iteration"] == 2 and shard["meta"]["queue_size"] == 32
     assert int((shard["pool"]["slot_label"] >= 0).sum()) > 0 and shard["gallery_net"]
-    second = _train(shards, run_dir, steps=3)
+    second = _train(shards, run_dir, steps=4, nan_steps="2", every=1)  # 0-based step 2: the third step
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
-    assert json.loads((run_dir / "result.json").read_text())["steps"] == 3
+    assert "step 3: non-finite loss or gradient, update skipped" in second.stdout + second.stderr
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(row.get("train/skipped_steps", 0) for row in rows) == 1
+    before, after = (torch.load(run_dir / f"checkpoints/step_0000000{n}/backbone.pt", weights_only=False)
+                     for n in (2, 3))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -5,6 +5,10 @@ loss, and its gradient goes to the engine through the surrogate sum(p * grad) sc
 runs two forwards (x, then y, so BatchNorm sees 1.5B-image batches as in the reference) and one backward.
 With gradient accumulation every micro-step is one pool iteration (two passes, one committed insertion);
 G-Net is updated once per optimizer step, before the first micro-step's G-Net forward.
+
+Loss guard as in `facescale.train.step`: a non-finite loss or P-Net feature gradient on any rank skips the
+backbone update and puts BatchNorm statistics back. The pool keeps that iteration's G-Net insertions: G-Net
+is an EMA of P-Net, which only ever takes finite updates, so its features stay finite.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from facescale.train.step import StepResult
+from facescale.train.step import LossGuard, StepResult
 
 
 def dcp_train_step(
@@ -26,11 +30,13 @@ def dcp_train_step(
     world_size: int,
     grad_accumulation: int,
     clock,
+    inject_nan: bool = False,
 ) -> StepResult:
     """Run `grad_accumulation` micro-steps and one optimizer step (signature of `train_step`; the pool has
     no optimizer, so `lr_head` is unused)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_backbone
+    guard = LossGuard(engine, grad_accumulation)
     loss_sum = torch.zeros((), dtype=torch.float64)
     wait = head_s = 0.0
     stats: dict = {}
@@ -49,11 +55,14 @@ def dcp_train_step(
         detached_y = probe_y.detach().float().requires_grad_(True)
         t2 = clock()
         loss, stats = head(detached_x, detached_y, x_labels, y_labels, gallery_x, gallery_y)
+        if inject_nan:
+            loss = loss * float("nan")
         (loss / grad_accumulation).backward()
         head_s += clock() - t2
+        guard.check(loss, detached_x.grad, detached_y.grad)
         surrogate = (probe_x.float() * detached_x.grad).sum() + (probe_y.float() * detached_y.grad).sum()
         engine.backward(surrogate * (world_size * grad_accumulation))
-        engine.step()
+        guard.engine_step(micro)
         loss_sum += loss.detach().double()
     norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
     return StepResult(
@@ -62,4 +71,5 @@ def dcp_train_step(
         grad_norm=float(norm) if norm is not None else None,
         head_s=head_s,
         head_stats=stats,
+        skipped=guard.finish(),
     )

@@ -80,8 +80,40 @@ def update_disabled(engine):
         del base.step
 
 
-def _snapshot_buffers(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(b, b.detach().clone()) for b in module.buffers()]
+class LossGuard:
+    """The loss guard of one optimizer step (see the module docstring), shared by Partial FC and F2C steps.
+
+    `check` each micro-step's loss and embedding gradients, `engine_step` in place of `engine.step()`, and
+    `finish` once after the last micro-step: it returns whether the step was skipped (and then has put the
+    module buffers back)."""
+
+    def __init__(self, engine, grad_accumulation: int) -> None:
+        self.engine, self.grad_accumulation = engine, grad_accumulation
+        self.buffers = [(b, b.detach().clone()) for b in engine.module.buffers()]
+        self.skipped_before = getattr(engine, "skipped_steps", 0)
+        self.bad = False
+
+    def check(self, loss: torch.Tensor, *grads: torch.Tensor) -> None:
+        tensors = (loss.detach(), *grads)
+        self.bad = self.bad or not all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def engine_step(self, micro: int) -> None:
+        """The engine's step; on the last micro-step all ranks agree first, and a bad step changes nothing."""
+        if micro == self.grad_accumulation - 1:
+            self.bad = any_rank(self.bad)
+            if self.bad:
+                with update_disabled(self.engine):
+                    self.engine.step()
+                return
+        self.engine.step()
+
+    def finish(self) -> bool:
+        self.bad = self.bad or getattr(self.engine, "skipped_steps", 0) != self.skipped_before  # DS overflow
+        if self.bad:
+            with torch.no_grad():
+                for live, saved in self.buffers:
+                    live.copy_(saved)
+        return self.bad
 
 
 def train_step(
@@ -101,12 +133,10 @@ def train_step(
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_backbone
     head.zero_grad()
-    buffers = _snapshot_buffers(engine.module)
-    skipped_before = getattr(engine, "skipped_steps", 0)
+    guard = LossGuard(engine, grad_accumulation)
     loss_sum = torch.zeros((), dtype=torch.float64)
     wait = head_s = 0.0
     stats: dict = {}
-    bad = False
     for micro in range(grad_accumulation):
         t0 = clock()
         images, labels = next(batches)
@@ -119,26 +149,15 @@ def train_step(
             loss = loss * float("nan")
         (loss / grad_accumulation).backward()
         head_s += clock() - t1
-        bad = bad or not (
-            bool(torch.isfinite(loss.detach()).all()) and bool(torch.isfinite(detached.grad).all())
-        )
+        guard.check(loss, detached.grad)
         surrogate = (embeddings.float() * detached.grad).sum() * (world_size * grad_accumulation)
         engine.backward(surrogate)
-        if micro == grad_accumulation - 1:
-            bad = any_rank(bad)
-        if bad and micro == grad_accumulation - 1:
-            with update_disabled(engine):
-                engine.step()
-        else:
-            engine.step()
+        guard.engine_step(micro)
         loss_sum += loss.detach().double()
-    bad = bad or getattr(engine, "skipped_steps", 0) != skipped_before  # DeepSpeed found an overflow
     t2 = clock()
+    bad = guard.finish()
     if bad:
         head.zero_grad()
-        with torch.no_grad():
-            for live, saved in buffers:
-                live.copy_(saved)
     else:
         head.optimizer_step(lr_head)
     head_s += clock() - t2
