@@ -77,6 +77,18 @@ def decode_all(jpegs: list[bytes]) -> None:
         simplejpeg.decode_jpeg(data, colorspace="RGB")
 
 
+def decode_into_buffer(jpegs: list[bytes]):
+    """simplejpeg decode of every image into one reused array (no allocation; for comparison only)."""
+    import simplejpeg
+
+    out = np.empty((112, 112, 3), np.uint8)
+
+    def run() -> None:
+        for data in jpegs:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+    return run
+
+
 def decode_floor(jpegs: list[bytes], processes: int, pool):
     """The floor on `processes` cores: that many processes each decode every image, all at once."""
     if processes == 1:
@@ -157,6 +169,7 @@ FLOOR, DALI, FALLBACK, FALLBACK_PIL, LIBRARY_PIL = (
     "facescale webdataset reader + simplejpeg, {n} worker(s)",
     "facescale webdataset reader + PIL, {n} worker(s)",
     "plain webdataset + PIL DataLoader, {n} worker(s)")
+INTO_BUFFER = "(for comparison) simplejpeg into one reused buffer, 1 process"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         full = (manifest.num_samples // args.batch) * args.batch * args.epochs
         cases: dict[str, tuple[Callable[[], None], int]] = {}
         library_counts = {}
+        cases[INTO_BUFFER] = (decode_into_buffer(jpegs), len(jpegs))
         for n in (1, 2):
             cases[FLOOR.format(n=n)] = (decode_floor(jpegs, n, pool), n * len(jpegs))
             dali, _ = loader_epochs(directory, "dali", threads=n, workers=0, batch=args.batch,

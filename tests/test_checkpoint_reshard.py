@@ -4,6 +4,7 @@ Every hop restores the class centers, their momentum, the backbone weights and t
 exactly (compared with what the previous world saved), and the losses of the continued run equal those of
 one uninterrupted single-rank run (GroupNorm backbone, no sampling: the math does not depend on W).
 The 1 -> 3 hop goes through the offline `facescale reshard` command; `facescale export-head` is checked too.
+The same exactness holds for a ZeRO-3 backbone (partitioned parameters) and for AdamW without ZeRO.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from tests.distributed import run_ranks
 GLOBAL_BATCH, NUM_CLASSES, EMB = 12, 13, 16
 
 
-def _config():
+def _config(zero_stage: int = 1, optimizer: str = "sgd"):
     from facescale.config.schema import Config
 
     cfg = Config()
     cfg.model.name, cfg.model.embedding_size, cfg.model.norm = "demo", EMB, "group"
     cfg.schedule.global_batch_size = GLOBAL_BATCH
-    cfg.deepspeed.zero_stage = 1
+    cfg.deepspeed.zero_stage = zero_stage
+    cfg.optim.name = optimizer
     cfg.optim.grad_clip = 0.0
     cfg.head.sample_rate = 1.0
     return cfg
@@ -51,7 +53,8 @@ def _snapshot(engine, head) -> dict:
     }
 
 
-def _train(rank: int, world: int, load: str | None, save: str, first: int, save_at: int) -> dict:
+def _train(rank: int, world: int, load: str | None, save: str, first: int, save_at: int, zero_stage: int = 1,
+           optimizer: str = "sgd") -> dict:
     """Build, optionally resume from `load`, run steps [first, save_at), save, then run step `save_at` once
     more (the loss the next world must reproduce); report losses and states."""
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -64,7 +67,7 @@ def _train(rank: int, world: int, load: str | None, save: str, first: int, save_
     from facescale.train.step import train_step
     from facescale.train.trainer import build_backbone_optimizer
 
-    cfg = _config()
+    cfg = _config(zero_stage, optimizer)
     fresh_seed = 7 if load is None else 1000 + rank  # a resumed run must not depend on its fresh init
     torch.manual_seed(fresh_seed)
     backbone = build_backbone(cfg.model)
@@ -96,7 +99,7 @@ def _merged(parts: list[dict], key: str) -> torch.Tensor:
     return torch.cat([p[key] for p in sorted(parts, key=lambda p: p["start"])])
 
 
-def _assert_restored(previous: list[dict], resumed: list[dict]) -> None:
+def _assert_restored(previous: list[dict], resumed: list[dict], optimizer: str = "sgd") -> None:
     """What `resumed` loaded equals, bit for bit, what `previous` saved."""
     before, after = [r["saved"] for r in previous], [r["loaded"] for r in resumed]
     for key in ("centers", "momentum"):
@@ -104,9 +107,12 @@ def _assert_restored(previous: list[dict], resumed: list[dict]) -> None:
     for name, value in before[0]["weights"].items():
         assert torch.equal(after[0]["weights"][name], value), name
     saved_optim, loaded_optim = before[0]["backbone_optim"]["params"], after[0]["backbone_optim"]["params"]
-    assert saved_optim and all("momentum_buffer" in v for v in saved_optim.values())
+    keys = {"sgd": {"momentum_buffer"}, "adamw": {"exp_avg", "exp_avg_sq"}}[optimizer]
+    assert saved_optim and all(set(v) == keys for v in saved_optim.values())
     for name, state in saved_optim.items():
-        assert torch.equal(loaded_optim[name]["momentum_buffer"], state["momentum_buffer"]), name
+        for key in keys:
+            assert torch.equal(loaded_optim[name][key], state[key]), (name, key)
+    assert after[0]["backbone_optim"]["scalars"] == before[0]["backbone_optim"]["scalars"]
 
 
 @pytest.mark.slow
@@ -134,3 +140,15 @@ def test_resume_on_other_world_sizes_is_exact_and_continues_the_loss(tmp_path: P
     full = torch.load(out, weights_only=True)
     assert full.shape == (NUM_CLASSES, EMB)
     assert torch.equal(full, _merged([r["saved"] for r in d], "centers"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage,optimizer", [(3, "sgd"), (3, "adamw"), (0, "adamw")])
+def test_resume_on_other_world_sizes_for_zero3_and_adamw(tmp_path: Path, zero_stage: int, optimizer: str):
+    a = run_ranks(_train, 2, None, str(tmp_path / "a"), 0, 2, zero_stage, optimizer)
+    b = run_ranks(_train, 3, str(tmp_path / "a"), str(tmp_path / "b"), 2, 3, zero_stage, optimizer)  # 2 -> 3
+    _assert_restored(a, b, optimizer)
+    c = run_ranks(_train, 1, str(tmp_path / "b"), str(tmp_path / "c"), 3, 3, zero_stage, optimizer)  # 3 -> 1
+    _assert_restored(b, c, optimizer)
+    for before, after in ((a, b), (b, c)):
+        assert after[0]["losses"][0] == pytest.approx(before[0]["losses"][-1], rel=1e-5)
