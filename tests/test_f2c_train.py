@@ -21,8 +21,8 @@ HEAD_SCALARS = {
 }
 
 
-def _train(shards: Path, run_dir: Path, steps: int, nan_steps: str = "",
-           every: int = 2) -> subprocess.CompletedProcess:
+def _train(shards: Path, run_dir: Path, steps: int, nan_steps: str = "", every: int = 2, ranks: int = 2,
+           pool: str = "replicated") -> subprocess.CompletedProcess:
     sets = [
         f"data.shards={shards}",
         "eval.bins=[]",
@@ -32,13 +32,14 @@ def _train(shards: Path, run_dir: Path, steps: int, nan_steps: str = "",
         "schedule.global_batch_size=16",
         "head.dcp.queue_size=32",
         "head.dcp.identities_per_rank=0",
+        f"head.dcp.pool={pool}",
         "logging.every_steps=1",
         f"checkpoint.every_steps={every}",
         "checkpoint.keep_last=10",
         "data.reader=webdataset",
         "data.num_workers=0",
     ]
-    cmd = local_train_command(2, "configs/synthetic_dcp.yaml", sets)
+    cmd = local_train_command(ranks, "configs/synthetic_dcp.yaml", sets)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FACESCALE_INJECT_NAN_STEPS": nan_steps}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
@@ -70,3 +71,28 @@ def test_dcp_training_logs_pool_scalars_checkpoints_and_resumes(tmp_path):
     before, after = (torch.load(run_dir / f"checkpoints/step_0000000{n}/backbone.pt", weights_only=False)
                      for n in (2, 3))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_sharded_pool_resumes_on_another_world_size(tmp_path):
+    from facescale.data.synth import synthesize
+    from facescale.f2c.head import label_owner
+
+    shards = tmp_path / "synth"
+    synthesize(shards, identities=24, images_per_identity=4, holdout_identities=10, seed=3)
+    run_dir = tmp_path / "run"
+    first = _train(shards, run_dir, steps=2, pool="sharded")
+    assert first.returncode == 0, first.stderr[-3000:]
+    step2 = run_dir / "checkpoints/step_00000002/head"
+    saved = [torch.load(step2 / f"shard-0000{r}-of-00002.pt", weights_only=False) for r in range(2)]
+    pooled = {int(label) for s in saved for label in s["pool"]["slot_label"].tolist() if label >= 0}
+    assert pooled
+    second = _train(shards, run_dir, steps=3, pool="sharded", ranks=1)  # 2 ranks -> 1 rank
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "saved by 2 ranks" in second.stdout + second.stderr
+    step3 = run_dir / "checkpoints/step_00000003/head"
+    resumed = torch.load(step3 / "shard-00000-of-00001.pt", weights_only=False)
+    assert resumed["meta"]["world_size"] == 1 and resumed["iteration"] == 3
+    labels = resumed["pool"]["slot_label"]
+    assert pooled <= {int(label) for label in labels.tolist()}  # 32 slots hold every identity seen so far
+    assert bool((label_owner(labels[labels >= 0], 1) == 0).all())

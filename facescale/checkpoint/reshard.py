@@ -4,7 +4,8 @@ A head shard (`head.state_dict()`) is {"meta": {num_classes, start, count, ...},
 in it whose first dimension is the shard's `count` is per-row (centers, momentum, Adam moments, per-row step
 counts) and is re-cut by global class row; everything else (scalars, replicated state) must be identical on
 all shards and is copied. A head without `count` in its meta (F2C's replicated pool: `world_size` 1 in its
-meta) is replicated: every new rank gets shard 0's state unchanged.
+meta) is replicated: every new rank gets shard 0's state unchanged. A sharded DCP pool is re-homed by label
+owner (`facescale.f2c.reshard`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def _rows(values: list[Any], counts: list[int], starts: list[int], lo: int, hi: 
 
 def reshard_head(shards: list[dict[str, Any]], world_size: int, rank: int) -> dict[str, Any]:
     """The head state `rank` of `world_size` needs, cut from `shards` saved at any world size."""
+    from facescale.f2c.reshard import PoolReshardError, is_sharded_pool, reshard_pool
+
+    if is_sharded_pool(shards[0]):
+        try:
+            return reshard_pool(shards, world_size, rank)
+        except PoolReshardError as exc:
+            raise CheckpointError(f"sharded DCP pool: {exc}") from exc
     if not _is_row_sharded(shards):
         meta = shards[0].get("meta", {})
         if meta.get("world_size", 1) != 1:

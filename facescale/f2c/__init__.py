@@ -13,7 +13,9 @@ it into the trainer. It follows the reference code (tiandunx/FFC) except for the
 * the identity loader reshuffles every pass; a one-image identity's second view is its mirror;
 * G-Net is kept in fp32 and saved with the pool, label map, recency, row pointers and iteration count;
 * an optional sharded pool (slot owner = hash(label) mod W, Q/W slots and its own LRU per rank, distributed
-  softmax and top-K); it equals the replicated pool whenever both evict the same labels.
+  softmax and top-K); it equals the replicated pool whenever both evict the same labels. A replicated pool
+  resumes exactly on any world size; a sharded one is re-homed by label owner (`reshard`: rows, row
+  pointers and LRU order carried over, the newest identities kept if a new shard overflows).
 """
 
 from facescale.f2c.head import DcpHead

@@ -77,7 +77,7 @@ class ClassPool(torch.nn.Module):
         super().__init__()
         if num_slots < 1 or dim < 1:
             raise ValueError(f"a pool needs >= 1 slot and dim >= 1, got {num_slots} slots of dim {dim}")
-        self.num_slots, self.dim, self.first_slot = num_slots, dim, first_slot
+        self.num_slots, self.dim, self.first_slot, self.seed = num_slots, dim, first_slot, seed
         slots = torch.arange(num_slots, device=device)
         self.register_buffer("features", init_pool_rows(first_slot, num_slots, dim, seed).to(device), False)
         self.register_buffer(
@@ -189,13 +189,16 @@ class ClassPool(torch.nn.Module):
         return self.slot_label[used][torch.argsort(self.last_seen[used])]
 
     def pool_state(self) -> dict[str, Tensor | int]:
-        """Everything that defines the pool (features, label map, recency, row pointers, clock), cloned."""
+        """Everything that defines the pool (features, label map, recency, row pointers, clock), cloned,
+        plus its global first slot and init seed (what resharding needs to lay out empty slots)."""
         return {
             "features": self.features.detach().clone(),
             "slot_label": self.slot_label.clone(),
             "last_seen": self.last_seen.clone(),
             "row_ptr": self.row_ptr.clone(),
             "clock": self.clock,
+            "first_slot": self.first_slot,
+            "init_seed": self.seed,
         }
 
     def load_pool_state(self, state: dict) -> None:
@@ -212,6 +215,7 @@ class ClassPool(torch.nn.Module):
         self.last_seen = state["last_seen"].to(device, torch.int64).clone()
         self.row_ptr = state["row_ptr"].to(device, torch.int64).clone()
         self.clock = int(state["clock"])
+        self.seed = int(state.get("init_seed", self.seed))  # the seed the loaded pool's empty slots came from
         self._sorted = None
 
 
