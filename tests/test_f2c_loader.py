@@ -91,3 +91,37 @@ def test_mix_batches_as_the_reference():
     (x, lx), (y, ly) = mix_batches((inst_images, inst_labels), first, second, ids)
     assert x.flatten().tolist() == [100, 101, 0, 1] and lx.tolist() == [1, 2, 10, 11]
     assert y.flatten().tolist() == [200, 201, 2, 3] and ly.tolist() == [1, 2, 12, 13]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dual_loader_cursor_restores_both_streams_exactly(shards, workers):
+    import dataclasses
+    import itertools
+
+    from facescale.config.schema import DataConfig
+    from facescale.data.loader import build_train_loader
+    from facescale.f2c.dual_loader import DualLoader
+    from facescale.f2c.identity_loader import build_identity_loader
+
+    def loader():
+        config = DataConfig(shards=str(shards.directory), reader="webdataset", image_size=SIZE, num_workers=0,
+                            shuffle_buffer=4)
+        instances = build_train_loader(dataclasses.replace(config), rank=0, world_size=1, batch_size=2,
+                                       seed=3, device=torch.device("cpu"))
+        pairs = IdentityPairs(IdentityIndex.build(shards.directory), rank=0, world_size=1,
+                              identities_per_batch=2, seed=1, mirror=True, image_size=SIZE)
+        return DualLoader(instances, build_identity_loader(pairs, workers), torch.device("cpu"))
+
+    def flat(batches):
+        return [t.clone() for (x, y) in batches for t in (*x, *y)]
+
+    reference = flat(itertools.islice(iter(loader()), 12))  # 7 instance batches per epoch: crosses one
+    first = loader()
+    flat(itertools.islice(iter(first), 9))
+    state = first.state_dict()
+    assert state == {"epoch": 1, "step_in_epoch": 2, "identity_batches": 9}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = flat(itertools.islice(iter(resumed), 3))
+    assert len(rest) == len(reference[9 * 4:]) and all(
+        torch.equal(a, b) for a, b in zip(rest, reference[9 * 4:], strict=True))

@@ -36,6 +36,17 @@ class DualLoader:
 
     def __init__(self, instances: TrainLoader, identities, device: torch.device) -> None:
         self.instances, self.identities, self.device = instances, identities, torch.device(device)
+        self.identity_batches = 0  # identity batches handed out: the identity stream's cursor
+
+    def state_dict(self) -> dict[str, int]:
+        """The instance loader's cursor plus the number of identity batches drawn so far."""
+        return {**self.instances.state_dict(), "identity_batches": self.identity_batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue both streams where `state_dict` left them (call before iterating)."""
+        self.instances.load_state_dict(state)
+        self.identity_batches = int(state.get("identity_batches", 0))
+        self.identities.dataset.start_serial = self.identity_batches
 
     @property
     def steps_per_epoch(self) -> int:
@@ -54,6 +65,7 @@ class DualLoader:
                     "two halves, so the per-rank batch must be even"
                 )
             first, second, labels = next(pairs)
+            self.identity_batches += 1
             yield mix_batches(
                 instance,
                 normalize_batch(first, self.device),

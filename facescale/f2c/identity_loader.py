@@ -39,6 +39,7 @@ class IdentityPairs(IterableDataset):
         super().__init__()
         self.index, self.rank, self.world_size = index, rank, world_size
         self.batch, self.seed, self.mirror, self.image_size = identities_per_batch, seed, mirror, image_size
+        self.start_serial = 0  # the first batch serial to make (a resumed run starts where it stopped)
         self.eligible = np.nonzero(np.diff(index.starts) > 0)[0]
         self.batches_per_pass = -(-len(self.eligible) // world_size) // identities_per_batch
         if self.batches_per_pass < 1:
@@ -86,7 +87,7 @@ class IdentityPairs(IterableDataset):
     def __iter__(self) -> Iterator[UInt8Pairs]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        serial = worker  # batch serial numbers over all passes; worker w makes w, w + workers, ...
+        serial = self.start_serial + worker  # over all passes; worker w makes s + w, s + w + workers, ...
         while True:
             yield self.make_batch(serial // self.batches_per_pass, serial % self.batches_per_pass)
             serial += workers
