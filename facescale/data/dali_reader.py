@@ -5,8 +5,9 @@ and pads each rank's part (`pad_last_batch`); the iterator drops partial batches
 after `steps_per_epoch` batches, so ranks see equal batch counts. Each epoch runs on a fresh pipeline
 seeded by (seed, rank, epoch) whose `shard_id` is `(rank + epoch) % world` — the same rotation DALI does
 between epochs by itself — so an epoch does not depend on earlier ones and can be rebuilt on resume. The
-next epoch's pipeline is built and starts decoding on a helper thread while the last batch of the current one
-trains, so short epochs do not pay the start-up (build, shuffle-buffer fill, first batches) in the open.
+next epoch's pipeline is built and starts decoding on a helper thread while the last batches of the current
+one train (what one long-lived DALI pipeline does with its prefetch queue), so an epoch boundary does not
+pay the start-up (build, shuffle-buffer fill, first batches) in the open.
 The pipelines run DALI's dynamic executor: the iterator hands out its buffers as torch tensors (DLPack)
 instead of copying every batch, and a buffer stays valid for as long as a tensor refers to it.
 Decoding runs on the GPU ("mixed") when the model is on CUDA and on CPU threads (a CUDA-free pipeline,
@@ -39,6 +40,7 @@ from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, INDEX_VERSION, LABEL_EXT
 
 READER_NAME = "Reader"
+OPEN_AHEAD_BATCHES = 3  # start the next epoch's pipeline this many batches before the end of the current one
 
 
 def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: int, world_size: int,
@@ -143,7 +145,7 @@ class DaliTrainLoader(TrainLoader):
                 if bool(((labels < 0) | (labels >= self.manifest.num_classes)).any()):
                     raise BadSampleError("a label outside the manifest's class range")
                 last = step == self.steps_per_epoch - 1
-                if last:
+                if step == max(0, self.steps_per_epoch - OPEN_AHEAD_BATCHES):
                     self._open_ahead(epoch + 1)
                 if step >= skip:
                     yield normalize_batch(outputs[0]["images"], self.device), labels.to(self.device)
