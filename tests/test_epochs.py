@@ -15,7 +15,7 @@ from facescale.data.loader import build_train_loader, dali_available
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import ShardWriter
 from facescale.data.synth_faces import render_identity
-from facescale.data.wds_reader import epoch_plan
+from facescale.data.tar_samples import epoch_plan
 from tests.distributed import run_ranks
 
 SIZE, COUNT = 16, 23  # shards of 7, 7, 7, 2 samples
@@ -86,16 +86,17 @@ def _take(loader, count):
     return [(images.clone(), labels.clone()) for images, labels in itertools.islice(iter(loader), count)]
 
 
-@pytest.mark.parametrize("reader,workers", [("webdataset", 0), ("webdataset", 3)]
-                         + ([("dali", 0)] if dali_available() else []))
-def test_restored_cursor_yields_exactly_the_uninterrupted_batches(shard_dir, reader, workers):
-    reference = _take(_loader(shard_dir, reader, num_workers=workers), 3 * 11)  # 11 steps per epoch
-    for consumed in (4, 11, 16):
-        interrupted = _loader(shard_dir, reader, num_workers=workers)
+@pytest.mark.parametrize("reader,workers,sampling", [("webdataset", 0, "exact"), ("webdataset", 3, "exact"),
+                                                     ("webdataset", 2, "resampled")]
+                         + ([("dali", 0, "exact")] if dali_available() else []))
+def test_restored_cursor_yields_exactly_the_uninterrupted_batches(shard_dir, reader, workers, sampling):
+    reference = _take(_loader(shard_dir, reader, num_workers=workers, shard_sampling=sampling), 3 * 11)
+    for consumed in (4, 11, 16):  # 11 steps per epoch
+        interrupted = _loader(shard_dir, reader, num_workers=workers, shard_sampling=sampling)
         _take(interrupted, consumed)
         state = interrupted.state_dict()
         assert state == {"epoch": consumed // 11, "step_in_epoch": consumed % 11}
-        restored = _loader(shard_dir, reader, num_workers=workers)
+        restored = _loader(shard_dir, reader, num_workers=workers, shard_sampling=sampling)
         restored.load_state_dict(state)
         for (images, labels), (ref_images, ref_labels) in zip(_take(restored, 7), reference[consumed:],
                                                               strict=False):

@@ -14,7 +14,7 @@ from facescale.data.loader import build_train_loader, resolve_reader, steps_per_
 from facescale.data.manifest import Manifest, ManifestError
 from facescale.data.shard_writer import ShardWriter
 from facescale.data.synth_faces import render_identity
-from facescale.data.wds_reader import worker_share
+from facescale.data.tar_samples import worker_share
 from tests.distributed import run_ranks
 
 SIZE, COUNT, BATCH = 32, 25, 4  # 25 samples over uneven shards of 7: DALI's per-rank parts differ by one
@@ -67,7 +67,8 @@ def _epoch(loader):
 @pytest.mark.parametrize("reader,overrides", [
     pytest.param("dali", {}, marks=needs_dali), ("webdataset", {}),
     ("webdataset", {"num_workers": 2, "jpeg_decoder": "pil"}),  # shared-memory batches from workers, PIL
-    ("webdataset", {"num_workers": 1, "jpeg_decoder": "simplejpeg"})])
+    ("webdataset", {"num_workers": 1, "jpeg_decoder": "simplejpeg"}),
+    ("webdataset", {"num_workers": 2, "shard_sampling": "resampled"})])
 def test_reader_matches_reference_pixels_and_labels(shard_dir, reader, overrides):
     if reader == "dali":
         _dali()
@@ -172,3 +173,27 @@ def test_reader_choice_and_configuration_errors(shard_dir, tmp_path):
     if dali_available():
         with pytest.raises(FileNotFoundError, match="index_tar"):
             build_train_loader(_config(copy, "dali"), rank=0, world_size=1, batch_size=2, seed=0, device=CPU)
+
+
+def test_resampled_shards_give_fixed_equal_epochs_deterministic_per_seed_epoch_and_rank(shard_dir):
+    def labels(rank, seed=5, epochs=2):
+        config = _config(shard_dir, "webdataset", shard_sampling="resampled", num_workers=0)
+        loader = build_train_loader(config, rank=rank, world_size=2, batch_size=BATCH, seed=seed, device=CPU)
+        out = []
+        for _ in range(epochs):
+            epoch = [batch_labels.tolist() for _, batch_labels in loader.iter_epoch()]
+            assert len(epoch) == loader.steps_per_epoch == COUNT // (2 * BATCH)
+            out.append([label for batch in epoch for label in batch])
+        return out
+
+    rank0, rank1 = labels(0), labels(1)
+    assert rank0 == labels(0) and rank0 != labels(0, seed=6)  # the seed decides the stream
+    assert rank0[0] != rank0[1] and rank0 != rank1  # each epoch and each rank draws its own shards
+    assert all(0 <= label < COUNT for epoch in rank0 + rank1 for label in epoch)
+    with pytest.raises(ValueError, match="webdataset-reader mode"):
+        if resolve_reader("auto") == "dali":
+            build_train_loader(_config(shard_dir, "auto", shard_sampling="resampled"), rank=0, world_size=1,
+                               batch_size=BATCH, seed=0, device=CPU)
+        else:
+            build_train_loader(_config(shard_dir, "dali", shard_sampling="resampled"), rank=0, world_size=1,
+                               batch_size=BATCH, seed=0, device=CPU)

@@ -26,6 +26,7 @@ class DataConfig:
     num_workers: int = 1  # webdataset DataLoader workers per rank
     dali_threads: int = 2  # DALI CPU threads per rank
     jpeg_decoder: str = "auto"  # webdataset reader: auto (simplejpeg if installed) | simplejpeg | pil
+    shard_sampling: str = "exact"  # webdataset reader: exact (each sample once per epoch) | resampled
     shuffle_buffer: int = 4096
     random_mirror: bool = True
     random_shift: int = 0  # max translation in pixels (0 = off); see facescale/data/augment.py

@@ -82,6 +82,11 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
     _check(cfg.data.jpeg_decoder in JPEG_DECODERS, source, "data.jpeg_decoder",
            f"must be one of {', '.join(JPEG_DECODERS)}")
+    _check(cfg.data.shard_sampling in ("exact", "resampled"), source, "data.shard_sampling",
+           "must be exact (every sample once per epoch) or resampled (webdataset reader only)")
+    _check(cfg.data.shard_sampling == "exact" or cfg.data.reader == "webdataset", source,
+           "data.shard_sampling", "resampled shards are a webdataset-reader mode; set data.reader=webdataset "
+           "(DALI reads exact epochs)")
     _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, source, "data.max_skip_fraction", "must be in [0, 1]")
     _check(0 <= cfg.data.random_shift < cfg.data.image_size // 2, source, "data.random_shift",
            f"must be in [0, {cfg.data.image_size // 2}) pixels (0 disables it)")

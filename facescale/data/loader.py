@@ -6,14 +6,14 @@ normalisation to `normalize_batch` on the model's device (4x fewer bytes to move
 Training is step-based: a TrainLoader iterates forever, rolling epochs over internally, and every rank
 gets exactly `steps_per_epoch = N // (world * B)` equal full batches per epoch.
 
-Epoch guarantee (both readers, N samples in the manifest, all good): the concatenated sample list is split
-into `world` contiguous parts by sample count; in every epoch each rank reads only its part, no sample is
-yielded twice, and exactly `N mod (world * B)` samples are left out (the ones still in the shuffle buffer
-when a rank's quota is reached). Both readers assign the parts differently per epoch (DALI rotates
-`shard_id`; webdataset permutes the shard order with the epoch seed). Under `on_bad_sample: skip` the bad
-samples are left out too; DALI drops them before the split (pre-scan), webdataset replaces them with later
-samples of the same stream, repeating samples of its part only when the bad ones outnumber the
-`N mod (world * B)` spare ones.
+Epoch guarantee (both readers with `data.shard_sampling: exact`, N samples in the manifest, all good): the
+concatenated sample list is split into `world` contiguous parts by sample count; in every epoch each rank
+reads only its part, no sample is yielded twice, and exactly `N mod (world * B)` samples are left out (the
+ones still in the shuffle buffer when a rank's quota is reached). Both readers assign the parts differently
+per epoch (DALI rotates `shard_id`; webdataset permutes the shard order with the epoch seed). Under
+`on_bad_sample: skip` the bad samples are left out too; DALI drops them before the split (pre-scan),
+webdataset replaces them with later samples of the same stream, repeating samples of its part only when the
+bad ones outnumber the `N mod (world * B)` spare ones.
 """
 
 from __future__ import annotations
@@ -177,6 +177,9 @@ def build_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batc
         raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1; got rank {rank}, world_size "
                          f"{world_size}, batch_size {batch_size}")
     reader = resolve_reader(data_cfg.reader)
+    if reader == "dali" and data_cfg.shard_sampling != "exact":
+        raise ValueError(f"data.shard_sampling={data_cfg.shard_sampling} is a webdataset-reader mode, but "
+                         "data.reader resolved to dali; set data.reader=webdataset")
     manifest = load_shard_manifest(data_cfg, need_index=reader == "dali")
     if reader == "dali":
         from facescale.data.dali_reader import DaliTrainLoader

@@ -1,10 +1,14 @@
 """The pure-Python training reader: `webdataset` tar streams decoded with simplejpeg in DataLoader workers.
 
-Epoch `e` is planned from (seed, e) alone: the shards are put in a seeded order, the concatenated sample
-list is split into `world` contiguous parts by sample count (like DALI), and each rank's part is split over
-its workers in proportion to the batches each worker yields. A worker reads its range with webdataset's
-tar iterator, shuffles it in a seeded buffer and fills its batches; so ranks get equal batch counts, and an
-epoch can be rebuilt and fast-forwarded exactly on resume. Bad samples are rejected or skipped per
+Two ways to cut epochs (`data.shard_sampling`): `exact` (default, below) reads every sample once per epoch
+across all ranks; `resampled` is webdataset's multi-node recipe: each rank and worker draws whole shards
+with replacement (`webdataset.ResampledShards`, seeded by (seed, epoch, rank, worker)) and an epoch is a
+fixed `steps_per_epoch` batches, so samples may repeat or be missed within an epoch. Both are
+deterministic per (seed, epoch), so the cursor restores either exactly.
+
+Under `exact`, each worker reads its planned sample ranges (`facescale.data.tar_samples.epoch_plan`),
+shuffles them in a seeded buffer and fills its batches; so ranks get equal batch counts, and an epoch can be
+rebuilt and fast-forwarded exactly on resume. Bad samples are rejected or skipped per
 `data.on_bad_sample`; a skipped sample is replaced by the next one of the stream (after the range, the
 range is read again), so batch counts stay equal. Workers ship uint8 HWC batches; normalisation runs on
 the target device.
@@ -12,147 +16,26 @@ the target device.
 
 from __future__ import annotations
 
-import os
-import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
-from webdataset.tariterators import tar_file_iterator
 
 from facescale.config.schema import DataConfig
 from facescale.data.augment import NO_AUGMENT, Augment, augment_numpy
-from facescale.data.bad_data import (
-    BadSample,
-    BadSampleError,
-    SkipPolicy,
-    check_image,
-    check_label,
-    read_index_lines,
-)
+from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, check_image, check_label
 from facescale.data.jpeg import decode_jpeg
 from facescale.data.loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
+from facescale.data.tar_samples import Segment, epoch_plan, read_segment, resampled_samples, worker_share
 
-Segment = tuple[int, int, int]  # (shard number, first sample position, end position)
-_ORDER, _SHUFFLE, _MIRROR, _AUGMENT = 11, 12, 13, 14
+_SHUFFLE, _MIRROR, _AUGMENT, _RESAMPLE = 12, 13, 14, 15
+SHARD_SAMPLING = ("exact", "resampled")
 _AGAIN = BadSample("", "", -1, "marks the start of a refill pass over the worker's range")
-
-
-def worker_share(total: int, workers: int, worker: int) -> int:
-    """How many of `total` batches worker `worker` of `workers` produces; the shares sum to `total`."""
-    return total // workers + (1 if worker < total % workers else 0)
-
-
-def epoch_plan(shard_sizes: list[int], *, epoch: int, seed: int, rank: int, world_size: int, steps: int,
-               batch_size: int, num_workers: int) -> list[list[Segment]]:
-    """Per worker of `rank`: the (shard, first, end) sample ranges it reads in `epoch`."""
-    order = np.random.default_rng(stream_seed(seed, _ORDER, epoch)).permutation(len(shard_sizes)).tolist()
-    total = sum(shard_sizes)
-    start, end = total * rank // world_size, total * (rank + 1) // world_size
-    spare = (end - start) - steps * batch_size
-    lengths = [worker_share(steps, num_workers, w) * batch_size + worker_share(spare, num_workers, w)
-               for w in range(num_workers)]
-    plans, cursor = [], start
-    for length in lengths:
-        plans.append(_segments(shard_sizes, order, cursor, cursor + length))
-        cursor += length
-    return plans
-
-
-def _segments(sizes: list[int], order: list[int], first: int, end: int) -> list[Segment]:
-    """The global range [first, end) of the shard order `order` as per-shard position ranges."""
-    segments, offset = [], 0
-    for shard in order:
-        lo, hi = max(first, offset), min(end, offset + sizes[shard])
-        if lo < hi:
-            segments.append((shard, lo - offset, hi - offset))
-        offset += sizes[shard]
-    return segments
-
-
-def read_segment(url: str, first: int, end: int) -> Iterator[dict[str, Any] | BadSample]:
-    """Samples `first..end-1` of one tar as {__key__, __url__, jpg?, lbl?}, or a BadSample per lost sample.
-
-    With the shard's `.idx` the members are read by offset (one `os.pread` per sample: parsing tar headers
-    in Python costs more than decoding the JPEG); without it, webdataset's tar iterator reads the stream.
-    """
-    index = Path(url).with_suffix(".idx")
-    if index.is_file():
-        yield from _read_indexed(url, index, first, end)
-    else:
-        yield from _read_stream(url, first, end)
-
-
-def _read_indexed(url: str, index: Path, first: int, end: int) -> Iterator[dict[str, Any] | BadSample]:
-    samples = list(read_index_lines(index))
-    fd = os.open(url, os.O_RDONLY)
-    try:
-        for position in range(first, end):
-            if position >= len(samples):
-                yield BadSample(url, f"#{position}", position,
-                                "sample counted in manifest.json is not in the tar's index")
-                continue
-            sample = samples[position]
-            lo = min(offset for offset, _ in sample.members.values())
-            hi = max(offset + size for offset, size in sample.members.values())
-            span = os.pread(fd, hi - lo, lo)
-            if len(span) < hi - lo:
-                yield BadSample(url, sample.key, position, f"member ends at byte {hi}, past the end of "
-                                f"the tar ({lo + len(span)} B): the shard is truncated")
-                continue
-            current: dict[str, Any] = {"__key__": sample.key, "__url__": url}
-            for ext, (offset, size) in sample.members.items():
-                current[ext] = span[offset - lo:offset - lo + size]
-            yield current
-    finally:
-        os.close(fd)
-
-
-def _read_stream(url: str, first: int, end: int) -> Iterator[dict[str, Any] | BadSample]:
-    position, current = -1, None
-    try:
-        with open(url, "rb") as stream:
-            for member in tar_file_iterator(stream):
-                key, _, ext = member["fname"].partition(".")
-                if current is None or key != current["__key__"]:
-                    if current is not None and position >= first:
-                        yield current
-                    position += 1
-                    if position >= end:
-                        return
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = member["data"]
-    except (tarfile.TarError, OSError, ValueError) as error:
-        whole = current is not None and IMAGE_EXT in current and LABEL_EXT in current
-        if whole and first <= position < end:
-            yield current  # the last sample read was whole; the stream broke after it
-        keys = _index_keys(url)
-        for missing in range(max(position + 1 if whole else max(position, 0), first), end):
-            key = keys[missing] if missing < len(keys) else f"#{missing}"
-            yield BadSample(url, key, missing,
-                            f"the tar does not read to the end ({error}): truncated or damaged")
-        return
-    if current is not None and first <= position < end:
-        yield current
-    keys = _index_keys(url) if position + 1 < end else []
-    for missing in range(max(position + 1, first), end):
-        key = keys[missing] if missing < len(keys) else f"#{missing}"
-        yield BadSample(url, key, missing, "sample counted in manifest.json is not in the tar")
-
-
-def _index_keys(url: str) -> list[str]:
-    """Sample keys from the shard's `.idx` when there is one (to name samples lost in a damaged tar)."""
-    index = Path(url).with_suffix(".idx")
-    try:
-        return [sample.key for sample in read_index_lines(index)] if index.is_file() else []
-    except ValueError:
-        return []
 
 
 def decode_sample(sample: dict[str, Any], image_size: int, num_classes: int, out: np.ndarray | None = None,
@@ -183,13 +66,18 @@ class RankStream(IterableDataset):
     def __init__(self, urls: list[str], shard_sizes: list[int], *, rank: int, world_size: int, seed: int,
                  start_epoch: int, start_step: int, batch_size: int, steps: int, num_workers: int,
                  shuffle_buffer: int, mirror: bool, image_size: int, num_classes: int,
-                 policy: SkipPolicy, augment: Augment = NO_AUGMENT, decoder: str = "auto") -> None:
+                 policy: SkipPolicy, augment: Augment = NO_AUGMENT, decoder: str = "auto",
+                 sampling: str = "exact") -> None:
         super().__init__()
         self.urls, self.shard_sizes, self.rank, self.world_size = urls, shard_sizes, rank, world_size
         self.seed, self.start_epoch, self.start_step = seed, start_epoch, start_step
         self.batch_size, self.steps, self.num_workers = batch_size, steps, max(1, num_workers)
         self.shuffle_buffer, self.mirror, self.image_size = shuffle_buffer, mirror, image_size
         self.num_classes, self.policy, self.augment, self.decoder = num_classes, policy, augment, decoder
+        if sampling not in SHARD_SAMPLING:
+            raise ValueError(f"data.shard_sampling must be one of {', '.join(SHARD_SAMPLING)}, "
+                             f"got {sampling!r}")
+        self.sampling = sampling
         self._iterations = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -214,7 +102,20 @@ class RankStream(IterableDataset):
 
     def _samples(self, segments: list[Segment], epoch: int,
                  worker: int) -> Iterator[dict[str, Any] | BadSample]:
-        """The worker's range shuffled in a seeded buffer, then again (reshuffled) for as long as needed."""
+        """The worker's range shuffled in a seeded buffer, then again (reshuffled) for as long as needed;
+        under `resampled` sampling, the worker's endless resampled stream through the same buffer."""
+        if self.sampling == "resampled":
+            stream = resampled_samples(self.urls, self.shard_sizes,
+                                       stream_seed(self.seed, _RESAMPLE, epoch, self.rank, worker))
+            buffer = shuffle(self.shuffle_buffer, self.shuffle_buffer,
+                             seed=stream_seed(self.seed, _SHUFFLE, epoch, self.rank, worker))
+            bad_run = 0
+            for sample in buffer(stream):
+                bad_run = bad_run + 1 if isinstance(sample, BadSample) else 0
+                if bad_run > sum(self.shard_sizes):
+                    raise BadSampleError(f"rank {self.rank} worker {worker}: no good sample in "
+                                         f"{bad_run} resampled ones; run `facescale validate` on the shards")
+                yield sample
         for cycle in range(1 << 30):
             stream = (s for shard, first, end in segments for s in read_segment(self.urls[shard], first, end))
             good = 0
@@ -307,7 +208,8 @@ class WdsTrainLoader(TrainLoader):
                              mirror=self.cfg.random_mirror, image_size=self.manifest.image_size,
                              num_classes=self.manifest.num_classes,
                              policy=SkipPolicy(self.policy.policy, 1.0),
-                             augment=Augment.from_config(self.cfg), decoder=self.cfg.jpeg_decoder)
+                             augment=Augment.from_config(self.cfg), decoder=self.cfg.jpeg_decoder,
+                             sampling=self.cfg.shard_sampling)
         workers = self.cfg.num_workers
         # spawn, not fork: a worker forked while another thread (DALI, gloo, a queue feeder) holds a lock can
         # deadlock waiting for its first index (seen once in the test suite)
