@@ -28,13 +28,7 @@
 
 set -euo pipefail
 cd "${FACESCALE_ROOT:-${SLURM_SUBMIT_DIR:-.}}"
-CONFIG=${CONFIG:-configs/webface42m_r100.yaml}
-RUN_DIR=${RUN_DIR:-${RUN_ROOT:-runs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
-export FACESCALE_REQUEUE_MARKER=$RUN_DIR/REQUEUE
-source slurm/env/common.sh
-source "slurm/env/${FACESCALE_CLUSTER:-default}.sh"
-mkdir -p "$RUN_DIR/comm_traces"
-export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$RUN_DIR/comm_traces/rank_}
+source slurm/env/job.sh
 facescale_banner
 
 gpus=${SLURM_GPUS_ON_NODE:-0}

@@ -26,13 +26,7 @@
 
 set -euo pipefail
 cd "${FACESCALE_ROOT:-${SLURM_SUBMIT_DIR:-.}}"
-CONFIG=${CONFIG:-configs/webface42m_r100.yaml}
-RUN_DIR=${RUN_DIR:-${RUN_ROOT:-runs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
-export FACESCALE_REQUEUE_MARKER=$RUN_DIR/REQUEUE
-source slurm/env/common.sh
-source "slurm/env/${FACESCALE_CLUSTER:-default}.sh"
-mkdir -p "$RUN_DIR/comm_traces"
-export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$RUN_DIR/comm_traces/rank_}
+source slurm/env/job.sh
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1
 facescale_banner
