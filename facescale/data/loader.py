@@ -114,6 +114,23 @@ def normalize_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out.sub_(127.5).div_(127.5)
 
 
+def _one_thread_worker(worker_id: int) -> None:
+    """DataLoader worker init: one intra-op thread (tiny tensors; OpenMP spinning costs ~10x here)."""
+    torch.set_num_threads(1)
+
+
+def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: int,
+                        pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The DataLoader for an IterableDataset that yields whole batches, with the worker settings every
+    facescale loader shares: persistent, one torch thread each, 2 batches prefetched per worker, and
+    started with spawn: a forked worker inherits other threads' locks (DALI, gloo, queue feeders) and
+    objects whose finalisers hang in a child (a DALI pipeline's __del__ did, in the test suite)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+        multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_one_thread_worker,
+        pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
+
+
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, source: str = "the shards") -> int:
     """Full batches per rank per epoch, `num_samples // (world_size * batch_size)`, the same on every rank."""
     steps = num_samples // (world_size * batch_size)

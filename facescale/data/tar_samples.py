@@ -19,7 +19,7 @@ import numpy as np
 from webdataset.shardlists import ResampledShards
 from webdataset.tariterators import tar_file_iterator
 
-from facescale.data.bad_data import BadSample, read_index_lines
+from facescale.data.bad_data import BadSample, IndexedSample, read_index_lines
 from facescale.data.loader import stream_seed
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT
 
@@ -81,27 +81,44 @@ def resampled_samples(urls: list[str], shard_sizes: list[int],
         yield from read_segment(item["url"], 0, sizes[item["url"]])
 
 
+READ_CHUNK_BYTES = 4 << 20  # consecutive samples are read with one pread of up to this many bytes
+
+
+def _extent(sample: IndexedSample) -> tuple[int, int]:
+    """First and end byte of a sample's members in its tar."""
+    return (min(offset for offset, _ in sample.members.values()),
+            max(offset + size for offset, size in sample.members.values()))
+
+
 def _read_indexed(url: str, index: Path, first: int, end: int) -> Iterator[dict[str, Any] | BadSample]:
+    """Samples by their `.idx` offsets, read in chunks of consecutive samples: one `os.pread` per
+    READ_CHUNK_BYTES instead of one per sample (far fewer requests on a cluster file system)."""
     samples = list(read_index_lines(index))
+    extents = {p: _extent(samples[p]) for p in range(first, min(end, len(samples)))}
     fd = os.open(url, os.O_RDONLY)
     try:
-        for position in range(first, end):
+        position = first
+        while position < end:
             if position >= len(samples):
                 yield BadSample(url, f"#{position}", position,
                                 "sample counted in manifest.json is not in the tar's index")
+                position += 1
                 continue
-            sample = samples[position]
-            lo = min(offset for offset, _ in sample.members.values())
-            hi = max(offset + size for offset, size in sample.members.values())
-            span = os.pread(fd, hi - lo, lo)
-            if len(span) < hi - lo:
-                yield BadSample(url, sample.key, position, f"member ends at byte {hi}, past the end of "
-                                f"the tar ({lo + len(span)} B): the shard is truncated")
-                continue
-            current: dict[str, Any] = {"__key__": sample.key, "__url__": url}
-            for ext, (offset, size) in sample.members.items():
-                current[ext] = span[offset - lo:offset - lo + size]
-            yield current
+            base, stop = extents[position][0], position + 1
+            while stop in extents and extents[stop][1] - base <= READ_CHUNK_BYTES:
+                stop += 1
+            span = os.pread(fd, extents[stop - 1][1] - base, base)
+            for sample in samples[position:stop]:
+                hi = extents[sample.position][1]
+                if hi - base > len(span):
+                    yield BadSample(url, sample.key, sample.position, f"member ends at byte {hi}, past the "
+                                    f"end of the tar ({base + len(span)} B): the shard is truncated")
+                    continue
+                current: dict[str, Any] = {"__key__": sample.key, "__url__": url}
+                for ext, (offset, size) in sample.members.items():
+                    current[ext] = span[offset - base:offset - base + size]
+                yield current
+            position = stop
     finally:
         os.close(fd)
 

@@ -28,7 +28,14 @@ from facescale.config.schema import DataConfig
 from facescale.data.augment import NO_AUGMENT, Augment, augment_numpy
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, check_image, check_label
 from facescale.data.jpeg import decode_jpeg
-from facescale.data.loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
+from facescale.data.loader import (
+    Batch,
+    TrainLoader,
+    batch_stream_loader,
+    normalize_batch,
+    steps_per_epoch,
+    stream_seed,
+)
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
 from facescale.data.tar_samples import Segment, epoch_plan, read_segment, resampled_samples, worker_share
@@ -175,11 +182,6 @@ class RankStream(IterableDataset):
                 filled = skipped = 0
 
 
-def _one_thread_worker(worker_id: int) -> None:
-    """DataLoader worker init: one intra-op thread (tiny tensors; OpenMP spinning costs ~10x here)."""
-    torch.set_num_threads(1)
-
-
 class WdsTrainLoader(TrainLoader):
     """TrainLoader over webdataset tar streams in a torch DataLoader with `data.num_workers` workers."""
 
@@ -210,13 +212,7 @@ class WdsTrainLoader(TrainLoader):
                              policy=SkipPolicy(self.policy.policy, 1.0),
                              augment=Augment.from_config(self.cfg), decoder=self.cfg.jpeg_decoder,
                              sampling=self.cfg.shard_sampling)
-        workers = self.cfg.num_workers
-        # spawn, not fork: a worker forked while another thread (DALI, gloo, a queue feeder) holds a lock can
-        # deadlock waiting for its first index (seen once in the test suite)
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          multiprocessing_context="spawn" if workers else None,
-                          worker_init_fn=_one_thread_worker, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=2 if workers else None)
+        return batch_stream_loader(dataset, self.cfg.num_workers, pin_memory=self.device.type == "cuda")
 
     def reset(self) -> None:
         """Shut the workers down; the next epoch starts new ones at the cursor."""

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facescale.data.identity_index import IdentityIndex, SampleLocation
 from facescale.data.jpeg import decode_jpeg
-from facescale.data.loader import stream_seed
+from facescale.data.loader import batch_stream_loader, stream_seed
 
 UInt8Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [B, H, W, 3] x 2, labels [B]
 
@@ -60,8 +60,7 @@ class IdentityPairs(IterableDataset):
             batch_number * self.batch : (batch_number + 1) * self.batch
         ]
         rng = np.random.default_rng(stream_seed(self.seed, self.rank, pass_number, batch_number))
-        first = np.empty((len(labels), self.image_size, self.image_size, 3), np.uint8)
-        second = np.empty_like(first)
+        first, second = self._empty(len(labels)), self._empty(len(labels))
         for i, label in enumerate(labels):
             rows = self.index.locations(int(label))
             if len(rows) >= 2:
@@ -71,18 +70,25 @@ class IdentityPairs(IterableDataset):
                 a = b = 0
                 flip_a = bool(rng.random() < 0.5) & self.mirror
                 flip_b = not flip_a  # one image: the two views differ by a mirror
-            first[i] = self._image(rows[a], bool(flip_a))
-            second[i] = self._image(rows[b], bool(flip_b))
-        return torch.from_numpy(first), torch.from_numpy(second), torch.from_numpy(labels.astype(np.int64))
+            self._image(rows[a], bool(flip_a), first[i])
+            self._image(rows[b], bool(flip_b), second[i])
+        return first, second, torch.from_numpy(labels.astype(np.int64))
 
-    def _image(self, location: SampleLocation, flip: bool) -> np.ndarray:
-        image = decode_jpeg(self.index.read_jpeg(location))
+    def _empty(self, count: int) -> torch.Tensor:
+        """A uint8 [count, H, W, 3] batch; in shared memory inside a DataLoader worker (no copy)."""
+        images = torch.empty((count, self.image_size, self.image_size, 3), dtype=torch.uint8)
+        return images.share_memory_() if get_worker_info() is not None else images
+
+    def _image(self, location: SampleLocation, flip: bool, out: torch.Tensor) -> None:
+        """Decode one image into `out` (HWC), mirrored in place when `flip`."""
+        image = decode_jpeg(self.index.read_jpeg(location), out.numpy())
         if image.shape != (self.image_size, self.image_size, 3):
             raise ValueError(
                 f"{location.tar} at byte {location.offset}: image is {image.shape}, expected "
                 f"({self.image_size}, {self.image_size}, 3)"
             )
-        return image[:, ::-1] if flip else image
+        if flip:
+            out.copy_(out.flip(1))
 
     def __iter__(self) -> Iterator[UInt8Pairs]:
         info = get_worker_info()
@@ -95,13 +101,4 @@ class IdentityPairs(IterableDataset):
 
 def build_identity_loader(dataset: IdentityPairs, num_workers: int) -> DataLoader:
     """Endless DataLoader over the identity pairs; workers take turns, so the batch order is deterministic."""
-    from facescale.data.wds_reader import _one_thread_worker
-
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=_one_thread_worker,
-        prefetch_factor=2 if num_workers else None,
-    )
+    return batch_stream_loader(dataset, num_workers)
