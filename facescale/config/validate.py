@@ -6,12 +6,13 @@ from pathlib import Path
 
 from facescale.config.load import ConfigError, _suggest
 from facescale.config.schema import Config
-from facescale.data.jpeg import JPEG_DECODERS
 
 CHOICES = {
     "model.norm": ("batch", "group"),
     "data.reader": ("auto", "dali", "webdataset"),
     "data.on_bad_sample": ("error", "skip"),
+    "data.jpeg_decoder": ("auto", "simplejpeg", "pil"),
+    "data.shard_sampling": ("exact", "resampled"),
     "head.type": ("partial_fc", "dcp"),
     "head.margin.type": ("arcface", "cosface", "combined", "arcface_straight_through"),
     "head.optimizer": ("sgd", "adamw"),
@@ -80,10 +81,6 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(cfg.data.image_size > 0, source, "data.image_size", "must be > 0")
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     _check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
-    _check(cfg.data.jpeg_decoder in JPEG_DECODERS, source, "data.jpeg_decoder",
-           f"must be one of {', '.join(JPEG_DECODERS)}")
-    _check(cfg.data.shard_sampling in ("exact", "resampled"), source, "data.shard_sampling",
-           "must be exact (every sample once per epoch) or resampled (webdataset reader only)")
     _check(cfg.data.shard_sampling == "exact" or cfg.data.reader == "webdataset", source,
            "data.shard_sampling", "resampled shards are a webdataset-reader mode; set data.reader=webdataset "
            "(DALI reads exact epochs)")

@@ -163,12 +163,10 @@ class DaliTrainLoader(TrainLoader):
 
     def _take_opened(self, epoch: int) -> DALIGenericIterator | None:
         """The iterator opened ahead for `epoch`, if any (its build errors are raised here)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None or ahead[0] != epoch:
-            if ahead is not None:
-                self._ahead = ahead
-                self.reset()
+        if self._ahead is None or self._ahead[0] != epoch:
+            self.reset()
             return None
+        ahead, self._ahead = self._ahead, None
         return ahead[1].result()
 
     def reset(self) -> None:

@@ -24,7 +24,7 @@ from facescale.data.loader import stream_seed
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT
 
 Segment = tuple[int, int, int]  # (shard number, first sample position, end position)
-_ORDER = 11
+_ORDER = 11  # stream_seed salt; the webdataset reader's own salts are 12..15
 
 
 def worker_share(total: int, workers: int, worker: int) -> int:
@@ -62,8 +62,9 @@ def _segments(sizes: list[int], order: list[int], first: int, end: int) -> list[
 def read_segment(url: str, first: int, end: int) -> Iterator[dict[str, Any] | BadSample]:
     """Samples `first..end-1` of one tar as {__key__, __url__, jpg?, lbl?}, or a BadSample per lost sample.
 
-    With the shard's `.idx` the members are read by offset (one `os.pread` per sample: parsing tar headers
-    in Python costs more than decoding the JPEG); without it, webdataset's tar iterator reads the stream.
+    With the shard's `.idx` the members are read by offset (one `os.pread` per run of consecutive samples:
+    parsing tar headers in Python costs more than decoding the JPEG); without it, webdataset's tar iterator
+    reads the stream.
     """
     index = Path(url).with_suffix(".idx")
     if index.is_file():

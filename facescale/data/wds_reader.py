@@ -38,7 +38,7 @@ from facescale.data.loader import (
 )
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
-from facescale.data.tar_samples import Segment, epoch_plan, read_segment, resampled_samples, worker_share
+from facescale.data.tar_samples import epoch_plan, read_segment, resampled_samples, worker_share
 
 _SHUFFLE, _MIRROR, _AUGMENT, _RESAMPLE = 12, 13, 14, 15
 SHARD_SAMPLING = ("exact", "resampled")
@@ -96,33 +96,35 @@ class RankStream(IterableDataset):
         # The DataLoader asks workers 0, 1, .. in turn from every new iterator on; batch j of an epoch comes
         # from the worker playing role j % n, so after skipping `skip` batches worker 0 plays role skip % n.
         worker = ((info.id if info is not None else 0) + skip) % self.num_workers
-        segments = epoch_plan(self.shard_sizes, epoch=epoch, seed=self.seed, rank=self.rank,
-                              world_size=self.world_size, steps=self.steps, batch_size=self.batch_size,
-                              num_workers=self.num_workers)[worker]
         own_skip = skip // self.num_workers + (1 if worker < skip % self.num_workers else 0)
         share = worker_share(self.steps, self.num_workers, worker)
-        batches = self._batches(segments, epoch, worker)
+        source = self._resampled if self.sampling == "resampled" else self._exact
+        batches = self._batches(source(epoch, worker), epoch, worker)
         for number in range(share):
             batch = next(batches)
             if number >= own_skip:
                 yield batch
 
-    def _samples(self, segments: list[Segment], epoch: int,
-                 worker: int) -> Iterator[dict[str, Any] | BadSample]:
-        """The worker's range shuffled in a seeded buffer, then again (reshuffled) for as long as needed;
-        under `resampled` sampling, the worker's endless resampled stream through the same buffer."""
-        if self.sampling == "resampled":
-            stream = resampled_samples(self.urls, self.shard_sizes,
-                                       stream_seed(self.seed, _RESAMPLE, epoch, self.rank, worker))
-            buffer = shuffle(self.shuffle_buffer, self.shuffle_buffer,
-                             seed=stream_seed(self.seed, _SHUFFLE, epoch, self.rank, worker))
-            bad_run = 0
-            for sample in buffer(stream):
-                bad_run = bad_run + 1 if isinstance(sample, BadSample) else 0
-                if bad_run > sum(self.shard_sizes):
-                    raise BadSampleError(f"rank {self.rank} worker {worker}: no good sample in "
-                                         f"{bad_run} resampled ones; run `facescale validate` on the shards")
-                yield sample
+    def _resampled(self, epoch: int, worker: int) -> Iterator[dict[str, Any] | BadSample]:
+        """The worker's endless stream of resampled shards through a seeded shuffle buffer."""
+        stream = resampled_samples(self.urls, self.shard_sizes,
+                                   stream_seed(self.seed, _RESAMPLE, epoch, self.rank, worker))
+        buffer = shuffle(self.shuffle_buffer, self.shuffle_buffer,
+                         seed=stream_seed(self.seed, _SHUFFLE, epoch, self.rank, worker))
+        bad_run = 0
+        for sample in buffer(stream):
+            bad_run = bad_run + 1 if isinstance(sample, BadSample) else 0
+            if bad_run > sum(self.shard_sizes):
+                raise BadSampleError(f"rank {self.rank} worker {worker}: no good sample in "
+                                     f"{bad_run} resampled ones; run `facescale validate` on the shards")
+            yield sample
+
+    def _exact(self, epoch: int, worker: int) -> Iterator[dict[str, Any] | BadSample]:
+        """The worker's planned range shuffled in a seeded buffer, then again (reshuffled) for as long as
+        needed, with `_AGAIN` between passes."""
+        segments = epoch_plan(self.shard_sizes, epoch=epoch, seed=self.seed, rank=self.rank,
+                              world_size=self.world_size, steps=self.steps, batch_size=self.batch_size,
+                              num_workers=self.num_workers)[worker]
         for cycle in range(1 << 30):
             stream = (s for shard, first, end in segments for s in read_segment(self.urls[shard], first, end))
             good = 0
@@ -143,7 +145,7 @@ class RankStream(IterableDataset):
         images = torch.empty((self.batch_size, self.image_size, self.image_size, 3), dtype=torch.uint8)
         return images.share_memory_() if get_worker_info() is not None else images
 
-    def _batches(self, segments: list[Segment], epoch: int,
+    def _batches(self, samples: Iterator[dict[str, Any] | BadSample], epoch: int,
                  worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Decode straight into the batch; mirror in place with torch (a reversed numpy copy is 5x slower)."""
         flips = np.random.default_rng(stream_seed(self.seed, _MIRROR, epoch, self.rank, worker))
@@ -153,7 +155,7 @@ class RankStream(IterableDataset):
         labels = np.empty(self.batch_size, np.int64)
         filled = skipped = 0
         repeat = False
-        for sample in self._samples(segments, epoch, worker):
+        for sample in samples:
             if sample is _AGAIN:
                 repeat = True
                 continue
