@@ -16,7 +16,6 @@ metrics.jsonl. Writes OUT.json and OUT.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -135,20 +134,20 @@ def _one_thread(_worker: int) -> None:
 
 
 def loader_epochs(directory: Path, reader: str, *, threads: int, workers: int, batch: int, epochs: int,
-                  decoder: str = "simplejpeg"):
+                  decoder: str = "simplejpeg") -> Callable[[], None]:
     """Full epochs of facescale's training reader (normalised CHW float batches on the CPU)."""
     from facescale.data.loader import build_train_loader
 
     config = DataConfig(shards=str(directory), reader=reader, num_workers=workers, dali_threads=threads,
                         shuffle_buffer=1024, random_mirror=True, jpeg_decoder=decoder)
-    loader = build_train_loader(dataclasses.replace(config), rank=0, world_size=1, batch_size=batch, seed=0,
+    loader = build_train_loader(config, rank=0, world_size=1, batch_size=batch, seed=0,
                                 device=torch.device("cpu"))
 
     def run() -> None:
         for _ in range(epochs):
             for images, _labels in loader.iter_epoch():
                 assert images.shape == (batch, 3, 112, 112) and images.dtype == torch.float32
-    return run, loader
+    return run
 
 
 def trainer_wait(metrics: Path) -> dict | None:
@@ -201,13 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         cases[INTO_BUFFER] = (decode_into_buffer(jpegs), len(jpegs))
         for n in (1, 2):
             cases[FLOOR.format(n=n)] = (decode_floor(jpegs, n, pool), n * len(jpegs))
-            dali, _ = loader_epochs(directory, "dali", threads=n, workers=0, batch=args.batch,
-                                    epochs=args.epochs)
-            cases[DALI.format(n=n)] = (dali, full)
+            cases[DALI.format(n=n)] = (loader_epochs(directory, "dali", threads=n, workers=0,
+                                                     batch=args.batch, epochs=args.epochs), full)
             for name, decoder in ((FALLBACK, "simplejpeg"), (FALLBACK_PIL, "pil")):
                 cases[name.format(n=n)] = (loader_epochs(directory, "webdataset", threads=1, workers=n,
                                                          batch=args.batch, epochs=args.epochs,
-                                                         decoder=decoder)[0], full)
+                                                         decoder=decoder), full)
             run, library_counts[n] = library_epochs(directory, workers=n, batch=args.batch,
                                                     epochs=args.epochs)
             cases[LIBRARY_PIL.format(n=n)] = (run, manifest.num_samples * args.epochs)
