@@ -1,88 +1,208 @@
-"""IJB-style template verification: media-then-template pooling by hand, synthetic set, end to end."""
+"""IJB-B/C on the release layout: alignment recovers known transforms, the protocol equals a brute-force
+float64 computation for every F1/N1/D1 mode, 2 ranks equal 1 rank, and bad meta lines are named."""
 
 from __future__ import annotations
 
-import io
+import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch import nn
 
-from facescale.eval.ijb import (
-    evaluate_ijb,
-    read_ijb_meta,
-    score_template_pairs,
-    template_features,
-    write_synthetic_ijb,
-)
+from facescale.data.synth_faces import render_identity
+from facescale.eval.align import ARCFACE_TEMPLATE_112, align_face, arcface_template, similarity_transform
+from facescale.eval.extract import decode_image
+from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
+from facescale.eval.ijb_protocol import IJBMode
+from facescale.eval.ijb_release import read_ijb_release
+from facescale.eval.ijb_synth import write_synthetic_ijb_release
+from tests.distributed import run_ranks
 
-SIZE = 8
-
-
-def test_media_then_template_pooling_by_hand() -> None:
-    feats = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 1.0], [5.0, 5.0]])
-    template_ids = np.array([7, 7, 7, 3, 3])
-    media_ids = np.array([1, 1, 2, 4, 5])
-    templates, pooled = template_features(feats, template_ids, media_ids)
-    assert templates.tolist() == [3, 7]
-    # template 7: media 1 mean (2, 0), media 2 (0, 2) -> (1, 1); a flat image mean would give (4/3, 2/3)
-    np.testing.assert_allclose(pooled[1], np.array([1.0, 1.0]) / np.sqrt(2))
-    # template 3: media 4 (0, 1), media 5 (5, 5) -> (2.5, 3)
-    np.testing.assert_allclose(pooled[0], np.array([2.5, 3.0]) / np.hypot(2.5, 3.0))
-    _, normalized_first = template_features(feats, template_ids, media_ids, normalize_images=True)
-    np.testing.assert_allclose(normalized_first[0], np.array([1 / np.sqrt(2), 1 + 1 / np.sqrt(2)])
-                               / np.hypot(1 / np.sqrt(2), 1 + 1 / np.sqrt(2)))
-    scores = score_template_pairs(templates, pooled, np.array([[7, 3], [3, 3]]))
-    np.testing.assert_allclose(scores, [pooled[0] @ pooled[1], 1.0])
-    with pytest.raises(ValueError, match="without features"):
-        score_template_pairs(templates, pooled, np.array([[7, 9]]))
+SIZE = 112
+IDENTITIES, PER_IDENTITY = 16, 3  # 16 genuine and 120 impostor template pairs
 
 
-class CentredPixels(nn.Module):
-    """A 'model' whose embedding is the mean-centred pixel vector, so identity structure carries through."""
+def _faces(identities: int, per_identity: int, seed: int = 5) -> tuple[list[np.ndarray], list[int]]:
+    """Synthetic faces, slightly blurred: photographs are smooth at the pixel scale, while the synthetic faces
+    carry per-pixel sensor noise that no pair of resamplings (loose crop and back) can keep."""
+    faces, ids = [], []
+    for identity in range(identities):
+        for face in render_identity(seed, identity, per_identity, SIZE):
+            faces.append(np.asarray(Image.fromarray(face).filter(ImageFilter.GaussianBlur(1.0))))
+            ids.append(identity)
+    return faces, ids
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> tuple[str, list[np.ndarray]]:
+    root = str(tmp_path_factory.mktemp("ijb") / "IJBC")
+    faces, ids = _faces(IDENTITIES, PER_IDENTITY)
+    written = write_synthetic_ijb_release(root, faces, ids, name="ijbc", images_per_media=2, seed=1)
+    assert (written.images, written.templates, written.pairs) == (48, 32, 16 + 120)
+    return root, faces
+
+
+def _loose(root: str, index: int) -> np.ndarray:
+    meta = read_ijb_release(root)
+    with open(meta.image_path(index), "rb") as handle:
+        return decode_image(handle.read(), None, meta.image_path(index))
+
+
+def test_template_and_similarity_fit() -> None:
+    np.testing.assert_allclose(arcface_template(224), 2 * ARCFACE_TEMPLATE_112)
+    np.testing.assert_allclose(arcface_template(128), ARCFACE_TEMPLATE_112 + [8.0, 0.0])  # 112 + 8-px margin
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 200, (5, 2))
+    angle, scale, shift = 0.7, 1.8, np.array([-13.0, 41.0])
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    moved = scale * points @ rotation.T + shift
+    np.testing.assert_allclose(similarity_transform(points, moved),
+                               np.concatenate([scale * rotation, shift[:, None]], axis=1), atol=1e-9)
+    mirrored = points * [-1.0, 1.0]  # a reflection is not a similarity: the fit must not reproduce it
+    fit = similarity_transform(points, mirrored)
+    assert np.linalg.det(fit[:, :2]) > 0
+    with pytest.raises(ValueError, match="coincide"):
+        similarity_transform(np.ones((5, 2)), moved)
+
+
+def test_alignment_recovers_the_aligned_face(release) -> None:
+    root, faces = release
+    meta = read_ijb_release(root)
+    inner = (slice(8, -8), slice(8, -8))  # away from the border, where the canvas background bleeds in
+    for index in range(0, len(faces), 5):
+        loose = _loose(root, index)
+        assert loose.shape[0] > 1.3 * SIZE and loose.shape[1] > 1.3 * SIZE  # really a loose crop
+        aligned = align_face(loose, meta.landmarks[index], SIZE).astype(float)
+        error = np.abs(aligned - faces[index])[inner].mean()
+        shifted = align_face(loose, meta.landmarks[index] + [1.5, -1.5], SIZE).astype(float)
+        assert error < 1.5, f"face {index}: mean abs error {error:.2f} (of 255)"
+        assert np.abs(shifted - faces[index])[inner].mean() > 3 * error  # a 1.5-px slip is far worse
+
+
+class RandomProjection(nn.Module):
+    """A fixed random linear embedding of the pixels: identity structure carries through, exact in float64."""
+
+    def __init__(self, dim: int = 24, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(dim, 3 * SIZE * SIZE, generator=generator) / SIZE)
+        self.bias = nn.Parameter(torch.randn(dim, generator=generator))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(1)
-        return flat - flat.mean(dim=1, keepdim=True)
+        return x.flatten(1) @ self.weight.T + self.bias
 
 
-def _faces(identities: int, per_identity: int) -> list[tuple[bytes, int]]:
-    rng = np.random.default_rng(0)
-    faces = []
-    for identity in range(identities):
-        base = rng.integers(40, 216, (SIZE, SIZE, 3))
-        for _ in range(per_identity):
-            pixels = np.clip(base + rng.integers(-25, 26, base.shape), 0, 255).astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, format="PNG")
-            faces.append((buffer.getvalue(), identity))
-    return faces
+def _reference_report(root: str, mode: IJBMode) -> tuple[np.ndarray, dict[float, float | None]]:
+    """The protocol in plain float64 loops, from faces aligned one at a time (alignment is tested above)."""
+    meta = read_ijb_release(root)
+    model = RandomProjection()
+    weight, bias = model.weight.detach().double().numpy(), model.bias.detach().double().numpy()
+    features = {}
+    for index in range(len(meta.image_names)):
+        pixels = align_face(_loose(root, index), meta.landmarks[index], SIZE).astype(np.float64)
+        chw = (pixels.transpose(2, 0, 1) - 127.5) / 127.5
+        feature = weight @ chw.reshape(-1) + bias
+        if mode.flip:
+            feature = feature + weight @ chw[:, :, ::-1].reshape(-1) + bias
+        if not mode.norm_score:
+            feature = feature / math.sqrt(sum(v * v for v in feature))
+        if mode.detector_score:
+            feature = feature * meta.detector_scores[index]
+        features[index] = feature
+    templates = {}
+    for template in set(meta.template_ids.tolist()):
+        medias: dict[int, list[np.ndarray]] = {}
+        for index in range(len(features)):
+            if meta.template_ids[index] == template:
+                medias.setdefault(int(meta.media_ids[index]), []).append(features[index])
+        pooled = sum(sum(images) / len(images) for images in medias.values())
+        templates[template] = pooled / math.sqrt(float(pooled @ pooled))
+    scores = np.array([float(templates[a] @ templates[b]) for a, b in meta.pair_templates.tolist()])
+    genuine = [s for s, label in zip(scores, meta.pair_labels, strict=True) if label == 1]
+    impostor = [s for s, label in zip(scores, meta.pair_labels, strict=True) if label == 0]
+    table: dict[float, float | None] = {}
+    for far in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1):
+        if far * len(impostor) < 1:
+            table[far] = None
+            continue
+        # best TAR over every threshold (accept above it) whose false accepts stay within far * impostors
+        table[far] = max(sum(g > t for g in genuine) / len(genuine) for t in impostor + [max(genuine)]
+                         if sum(i > t for i in impostor) <= far * len(impostor))
+    return scores, table
 
 
-def test_synthetic_set_round_trip_and_evaluation(tmp_path) -> None:
-    root = str(tmp_path / "ijb")
-    counts = write_synthetic_ijb(root, _faces(12, 5), name="ijbc", images_per_media=2)
-    assert counts == {"images": 60, "templates": 24, "pairs": 12 + 66}
-    meta = read_ijb_meta(root, "ijbc")
-    assert len(meta.image_names) == 60 and meta.pair_labels.sum() == 12
-    # identity 0 has images 0..4: template 1 = images 0,1,2 (medias 1: {0,1}, 2: {2}); template 2 = images 3,4
-    assert meta.template_ids[:5].tolist() == [1, 1, 1, 2, 2]
-    assert meta.media_ids[:5].tolist() == [1, 1, 2, 3, 3]
-    report = evaluate_ijb(CentredPixels(), root, "ijbc", batch_size=16, image_size=SIZE, progress=False)
-    assert report["num_templates"] == 24 and report["num_impostor"] == 66
-    assert report["tar_at_far_1e-01"] == 1.0  # near-duplicate templates are all accepted
-    assert report["tar_at_far_1e-02"] is None and report["tar_at_far_1e-06"] is None  # only 66 impostors
-    assert report["scores"][meta.pair_labels == 1].min() > report["scores"][meta.pair_labels == 0].max()
+@pytest.mark.parametrize("flip,norm_score,detector_score", list(itertools.product([True, False], repeat=3)))
+def test_protocol_equals_brute_force(release, flip, norm_score, detector_score) -> None:
+    root, _ = release
+    mode = IJBMode(flip, norm_score, detector_score)
+    report = evaluate_ijb(RandomProjection(), root, mode=mode, batch_size=7, image_size=SIZE, progress=False)
+    scores, table = _reference_report(root, mode)
+    np.testing.assert_allclose(report["scores"], scores, atol=2e-6)
+    got = {float(k.removeprefix("tar_at_far_")): v for k, v in report.items() if k.startswith("tar_at")}
+    assert got == table
+    assert report["mode"] == mode.label and report["num_impostor"] == 120
+    assert table[1e-2] is not None and 0.0 < table[1e-1] < 1.0  # non-trivial: the modes can disagree
 
 
-def test_pair_file_naming_unknown_template_is_an_error(tmp_path) -> None:
-    root = str(tmp_path / "ijb")
-    write_synthetic_ijb(root, _faces(2, 2), name="ijbb")
-    with open(f"{root}/meta/ijbb_template_pair_label.txt", "a") as handle:
-        handle.write("1 99 0\n")
-    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt: template ids \[99\]"):
-        read_ijb_meta(root, "ijbb")
-    with pytest.raises(FileNotFoundError, match="ijbc_face_tid_mid.txt"):
-        read_ijb_meta(root, "ijbc")
+def test_modes_change_the_scores(release) -> None:
+    root, _ = release
+    modes = (IJBMode(), IJBMode(flip=False), IJBMode(norm_score=False), IJBMode(detector_score=False))
+    runs = {mode: evaluate_ijb(RandomProjection(), root, mode=mode, image_size=SIZE, progress=False)["scores"]
+            for mode in modes}
+    reference = runs.pop(IJBMode())
+    for mode, scores in runs.items():
+        assert np.abs(scores - reference).max() > 1e-3, f"{mode.label} had no effect"
+
+
+def _evaluate_on_rank(rank: int, world: int, root: str) -> dict:
+    return evaluate_ijb(RandomProjection(), root, batch_size=5, rank=rank, world_size=world,
+                        image_size=SIZE, workers=1, progress=False)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_workers_equal_one_rank(release, tmp_path) -> None:
+    root, _ = release
+    rank0, rank1 = run_ranks(_evaluate_on_rank, 2, root)
+    single = evaluate_ijb(RandomProjection(), root, batch_size=16, image_size=SIZE, progress=False)
+    for report in (rank0, rank1):
+        np.testing.assert_allclose(report["scores"], single["scores"], atol=1e-6)
+        assert {k: v for k, v in report.items() if k.startswith("tar")} == \
+               {k: v for k, v in single.items() if k.startswith("tar")}
+    paths = write_outputs(single, str(tmp_path / "out"))
+    np.testing.assert_array_equal(np.load(paths["scores"]), single["scores"])
+    assert paths["roc_image"].endswith("ijbc_F1N1D1_roc.png")
+    text = table_text(single)
+    assert "F1 N1 D1" in text and "n/a" in text and "1e-06" in text
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def test_bad_meta_lines_are_named(tmp_path) -> None:
+    root = str(tmp_path / "IJBB")
+    faces, ids = _faces(2, 2)
+    write_synthetic_ijb_release(root, faces, ids, name="ijbb")
+    points = f"{root}/meta/ijbb_name_5pts_score.txt"
+    good = open(points, encoding="utf-8").read()
+    lines = good.splitlines()
+    _write(points, "\n".join(lines[:2] + [lines[2].rsplit(" ", 1)[0]] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"ijbb_name_5pts_score\.txt:3: expected 12 fields"):
+        read_ijb_release(root)
+    _write(points, "\n".join(lines[:3]) + "\n")
+    with pytest.raises(ValueError, match=r"no landmark line for image 4\.png \(line 4 of .*face_tid_mid"):
+        read_ijb_release(root, "ijbb")
+    _write(points, good)
+    pairs = f"{root}/meta/ijbb_template_pair_label.txt"
+    _write(pairs, open(pairs, encoding="utf-8").read() + "1 99 0\n")
+    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:4: template ids \[99\]"):
+        read_ijb_release(root)
+    _write(pairs, "1 2 1\n1 x 0\n")
+    with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: non-integer"):
+        read_ijb_release(root)
+    with pytest.raises(FileNotFoundError, match=r"ijbc_face_tid_mid\.txt: IJB meta file not found"):
+        read_ijb_release(root, "ijbc")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from launcher.local import local_train_command
@@ -86,6 +87,33 @@ def test_two_rank_training_writes_events_and_checkpoint(tiny_shards, tmp_path):
     report = json.loads([line for line in ev.stdout.splitlines() if line.startswith("{")][0])
     assert report["accuracy"] == pytest.approx(result["eval"]["verify"]["accuracy"], abs=1e-6)
     assert (out / "verify_roc.png").is_file(), ev.stdout[-2000:]
+    _ijb_two_ranks_equal_one(run_dir, tmp_path)
+
+
+def _ijb_two_ranks_equal_one(run_dir: Path, tmp_path: Path) -> None:
+    """`facescale eval ijb` on a synthetic release: torchrun on 2 ranks (worker processes) == 1 process."""
+    from facescale.cli import main
+    from facescale.data.synth_faces import render_identity
+    from facescale.eval.ijb_synth import write_synthetic_ijb_release
+
+    faces = [face for identity in range(6) for face in render_identity(9, identity, 2, 112)]
+    write_synthetic_ijb_release(str(tmp_path / "IJBB"), faces, [i // 2 for i in range(12)], name="ijbb")
+    args = ["eval", "ijb", "--checkpoint", str(run_dir), "--root", str(tmp_path / "IJBB"),
+            "--batch-size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "-m", "facescale", *args, "--workers", "1",
+           "--out", str(tmp_path / "ijb2")]
+    ev = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                        timeout=600)
+    assert ev.returncode == 0, ev.stderr[-5000:]
+    assert "IJBB 1:1 verification, F1 N1 D1" in ev.stdout and "TAR%" in ev.stdout
+    two = json.loads([line for line in ev.stdout.splitlines() if line.startswith("{")][0])
+    assert main([*args, "--workers", "0", "--out", str(tmp_path / "ijb1")]) == 0
+    one = json.loads((tmp_path / "ijb1" / "ijbb_F1N1D1_result.json").read_text())
+    assert {k: v for k, v in two.items() if k.startswith("tar")} == \
+           {k: v for k, v in one.items() if k.startswith("tar")}
+    np.testing.assert_allclose(np.load(two["scores"]), np.load(one["scores"]), atol=1e-6)
+    assert Path(two["roc_image"]).is_file() and two["num_impostor"] == 15
 
 
 @pytest.mark.slow

@@ -42,21 +42,34 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _ijb(args: argparse.Namespace) -> int:
-    import torch
-
+    """IJB-B/C on the release layout; extraction split across ranks (torchrun/srun), rank 0 reports."""
     from facescale.checkpoint import load_backbone
-    from facescale.eval.ijb import evaluate_ijb
+    from facescale.dist.init import init_distributed, shutdown_distributed
+    from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
+    from facescale.eval.ijb_extract import default_workers
+    from facescale.eval.ijb_protocol import IJBMode
+    from facescale.runtime import select_runtime
+    from launcher.env import resolve_dist_env
 
-    model, cfg = load_backbone(args.checkpoint)
-    res = evaluate_ijb(
-        model,
-        args.meta,
-        name=args.name,
-        batch_size=args.batch_size,
-        device=torch.device("cpu"),
-        image_size=cfg.data.image_size,
-    )
-    print(json.dumps({k: v for k, v in res.items() if k not in ("scores", "labels")}, default=str))
+    env = resolve_dist_env()
+    runtime = select_runtime(env.local_rank)
+    if env.world_size > 1:
+        init_distributed(env, runtime)
+    try:
+        model, cfg = load_backbone(args.checkpoint)
+        model.to(runtime.device)
+        mode = IJBMode(flip=args.flip, norm_score=args.norm_score, detector_score=args.detector_score)
+        workers = default_workers(env.local_world_size) if args.workers is None else args.workers
+        res = evaluate_ijb(model, args.root, name=args.name, mode=mode, batch_size=args.batch_size,
+                           device=runtime.device, rank=env.rank, world_size=env.world_size,
+                           image_size=cfg.data.image_size, workers=workers, progress=env.rank == 0)
+        if env.rank == 0:
+            paths = write_outputs(res, args.out)
+            print(table_text(res))
+            summary = {k: v for k, v in res.items() if k not in ("scores", "labels")}
+            print(json.dumps({"root": args.root, **summary, **paths}, default=str))
+    finally:
+        shutdown_distributed()
     return 0
 
 
@@ -87,11 +100,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--out", default="eval_results", help="directory for the ROC curve images")
     v.set_defaults(func=_verify)
-    j = esub.add_parser("ijb", help="IJB-B/C style 1:1 template verification")
+    j = esub.add_parser("ijb", help="IJB-B/C 1:1 template verification on the official release layout")
     j.add_argument("--checkpoint", required=True)
-    j.add_argument("--meta", required=True, help="directory with the IJB meta files and images")
-    j.add_argument("--name", default="ijbc")
+    j.add_argument("--root", "--meta", dest="root", required=True,
+                   help="release directory holding meta/<name>_*.txt and loose_crop/ (e.g. .../IJBC)")
+    j.add_argument("--name", choices=("ijbb", "ijbc"), type=str.lower, default=None,
+                   help="which set's meta files to read (default: the one present under --root/meta)")
     j.add_argument("--batch-size", type=int, default=128)
+    j.add_argument("--workers", type=int, default=None,
+                   help="decode/align processes per rank (default: the node's CPUs shared by its ranks)")
+    j.add_argument("--out", default="eval_results", help="directory for the pair scores, ROC image and JSON")
+    j.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="F1: sum the embeddings of each face and its mirror image (default on)")
+    j.add_argument("--norm-score", action=argparse.BooleanOptionalAction, default=True,
+                   help="N1: keep each face's embedding norm into template pooling (default on)")
+    j.add_argument("--detector-score", action=argparse.BooleanOptionalAction, default=True,
+                   help="D1: weight each face by its detector score (default on)")
     j.set_defaults(func=_ijb)
 
     m = sub.add_parser("make-bin", help="build an insightface .bin verification set from image folders")

@@ -63,7 +63,7 @@ def _decode_bytes(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _progress(total: int, enabled: bool, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+def progress_bar(total: int, enabled: bool, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:
     """(update, close) for a progress bar on stderr: tqdm when installed, else a plain count line."""
     if not enabled:
         return (lambda n: None), (lambda: None)
@@ -90,11 +90,22 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
+def embed_batch(model: nn.Module, pixels: torch.Tensor, device: torch.device, flip: bool) -> torch.Tensor:
+    """Float32 [B, D] embeddings of an NHWC uint8 RGB batch, each summed with its mirror image when `flip`."""
+    batch = len(pixels)
+    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).to(_model_dtype(model))
+    x = x.sub_(127.5).div_(127.5)
+    out = model(torch.cat([x, x.flip(3)]) if flip else x)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise TypeError(f"the model must return a [batch, dim] tensor, got {type(out).__name__} "
+                        f"{getattr(out, 'shape', '')}")
+    return (out[:batch] + out[batch:] if flip else out).float()
+
+
 def _embed_slice(model: nn.Module, images: Sequence[ImageInput], batch_size: int, device: torch.device,
                  flip: bool, image_size: int | None, source: str, first_index: int,
                  progress: bool) -> torch.Tensor:
-    dtype = _model_dtype(model)
-    update, close = _progress(len(images), progress, f"embedding {os.path.basename(source)}")
+    update, close = progress_bar(len(images), progress, f"embedding {os.path.basename(source)}")
     chunks = []
     try:
         for start in range(0, len(images), batch_size):
@@ -102,22 +113,14 @@ def _embed_slice(model: nn.Module, images: Sequence[ImageInput], batch_size: int
                      for i in range(start, min(start + batch_size, len(images)))]
             if len({b.shape for b in batch}) > 1:
                 raise ValueError(f"{source}: images {first_index + start}.. have different sizes")
-            pixels = torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2)
-            x = pixels.to(dtype).sub_(127.5).div_(127.5)
-            inputs = torch.cat([x, x.flip(3)]) if flip else x
-            out = model(inputs)
-            if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                raise TypeError(f"the model must return a [batch, dim] tensor, got {type(out).__name__} "
-                                f"{getattr(out, 'shape', '')}")
-            emb = out[: len(batch)] + out[len(batch):] if flip else out
-            chunks.append(emb.float())
+            chunks.append(embed_batch(model, torch.from_numpy(np.stack(batch)), device, flip))
             update(len(batch))
     finally:
         close()
     return torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)
 
 
-def _all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.device) -> torch.Tensor:
+def all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.device) -> torch.Tensor:
     """Every rank's [n_r, D] rows concatenated in rank order (padded to equal length for the gather).
 
     `local=None` means this rank failed: every rank then raises instead of waiting in the next collective.
@@ -138,6 +141,22 @@ def _all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)])
+
+
+def gather_extraction(embed_local: Callable[[], torch.Tensor], world_size: int,
+                      device: torch.device) -> np.ndarray:
+    """Run this rank's `embed_local()` and all-gather the rows; a failure on any rank raises on every rank."""
+    try:
+        local = embed_local()
+    except Exception:
+        if world_size > 1:  # tell the other ranks before raising, so none hangs in the gather
+            try:
+                all_gather_rows(None, world_size, device)
+            except RuntimeError:
+                pass
+        raise
+    rows = all_gather_rows(local, world_size, device) if world_size > 1 else local
+    return rows.cpu().numpy()
 
 
 def extract_embeddings(model: nn.Module, images: Sequence[ImageInput] | np.ndarray, batch_size: int,
@@ -162,19 +181,12 @@ def extract_embeddings(model: nn.Module, images: Sequence[ImageInput] | np.ndarr
     was_training = model.training
     model.eval()
     try:
-        local = _embed_slice(model, images[start:start + count], batch_size, device, flip, image_size,
-                             source, start, progress and rank == 0)
-    except Exception:
-        if world_size > 1:  # tell the other ranks before raising, so none hangs in the gather
-            try:
-                _all_gather_rows(None, world_size, device)
-            except RuntimeError:
-                pass
-        raise
+        return gather_extraction(
+            lambda: _embed_slice(model, images[start:start + count], batch_size, device, flip, image_size,
+                                 source, start, progress and rank == 0),
+            world_size, device)
     finally:
         model.train(was_training)
-    rows = _all_gather_rows(local, world_size, device) if world_size > 1 else local
-    return rows.cpu().numpy()
 
 
 _PIXEL_BASELINE_CACHE: dict[tuple[str, int, int], Any] = {}
