@@ -6,26 +6,33 @@ import argparse
 import importlib
 import sys
 
-from facescale.config.load import ConfigError
+from facescale.errors import debug_enabled, report_errors
 
 COMMAND_MODULES = ("train", "synth", "eval", "plan", "data", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facescale", description="Face recognition training at scale.")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of input errors (also FACESCALE_DEBUG=1); allowed anywhere")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"facescale.commands.{name}").register(sub)
     return p
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """`facescale eval verify`, `facescale train`...: the words the user typed to choose the command."""
+    words = [args.command] + [getattr(args, k) for k in ("eval_command", "export_command", "format")
+                              if getattr(args, k, None)]
+    return " ".join(["facescale", *words])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        sys.stderr.write(f"facescale: config error: {exc}\n")
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    return report_errors(command_name(args), lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":

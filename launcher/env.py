@@ -13,12 +13,13 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from facescale.errors import InputError
 from launcher.ports import job_port
 
 DEFAULT_PORT = 29500
 
 
-class LaunchEnvError(RuntimeError):
+class LaunchEnvError(InputError, RuntimeError):
     """The launcher's environment is incomplete or self-contradictory."""
 
 

@@ -13,12 +13,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from facescale.errors import InputError
 from launcher.env import slurm_hosts
 
 DEFAULT_SLOTS = 8
 
 
-class HostfileError(ValueError):
+class HostfileError(InputError, ValueError):
     """The nodelist or slot counts cannot describe a hostfile."""
 
 

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from facescale.eval.binfile import read_bin, write_bin
+from facescale.eval.binfile import EvalSetError, read_bin, write_bin
 
 
 def test_round_trip_keeps_pair_order_and_flags(tmp_path):
@@ -61,7 +61,7 @@ def test_hostile_pickle_is_refused_without_running_code(tmp_path):
 
 
 def test_missing_and_truncated_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(EvalSetError, match="none.bin: verification set does not exist"):
         read_bin(tmp_path / "none.bin")
     truncated = tmp_path / "cut.bin"
     truncated.write_bytes(pickle.dumps(([b"a", b"b"], [True]))[:10])

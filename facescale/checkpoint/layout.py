@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from facescale.errors import InputError
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 DEEPSPEED_DIR = "backbone"  # DeepSpeed's own files (tag "backbone"); valid only at the saving world size
@@ -22,8 +24,10 @@ HEAD_DIR = "head"
 STATE_DIR = "state"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit this run."""
+
+    default_fix = "point --checkpoint (or checkpoint.resume) at a complete step directory"
 
 
 def step_dir_name(step: int) -> str:

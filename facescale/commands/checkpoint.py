@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 def _reshard(args: argparse.Namespace) -> int:
     from facescale.checkpoint import CheckpointError, reshard_checkpoint, resolve_checkpoint
 
-    try:
-        source = resolve_checkpoint(args.checkpoint)
-        if args.world_size < 1:
-            raise CheckpointError(f"--world-size must be >= 1, got {args.world_size}")
-        out = reshard_checkpoint(source, args.world_size, Path(args.out))
-    except CheckpointError as exc:
-        sys.stderr.write(f"facescale reshard: {exc}\n")
-        return 2
+    if args.world_size < 1:
+        raise CheckpointError(f"--world-size must be >= 1, got {args.world_size}",
+                              fix="pass the number of ranks the copy is for")
+    source = resolve_checkpoint(args.checkpoint)
+    out = reshard_checkpoint(source, args.world_size, Path(args.out))
     print(
         f"[reshard] {source} -> {out} for {args.world_size} ranks; resume with --set checkpoint.resume={out}"
     )
@@ -27,15 +23,11 @@ def _reshard(args: argparse.Namespace) -> int:
 def _export_head(args: argparse.Namespace) -> int:
     import torch
 
-    from facescale.checkpoint import CheckpointError, full_centers, resolve_checkpoint
+    from facescale.checkpoint import full_centers, resolve_checkpoint
     from facescale.checkpoint.atomic import atomic_torch_save
 
-    try:
-        source = resolve_checkpoint(args.checkpoint)
-        centers = full_centers(source)
-    except CheckpointError as exc:
-        sys.stderr.write(f"facescale export-head: {exc}\n")
-        return 2
+    source = resolve_checkpoint(args.checkpoint)
+    centers = full_centers(source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(centers.to(torch.float32) if args.fp32 else centers, out)

@@ -14,10 +14,12 @@ def _verify(args: argparse.Namespace) -> int:
 
     from facescale.checkpoint import load_backbone
     from facescale.dist.init import init_distributed, shutdown_distributed
-    from facescale.eval.extract import evaluate_bin
+    from facescale.eval.extract import evaluate_bin, load_bin_checked
     from facescale.runtime import select_runtime
     from launcher.env import resolve_dist_env
 
+    for path in args.bin:  # a bad set is named before the model is loaded and the extraction starts
+        load_bin_checked(path)
     env = resolve_dist_env()
     runtime = select_runtime(env.local_rank)
     if env.world_size > 1:
@@ -31,11 +33,13 @@ def _verify(args: argparse.Namespace) -> int:
                                progress=env.rank == 0, roc_image=env.rank == 0)
             if env.rank != 0:
                 continue
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            roc_path = out / f"{res['name']}_roc.png"
-            Image.fromarray(res.pop("roc_image")).save(roc_path)
-            print(json.dumps({"bin": path, **res, "roc_image": str(roc_path)}, default=str))
+            roc = res.pop("roc_image", None)
+            if roc is not None:
+                out = Path(args.out)
+                out.mkdir(parents=True, exist_ok=True)
+                res["roc_image"] = str(out / f"{res['name']}_roc.png")
+                Image.fromarray(roc).save(res["roc_image"])
+            print(json.dumps({"bin": path, **res}, default=str))
     finally:
         shutdown_distributed()
     return 0

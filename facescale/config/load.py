@@ -12,10 +12,13 @@ from typing import Any
 import yaml
 
 from facescale.config.schema import Config
+from facescale.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration problem, phrased for the user: where, which key, and the fix."""
+
+    default_fix = "fix the config file or the --set value"
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -91,7 +94,10 @@ def _build(cls: type, data: dict, where: str) -> Any:
         hint = hints[key]
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, path)
+            if value is None or value == "":
+                raise ConfigError(f"section '{path}' is empty",
+                                  fix=f"give it keys, or delete the '{path}' line to use the defaults")
+            kwargs[key] = _build(hint, value, path)
         else:
             kwargs[key] = _coerce(value, hint, path)
     return cls(**kwargs)
@@ -103,12 +109,19 @@ def _apply_override(tree: dict, override: str, source: str) -> None:
         raise ConfigError(f"{source}: override '{override}' must look like section.key=value")
     dotted, raw = override.split("=", 1)
     keys = dotted.strip().split(".")
+    if not raw.strip():
+        raise ConfigError(f"{source}: override '{override}' has no value after '='",
+                          fix=f"write {dotted.strip()}=VALUE (an empty list is [], an empty string \"\")")
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: '{dotted}' goes through a non-mapping key '{k}'")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{source}: override '{override}': the value is not valid YAML",
+                          fix="quote it, e.g. key='a: b'") from None
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -138,9 +151,8 @@ def load_config(
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(
-                f"{p}: config file not found (configs live in configs/, e.g. configs/synthetic.yaml)"
-            )
+            raise ConfigError("config file not found", where=p,
+                              fix="pass a YAML file; configs live in configs/, e.g. configs/synthetic.yaml")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from facescale.data.jpeg import decode_jpeg
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
+from facescale.errors import InputError
 
 POLICIES = ("error", "skip")
 
@@ -32,7 +33,7 @@ class BadSample:
         return f"{self.shard}: sample {self.key!r}: {self.reason}"
 
 
-class BadSampleError(RuntimeError):
+class BadSampleError(InputError, RuntimeError):
     """Raised under `on_bad_sample: error` (or when skipping exceeds the budget); names shard, key, reason."""
 
 

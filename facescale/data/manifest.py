@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facescale.errors import InputError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "facescale-wds-1"
 _FIX = "regenerate the directory with `facescale synth --out DIR` or a facescale converter"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A shard directory's manifest is missing or does not match its shards; the message says the fix."""
 
 

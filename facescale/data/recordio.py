@@ -22,13 +22,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from facescale.errors import InputError
+
 RECORD_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 IR_HEADER = struct.Struct("<IfQQ")
 
 
-class RecordIOError(ValueError):
+class RecordIOError(InputError, ValueError):
     """A `.rec`/`.idx` pair that breaks the RecordIO format; the message names the file and offset."""
 
 

@@ -13,12 +13,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from facescale.errors import InputError
+
 _NUMPY_GLOBALS = {
     ("numpy", "dtype"), ("numpy", "bool_"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
     ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
 }
+
+
+class EvalSetError(InputError, ValueError):
+    """A verification set (`.bin`, pairs file, images) that cannot be read or evaluated."""
+
+    default_fix = "rebuild it with `facescale make-bin` or remove it from the command / eval.bins"
 
 
 class VerificationBin(NamedTuple):
@@ -54,18 +62,19 @@ def read_bin(path: str | Path) -> VerificationBin:
     """Read a `.bin` written by insightface or `write_bin`; a malformed file raises ValueError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"verification set {path} does not exist")
+        raise EvalSetError("verification set does not exist", where=path,
+                           fix="check the path, or remove it from the command / eval.bins")
     try:
         content = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path}: not an insightface .bin pickle ({error})") from error
+        raise EvalSetError(f"{path}: not an insightface .bin pickle ({error})") from error
     if not (isinstance(content, list | tuple) and len(content) == 2):
-        raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(content).__name__}")
+        raise EvalSetError(f"{path}: expected a pickled (images, issame) pair, got {type(content).__name__}")
     images, issame = content
     images = [_as_bytes(image, path, number) for number, image in enumerate(images)]
     flags = [bool(flag) for flag in issame]
     if len(images) != 2 * len(flags) or not flags:
-        raise ValueError(f"{path}: {len(images)} images for {len(flags)} pairs; a .bin holds exactly "
+        raise EvalSetError(f"{path}: {len(images)} images for {len(flags)} pairs; a .bin holds exactly "
                          "2 images per pair and at least one pair")
     return VerificationBin(images, flags)
 
@@ -75,4 +84,4 @@ def _as_bytes(image: Any, path: Path, number: int) -> bytes:
         return bytes(image)
     if hasattr(image, "tobytes") and getattr(image, "dtype", None) is not None and image.dtype.itemsize == 1:
         return image.tobytes()  # numpy uint8 buffer of encoded bytes
-    raise ValueError(f"{path}: image {number} is a {type(image).__name__}, expected encoded image bytes")
+    raise EvalSetError(f"{path}: image {number} is a {type(image).__name__}, expected encoded image bytes")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from facescale.dist.partition import class_partition
+from facescale.eval.binfile import EvalSetError
 from facescale.eval.verification import pixel_baseline, verify_embeddings
 
 ImageInput = bytes | bytearray | memoryview | np.ndarray
@@ -34,15 +35,15 @@ def decode_image(image: ImageInput, image_size: int | None, source: str,
         try:
             pixels = _decode_bytes(data)
         except Exception as error:  # noqa: BLE001 - every decoder failure becomes one clear message
-            raise ValueError(f"{where} could not be decoded ({error}); "
+            raise EvalSetError(f"{where} could not be decoded ({error}); "
                              "expected JPEG or PNG bytes") from error
     else:
         pixels = np.asarray(image)
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-            raise ValueError(f"{where} must be HWC uint8 RGB, got {pixels.dtype} {pixels.shape}")
+            raise EvalSetError(f"{where} must be HWC uint8 RGB, got {pixels.dtype} {pixels.shape}")
     if image_size is not None and pixels.shape[:2] != (image_size, image_size):
         height, width = pixels.shape[:2]
-        raise ValueError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; "
+        raise EvalSetError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; "
                          "evaluation needs aligned crops of the training size (re-align or set image_size)")
     return pixels
 
@@ -207,12 +208,12 @@ def load_bin_checked(bin_path: str) -> tuple[list[bytes], list[bool]]:
 
     try:
         images, issame = read_bin(bin_path)
-    except (ValueError, FileNotFoundError):
+    except EvalSetError:
         raise  # read_bin's messages already name the file
     except Exception as error:  # noqa: BLE001 - anything else is reported with the file name
-        raise ValueError(f"{bin_path}: not a readable insightface .bin ({error})") from error
+        raise EvalSetError(f"{bin_path}: not a readable insightface .bin ({error})") from error
     if len(images) != 2 * len(issame) or not issame:
-        raise ValueError(f"{bin_path}: {len(images)} images for {len(issame)} pairs; a .bin holds exactly "
+        raise EvalSetError(f"{bin_path}: {len(images)} images for {len(issame)} pairs; a .bin holds exactly "
                          "2 images per pair and at least one pair")
     return list(images), [bool(s) for s in issame]
 
@@ -246,12 +247,15 @@ def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch
         baseline = _cached_pixel_baseline(bin_path, images, issame, image_size)
         report["pixel_accuracy"] = baseline.accuracy_mean
         report["pixel_accuracy_std"] = baseline.accuracy_std
-    if roc_image:
+    same = np.asarray(issame, dtype=bool)
+    if same.all() or not same.any():
+        kind = "same" if same.all() else "different"
+        report["roc_skipped"] = f"all {same.size} pairs are {kind}-identity pairs: accuracy only, no ROC"
+    elif roc_image:
         from facescale.eval.roc import roc_figure
         from facescale.eval.verification import pair_distances
 
         cosines = 1.0 - pair_distances(embeddings) / 2.0
-        same = np.asarray(issame, dtype=bool)
         report["roc_image"] = roc_figure({"model": (cosines[same], cosines[~same])},
                                          title=f"ROC {report['name']}")
     return report

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from facescale.errors import InputError
 from facescale.heads.sampling import derive_seed
 
 INIT_BLOCK_SLOTS = 4096  # the random init is drawn per block of global slots: identical for any sharding
@@ -30,8 +31,10 @@ _INIT_SALT = 0xDC9
 _NEVER = torch.iinfo(torch.int64).max
 
 
-class PoolTooSmallError(ValueError):
+class PoolTooSmallError(InputError, ValueError):
     """One gathered batch holds more distinct labels than the pool (or pool shard) has slots."""
+
+    default_fix = "raise head.dcp.queue_size or lower the batch per rank"
 
 
 def init_pool_rows(first_slot: int, count: int, dim: int, seed: int) -> Tensor:

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from facescale.dist.partition import class_partition
+from facescale.errors import InputError
 from facescale.f2c.head import label_owner
 from facescale.f2c.pool import init_pool_rows
 
 
-class PoolReshardError(ValueError):
+class PoolReshardError(InputError, ValueError):
     """The saved shards are not one consistent sharded pool."""
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from facescale.config.schema import ModelConfig
+from facescale.errors import InputError
 
 BackboneFactory = Callable[..., nn.Module]
 
@@ -18,7 +19,7 @@ NORM_CHOICES = ("batch", "group")
 _REGISTRY: dict[str, BackboneFactory] = {}
 
 
-class UnknownBackboneError(ValueError):
+class UnknownBackboneError(InputError, ValueError):
     """`model.name` is not a registered backbone; the message lists the known ones."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from facescale.config.load import load_config
 from facescale.config.validate import validate
 from facescale.dist.init import init_distributed, shutdown_distributed
+from facescale.eval.check import check_eval_bins
 from facescale.runtime import configure_threads, select_runtime
 from launcher.env import resolve_dist_env
 
@@ -14,6 +15,7 @@ def run_training(config_path: str | None, overrides: list[str]):
     env = resolve_dist_env()
     cfg = load_config(config_path, overrides)
     validate(cfg, str(config_path), world_size=env.world_size)
+    check_eval_bins(cfg.eval.bins, cfg.data.image_size)
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
     configure_threads(env.local_world_size)
     init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s, train_timeout_s=cfg.dist.timeout_s)

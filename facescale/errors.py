@@ -1,0 +1,97 @@
+"""Errors caused by input (config, data, checkpoints, eval sets...): what is wrong, where, and what to do.
+
+Modules raise `InputError` (or a subclass such as `ConfigError`); the CLI (`report_errors`) turns it into
+one line `facescale <command>: error: <where>: <what>; <fix>` and exit code `INPUT_ERROR_EXIT_CODE`, with
+no traceback unless `--debug` or FACESCALE_DEBUG=1. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+INPUT_ERROR_EXIT_CODE = 2  # as argparse's usage errors: the input is wrong, a retry or requeue will not help
+DEBUG_ENV = "FACESCALE_DEBUG"
+
+
+class InputError(Exception):
+    """Bad input the user can fix: `what` is wrong, `where` (a file, key or shard), `fix` says what to do.
+
+    `InputError("message")` alone is accepted (subclasses' old call sites); `default_fix` then fills the fix.
+    """
+
+    default_fix = ""
+
+    def __init__(self, what: str, *, where: str | Path = "", fix: str = "") -> None:
+        self.what, self.where, self.fix = str(what), str(where), fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        return f"{text}; {self.fix}" if self.fix else text
+
+    def line(self) -> str:
+        """The message as one line; ends with what to do (the class's `default_fix` when none was given)."""
+        text = " ".join(str(self).split())
+        if not self.fix and self.default_fix and ";" not in text:
+            text = f"{text}; {self.default_fix}"
+        return text
+
+
+# a path the user gave that is missing or unreadable; the OS message names the file
+PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def as_input_error(exc: BaseException) -> InputError:
+    """`exc` itself, or an OS error about a path phrased as an `InputError` naming the file."""
+    if isinstance(exc, InputError):
+        return exc
+    where = getattr(exc, "filename", None) or ""
+    what = getattr(exc, "strerror", None) or str(exc)
+    return InputError(what.lower(), where=where, fix="check the path and its permissions")
+
+
+def debug_enabled(argv: list[str] | None = None) -> bool:
+    """Whether tracebacks are wanted: `--debug` on the command line or FACESCALE_DEBUG=1."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in (argv or [])
+
+
+def _rank() -> int:
+    """This process's rank under a launcher (0 when alone): only rank 0 reports start-up input errors."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _group_is_up() -> bool:
+    """Whether a process group is running: errors after that may be one rank's own (e.g. its data)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def error_line(command: str, exc: InputError) -> str:
+    """`facescale <command>: error: ...`, naming the rank and host when the failure may be one rank's own."""
+    prefix = f"rank {_rank()} on {socket.gethostname()}: " if _group_is_up() else ""
+    return f"{command}: error: {prefix}{exc.line()}"
+
+
+def report_errors(command: str, run: Callable[[], int], debug: bool = False) -> int:
+    """Run a command; an `InputError` becomes one line on stderr and a non-zero exit code.
+
+    Before the process group starts every rank meets the same error, so only rank 0 prints it; afterwards
+    the rank that raised it prints it (with its rank and host), since it may be the only one that failed.
+    """
+    try:
+        return run()
+    except (InputError, *PATH_ERRORS) as exc:
+        if debug:
+            traceback.print_exc()
+        if _rank() == 0 or _group_is_up():
+            sys.stderr.write(error_line(command, as_input_error(exc)) + "\n")
+            sys.stderr.flush()
+        return INPUT_ERROR_EXIT_CODE
