@@ -14,6 +14,7 @@ from facescale.models import UnknownBackboneError, build_backbone, list_backbone
 from facescale.models import registry as registry_module
 from facescale.models.iresnet import IResNet
 from facescale.models.vit import FaceViT
+from tests.arcface_torch_keys import ARCFACE_TORCH_KEYS
 
 ALL_NAMES = ["demo", "demo_wide", "mbf", "mbf_large", "r18", "r34", "r50", "r100", "r200",
              "vit_t", "vit_s", "vit_b", "vit_l"]
@@ -158,7 +159,7 @@ def vit_param_count(dim: int, depth: int, embedding: int = 512, patches: int = 1
 def test_vit_parameter_count_matches_closed_form(name: str, dim: int, depth: int) -> None:
     model = on_meta(name)
     assert param_count(model) == vit_param_count(dim, depth)
-    assert model.num_patches == 144 and model.patch_embed.kernel_size == (9, 9)
+    assert model.num_patches == 144 and model.patch_embed.proj.kernel_size == (9, 9)
 
 
 def test_small_backbones_stay_small() -> None:
@@ -253,9 +254,10 @@ def test_vit_activation_checkpointing_gives_the_same_gradients() -> None:
     batch = images(3)
     for model in (plain, checkpointed):
         model(batch).square().sum().backward()
-    assert plain.mask_token is None  # no parameter that would never get a gradient
+    assert not plain.mask_token.requires_grad  # unused at mask_ratio 0: frozen, so DDP/ZeRO never wait for it
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 # ------------------------------------------------------------------------------------ bf16 and ONNX
@@ -325,3 +327,24 @@ def test_demo_backbone_learns_to_separate_synthetic_identities() -> None:
     final_loss, accuracy = loss_and_accuracy()
     assert final_loss.item() < 0.3 * first_loss.item()
     assert accuracy == 1.0
+
+
+# ------------------------------------------------------------------------------------ arcface_torch key names
+
+
+@pytest.mark.parametrize("name", sorted(ARCFACE_TORCH_KEYS))
+def test_state_dict_names_and_shapes_are_arcface_torch_ones(name: str) -> None:
+    expected = ARCFACE_TORCH_KEYS[name](256)
+    got = {k: tuple(v.shape) for k, v in on_meta(name, embedding_size=256).state_dict().items()}
+    assert sorted(set(expected) - set(got)) == [] and sorted(set(got) - set(expected)) == []
+    assert {k: v for k, v in got.items() if expected[k] != v} == {}
+
+
+def test_vit_drop_path_and_mask_ratio_come_from_the_config() -> None:
+    model = on_meta("vit_t", drop_path_rate=0.05, mask_ratio=0.0)
+    assert model.mask_ratio == 0.0 and not model.mask_token.requires_grad
+    assert model.blocks[-1].drop_path.rate == pytest.approx(0.05) and model.blocks[0].drop_path.rate == 0.0
+    with pytest.raises(ValueError, match="model.mask_ratio: backbone 'r50' does not use it"):
+        build_backbone(ModelConfig(name="r50", mask_ratio=0.1))
+    with pytest.raises(ValueError, match=r"model.drop_path_rate: must be in \[0, 1\)"):
+        build_backbone(ModelConfig(name="vit_t", drop_path_rate=1.5))

@@ -14,6 +14,13 @@ class ModelConfig:
     dropout: float = 0.0
     # "batch" (default, insightface-shaped) or "group" (batch-independent, used by equivalence tests)
     norm: str = "batch"
+    # ViTs only; unset = the variant's own (0.1/0.1 for vit_t/s/b, 0.05/0.05 for vit_l)
+    drop_path_rate: float | None = None
+    mask_ratio: float | None = None
+    # start from existing backbone weights (arcface_torch backbone.pth, facescale backbone.pt or step dir);
+    # never the class centers or optimizer; a resumed run ignores it
+    init_from: str = ""
+    init_strict: bool = True  # false: load the keys that match, print the skipped ones
 
 
 @dataclass

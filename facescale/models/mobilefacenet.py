@@ -1,4 +1,8 @@
-"""insightface-style MobileFaceNet ("mbf", "mbf_large"): depthwise-separable blocks, GDC embedding head."""
+"""insightface-style MobileFaceNet ("mbf", "mbf_large"): depthwise-separable blocks, GDC embedding head.
+
+Module names follow arcface_torch's mobilefacenet (`layers.N`, `conv_sep`, `features.layers.*`), so its
+`mbf` / `mbf_large` checkpoints load with `load_state_dict(strict=True)`.
+"""
 
 from __future__ import annotations
 
@@ -12,32 +16,38 @@ from facescale.models.registry import register_backbone
 SEPARABLE_CHANNELS = 512  # width of the 1x1 conv before the global depthwise conv
 
 
-def conv_norm(in_channels: int, out_channels: int, kernel: int, stride: int, groups: int, norm: str,
-              activation: bool) -> nn.Sequential:
-    """Conv (no bias) + norm, followed by a per-channel PReLU when `activation`."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups,
-                  bias=False),
-        norm2d(out_channels, norm),
-    ]
-    if activation:
-        layers.append(nn.PReLU(out_channels))
-    return nn.Sequential(*layers)
+class ConvBlock(nn.Module):
+    """`layers` = conv (no bias) + norm, then a per-channel PReLU when `activation` (else a linear block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, groups: int, norm: str,
+                 activation: bool = True) -> None:
+        super().__init__()
+        modules: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=1 if kernel == 3 else 0,
+                      groups=groups, bias=False),
+            norm2d(out_channels, norm),
+        ]
+        if activation:
+            modules.append(nn.PReLU(out_channels))
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
-class DepthwiseBlock(nn.Module):
+class DepthWise(nn.Module):
     """Inverted bottleneck: 1x1 expand to `hidden`, 3x3 depthwise (stride), linear 1x1 projection."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int, stride: int, residual: bool,
                  norm: str) -> None:
         super().__init__()
         if residual and (stride != 1 or in_channels != out_channels):
-            raise ValueError("a residual DepthwiseBlock needs stride 1 and equal in/out channels")
+            raise ValueError("a residual DepthWise block needs stride 1 and equal in/out channels")
         self.residual = residual
         self.layers = nn.Sequential(
-            conv_norm(in_channels, hidden, 1, 1, 1, norm, activation=True),
-            conv_norm(hidden, hidden, 3, stride, hidden, norm, activation=True),
-            conv_norm(hidden, out_channels, 1, 1, 1, norm, activation=False),
+            ConvBlock(in_channels, hidden, 1, 1, 1, norm),
+            ConvBlock(hidden, hidden, 3, stride, hidden, norm),
+            ConvBlock(hidden, out_channels, 1, 1, 1, norm, activation=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,9 +55,34 @@ class DepthwiseBlock(nn.Module):
         return out + x if self.residual else out
 
 
-def residual_stage(channels: int, hidden: int, count: int, norm: str) -> nn.Sequential:
-    """`count` residual DepthwiseBlocks at constant width and resolution."""
-    return nn.Sequential(*[DepthwiseBlock(channels, channels, hidden, 1, True, norm) for _ in range(count)])
+class Residual(nn.Module):
+    """`count` residual DepthWise blocks at constant width and resolution."""
+
+    def __init__(self, channels: int, hidden: int, count: int, norm: str) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[DepthWise(channels, channels, hidden, 1, True, norm)
+                                      for _ in range(count)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class GDC(nn.Module):
+    """Global depthwise 7x7 conv + norm, flatten, (dropout,) bias-free Linear, BatchNorm1d: the embedding."""
+
+    def __init__(self, embedding_size: int, dropout: float, norm: str) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            ConvBlock(SEPARABLE_CHANNELS, SEPARABLE_CHANNELS, 7, 1, SEPARABLE_CHANNELS, norm, False),
+            nn.Flatten(),
+            nn.Linear(SEPARABLE_CHANNELS, embedding_size, bias=False),
+            norm1d(embedding_size, norm),
+        )
+        self.dropout = nn.Dropout(p=dropout)  # no parameters: the state dict stays arcface_torch's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gdc, flatten, linear, bn = self.layers
+        return bn(linear(self.dropout(flatten(gdc(x)))))
 
 
 class MobileFaceNet(nn.Module):
@@ -59,27 +94,21 @@ class MobileFaceNet(nn.Module):
         narrow, wide = 64 * scale, 128 * scale
         if blocks[0] == 1:
             # a single grouped 3x3 (64 groups) as in insightface, instead of a residual stage
-            stem_refine: nn.Module = conv_norm(narrow, narrow, 3, 1, 64, norm, activation=True)
+            stem_refine: nn.Module = ConvBlock(narrow, narrow, 3, 1, 64, norm)
         else:
-            stem_refine = residual_stage(narrow, 128, blocks[0], norm)
+            stem_refine = Residual(narrow, 128, blocks[0], norm)
         self.layers = nn.Sequential(
-            conv_norm(3, narrow, 3, 2, 1, norm, activation=True),
+            ConvBlock(3, narrow, 3, 2, 1, norm),
             stem_refine,
-            DepthwiseBlock(narrow, narrow, 128, 2, False, norm),
-            residual_stage(narrow, 128, blocks[1], norm),
-            DepthwiseBlock(narrow, wide, 256, 2, False, norm),
-            residual_stage(wide, 256, blocks[2], norm),
-            DepthwiseBlock(wide, wide, 512, 2, False, norm),
-            residual_stage(wide, 256, blocks[3], norm),
+            DepthWise(narrow, narrow, 128, 2, False, norm),
+            Residual(narrow, 128, blocks[1], norm),
+            DepthWise(narrow, wide, 256, 2, False, norm),
+            Residual(wide, 256, blocks[2], norm),
+            DepthWise(wide, wide, 512, 2, False, norm),
+            Residual(wide, 256, blocks[3], norm),
         )
-        self.conv_sep = conv_norm(wide, SEPARABLE_CHANNELS, 1, 1, 1, norm, activation=True)
-        self.gdc = nn.Sequential(
-            nn.Conv2d(SEPARABLE_CHANNELS, SEPARABLE_CHANNELS, 7, groups=SEPARABLE_CHANNELS, bias=False),
-            norm2d(SEPARABLE_CHANNELS, norm),
-        )
-        self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(SEPARABLE_CHANNELS, embedding_size, bias=False)
-        self.features = norm1d(embedding_size, norm)
+        self.conv_sep = ConvBlock(wide, SEPARABLE_CHANNELS, 1, 1, 1, norm)
+        self.features = GDC(embedding_size, dropout, norm)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -88,8 +117,7 @@ class MobileFaceNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.gdc(self.conv_sep(self.layers(images))).flatten(1)
-        return self.features(self.fc(self.dropout(x)))
+        return self.features(self.conv_sep(self.layers(images)))
 
 
 @register_backbone("mbf")

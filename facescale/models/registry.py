@@ -17,19 +17,25 @@ BackboneFactory = Callable[..., nn.Module]
 NORM_CHOICES = ("batch", "group")
 
 _REGISTRY: dict[str, BackboneFactory] = {}
+_OPTIONS: dict[str, tuple[str, ...]] = {}  # the optional `model.*` keys each backbone reads
+OPTIONAL_KEYS = ("drop_path_rate", "mask_ratio")
 
 
 class UnknownBackboneError(InputError, ValueError):
     """`model.name` is not a registered backbone; the message lists the known ones."""
 
 
-def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Decorator adding `factory(cfg: ModelConfig, **overrides) -> nn.Module` to the registry under `name`."""
+def register_backbone(
+    name: str, options: tuple[str, ...] = ()
+) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator adding `factory(cfg: ModelConfig, **overrides) -> nn.Module` to the registry under `name`;
+    `options` are the optional `model.*` keys (of OPTIONAL_KEYS) the factory reads."""
 
     def decorator(factory: BackboneFactory) -> BackboneFactory:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"backbone '{name}' is already registered by {_REGISTRY[name].__module__}")
         _REGISTRY[name] = factory
+        _OPTIONS[name] = options
         return factory
 
     return decorator
@@ -58,6 +64,17 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.embedding_size: must be a positive integer, got {cfg.embedding_size!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout: must be in [0, 1), got {cfg.dropout!r}")
+    for key in OPTIONAL_KEYS:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if key not in _OPTIONS.get(cfg.name, ()):
+            takers = ", ".join(n for n in list_backbones() if key in _OPTIONS.get(n, ()))
+            raise ValueError(
+                f"model.{key}: backbone '{cfg.name}' does not use it (only {takers} do); remove it"
+            )
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"model.{key}: must be in [0, 1), got {value!r}")
 
 
 def build_backbone(cfg: ModelConfig, **overrides: Any) -> nn.Module:
