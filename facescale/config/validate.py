@@ -53,8 +53,17 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         "model.name",
         f"unknown backbone '{cfg.model.name}';{_suggest(cfg.model.name, names)}",
     )
+    from facescale.models.registry import check_model_config
+
+    try:
+        check_model_config(cfg.model)  # includes the ViT-only keys (model.drop_path_rate, model.mask_ratio)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     _check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
     _check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
+    _check(not cfg.model.init_from or Path(cfg.model.init_from).exists(), source, "model.init_from",
+           f"'{cfg.model.init_from}' does not exist; give an arcface_torch backbone.pth, a facescale "
+           "backbone.pt or a run/step directory (or remove the key)")
 
     shards = Path(cfg.data.shards) if cfg.data.shards else None
     _check(

@@ -16,6 +16,7 @@ from facescale.config.load import config_yaml
 from facescale.config.schema import Config
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.runtime import Runtime
+from facescale.train.init_weights import init_backbone_from
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
 from launcher.env import DistEnv
@@ -58,6 +59,9 @@ class Trainer:
         self.manifest = Manifest.load(cfg.data.shards)
         torch.manual_seed(cfg.schedule.seed)  # identical initial backbone on every rank
         backbone = build_backbone(cfg.model)
+        self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
+        if self._resume_path() is None:  # a resumed run continues from its checkpoint, never init_from
+            init_backbone_from(cfg.model, backbone, print if env.rank == 0 else lambda line: None)
         ds_config = deepspeed_json(cfg, env.world_size, runtime.precision)
         self.engine, *_ = deepspeed.initialize(
             model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()), config=ds_config
@@ -85,7 +89,6 @@ class Trainer:
                 device=runtime.device,
             )
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard)
-        self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
         self.step = 0
         self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
         self._skip_batches = 0  # batches to drop on resume when the loader has no load_state_dict
@@ -97,11 +100,15 @@ class Trainer:
             (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
         self._maybe_resume()
 
-    def _maybe_resume(self) -> None:
+    def _resume_path(self) -> Path | None:
+        """The step directory this run continues from (checkpoint.resume), or None for a fresh start."""
         mode = self.cfg.checkpoint.resume
         if mode == "none":
-            return
-        path = self.checkpoints.latest() if mode == "auto" else Path(mode)
+            return None
+        return self.checkpoints.latest() if mode == "auto" else Path(mode)
+
+    def _maybe_resume(self) -> None:
+        path = self._resume_path()
         if path is None:
             return
         state = self.checkpoints.load(path, self.engine, self.head)
@@ -119,6 +126,8 @@ class Trainer:
         self.metrics.console(
             f"[facescale] resumed from {path} (saved by {state['world_size']} ranks) at step {self.step}"
         )
+        if self.cfg.model.init_from:
+            self.metrics.console(f"[facescale] model.init_from ignored: this run resumes from {path}")
 
     def _batches(self):
         """Batches forever, from the resume position; the loader's draws from the global RNG (worker base

@@ -1,0 +1,134 @@
+"""Backbone weights from outside a run: arcface_torch `backbone.pth`, facescale `backbone.pt` or step dir.
+
+Files are read with `torch.load(weights_only=True)` (tensors and containers only: an untrusted file cannot run
+code). Loading compares names and shapes first, so a mismatch is reported key by key with the setting that
+fixes it, instead of torch's wall of text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from facescale.checkpoint.layout import BACKBONE_WEIGHTS, CheckpointError, resolve_checkpoint
+
+SHOWN = 6  # keys listed per kind in a mismatch report
+ARCFACE_TORCH_CHECKPOINT_KEY = "state_dict_backbone"  # arcface_torch's checkpoint_gpu_N.pt (save_all_states)
+
+
+class WeightsError(ValueError):
+    """Backbone weights that cannot be read or do not fit the model; the message says what to change."""
+
+
+@dataclass
+class Settings:
+    """How the caller names the settings a mismatch report points at (config keys or CLI options)."""
+
+    model: str = "model.name"
+    embedding_size: str = "model.embedding_size"
+    lenient: str = "model.init_strict: false"
+
+
+@dataclass
+class LoadReport:
+    """What a load took and what it left out (non-strict loads only leave anything out)."""
+
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    misshaped: list[str] = field(default_factory=list)
+
+    def skipped_lines(self) -> list[str]:
+        return [f"{kind}: {_shown(keys)}" for kind, keys in (
+            ("kept at their initial values (not in the file)", self.missing),
+            ("ignored (not in the model)", self.unexpected),
+            ("ignored (other shape)", self.misshaped)) if keys]
+
+
+def _shown(keys: list[str]) -> str:
+    more = f" ... (+{len(keys) - SHOWN} more)" if len(keys) > SHOWN else ""
+    return ", ".join(keys[:SHOWN]) + more
+
+
+def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone state dict at `path`: a .pth/.pt file, or a facescale run/checkpoints/step directory."""
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"{p}: no such file or directory; give an arcface_torch backbone.pth, a facescale "
+                           f"backbone.pt or a facescale run/step directory")
+    if p.is_dir():
+        try:
+            p = resolve_checkpoint(p) / BACKBONE_WEIGHTS
+        except CheckpointError as exc:
+            raise WeightsError(f"{path}: {exc}") from None
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe file gets the same advice
+        raise WeightsError(f"{p}: not a readable torch state dict ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); give a file written by "
+                           f"torch.save(model.state_dict())") from None
+    if isinstance(obj, dict) and isinstance(obj.get(ARCFACE_TORCH_CHECKPOINT_KEY), dict):
+        obj = obj[ARCFACE_TORCH_CHECKPOINT_KEY]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise WeightsError(f"{p}: holds no backbone state dict (a mapping of parameter names to tensors); "
+                           f"export one with `facescale export torch` or torch.save(backbone.state_dict())")
+    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def infer_embedding_size(state: dict[str, torch.Tensor], default: int = 512) -> int:
+    """The width of the last BatchNorm (every insightface backbone ends in one over the embedding)."""
+    last = [v for k, v in state.items() if k.endswith("running_mean")]
+    return int(last[-1].shape[0]) if last else default
+
+
+def _diagnose(missing: list[str], unexpected: list[str], misshaped: list[str], settings: Settings,
+              file_embedding: int | None) -> str:
+    if missing or unexpected:
+        return (f"the file was saved from another backbone: set {settings.model} to its architecture, or use "
+                f"{settings.lenient} to load only the keys that match")
+    hint = f" (the file's is {file_embedding})" if file_embedding else ""
+    return (f"set {settings.embedding_size}{hint} to the file's embedding size, or use {settings.lenient} to "
+            f"keep a new embedding layer")
+
+
+def load_backbone_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
+                          source: str = "weights", settings: Settings | None = None) -> LoadReport:
+    """Copy `state` into `model`. Strict: any missing / unexpected / mis-shaped key raises WeightsError
+    listing them; lenient: the matching keys load and the report lists the rest."""
+    settings = settings or Settings()
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if strict and (missing or unexpected or misshaped):
+        shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in misshaped]
+        lines = [f"{kind} {len(keys)}: {_shown(keys)}" for kind, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+        fix = _diagnose(missing, unexpected, misshaped, settings, infer_embedding_size(state, 0))
+        raise WeightsError(f"{source} does not fit the model ({'; '.join(lines)}); {fix}")
+    take = {k: state[k].to(dtype=own[k].dtype) for k in own if k in state and k not in misshaped}
+    if not take:
+        raise WeightsError(f"{source}: no key matches the model; set {settings.model} to the file's backbone")
+    model.load_state_dict({**own, **take})
+    return LoadReport(len(take), missing, unexpected, misshaped)
+
+
+def backbone_from_weights(path: str | Path, name: str, embedding_size: int | None = None,
+                          settings: Settings | None = None) -> torch.nn.Module:
+    """Build backbone `name` and load the weights at `path` strictly; eval mode. `embedding_size` None: the
+    file's own (read from its last BatchNorm)."""
+    from facescale.config.schema import ModelConfig
+    from facescale.models.registry import build_backbone
+
+    state = read_backbone_weights(path)
+    size = embedding_size or infer_embedding_size(state)
+    try:
+        model = build_backbone(ModelConfig(name=name, embedding_size=size))
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from None
+    load_backbone_weights(model, state, strict=True, source=str(path), settings=settings)
+    return model.eval()
