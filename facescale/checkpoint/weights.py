@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from facescale.checkpoint.layout import BACKBONE_WEIGHTS, CheckpointError, resolve_checkpoint
+from facescale.errors import InputError
 
 SHOWN = 6  # keys listed per kind in a mismatch report
 ARCFACE_TORCH_CHECKPOINT_KEY = "state_dict_backbone"  # arcface_torch's checkpoint_gpu_N.pt (save_all_states)
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError, ValueError):
     """Backbone weights that cannot be read or do not fit the model; the message says what to change."""
 
 

@@ -1,9 +1,11 @@
-"""`facescale eval verify|ijb`, `facescale make-bin`, `facescale export onnx`: judge and ship a checkpoint."""
+"""`facescale eval verify|ijb`, `make-bin`, `export onnx|torch`: judge and ship a model."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from facescale.commands.model_source import add_model_source_args
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -12,7 +14,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from facescale.checkpoint import load_backbone
+    from facescale.commands.model_source import load_model_source
     from facescale.dist.init import init_distributed, shutdown_distributed
     from facescale.eval.extract import evaluate_bin, load_bin_checked
     from facescale.runtime import select_runtime
@@ -25,11 +27,11 @@ def _verify(args: argparse.Namespace) -> int:
     if env.world_size > 1:
         init_distributed(env, runtime)
     try:
-        model, cfg = load_backbone(args.checkpoint)
+        model, image_size = load_model_source(args, "eval verify")
         model.to(runtime.device)
         for path in args.bin:
             res = evaluate_bin(model, path, batch_size=args.batch_size, device=runtime.device, rank=env.rank,
-                               world_size=env.world_size, image_size=cfg.data.image_size,
+                               world_size=env.world_size, image_size=image_size,
                                progress=env.rank == 0, roc_image=env.rank == 0)
             if env.rank != 0:
                 continue
@@ -47,7 +49,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _ijb(args: argparse.Namespace) -> int:
     """IJB-B/C on the release layout; extraction split across ranks (torchrun/srun), rank 0 reports."""
-    from facescale.checkpoint import load_backbone
+    from facescale.commands.model_source import load_model_source
     from facescale.dist.init import init_distributed, shutdown_distributed
     from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
     from facescale.eval.ijb_extract import default_workers
@@ -60,13 +62,13 @@ def _ijb(args: argparse.Namespace) -> int:
     if env.world_size > 1:
         init_distributed(env, runtime)
     try:
-        model, cfg = load_backbone(args.checkpoint)
+        model, image_size = load_model_source(args, "eval ijb")
         model.to(runtime.device)
         mode = IJBMode(flip=args.flip, norm_score=args.norm_score, detector_score=args.detector_score)
         workers = default_workers(env.local_world_size) if args.workers is None else args.workers
         res = evaluate_ijb(model, args.root, name=args.name, mode=mode, batch_size=args.batch_size,
                            device=runtime.device, rank=env.rank, world_size=env.world_size,
-                           image_size=cfg.data.image_size, workers=workers, progress=env.rank == 0)
+                           image_size=image_size, workers=workers, progress=env.rank == 0)
         if env.rank == 0:
             paths = write_outputs(res, args.out)
             print(table_text(res))
@@ -86,12 +88,22 @@ def _make_bin(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from facescale.checkpoint import load_backbone
+    from facescale.commands.model_source import load_model_source
     from facescale.eval.onnx_export import export_onnx
 
-    model, cfg = load_backbone(args.checkpoint)
-    res = export_onnx(model, args.out, image_size=cfg.data.image_size)
+    model, image_size = load_model_source(args, "export onnx")
+    res = export_onnx(model, args.out, image_size=image_size)
     print(f"[export] wrote {res['path']} (max abs diff vs torch {res['max_abs_diff']:.2e})")
+    return 0
+
+
+def _export_torch(args: argparse.Namespace) -> int:
+    from facescale.checkpoint.export_torch import export_torch
+
+    report = export_torch(args.checkpoint, args.out)
+    print(f"[export] wrote {report['path']}: {report['tensors']} fp32 tensors of '{report['model']}' "
+          f"({report['embedding_size']}-d); arcface_torch loads it with "
+          f"get_model({report['arcface_torch_name']!r}, num_features={report['embedding_size']})")
     return 0
 
 
@@ -99,13 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = e.add_subparsers(dest="eval_command", required=True)
     v = esub.add_parser("verify", help="10-fold verification on insightface .bin sets")
-    v.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
+    add_model_source_args(v)
     v.add_argument("--bin", nargs="+", required=True)
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--out", default="eval_results", help="directory for the ROC curve images")
     v.set_defaults(func=_verify)
     j = esub.add_parser("ijb", help="IJB-B/C 1:1 template verification on the official release layout")
-    j.add_argument("--checkpoint", required=True)
+    add_model_source_args(j)
     j.add_argument("--root", "--meta", dest="root", required=True,
                    help="release directory holding meta/<name>_*.txt and loose_crop/ (e.g. .../IJBC)")
     j.add_argument("--name", choices=("ijbb", "ijbc"), type=str.lower, default=None,
@@ -132,6 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="export a checkpoint")
     xsub = x.add_subparsers(dest="export_command", required=True)
     o = xsub.add_parser("onnx", help="ONNX with a dynamic batch axis, checked against torch")
-    o.add_argument("--checkpoint", required=True)
+    add_model_source_args(o)
     o.add_argument("--out", required=True)
     o.set_defaults(func=_export_onnx)
+    t = xsub.add_parser("torch", help="the backbone as a plain fp32 state dict (arcface_torch backbone.pth)")
+    t.add_argument("--checkpoint", required=True, help="facescale run dir, checkpoints dir or step dir")
+    t.add_argument("--out", required=True, help="output file, e.g. backbone.pth")
+    t.set_defaults(func=_export_torch)

@@ -1,0 +1,42 @@
+"""`facescale export torch`: a checkpoint's backbone as the plain fp32 state dict arcface_torch loads.
+
+arcface_torch saves `backbone.module.state_dict()` with `torch.save` and loads it with
+`get_model(name, num_features=N).load_state_dict(...)`; facescale's backbones carry the same names, so the
+consolidated weights only need checking (strict load into a fresh model) and writing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facescale.checkpoint.atomic import atomic_torch_save
+from facescale.checkpoint.layout import BACKBONE_WEIGHTS, CONFIG, CheckpointError, resolve_checkpoint
+
+# facescale name -> arcface_torch get_model name, where they differ (its only ViT-L is the dp005/mask005 one)
+ARCFACE_TORCH_NAMES = {"vit_l": "vit_l_dp005_mask_005"}
+
+
+def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the backbone of `checkpoint` (run, checkpoints or step dir) to `out`; return what was written."""
+    from facescale.config.load import load_config_text
+    from facescale.models.registry import build_backbone
+
+    step_dir = resolve_checkpoint(checkpoint)
+    cfg = load_config_text((step_dir / CONFIG).read_text(), str(step_dir / CONFIG))
+    if cfg.model.norm != "batch":
+        raise CheckpointError(f"{step_dir}: model.norm is '{cfg.model.norm}'; arcface_torch's backbones use "
+                              f"BatchNorm, so only model.norm=batch runs export to its format")
+    state = torch.load(step_dir / BACKBONE_WEIGHTS, map_location="cpu", weights_only=True)
+    model = build_backbone(cfg.model)
+    model.load_state_dict(state, strict=True)  # proves the file is complete before anything is written
+    plain = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+             for k, v in model.state_dict().items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(plain, out)
+    return {"path": str(out), "tensors": len(plain), "model": cfg.model.name,
+            "embedding_size": cfg.model.embedding_size,
+            "arcface_torch_name": ARCFACE_TORCH_NAMES.get(cfg.model.name, cfg.model.name)}

@@ -1,0 +1,47 @@
+"""`--checkpoint RUN|STEP` or `--weights FILE --model NAME [--embedding-size N]`: the backbone a command uses.
+
+Shared by `eval verify`, `eval ijb` and `export onnx`, so a downloaded arcface_torch `backbone.pth` is
+evaluated or exported without a fake run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_IMAGE_SIZE = 112  # arcface_torch's crops; a facescale checkpoint brings its own data.image_size
+
+
+def add_model_source_args(parser: argparse.ArgumentParser) -> None:
+    """Add the mutually exclusive --checkpoint / --weights options (+ --model, --embedding-size)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="facescale run dir, checkpoints dir or step dir")
+    source.add_argument("--weights", help="a backbone state dict: arcface_torch backbone.pth or facescale "
+                                          "backbone.pt (needs --model)")
+    parser.add_argument("--model", help="backbone name for --weights (r50, r100, mbf, vit_t, ...)")
+    parser.add_argument("--embedding-size", type=int, default=None,
+                        help="embedding size for --weights (default: read from the file)")
+
+
+def load_model_source(args: argparse.Namespace, command: str) -> tuple[torch.nn.Module, int]:
+    """(backbone in eval mode, image size) from the parsed options; bad input raises an InputError that the
+    CLI prints as one line naming `command`'s option."""
+    from facescale.checkpoint import load_backbone
+    from facescale.checkpoint.weights import Settings, WeightsError, backbone_from_weights
+    from facescale.models.registry import list_backbones
+
+    if args.checkpoint:
+        if args.model or args.embedding_size:
+            raise WeightsError("--model and --embedding-size go with --weights",
+                               fix=f"drop them: a --checkpoint brings its own model settings ({command})")
+        model, cfg = load_backbone(args.checkpoint)
+        return model, cfg.data.image_size
+    if not args.model:
+        raise WeightsError("--weights needs --model NAME",
+                           fix=f"add --model, one of {', '.join(list_backbones())}")
+    settings = Settings(model="--model", embedding_size="--embedding-size",
+                        lenient="the --model and --embedding-size it was trained with")
+    return backbone_from_weights(args.weights, args.model, args.embedding_size, settings), DEFAULT_IMAGE_SIZE
