@@ -43,10 +43,19 @@ def select_runtime(local_rank: int, requested_precision: str = "auto") -> Runtim
     return Runtime(device=device, backend=backend, precision=resolve_precision(requested_precision, device))
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast runs at full speed here: a CUDA device with bf16 (Ampere+), or a CPU whose oneDNN has
+    native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 would be emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto` means bf16 autocast on CUDA and fp32 on CPU; fp16 needs CUDA (loss scaling)."""
+    """`auto` means bf16 autocast where the device runs bf16 natively (see `bf16_supported`), else fp32;
+    fp16 needs CUDA (loss scaling)."""
     if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if bf16_supported(device) else "fp32"
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError("deepspeed.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return requested

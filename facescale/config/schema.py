@@ -21,6 +21,10 @@ class ModelConfig:
     # never the class centers or optimizer; a resumed run ignores it
     init_from: str = ""
     init_strict: bool = True  # false: load the keys that match, print the skipped ones
+    # torch.compile of the backbone inside the engine (facescale/models/compile.py); the first step pays
+    # the compile (minutes on CPU, logged apart), later steps run the fused graph
+    compile: bool = False
+    compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" traces without code generation
 
 
 @dataclass
@@ -111,7 +115,7 @@ class DeepSpeedConfig:
     """What the derived DeepSpeed JSON takes from us; batch sizes come from `schedule`."""
 
     zero_stage: int = 1
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = bf16 on CUDA, fp32 on CPU)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = bf16 where the device has it natively)
     overlap_comm: bool = False
     extra: dict = field(default_factory=dict)  # merged last into the JSON, for expert knobs
 

@@ -59,6 +59,13 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         check_model_config(cfg.model)  # includes the ViT-only keys (model.drop_path_rate, model.mask_ratio)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    if cfg.model.compile:
+        from facescale.models.compile import known_backends
+
+        backends = known_backends()
+        _check(cfg.model.compile_backend in backends, source, "model.compile_backend",
+               f"unknown torch.compile backend '{cfg.model.compile_backend}';"
+               f"{_suggest(cfg.model.compile_backend, backends)}")
     _check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
     _check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
     _check(not cfg.model.init_from or Path(cfg.model.init_from).exists(), source, "model.init_from",

@@ -62,6 +62,10 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
         if self._resume_path() is None:  # a resumed run continues from its checkpoint, never init_from
             init_backbone_from(cfg.model, backbone, print if env.rank == 0 else lambda line: None)
+        if cfg.model.compile:
+            from facescale.models.compile import compile_backbone
+
+            compile_backbone(backbone, cfg.model.compile_backend)
         ds_config = deepspeed_json(cfg, env.world_size, runtime.precision)
         self.engine, *_ = deepspeed.initialize(
             model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()), config=ds_config
@@ -302,6 +306,10 @@ class Trainer:
             )
             self.step += 1
             loss = out.loss
+            if cfg.model.compile and self.step in (start_step + 1, sch.steps):  # compile time, recompiles
+                from facescale.models.compile import compile_line
+
+                self.metrics.console(compile_line(self.step, time.perf_counter() - t0))
             window.add(out, time.perf_counter() - t0)
             if self.step % cfg.logging.every_steps == 0 or self.step == sch.steps:
                 self._log(window, lr, out)
