@@ -297,7 +297,7 @@ def _group(args, data_dir: str, model: str, classes: int, env, runtime, work: Pa
 def _rank_main(rank: int, args, data_dir: str, port: int, queue) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(args.threads)
-    from facescale.dist.init import init_distributed
+    from facescale.parallel.init import init_distributed
     from facescale.runtime import select_runtime
     from launcher.env import DistEnv
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from launcher.local import local_train_command
 
 DATA = Path("data/synthetic")
-PFC_CONFIG, DCP_CONFIG = "configs/synthetic.yaml", "configs/synthetic_dcp.yaml"
+PFC_CONFIG, F2C_CONFIG = "configs/synthetic.yaml", "configs/synthetic_f2c.yaml"
 SYNTH = {"identities": 2000, "images_per_identity": 16, "holdout_identities": 300, "seed": 7}
 
 
@@ -43,7 +43,7 @@ def train(ranks: int, config: str, run_dir: Path, overrides: list[str]) -> dict:
 
 
 def _pfc_line(pfc_dir: Path, steps: int) -> str:
-    """The held-out accuracy of an earlier `make demo` (Partial FC) run, to read beside the DCP run."""
+    """The held-out accuracy of an earlier `make demo` (Partial FC) run, to read beside the F2C run."""
     path = pfc_dir / "result.json"
     if not path.is_file():
         return f"no run in {pfc_dir} yet (`make demo` trains it on the same data)"
@@ -56,16 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--sample-rate", type=float, default=0.1)
-    p.add_argument("--mode", choices=["pfc", "dcp"], default="pfc")
-    p.add_argument("--config", default=None, help=f"default: {PFC_CONFIG} (pfc), {DCP_CONFIG} (dcp)")
+    p.add_argument("--mode", choices=["pfc", "f2c"], default="pfc")
+    p.add_argument("--config", default=None, help=f"default: {PFC_CONFIG} (pfc), {F2C_CONFIG} (f2c)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
     args = p.parse_args(argv)
 
     ensure_data(DATA)
     pfc_dir = Path(args.out) / f"pfc_r{args.sample_rate:g}"
-    if args.mode == "dcp":
-        run_dir, config, overrides = Path(args.out) / "dcp", args.config or DCP_CONFIG, list(args.set)
+    if args.mode == "f2c":
+        run_dir, config, overrides = Path(args.out) / "f2c", args.config or F2C_CONFIG, list(args.set)
     else:
         config = args.config or PFC_CONFIG
         run_dir, overrides = pfc_dir, [f"head.sample_rate={args.sample_rate}", *args.set]
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     acc, base = ver.get("accuracy", float("nan")), ver.get("pixel_accuracy", float("nan"))
     print("\n================ facescale demo ================")
     print(f"ranks                 : {args.ranks} (CPU, gloo, DeepSpeed)")
-    if args.mode == "dcp":
+    if args.mode == "f2c":
         print(f"head                  : F2C dynamic class pool ({config})")
     else:
         print(f"sample rate           : {args.sample_rate}")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out accuracy     : {100 * acc:.2f}%  (10-fold, {ver.get('num_pairs', '?')} pairs)")
     print(f"raw-pixel baseline    : {100 * base:.2f}%  (same pairs)")
     print(f"gain over pixels      : {100 * (acc - base):+.2f} points")
-    if args.mode == "dcp":
+    if args.mode == "f2c":
         print(f"Partial FC, same data : {_pfc_line(pfc_dir, result['steps'])}")
     print(f"throughput            : {result['samples_per_s']:.0f} images/s  (wall {wall:.0f} s)")
     print(f"TensorBoard           : .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'}")

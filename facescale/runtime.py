@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from facescale.config.load import ConfigError
+from facescale.config.errors import ConfigError
 
 
 @dataclass(frozen=True)

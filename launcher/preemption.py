@@ -28,7 +28,7 @@ _first_check_hooks: list[Callable[[], None]] = []
 def after_first_stop_check(hook: Callable[[], None]) -> None:
     """Run `hook` once, right after the first `should_stop()` of this process (the end of training step 1).
 
-    `facescale.dist.init` uses it to switch from the start-up to the training collective timeout.
+    `facescale.parallel.init` uses it to switch from the start-up to the training collective timeout.
     """
     _first_check_hooks.append(hook)
 

@@ -117,7 +117,7 @@ def _shard(start: int, count: int, total: int = 5) -> dict:
 
 def test_reshard_head_cuts_rows_by_class_partition():
     from facescale.checkpoint import reshard_head
-    from facescale.dist.partition import class_partition
+    from facescale.parallel.partition import class_partition
 
     saved = [_shard(0, 3), _shard(3, 2)]  # class_partition(5, 2, r)
     for world in (1, 2, 3, 4):

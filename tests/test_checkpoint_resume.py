@@ -162,7 +162,7 @@ def test_sigkill_resume_and_nan_guard_match_uninterrupted_run(shards: Path, tmp_
 
 
 def _run_dcp(shards: Path, run_dir: Path) -> str:
-    cmd = local_train_command(2, "configs/synthetic_dcp.yaml", [
+    cmd = local_train_command(2, "configs/synthetic_f2c.yaml", [
         f"data.shards={shards}",
         "eval.bins=[]",
         f"logging.run_dir={run_dir}",
@@ -172,8 +172,8 @@ def _run_dcp(shards: Path, run_dir: Path) -> str:
         "logging.every_steps=1",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=5",
-        "head.dcp.queue_size=32",
-        "head.dcp.identities_per_rank=4",
+        "head.f2c.queue_size=32",
+        "head.f2c.identities_per_rank=4",
     ])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)

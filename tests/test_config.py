@@ -111,3 +111,39 @@ def test_deepspeed_json_follows_config(tmp_path, shard_dir):
         ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 4 * ds["gradient_accumulation_steps"]
     )
     assert "torch_autocast" not in deepspeed_json(cfg, 4, "fp32")
+
+
+def test_old_f2c_names_load_as_the_new_ones_with_a_warning(tmp_path, shard_dir):
+    """`head.type: dcp` and `head.dcp` (the names before f2c) keep loading; the warning names the fix."""
+    old = base(shard_dir) + "head: {type: dcp, dcp: {queue_size: 77, pool: sharded}}\n"
+    with pytest.warns(FutureWarning, match=r"head\.type 'dcp' is now 'f2c'"):
+        cfg = load_config(write(tmp_path, old), ["head.dcp.momentum=0.5"])
+    assert cfg.head.type == "f2c"
+    assert (cfg.head.f2c.queue_size, cfg.head.f2c.pool, cfg.head.f2c.momentum) == (77, "sharded", 0.5)
+    with pytest.warns(FutureWarning, match=r"head\.dcp is now head\.f2c"):
+        saved = load_config_text("head: {type: dcp, dcp: {queue_size: 5}}\n", "step_1/config.yaml")
+    assert saved.head.type == "f2c" and saved.head.f2c.queue_size == 5
+    assert "dcp" not in config_yaml(saved)
+
+
+def test_every_choice_is_checked_where_it_is_declared(tmp_path, shard_dir):
+    """Each `Literal` field of the schema refuses an unknown value at load time, naming key and choices."""
+    import dataclasses
+    import typing
+
+    from facescale.config.schema import Config
+
+    def literal_keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from literal_keys(hints[f.name], f"{prefix}{f.name}.")
+            elif typing.get_origin(hints[f.name]) is typing.Literal:
+                yield f"{prefix}{f.name}", typing.get_args(hints[f.name])
+
+    keys = dict(literal_keys(Config))
+    assert {"data.reader", "head.margin.type", "head.f2c.pool", "deepspeed.precision"} <= set(keys)
+    for key, allowed in keys.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, base(shard_dir)), [f"{key}=bogus"])
+        assert key in str(e.value) and all(a in str(e.value) for a in allowed)

@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from facescale.config.schema import MarginConfig
-from facescale.dist.collectives import (
+from facescale.heads.dist_cross_entropy import margin_cross_entropy
+from facescale.heads.margins import build_margin
+from facescale.heads.norm_linear import norm_linear
+from facescale.parallel.collectives import (
     all_gather_rows_with_grad,
     check_equal_batch_sizes,
     reduce_scatter_rows,
     reduce_scatter_rows_by_all_reduce,
 )
-from facescale.dist.partition import class_partition
-from facescale.heads.dist_cross_entropy import margin_cross_entropy
-from facescale.heads.margins import build_margin
-from facescale.heads.norm_linear import norm_linear
+from facescale.parallel.partition import class_partition
 from tests.distributed import run_ranks
 from tests.pfc_reference import reference_logits_from_cos
 

@@ -106,7 +106,7 @@ def test_resume_refuses_another_pool_layout():
     state = _head(seed=3).state_dict()
     spec = build_margin(MarginConfig())
     other = DcpHead(GalleryNet(_pnet(1), 0.9), DIM, spec, queue_size=7, seed=3)
-    with pytest.raises(ValueError, match="same head.dcp settings"):
+    with pytest.raises(ValueError, match="same head.f2c settings"):
         other.load_state_dict(state)
 
 
@@ -114,9 +114,9 @@ def _dcp_config(tmp_path, **dcp) -> Config:
     (tmp_path / "manifest.json").write_text("{}")
     cfg = Config()
     cfg.data.shards = str(tmp_path)
-    cfg.head.type = "dcp"
+    cfg.head.type = "f2c"
     for key, value in dcp.items():
-        setattr(cfg.head.dcp, key, value)
+        setattr(cfg.head.f2c, key, value)
     return cfg
 
 
@@ -134,5 +134,5 @@ def test_config_refuses_zero3_small_pools_and_odd_batches(tmp_path):
     with pytest.raises(ConfigError, match="even batch"):
         validate(cfg, "x.yaml", world_size=2)
     validate(_dcp_config(tmp_path, queue_size=192, identities_per_rank=64), "x.yaml", world_size=2)
-    with pytest.raises(ConfigError, match="head.dcp.pool"):
+    with pytest.raises(ConfigError, match="head.f2c.pool"):
         validate(_dcp_config(tmp_path, pool="ring"), "x.yaml")

@@ -8,9 +8,9 @@ import torch
 
 from facescale.checkpoint.layout import CheckpointError
 from facescale.checkpoint.reshard import reshard_head
-from facescale.dist.partition import class_partition
 from facescale.f2c.head import label_owner
 from facescale.f2c.pool import ClassPool, init_pool_rows
+from facescale.parallel.partition import class_partition
 
 Q, DIM, SEED = 24, 4, 5
 

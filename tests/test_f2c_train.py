@@ -1,4 +1,4 @@
-"""End to end: `facescale train` with head.type dcp on 2 CPU ranks logs the pool scalars, saves the pool and
+"""End to end: `facescale train` with head.type f2c on 2 CPU ranks logs the pool scalars, saves the pool and
 G-Net with the checkpoint, resumes from it, and skips a step whose loss is not finite (loss guard)."""
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ def _train(shards: Path, run_dir: Path, steps: int, nan_steps: str = "", every: 
         f"schedule.steps={steps}",
         "schedule.warmup_steps=1",
         "schedule.global_batch_size=16",
-        "head.dcp.queue_size=32",
-        "head.dcp.identities_per_rank=0",
-        f"head.dcp.pool={pool}",
+        "head.f2c.queue_size=32",
+        "head.f2c.identities_per_rank=0",
+        f"head.f2c.pool={pool}",
         "logging.every_steps=1",
         f"checkpoint.every_steps={every}",
         "checkpoint.keep_last=10",
         "data.reader=webdataset",
         "data.num_workers=0",
     ]
-    cmd = local_train_command(ranks, "configs/synthetic_dcp.yaml", sets)
+    cmd = local_train_command(ranks, "configs/synthetic_f2c.yaml", sets)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FACESCALE_INJECT_NAN_STEPS": nan_steps}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 

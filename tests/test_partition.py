@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from facescale.dist.partition import class_partition
+from facescale.parallel.partition import class_partition
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 7, 8, 16, 64])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from facescale.config.schema import Config, HeadConfig, ModelConfig
-from facescale.dist.partition import class_partition
+from facescale.parallel.partition import class_partition
 from facescale.plan import backbone_stats, head_shard, plan_rank, resolve_num_classes, saved_tensor_bytes
 from facescale.plan.zero import zero_memory
 from tests.distributed import run_ranks
@@ -180,7 +180,7 @@ def test_unknown_data_set_needs_num_classes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["webface42m_r100", "webface42m_r200", "webface42m_vit_l", "webface42m_dcp", "glint360k_r100"]
+    "name", ["webface42m_r100", "webface42m_r200", "webface42m_vit_l", "webface42m_f2c", "glint360k_r100"]
 )
 def test_large_run_configs_are_valid(name, tmp_path):
     from facescale.config.load import load_config

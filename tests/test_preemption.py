@@ -58,7 +58,7 @@ def test_first_check_hooks_run_once_after_the_first_check():
 
 
 def _late_peer_after_training_timeout(rank: int, world: int) -> tuple[str, float]:
-    from facescale.dist.init import use_training_timeout
+    from facescale.parallel.init import use_training_timeout
 
     after_first_stop_check(lambda: use_training_timeout(2.0))
     PreemptionFlag().should_stop()  # the end of "step 1": the group was made with a long timeout

@@ -31,7 +31,7 @@ from facescale.checkpoint.layout import (
     rank_state_name,
     verify_step_dir,
 )
-from facescale.dist.partition import class_partition
+from facescale.parallel.partition import class_partition
 
 
 def load_head_shards(step_dir: Path, world_size: int) -> list[dict[str, Any]]:

@@ -15,8 +15,8 @@ def _verify(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from facescale.commands.model_source import load_model_source
-    from facescale.dist.init import init_distributed, shutdown_distributed
     from facescale.eval.extract import evaluate_bin, load_bin_checked
+    from facescale.parallel.init import init_distributed, shutdown_distributed
     from facescale.runtime import select_runtime
     from launcher.env import resolve_dist_env
 
@@ -50,10 +50,10 @@ def _verify(args: argparse.Namespace) -> int:
 def _ijb(args: argparse.Namespace) -> int:
     """IJB-B/C on the release layout; extraction split across ranks (torchrun/srun), rank 0 reports."""
     from facescale.commands.model_source import load_model_source
-    from facescale.dist.init import init_distributed, shutdown_distributed
     from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
     from facescale.eval.ijb_extract import default_workers
     from facescale.eval.ijb_protocol import IJBMode
+    from facescale.parallel.init import init_distributed, shutdown_distributed
     from facescale.runtime import select_runtime
     from launcher.env import resolve_dist_env
 

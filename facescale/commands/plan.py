@@ -12,19 +12,13 @@ def _load(config: str, overrides: list[str]):
     """The config without checking that its data paths exist on this machine (plans are made anywhere)."""
     import yaml
 
-    from facescale.config.load import ConfigError, _apply_override, _build
-    from facescale.config.schema import Config
+    from facescale.config.errors import ConfigError
+    from facescale.config.load import build_config
 
     path = Path(config)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (configs live in configs/)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    for override in overrides:
-        _apply_override(raw, override, f"{path} (--set)")
-    try:
-        return _build(Config, raw, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return build_config(yaml.safe_load(path.read_text()) or {}, overrides, str(path))
 
 
 def _with_micro_batch(cfg, world: int, micro_batch: int | None):

@@ -3,32 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from facescale.config.errors import ConfigError, suggest
 from facescale.config.schema import Config
-from facescale.errors import InputError
+from facescale.config.validate import validate
+
+__all__ = ["ConfigError", "config_to_dict", "config_yaml", "dump_config", "load_config", "load_config_text"]
+
+# F2C was `head.type: dcp` with a `head.dcp:` section, which reads as torch's "distributed checkpoint"
+RENAMED_HEAD_TYPES = {"dcp": "f2c"}
+RENAMED_HEAD_SECTIONS = {"dcp": "f2c"}
 
 
-class ConfigError(InputError, ValueError):
-    """A configuration problem, phrased for the user: where, which key, and the fix."""
-
-    default_fix = "fix the config file or the --set value"
-
-
-def _suggest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" did you mean '{close[0]}'?" if close else f" known keys: {', '.join(sorted(known))}"
+def migrate_renamed(raw: dict, source: str) -> dict:
+    """Rewrite the old F2C names (`head.type: dcp`, `head.dcp`) to the new ones with a FutureWarning, so
+    configs and checkpoints written before the rename keep loading; values under the new name win."""
+    head = raw.get("head") if isinstance(raw, dict) else None
+    if not isinstance(head, dict):
+        return raw
+    for old, new in RENAMED_HEAD_SECTIONS.items():
+        if old in head:
+            section = head.pop(old)
+            if isinstance(section, dict) and isinstance(head.get(new), dict):
+                section = {**section, **head[new]}
+            head[new] = section
+            warnings.warn(f"{source}: head.{old} is now head.{new}; loaded as head.{new} (rename it in the "
+                          "file)", FutureWarning, stacklevel=3)
+    old_type = head.get("type")
+    if isinstance(old_type, str) and old_type in RENAMED_HEAD_TYPES:
+        head["type"] = RENAMED_HEAD_TYPES[old_type]
+        warnings.warn(f"{source}: head.type '{old_type}' is now '{head['type']}'; loaded as such (rename it "
+                      "in the file)", FutureWarning, stacklevel=3)
+    return raw
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check/convert a YAML value against a dataclass field type; raise ConfigError naming `where`."""
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        allowed = [str(a) for a in typing.get_args(hint)]
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(f"{where}: '{value}' is not one of {', '.join(allowed)};"
+                              f"{suggest(str(value), allowed)}")
+        return value
     if hint is Any or hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -90,7 +114,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}';{_suggest(key, list(fields))}")
+            raise ConfigError(f"{where}: unknown key '{key}';{suggest(key, list(fields))}")
         hint = hints[key]
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
@@ -157,25 +181,30 @@ def load_config(
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    cfg = build_config(raw, overrides, source)
+    validate(cfg, source)
+    return cfg
+
+
+def build_config(raw: dict, overrides: list[str] | tuple[str, ...], source: str) -> Config:
+    """A `Config` from a parsed YAML mapping plus `--set` overrides, types checked, paths not checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {raw!r}")
     for ov in overrides:
         _apply_override(raw, ov, f"{source} (--set)")
     try:
-        cfg = _build(Config, raw, "")
+        return _build(Config, migrate_renamed(raw, source), "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    from facescale.config.validate import validate
-
-    validate(cfg, source)
-    return cfg
 
 
 def load_config_text(text: str, source: str) -> Config:
     """Parse a saved config (e.g. a checkpoint's config.yaml) without checking that its paths exist here."""
     try:
         raw = yaml.safe_load(text) or {}
-        return _build(Config, raw, "")
-    except (ConfigError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    return build_config(raw, (), source)
 
 
 def config_yaml(cfg: Config) -> str:

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Every choice list of the config, written once: loading and validation check values against these, and
+# the modules that act on a choice read its values from here (`choices(...)`).
+NormKind = Literal["batch", "group"]
+ReaderKind = Literal["auto", "dali", "webdataset"]
+JpegDecoderKind = Literal["auto", "simplejpeg", "pil"]
+ShardSamplingKind = Literal["exact", "resampled"]
+BadSamplePolicy = Literal["error", "skip"]
+MarginKind = Literal["arcface", "cosface", "combined", "arcface_straight_through"]
+OptimizerKind = Literal["sgd", "adamw"]
+UpdateKind = Literal["dense", "sparse"]
+StorageDtype = Literal["fp32", "bf16"]
+PoolKind = Literal["replicated", "sharded"]
+PrecisionKind = Literal["auto", "fp32", "bf16", "fp16"]
+ModeKind = Literal["partial_fc", "f2c"]
+
+
+def choices(kind: typing.Any) -> tuple[str, ...]:
+    """The allowed values of one of the `Literal` choice types above, in declaration order."""
+    return typing.get_args(kind)
 
 
 @dataclass
@@ -13,7 +35,7 @@ class ModelConfig:
     embedding_size: int = 512
     dropout: float = 0.0
     # "batch" (default, insightface-shaped) or "group" (batch-independent, used by equivalence tests)
-    norm: str = "batch"
+    norm: NormKind = "batch"
     # ViTs only; unset = the variant's own (0.1/0.1 for vit_t/s/b, 0.05/0.05 for vit_l)
     drop_path_rate: float | None = None
     mask_ratio: float | None = None
@@ -32,18 +54,18 @@ class DataConfig:
     """Training shards and how they are read."""
 
     shards: str = ""  # directory holding manifest.json + *.tar (+ *.idx)
-    reader: str = "auto"  # auto | dali | webdataset
+    reader: ReaderKind = "auto"
     image_size: int = 112
     num_workers: int = 1  # webdataset DataLoader workers per rank
     dali_threads: int = 2  # DALI CPU threads per rank
-    jpeg_decoder: str = "auto"  # webdataset reader: auto (simplejpeg if installed) | simplejpeg | pil
-    shard_sampling: str = "exact"  # webdataset reader: exact (each sample once per epoch) | resampled
+    jpeg_decoder: JpegDecoderKind = "auto"  # webdataset reader; auto = simplejpeg if installed
+    shard_sampling: ShardSamplingKind = "exact"  # webdataset reader; exact = each sample once per epoch
     shuffle_buffer: int = 4096
     random_mirror: bool = True
     random_shift: int = 0  # max translation in pixels (0 = off); see facescale/data/augment.py
     brightness: float = 0.0  # brightness jitter: factor ~ U[1 - b, 1 + b] (0 = off)
     contrast: float = 0.0  # contrast jitter around 128: factor ~ U[1 - c, 1 + c] (0 = off)
-    on_bad_sample: str = "error"  # error | skip
+    on_bad_sample: BadSamplePolicy = "error"
     max_skip_fraction: float = 0.01
 
 
@@ -51,7 +73,7 @@ class DataConfig:
 class MarginConfig:
     """Margin on the target logit: cos(m1*theta + m2) - m3, scaled by s."""
 
-    type: str = "arcface"  # arcface | cosface | combined | arcface_straight_through
+    type: MarginKind = "arcface"
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
@@ -60,37 +82,37 @@ class MarginConfig:
 
 
 @dataclass
-class DcpConfig:
-    """F2C's Dynamic Class Pool (used when head.type is "dcp"); see facescale/f2c/__init__.py."""
+class F2CConfig:
+    """F2C's Dynamic Class Pool (used when head.type is "f2c"); see facescale/f2c/__init__.py."""
 
     queue_size: int = 7409  # Q pool slots (one identity each, two G-Net feature rows per slot)
     momentum: float = 0.99  # G-Net EMA: g = momentum * g + (1 - momentum) * p, once per iteration
     identities_per_rank: int = 0  # B_id identities x 2 images per rank and micro-step; 0 = the micro batch
-    pool: str = "replicated"  # replicated (reference semantics) | sharded (slot owner by label hash)
+    pool: PoolKind = "replicated"  # replicated = reference semantics; sharded = slot owner by label hash
 
 
 @dataclass
 class HeadConfig:
     """The model-parallel class-center layer (Partial FC) or the F2C pool."""
 
-    type: str = "partial_fc"  # partial_fc | dcp
+    type: ModeKind = "partial_fc"  # the training mode
     sample_rate: float = 1.0
     margin: MarginConfig = field(default_factory=MarginConfig)
-    optimizer: str = "sgd"  # sgd | adamw
-    update: str = "dense"  # dense | sparse
+    optimizer: OptimizerKind = "sgd"
+    update: UpdateKind = "dense"
     lr_scale: float = 1.0  # head lr = optim.lr * lr_scale
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    storage_dtype: str = "fp32"  # fp32 | bf16
+    storage_dtype: StorageDtype = "fp32"
     init_std: float = 0.01
-    dcp: DcpConfig = field(default_factory=DcpConfig)
+    f2c: F2CConfig = field(default_factory=F2CConfig)
 
 
 @dataclass
 class OptimConfig:
     """Backbone optimizer (run by the DeepSpeed engine)."""
 
-    name: str = "sgd"  # sgd | adamw
+    name: OptimizerKind = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -115,7 +137,7 @@ class DeepSpeedConfig:
     """What the derived DeepSpeed JSON takes from us; batch sizes come from `schedule`."""
 
     zero_stage: int = 1
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = bf16 where the device has it natively)
+    precision: PrecisionKind = "auto"  # auto = bf16 where the device has it natively
     overlap_comm: bool = False
     extra: dict = field(default_factory=dict)  # merged last into the JSON, for expert knobs
 

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
-from facescale.config.load import ConfigError, _suggest
+from facescale.config.errors import ConfigError, suggest
 from facescale.config.schema import Config
 
-CHOICES = {
-    "model.norm": ("batch", "group"),
-    "data.reader": ("auto", "dali", "webdataset"),
-    "data.on_bad_sample": ("error", "skip"),
-    "data.jpeg_decoder": ("auto", "simplejpeg", "pil"),
-    "data.shard_sampling": ("exact", "resampled"),
-    "head.type": ("partial_fc", "dcp"),
-    "head.margin.type": ("arcface", "cosface", "combined", "arcface_straight_through"),
-    "head.optimizer": ("sgd", "adamw"),
-    "head.update": ("dense", "sparse"),
-    "head.storage_dtype": ("fp32", "bf16"),
-    "head.dcp.pool": ("replicated", "sharded"),
-    "optim.name": ("sgd", "adamw"),
-    "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
-}
 
-
-def _get(cfg: Config, dotted: str) -> object:
-    node: object = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
+def _choice_fields(node: object, prefix: str = "") -> list[tuple[str, object, tuple]]:
+    """(dotted key, value, allowed values) of every `Literal`-typed field of the config tree."""
+    out = []
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, hint, key = getattr(node, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _choice_fields(value, key + ".")
+        elif typing.get_origin(hint) is typing.Literal:
+            out.append((key, value, typing.get_args(hint)))
+    return out
 
 
 def _check(ok: bool, source: str, key: str, message: str) -> None:
@@ -38,10 +30,9 @@ def _check(ok: bool, source: str, key: str, message: str) -> None:
 
 def validate(cfg: Config, source: str = "<config>", world_size: int | None = None) -> None:
     """Raise ConfigError for impossible values; `world_size` enables the batch-divisibility check."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
+    for key, value, allowed in _choice_fields(cfg):
         if value not in allowed:
-            hint = _suggest(str(value), list(allowed))
+            hint = suggest(str(value), list(allowed))
             raise ConfigError(f"{source}: {key}: '{value}' is not one of {', '.join(allowed)};{hint}")
 
     from facescale.models.registry import list_backbones
@@ -51,7 +42,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         cfg.model.name in names,
         source,
         "model.name",
-        f"unknown backbone '{cfg.model.name}';{_suggest(cfg.model.name, names)}",
+        f"unknown backbone '{cfg.model.name}';{suggest(cfg.model.name, names)}",
     )
     from facescale.models.registry import check_model_config
 
@@ -65,7 +56,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         backends = known_backends()
         _check(cfg.model.compile_backend in backends, source, "model.compile_backend",
                f"unknown torch.compile backend '{cfg.model.compile_backend}';"
-               f"{_suggest(cfg.model.compile_backend, backends)}")
+               f"{suggest(cfg.model.compile_backend, backends)}")
     _check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
     _check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
     _check(not cfg.model.init_from or Path(cfg.model.init_from).exists(), source, "model.init_from",
@@ -127,8 +118,8 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(head.weight_decay >= 0, source, "head.weight_decay", "must be >= 0")
     _check(head.lr_scale > 0, source, "head.lr_scale", "must be > 0")
 
-    if head.type == "dcp":
-        _validate_dcp(cfg, source, world_size)
+    if head.type == "f2c":
+        _validate_f2c(cfg, source, world_size)
 
     _check(cfg.optim.lr > 0, source, "optim.lr", "must be > 0")
     _check(0.0 <= cfg.optim.momentum < 1.0, source, "optim.momentum", "must be in [0, 1)")
@@ -184,29 +175,29 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     _check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
 
 
-def _validate_dcp(cfg: Config, source: str, world_size: int | None) -> None:
+def _validate_f2c(cfg: Config, source: str, world_size: int | None) -> None:
     """F2C pool checks: sizes, EMA momentum, ZeRO-3 refusal and Q against one gathered step's labels."""
-    dcp = cfg.head.dcp
+    dcp = cfg.head.f2c
     _check(
-        dcp.queue_size >= 1, source, "head.dcp.queue_size", "must be >= 1 (pool slots, e.g. 1% of identities)"
+        dcp.queue_size >= 1, source, "head.f2c.queue_size", "must be >= 1 (pool slots, e.g. 1% of identities)"
     )
     _check(
         0.0 <= dcp.momentum < 1.0,
         source,
-        "head.dcp.momentum",
+        "head.f2c.momentum",
         f"{dcp.momentum} must be in [0, 1) (G-Net EMA momentum, 0.99 in F2C)",
     )
     _check(
         dcp.identities_per_rank >= 0,
         source,
-        "head.dcp.identities_per_rank",
+        "head.f2c.identities_per_rank",
         "must be >= 0 (0 = as many identities as the per-rank micro batch)",
     )
     _check(
         cfg.deepspeed.zero_stage != 3,
         source,
         "deepspeed.zero_stage",
-        "head.type dcp keeps a full EMA copy of the backbone (G-Net) on every rank, which ZeRO-3's "
+        "head.type f2c keeps a full EMA copy of the backbone (G-Net) on every rank, which ZeRO-3's "
         "parameter partitioning cannot feed; use zero_stage 1 or 2",
     )
     if world_size is None:
@@ -216,7 +207,7 @@ def _validate_dcp(cfg: Config, source: str, world_size: int | None) -> None:
         micro % 2 == 0,
         source,
         "schedule.global_batch_size",
-        f"head.type dcp splits each rank's instance batch into two halves, but it is {micro}; "
+        f"head.type f2c splits each rank's instance batch into two halves, but it is {micro}; "
         "use a global batch that gives an even batch per rank",
     )
     ids = dcp.identities_per_rank or micro
@@ -225,7 +216,7 @@ def _validate_dcp(cfg: Config, source: str, world_size: int | None) -> None:
         _check(
             dcp.queue_size >= per_pass,
             source,
-            "head.dcp.queue_size",
+            "head.f2c.queue_size",
             f"{dcp.queue_size} slots are fewer than the up to {per_pass} distinct labels one gathered pass "
             f"inserts ({world_size} ranks x ({ids} identities + {micro // 2} instances)); labels would "
             f"evict each other within a step. Use queue_size >= {per_pass}",
@@ -234,6 +225,6 @@ def _validate_dcp(cfg: Config, source: str, world_size: int | None) -> None:
         _check(
             dcp.queue_size >= world_size,
             source,
-            "head.dcp.queue_size",
+            "head.f2c.queue_size",
             f"a sharded pool needs at least one slot per rank ({world_size}), got {dcp.queue_size}",
         )

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from facescale.config.schema import BadSamplePolicy, choices
 from facescale.data.jpeg import decode_jpeg
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
 from facescale.errors import InputError
 
-POLICIES = ("error", "skip")
+POLICIES = choices(BadSamplePolicy)
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from facescale.config.schema import DataConfig
 from facescale.data.augment import NO_AUGMENT, Augment, augment_dali
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
-from facescale.data.loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, INDEX_VERSION, LABEL_EXT
+from facescale.data.train_loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
 
 READER_NAME = "Reader"
 OPEN_AHEAD_BATCHES = 3  # start the next epoch's pipeline this many batches before the end of the current one

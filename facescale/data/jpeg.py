@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 
+from facescale.config.schema import JpegDecoderKind, choices
+
 try:
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised only where simplejpeg is absent
@@ -26,7 +28,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-JPEG_DECODERS = ("auto", "simplejpeg", "pil")
+JPEG_DECODERS = choices(JpegDecoderKind)
 
 
 def decode_jpeg(data: bytes, out: np.ndarray | None = None, decoder: str = "auto") -> np.ndarray:

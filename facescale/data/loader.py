@@ -19,130 +19,25 @@ bad ones outnumber the `N mod (world * B)` spare ones.
 from __future__ import annotations
 
 import importlib.util
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from facescale.config.schema import DataConfig
-from facescale.data.bad_data import SkipPolicy
+from facescale.config.schema import DataConfig, ReaderKind, choices
 from facescale.data.manifest import Manifest, ManifestError
+from facescale.data.train_loader import (  # re-exported: the names readers' users know from here
+    Batch,
+    TrainLoader,
+    batch_stream_loader,
+    normalize_batch,
+    steps_per_epoch,
+    stream_seed,
+)
 
-READERS = ("auto", "dali", "webdataset")
-Batch = tuple[torch.Tensor, torch.Tensor]
+__all__ = ["Batch", "TrainLoader", "batch_stream_loader", "build_train_loader", "dali_available",
+           "load_shard_manifest", "normalize_batch", "resolve_reader", "steps_per_epoch", "stream_seed"]
 
-
-class TrainLoader(ABC):
-    """An endless stream of equal full batches with a resumable cursor.
-
-    Epoch `e` is a pure function of (data, seed, rank, world size, batch size, e): a loader restored with
-    `load_state_dict({"epoch": e, "step_in_epoch": k})` yields exactly the batches an uninterrupted loader
-    yields from batch k of epoch e on (readers rebuild epoch e and skip k batches: the cost of k batches
-    of reading and decoding, at most one epoch). `epoch` is the epoch of the batch last yielded. `seen`
-    counts samples yielded; `skipped` counts bad samples left out under `data.on_bad_sample: skip`.
-    """
-
-    steps_per_epoch: int
-    epoch: int = 0
-    step_in_epoch: int = 0  # batches of `epoch` already yielded
-    seen: int = 0
-    policy: SkipPolicy
-
-    @property
-    def skipped(self) -> int:
-        """Bad samples left out so far (always 0 under `on_bad_sample: error`, which raises instead)."""
-        return self.policy.skipped
-
-    @abstractmethod
-    def epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
-        """Batches `skip` .. `steps_per_epoch - 1` of epoch `epoch`."""
-
-    def reset(self) -> None:  # noqa: B027 - an optional hook; readers without state need nothing
-        """Drop any pipeline or worker state of a partly read epoch (called when the cursor moves)."""
-
-    def iter_epoch(self) -> Iterator[Batch]:
-        """Yield the rest of the current epoch; if it is finished, roll over to the next epoch first."""
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        finished = False
-        try:
-            for batch in self.epoch_batches(self.epoch, self.step_in_epoch):
-                self.step_in_epoch += 1
-                self.seen += int(batch[1].shape[0])
-                yield batch
-            finished = True
-        finally:
-            if not finished:  # abandoned mid-epoch: the next call rebuilds from the cursor
-                self.reset()
-        if self.step_in_epoch != self.steps_per_epoch:
-            raise RuntimeError(f"{type(self).__name__} produced {self.step_in_epoch} batches in epoch "
-                               f"{self.epoch}, expected {self.steps_per_epoch}")
-
-    def __iter__(self) -> Iterator[Batch]:
-        """Yield batches forever, advancing `epoch` before the first batch of each new epoch."""
-        while True:
-            yield from self.iter_epoch()
-
-    def state_dict(self) -> dict[str, int]:
-        """The cursor of the next batch: {"epoch": e, "step_in_epoch": k} (k < steps_per_epoch)."""
-        if self.step_in_epoch >= self.steps_per_epoch:
-            return {"epoch": self.epoch + 1, "step_in_epoch": 0}
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a cursor saved by `state_dict` (same data, seed, world size and batch size)."""
-        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
-            raise ValueError(f"loader state {state} is outside [0, {self.steps_per_epoch}] steps per epoch; "
-                             "was it saved with another batch size, world size or data set?")
-        self.reset()
-        self.epoch, self.step_in_epoch = epoch, step
-
-
-def normalize_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> contiguous float32 [B, 3, H, W], (x - 127.5) / 127.5, computed on `device`.
-
-    The transposing copy converts to float in the same pass (a third less memory traffic than
-    permute-contiguous-then-float), then two in-place passes.
-    """
-    images = images.to(device, non_blocking=True)
-    batch, height, width, channels = images.shape
-    out = torch.empty((batch, channels, height, width), dtype=torch.float32, device=device)
-    out.copy_(images.permute(0, 3, 1, 2))
-    return out.sub_(127.5).div_(127.5)
-
-
-def _one_thread_worker(worker_id: int) -> None:
-    """DataLoader worker init: one intra-op thread (tiny tensors; OpenMP spinning costs ~10x here)."""
-    torch.set_num_threads(1)
-
-
-def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: int,
-                        pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """The DataLoader for an IterableDataset that yields whole batches, with the worker settings every
-    facescale loader shares: persistent, one torch thread each, 2 batches prefetched per worker, and
-    started with spawn: a forked worker inherits other threads' locks (DALI, gloo, queue feeders) and
-    objects whose finalisers hang in a child (a DALI pipeline's __del__ did, in the test suite)."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-        multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_one_thread_worker,
-        pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
-
-
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, source: str = "the shards") -> int:
-    """Full batches per rank per epoch, `num_samples // (world_size * batch_size)`, the same on every rank."""
-    steps = num_samples // (world_size * batch_size)
-    if steps < 1:
-        raise ValueError(f"{source} hold {num_samples} samples, fewer than one batch of {batch_size} for "
-                         f"each of {world_size} ranks; lower the batch size or add data")
-    return steps
-
-
-def stream_seed(*words: int) -> int:
-    """A 31-bit seed mixed from words such as (seed, rank, worker, epoch); distinct words, unrelated seeds."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0] & 0x7FFFFFFF)
+READERS = choices(ReaderKind)
 
 
 def dali_available() -> bool:

@@ -20,8 +20,8 @@ from webdataset.shardlists import ResampledShards
 from webdataset.tariterators import tar_file_iterator
 
 from facescale.data.bad_data import BadSample, IndexedSample, read_index_lines
-from facescale.data.loader import stream_seed
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT
+from facescale.data.train_loader import stream_seed
 
 Segment = tuple[int, int, int]  # (shard number, first sample position, end position)
 _ORDER = 11  # stream_seed salt; the webdataset reader's own salts are 12..15

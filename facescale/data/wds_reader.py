@@ -24,11 +24,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
-from facescale.config.schema import DataConfig
+from facescale.config.schema import DataConfig, ShardSamplingKind, choices
 from facescale.data.augment import NO_AUGMENT, Augment, augment_numpy
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, check_image, check_label
 from facescale.data.jpeg import decode_jpeg
-from facescale.data.loader import (
+from facescale.data.manifest import Manifest
+from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
+from facescale.data.tar_samples import epoch_plan, read_segment, resampled_samples, worker_share
+from facescale.data.train_loader import (
     Batch,
     TrainLoader,
     batch_stream_loader,
@@ -36,12 +39,9 @@ from facescale.data.loader import (
     steps_per_epoch,
     stream_seed,
 )
-from facescale.data.manifest import Manifest
-from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
-from facescale.data.tar_samples import epoch_plan, read_segment, resampled_samples, worker_share
 
 _SHUFFLE, _MIRROR, _AUGMENT, _RESAMPLE = 12, 13, 14, 15
-SHARD_SAMPLING = ("exact", "resampled")
+SHARD_SAMPLING = choices(ShardSamplingKind)
 _AGAIN = BadSample("", "", -1, "marks the start of a refill pass over the worker's range")
 
 

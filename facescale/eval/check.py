@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from facescale.eval.binfile import EvalSetError
-from facescale.eval.extract import decode_image, load_bin_checked
+from facescale.eval.decode import decode_image
+from facescale.eval.extract import load_bin_checked
 
 
 def check_eval_bins(paths: Sequence[str], image_size: int, key: str = "eval.bins") -> None:

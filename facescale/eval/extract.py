@@ -16,52 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from facescale.dist.partition import class_partition
 from facescale.eval.binfile import EvalSetError
+from facescale.eval.decode import ImageInput, decode_image
 from facescale.eval.verification import pixel_baseline, verify_embeddings
-
-ImageInput = bytes | bytearray | memoryview | np.ndarray
-
-
-def decode_image(image: ImageInput, image_size: int | None, source: str,
-                 index: int | None = None) -> np.ndarray:
-    """One image as HWC uint8 RGB: JPEG via simplejpeg (PIL fallback), other formats via PIL; size checked.
-
-    Errors name `source` (a file) and, for a collection, the image `index` within it.
-    """
-    where = source if index is None else f"{source}: image {index}"
-    if isinstance(image, bytes | bytearray | memoryview):
-        data = bytes(image)
-        try:
-            pixels = _decode_bytes(data)
-        except Exception as error:  # noqa: BLE001 - every decoder failure becomes one clear message
-            raise EvalSetError(f"{where} could not be decoded ({error}); "
-                             "expected JPEG or PNG bytes") from error
-    else:
-        pixels = np.asarray(image)
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-            raise EvalSetError(f"{where} must be HWC uint8 RGB, got {pixels.dtype} {pixels.shape}")
-    if image_size is not None and pixels.shape[:2] != (image_size, image_size):
-        height, width = pixels.shape[:2]
-        raise EvalSetError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; "
-                         "evaluation needs aligned crops of the training size (re-align or set image_size)")
-    return pixels
-
-
-def _decode_bytes(data: bytes) -> np.ndarray:
-    if data[:2] == b"\xff\xd8":
-        try:
-            import simplejpeg
-
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
-        except ImportError:
-            pass
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+from facescale.parallel.partition import class_partition
 
 
 def progress_bar(total: int, enabled: bool, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from facescale.dist.partition import class_partition
 from facescale.eval.align import align_face
-from facescale.eval.extract import decode_image, embed_batch, gather_extraction, progress_bar
+from facescale.eval.decode import decode_image
+from facescale.eval.extract import embed_batch, gather_extraction, progress_bar
 from facescale.eval.ijb_release import IJBRelease
+from facescale.parallel.partition import class_partition
 
 
 class AlignedFaces(Dataset):

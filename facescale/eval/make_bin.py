@@ -55,7 +55,7 @@ def make_bin(root: str, pairs_txt: str, out: str, image_size: int | None = 112) 
     the original encoded bytes are stored unchanged.
     """
     from facescale.eval.binfile import write_bin
-    from facescale.eval.extract import decode_image
+    from facescale.eval.decode import decode_image
 
     images: list[bytes] = []
     issame: list[bool] = []

@@ -27,7 +27,7 @@ def _sample_batch(check_images: Sequence[Any] | np.ndarray | None, image_size: i
     if check_images is None:
         pixels = np.random.default_rng(0).integers(0, 256, (4, image_size, image_size, 3), dtype=np.uint8)
     else:
-        from facescale.eval.extract import decode_image
+        from facescale.eval.decode import decode_image
 
         pixels = np.stack([decode_image(image, image_size, "check_images", index)
                            for index, image in enumerate(check_images)])

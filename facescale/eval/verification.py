@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from facescale.dist.partition import class_partition
 from facescale.eval.roc import tar_at_far
+from facescale.parallel.partition import class_partition
 
 DISTANCE_THRESHOLDS = np.arange(0, 4, 0.01)
 VERIFICATION_FARS: tuple[float, ...] = (1e-3, 1e-4)
@@ -131,7 +131,7 @@ def verify_embeddings(embeddings: np.ndarray, issame: Sequence[bool] | np.ndarra
 def pixel_cosines(images: Sequence[np.ndarray | bytes], image_size: int | None = None,
                   source: str = "<images>", chunk_pairs: int = 64) -> np.ndarray:
     """Cosine of flattened, per-image mean-centred pixels of pairs (2i, 2i+1), decoded a chunk at a time."""
-    from facescale.eval.extract import decode_image
+    from facescale.eval.decode import decode_image
 
     if len(images) % 2:
         raise ValueError(f"{source}: odd number of images ({len(images)}); pairs need 2 per entry")

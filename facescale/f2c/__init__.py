@@ -1,4 +1,4 @@
-"""F2C mode (`head.type: dcp`): a Dynamic Class Pool of EMA-encoder features instead of a class-center matrix.
+"""F2C mode (`head.type: f2c`): a Dynamic Class Pool of EMA-encoder features instead of a class-center matrix.
 
 P-Net is the DeepSpeed-trained backbone, G-Net its EMA twin (`ema`), the pool a label-keyed LRU of G-Net
 features with two rows per identity (`pool`), the loss a margin softmax over the pool plus a top-K push-away

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from facescale.data.loader import TrainLoader, normalize_batch
+from facescale.data.train_loader import TrainLoader, normalize_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

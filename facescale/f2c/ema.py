@@ -32,10 +32,10 @@ class GalleryNet(nn.Module):
         avoids deep-copying an engine-wrapped module and its hooks) or, without one, a deep copy."""
         super().__init__()
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"head.dcp.momentum = {momentum!r} must be in [0, 1) (0.99 in F2C)")
+            raise ValueError(f"head.f2c.momentum = {momentum!r} must be in [0, 1) (0.99 in F2C)")
         if any(hasattr(p, "ds_id") for p in pnet.parameters()):
             raise ValueError(
-                "the backbone's parameters are ZeRO-3 partitions; head.type dcp needs "
+                "the backbone's parameters are ZeRO-3 partitions; head.type f2c needs "
                 "deepspeed.zero_stage 1 or 2 (G-Net is a full replica on every rank)"
             )
         net = copy.deepcopy(pnet) if blank is None else blank

@@ -19,20 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from facescale.dist.collectives import (
+from facescale.config.schema import PoolKind, choices
+from facescale.f2c.ema import GalleryNet
+from facescale.f2c.loss import local_view_loss, outlier_top_k, sharded_view_loss
+from facescale.f2c.pool import ClassPool, PoolTooSmallError, PoolView
+from facescale.heads.margins import MarginSoftmaxSpec
+from facescale.parallel.collectives import (
     all_gather_ints,
     all_gather_rows,
     all_gather_rows_with_grad,
     all_reduce_,
     rank_and_world,
 )
-from facescale.dist.partition import class_partition
-from facescale.f2c.ema import GalleryNet
-from facescale.f2c.loss import local_view_loss, outlier_top_k, sharded_view_loss
-from facescale.f2c.pool import ClassPool, PoolTooSmallError, PoolView
-from facescale.heads.margins import MarginSoftmaxSpec
+from facescale.parallel.partition import class_partition
 
-POOL_MODES = ("replicated", "sharded")
+POOL_MODES = choices(PoolKind)
 
 
 def label_owner(labels: Tensor, world_size: int) -> Tensor:
@@ -58,7 +59,7 @@ class DcpHead(nn.Module):
     ) -> None:
         super().__init__()
         if pool_mode not in POOL_MODES:
-            raise ValueError(f"head.dcp.pool = {pool_mode!r}: choose one of {', '.join(POOL_MODES)}")
+            raise ValueError(f"head.f2c.pool = {pool_mode!r}: choose one of {', '.join(POOL_MODES)}")
         self.group = process_group
         self.rank, self.world_size = rank_and_world(process_group)
         self.pool_mode, self.queue_size, self.margin = pool_mode, queue_size, margin
@@ -126,8 +127,8 @@ class DcpHead(nn.Module):
                 where = f" (rank {rank}'s shard)" if self.pool_mode == "sharded" else ""
                 raise PoolTooSmallError(
                     f"one gathered pass holds {count} distinct labels for {slots} pool slots{where}: labels "
-                    f"would evict each other within the step. Raise head.dcp.queue_size (it is "
-                    f"{self.queue_size}) or lower the batch / head.dcp.identities_per_rank"
+                    f"would evict each other within the step. Raise head.f2c.queue_size (it is "
+                    f"{self.queue_size}) or lower the batch / head.f2c.identities_per_rank"
                 )
 
     def _pass(
@@ -222,7 +223,7 @@ class DcpHead(nn.Module):
         if meta != self.metadata():
             raise ValueError(
                 f"saved DCP pool {meta} does not match this run's {self.metadata()}; resume "
-                "with the same head.dcp settings, embedding size and (sharded) world size"
+                "with the same head.f2c settings, embedding size and (sharded) world size"
             )
         self.pool.load_pool_state(state_dict["pool"])
         self.gallery_net.net.load_state_dict(state_dict["gallery_net"])

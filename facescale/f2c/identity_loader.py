@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facescale.data.identity_index import IdentityIndex, SampleLocation
 from facescale.data.jpeg import decode_jpeg
-from facescale.data.loader import batch_stream_loader, stream_seed
+from facescale.data.train_loader import batch_stream_loader, stream_seed
 
 UInt8Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [B, H, W, 3] x 2, labels [B]
 
@@ -45,7 +45,7 @@ class IdentityPairs(IterableDataset):
         if self.batches_per_pass < 1:
             raise ValueError(
                 f"the shards hold {len(self.eligible)} identities with images, fewer than "
-                f"{identities_per_batch} per rank for {world_size} ranks; lower head.dcp.identities_per_rank"
+                f"{identities_per_batch} per rank for {world_size} ranks; lower head.f2c.identities_per_rank"
             )
 
     def rank_identities(self, pass_number: int) -> np.ndarray:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from facescale.dist.collectives import all_gather_rows, rank_and_world
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.margins import MarginSoftmaxSpec
+from facescale.parallel.collectives import all_gather_rows, rank_and_world
 
 _BELOW_ANY_COSINE = -3.0  # pads a shard's top-K when it holds fewer than K slots; never selected
 

@@ -1,4 +1,4 @@
-"""`build_dcp_mode`: what the trainer builds instead of the Partial FC head when `head.type` is "dcp"."""
+"""`build_dcp_mode`: what the trainer builds instead of the Partial FC head when `head.type` is "f2c"."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def build_dcp_mode(
 
     if engine.zero_optimization_stage() == 3:
         raise ValueError(
-            "head.type dcp needs deepspeed.zero_stage 1 or 2: G-Net is a full EMA replica of "
+            "head.type f2c needs deepspeed.zero_stage 1 or 2: G-Net is a full EMA replica of "
             "the backbone on every rank, which ZeRO-3's partitioned parameters cannot feed"
         )
-    dcp = cfg.head.dcp
+    dcp = cfg.head.f2c
     gallery_net = GalleryNet(
         engine.module, dcp.momentum, blank=build_backbone(cfg.model), autocast_dtype=AUTOCAST.get(precision)
     ).to(device)

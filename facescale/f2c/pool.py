@@ -34,7 +34,7 @@ _NEVER = torch.iinfo(torch.int64).max
 class PoolTooSmallError(InputError, ValueError):
     """One gathered batch holds more distinct labels than the pool (or pool shard) has slots."""
 
-    default_fix = "raise head.dcp.queue_size or lower the batch per rank"
+    default_fix = "raise head.f2c.queue_size or lower the batch per rank"
 
 
 def init_pool_rows(first_slot: int, count: int, dim: int, seed: int) -> Tensor:
@@ -150,7 +150,7 @@ class ClassPool(torch.nn.Module):
         if unique.numel() > self.num_slots:
             raise PoolTooSmallError(
                 f"one gathered batch holds {unique.numel()} distinct labels but the pool has only "
-                f"{self.num_slots} slots; raise head.dcp.queue_size to at least {unique.numel()}"
+                f"{self.num_slots} slots; raise head.f2c.queue_size to at least {unique.numel()}"
             )
         positions = torch.arange(n, device=device)
         first = torch.full_like(unique, n).scatter_reduce(0, inverse, positions, "amin")
@@ -210,7 +210,7 @@ class ClassPool(torch.nn.Module):
         if tuple(state["features"].shape) != expected:
             raise ValueError(
                 f"saved pool features are {tuple(state['features'].shape)}, this pool is "
-                f"{expected}; resume with the same head.dcp.queue_size, pool mode and world size"
+                f"{expected}; resume with the same head.f2c.queue_size, pool mode and world size"
             )
         device = self.features.device
         self.features = state["features"].to(device, torch.float32).clone()

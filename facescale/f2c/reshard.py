@@ -1,4 +1,4 @@
-"""Re-cut a sharded Dynamic Class Pool for another world size (resume of `head.dcp.pool: sharded` on W').
+"""Re-cut a sharded Dynamic Class Pool for another world size (resume of `head.f2c.pool: sharded` on W').
 
 A sharded pool keeps each label on rank `label_owner(label, W)` with an LRU of its own, so a pool saved at W
 ranks has no exact counterpart at W'. This carries over what matters: every pooled identity moves, with both
@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from facescale.dist.partition import class_partition
 from facescale.errors import InputError
 from facescale.f2c.head import label_owner
 from facescale.f2c.pool import init_pool_rows
+from facescale.parallel.partition import class_partition
 
 
 class PoolReshardError(InputError, ValueError):

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from facescale.config.schema import HeadConfig
+from facescale.config.schema import HeadConfig, StorageDtype, choices
 from facescale.heads.margins import build_margin
 from facescale.heads.partial_fc import PartialFCHead
 
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STORAGE_DTYPES = dict(zip(choices(StorageDtype), (torch.float32, torch.bfloat16), strict=True))
 
 __all__ = ["PartialFCHead", "build_head", "STORAGE_DTYPES"]
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from facescale.config.schema import OptimizerKind, UpdateKind, choices
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
 
-OPTIMIZERS = ("sgd", "adamw")
-UPDATE_MODES = ("dense", "sparse")
+OPTIMIZERS = choices(OptimizerKind)
+UPDATE_MODES = choices(UpdateKind)
 
 
 def _upcast(t: Tensor) -> Tensor:

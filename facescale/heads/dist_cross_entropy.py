@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from facescale.dist.collectives import all_reduce_
 from facescale.heads.margins import MarginSoftmaxSpec
+from facescale.parallel.collectives import all_reduce_
 
 
 def _filtered_negatives(cos: Tensor, target_col: Tensor, threshold: float) -> Tensor:

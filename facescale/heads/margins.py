@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from facescale.config.schema import MarginConfig
+from facescale.config.schema import MarginConfig, MarginKind, choices
 
-MARGIN_TYPES = ("arcface", "cosface", "combined", "arcface_straight_through")
+MARGIN_TYPES = choices(MarginKind)
 _SIN_FLOOR_SQ = 1e-12  # floor on 1 - c^2, keeps d sin(theta)/dc finite at c = +-1
 
 

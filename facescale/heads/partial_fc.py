@@ -20,19 +20,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from facescale.dist.collectives import (
+from facescale.heads.center_optimizer import CenterOptimizer
+from facescale.heads.dist_cross_entropy import margin_cross_entropy
+from facescale.heads.margins import MarginSoftmaxSpec
+from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
+from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
+from facescale.parallel.collectives import (
     all_gather_ints,
     all_gather_rows,
     all_gather_rows_with_grad,
     batch_size_mismatch,
     rank_and_world,
 )
-from facescale.dist.partition import class_partition
-from facescale.heads.center_optimizer import CenterOptimizer
-from facescale.heads.dist_cross_entropy import margin_cross_entropy
-from facescale.heads.margins import MarginSoftmaxSpec
-from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
-from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
+from facescale.parallel.partition import class_partition
 
 INIT_BLOCK_ROWS = (
     4096  # centers are drawn in fixed global blocks so the full matrix is world-size independent

@@ -9,12 +9,12 @@ from typing import Any
 
 from torch import nn
 
-from facescale.config.schema import ModelConfig
+from facescale.config.schema import ModelConfig, NormKind, choices
 from facescale.errors import InputError
 
 BackboneFactory = Callable[..., nn.Module]
 
-NORM_CHOICES = ("batch", "group")
+NORM_CHOICES = choices(NormKind)
 
 _REGISTRY: dict[str, BackboneFactory] = {}
 _OPTIONS: dict[str, tuple[str, ...]] = {}  # the optional `model.*` keys each backbone reads

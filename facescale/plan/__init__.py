@@ -1,7 +1,7 @@
 """`facescale plan`: per-rank memory and per-step communication of a run, from the real layer definitions.
 
 Nothing is allocated: the backbone is built on the meta device, the center optimizer's buffers too, and the
-class partition is `facescale.dist.partition.class_partition`, so a 512-rank plan runs in seconds on a laptop.
+class partition is `facescale.parallel.partition.class_partition`, so a 512-rank plan runs in seconds.
 """
 
 from facescale.plan.backbone import BackboneStats, backbone_stats, saved_tensor_bytes

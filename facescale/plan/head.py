@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from facescale.config.schema import HeadConfig
-from facescale.dist.partition import class_partition
 from facescale.heads import STORAGE_DTYPES
 from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.heads.sampling import num_samples_for
+from facescale.parallel.partition import class_partition
 from facescale.plan.zero import ring_all_gather, ring_all_reduce
 
 

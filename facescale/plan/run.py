@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from facescale.config.load import ConfigError
+from facescale.config.errors import ConfigError
 from facescale.config.schema import Config
-from facescale.dist.partition import class_partition
+from facescale.parallel.partition import class_partition
 from facescale.plan.backbone import BackboneStats, backbone_stats
 from facescale.plan.head import HeadShard, head_shard, head_step_bytes, head_traffic
 from facescale.plan.zero import ZeroMemory, zero_memory, zero_traffic

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from facescale.config.load import ConfigError
+from facescale.config.errors import ConfigError
 from facescale.config.schema import ModelConfig
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from facescale.config.load import load_config
 from facescale.config.validate import validate
-from facescale.dist.init import init_distributed, shutdown_distributed
 from facescale.eval.check import check_eval_bins
+from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
 from launcher.env import resolve_dist_env
 

@@ -73,7 +73,7 @@ class Trainer:
 
         self.micro_batch = micro_batch_size(cfg, env.world_size)
         self.train_step_fn = train_step
-        if cfg.head.type == "dcp":  # F2C: G-Net + Dynamic Class Pool + dual loader (facescale.f2c)
+        if cfg.head.type == "f2c":  # F2C: G-Net + Dynamic Class Pool + dual loader (facescale.f2c)
             from facescale.f2c import build_dcp_mode
 
             self.head, self.loader, self.train_step_fn = build_dcp_mode(
