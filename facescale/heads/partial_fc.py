@@ -30,6 +30,7 @@ from facescale.parallel.collectives import (
     all_gather_rows,
     all_gather_rows_with_grad,
     batch_size_mismatch,
+    is_distributed,
     rank_and_world,
 )
 from facescale.parallel.partition import class_partition
@@ -160,8 +161,8 @@ class PartialFCHead(torch.nn.Module):
         width = self.count if sample.index is None else int(sample.index.numel())
         stats = {
             "num_sampled": width,
-            "num_positive": sample.num_positive,
-            "positive_fraction": sample.num_positive / width if width else 0.0,
+            "num_positive": sample.positive_count,  # 0-d tensors: read when logged, not here (CUDA sync)
+            "positive_fraction": sample.positive_count / width if width else 0.0,
         }
         self._timing["forward"] += time.perf_counter() - started
         return loss, stats
@@ -209,7 +210,19 @@ class PartialFCHead(torch.nn.Module):
             self._backward_started = 0.0
 
     def _check_batch_across_ranks(self, labels: Tensor) -> None:
-        """One tiny all-gather of (batch size, bad labels) so every rank raises the same error together."""
+        """One tiny all-gather of (batch size, bad labels) so every rank raises the same error together.
+
+        A single CUDA process checks its labels with a device-side assert instead: no host synchronisation
+        in the step (the run then stops with the same message, raised by the CUDA runtime)."""
+        if labels.is_cuda and not is_distributed(self.group):
+            if labels.shape[0] == 0:
+                raise ValueError("empty batch: the class-center head needs at least one row per rank")
+            torch._assert_async(
+                ((labels >= 0) & (labels < self.num_classes)).all(),
+                f"labels outside [0, {self.num_classes}): does the dataset's class count match the head's "
+                "num_classes?",
+            )
+            return
         bad = int(((labels < 0) | (labels >= self.num_classes)).sum())
         info = all_gather_ints([labels.shape[0], bad], labels.device, self.group)
         message = batch_size_mismatch([size for size, _ in info])

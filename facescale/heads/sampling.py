@@ -53,7 +53,12 @@ class ShardSample:
 
     index: Tensor | None  # sorted local center ids [C'] (long); None = the whole shard, in order
     target_col: Tensor  # [N] column of each global row's target among the kept centers; -1 = other shard
-    num_positive: int  # distinct local centers that are targets in the global batch
+    positive_count: Tensor  # 0-d: distinct local centers that are targets (on the labels' device)
+
+    @property
+    def num_positive(self) -> int:
+        """`positive_count` as an int (on CUDA this waits for the device: read it outside the hot path)."""
+        return int(self.positive_count)
 
     @property
     def width(self) -> int | None:
@@ -64,22 +69,26 @@ class ShardSample:
 def sample_centers(
     global_labels: Tensor, start: int, count: int, num_sample: int, generator: torch.Generator | None
 ) -> ShardSample:
-    """Choose this shard's centers for one step (see module docstring); num_sample >= count keeps all."""
+    """Choose this shard's centers for one step (see module docstring); num_sample >= count keeps all.
+
+    No host synchronisation unless the budget is below the global batch (only then can the positives
+    outnumber it, and their number must be read to size the index)."""
     labels = global_labels.long()
     is_local = (labels >= start) & (labels < start + count)
     local_ids = torch.where(is_local, labels - start, 0)
-    is_positive = torch.zeros(count, dtype=torch.bool, device=labels.device)
-    is_positive[local_ids[is_local]] = True
-    num_positive = int(is_positive.sum())
+    slots = torch.where(is_local, local_ids, count)  # rows of other shards mark a spare slot
+    is_positive = torch.zeros(count + 1, dtype=torch.bool, device=labels.device).index_fill_(0, slots, True)
+    is_positive = is_positive[:count]
+    positive_count = is_positive.sum()
     if num_sample >= count:
         return ShardSample(
-            index=None, target_col=torch.where(is_local, local_ids, -1), num_positive=num_positive
+            index=None, target_col=torch.where(is_local, local_ids, -1), positive_count=positive_count
         )
-    if num_sample <= num_positive:
+    if num_sample < labels.numel() and num_sample <= int(positive_count):
         index = torch.nonzero(is_positive).squeeze(1)
     else:
         scores = torch.rand(count, generator=generator, device=labels.device)
         scores.masked_fill_(is_positive, 2.0)  # rand < 1, so every positive ranks above every negative
         index = torch.topk(scores, num_sample, sorted=False).indices.sort().values
     target_col = torch.where(is_local, torch.searchsorted(index, local_ids), -1)
-    return ShardSample(index=index, target_col=target_col, num_positive=num_positive)
+    return ShardSample(index=index, target_col=target_col, positive_count=positive_count)
