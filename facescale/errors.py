@@ -50,9 +50,11 @@ def as_input_error(exc: BaseException) -> InputError:
     """`exc` itself, or an OS error about a path phrased as an `InputError` naming the file."""
     if isinstance(exc, InputError):
         return exc
-    where = getattr(exc, "filename", None) or ""
-    what = getattr(exc, "strerror", None) or str(exc)
-    return InputError(what.lower(), where=where, fix="check the path and its permissions")
+    fix = "check the path and its permissions"
+    if getattr(exc, "filename", None) and getattr(exc, "strerror", None):
+        return InputError(exc.strerror.lower(), where=exc.filename, fix=fix)
+    text = str(exc)
+    return InputError(text) if ";" in text else InputError(text, fix=fix)
 
 
 def debug_enabled(argv: list[str] | None = None) -> bool:

@@ -10,11 +10,13 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
 from facescale.config.schema import DataConfig
-from facescale.data.bad_data import BadSampleError
+from facescale.data.bad_data import BadSampleError, check_image
+from facescale.data.index_check import ShardIndexError
 from facescale.data.jpeg import encode_jpeg
 from facescale.data.loader import build_train_loader, dali_available
 from facescale.data.manifest import Manifest, ManifestError
@@ -25,9 +27,20 @@ SIZE, COUNT, CLASSES, BATCH = 16, 12, 12, 2
 CPU = torch.device("cpu")
 READERS = ["webdataset", "webdataset-resampled"] + (["dali"] if dali_available() else [])
 CASES = {"corrupt_jpeg": ("train-000000.tar", "000000005", "JPEG does not decode"),
+         # random bytes inside a valid JPEG: DALI's decoder turns it into an image without an error
+         "garbled_jpeg": ("train-000000.tar", "000000005", "JPEG does not decode"),
          "label_out_of_range": ("train-000000.tar", "000000005", "label 99 outside [0, 12)"),
          "missing_lbl": ("train-000000.tar", "000000005", "missing .lbl"),
          "truncated_tar": ("train-000001.tar", "000000008", "truncated")}
+
+
+def garble(jpeg: bytes) -> bytes:
+    """Random bytes over the last two thirds of the entropy-coded data; headers and EOI marker kept."""
+    start = len(jpeg) // 3
+    noise = np.random.default_rng(5).integers(0, 256, len(jpeg) - 2 - start, dtype=np.uint8).tobytes()
+    garbled = jpeg[:start] + noise + jpeg[-2:]
+    assert check_image(garbled, SIZE) is not None, "the strict decoder must refuse the garbled JPEG"
+    return garbled
 
 
 def make_bad_dir(out, case: str):
@@ -38,6 +51,8 @@ def make_bad_dir(out, case: str):
             jpeg = encode_jpeg(image)
             if case == "corrupt_jpeg" and label == 5:
                 jpeg = b"\xff\xd8" + bytes(range(256)) * 2
+            if case == "garbled_jpeg" and label == 5:
+                jpeg = garble(jpeg)
             writer.write(jpeg, 99 if case == "label_out_of_range" and label == 5 else label)
     Manifest(num_classes=CLASSES, num_samples=COUNT, image_size=SIZE, source="test", shards=writer.shards,
              samples_per_identity=[1] * CLASSES).save(out)
@@ -69,8 +84,9 @@ def _loader(directory, reader, **overrides):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_error_policy_names_shard_key_and_reason(tmp_path, reader, case):
     shard, key, reason = CASES[case]
-    loader = _loader(make_bad_dir(tmp_path, case), reader, on_bad_sample="error")
-    with pytest.raises(BadSampleError) as caught:
+    make_bad_dir(tmp_path, case)
+    with pytest.raises(BadSampleError) as caught:  # DALI at start-up (its shard scan), webdataset on reading
+        loader = _loader(tmp_path, reader, on_bad_sample="error")
         for _ in range(2):
             list(loader.iter_epoch())
     assert shard in str(caught.value) and key in str(caught.value) and reason in str(caught.value)
@@ -97,7 +113,7 @@ def test_skip_policy_leaves_bad_samples_out_and_counts_them(tmp_path, reader, ca
 def test_empty_or_missing_shard_list_stops_with_the_fix(tmp_path, reader):
     make_bad_dir(tmp_path, "good")
     (tmp_path / "train-000001.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="train-000001.tar is listed in manifest.json but missing"):
+    with pytest.raises(ManifestError, match="train-000001.tar is listed in manifest.json but missing"):
         _loader(tmp_path, reader)
     body = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**body, "shards": [], "num_samples": 0}))
@@ -105,3 +121,31 @@ def test_empty_or_missing_shard_list_stops_with_the_fix(tmp_path, reader):
         _loader(tmp_path, reader)
     with pytest.raises(ManifestError, match="data.shards is empty"):
         _loader("", reader)
+
+
+def _shift_offsets(index_path, by: int) -> None:
+    """Move every member offset of a `.idx` by `by` bytes (what a stale or hand-edited index looks like)."""
+    lines = index_path.read_text().splitlines()
+    body = []
+    for line in lines[1:]:
+        parts = line.split()
+        for i in range(1, len(parts), 4):
+            parts[i] = str(int(parts[i]) + by)
+        body.append(" ".join(parts))
+    index_path.write_text("\n".join([lines[0], *body]) + "\n")
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("damage", ["shift+512", "shift-512", "foreign"])
+def test_misaligned_or_foreign_index_is_named_before_reading(tmp_path, reader, damage):
+    """A `.idx` that does not match its tar stops the run at start-up naming it (DALI crashed on these)."""
+    make_bad_dir(tmp_path, "good")
+    index = tmp_path / "train-000001.idx"
+    if damage == "foreign":
+        index.write_text((tmp_path / "train-000000.idx").read_text())
+    else:
+        _shift_offsets(index, 512 if damage == "shift+512" else -512)
+    with pytest.raises(ShardIndexError) as caught:
+        _loader(tmp_path, reader)
+    message = caught.value.line()
+    assert "train-000001.idx" in message and "line 2" in message and "index_tar" in message

@@ -171,7 +171,7 @@ def test_reader_choice_and_configuration_errors(shard_dir, tmp_path):
         if path.suffix != ".idx":
             (copy / path.name).write_bytes(path.read_bytes())
     if dali_available():
-        with pytest.raises(FileNotFoundError, match="index_tar"):
+        with pytest.raises(ManifestError, match="index_tar"):
             build_train_loader(_config(copy, "dali"), rank=0, world_size=1, batch_size=2, seed=0, device=CPU)
 
 

@@ -136,8 +136,9 @@ class SkipPolicy:
     def reject(self, sample: BadSample | str) -> None:
         """Handle one bad sample: raise under "error", otherwise count it."""
         if self.policy == "error":
-            raise BadSampleError(f"bad training sample: {sample}. Fix or drop it (`facescale validate DIR` "
-                                 "lists all of them), or set data.on_bad_sample=skip")
+            raise BadSampleError(f"bad training sample: {sample}",
+                                 fix="repair or drop it (`facescale validate DIR` lists all of them), "
+                                     "or set data.on_bad_sample=skip")
         self.skipped += 1
 
     def check_budget(self, skipped: int, examined: int, where: str) -> None:

@@ -13,11 +13,12 @@ instead of copying every batch, and a buffer stays valid for as long as a tensor
 Decoding runs on the GPU ("mixed") when the model is on CUDA and on CPU threads (a CUDA-free pipeline,
 `device_id=None`) otherwise.
 
-Bad data: a failing DALI pipeline is dead and does not say which sample broke it (DALI 2.4's decoder raises
-"nvImageCodec failure" without the key). So under `on_bad_sample: error` a failure is diagnosed by
-scanning the shards to name the shard, key and reason; under `skip` the shards are scanned once at start-up
-(one JPEG decode per sample, ~0.1 ms per image per core) and DALI reads filtered `.idx` files that leave the
-bad samples out. For large sets, run `facescale validate` and repair the shards rather than skipping.
+Bad data: DALI's decoder turns most corrupt JPEGs into garbage images without an error, and a failing
+pipeline does not say which sample broke it. So the shards are scanned at start-up with the webdataset
+reader's own per-sample check (`facescale.data.shard_scan`: one JPEG decode per sample, ~0.1 ms per image
+per core, split over the ranks and cached per shard): under `on_bad_sample: error` the first bad sample
+stops the run naming shard and key; under `skip` DALI reads filtered `.idx` files that leave the bad
+samples out. A pipeline failure during training is still diagnosed by a scan that names the sample.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from facescale.config.schema import DataConfig
 from facescale.data.augment import NO_AUGMENT, Augment, augment_dali
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
 from facescale.data.manifest import Manifest
+from facescale.data.shard_scan import scan_shards
 from facescale.data.shard_writer import IMAGE_EXT, INDEX_VERSION, LABEL_EXT
 from facescale.data.train_loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
 
@@ -108,14 +110,14 @@ class DaliTrainLoader(TrainLoader):
         self.index_paths = [str(p) for p in manifest.index_paths()]
         num_samples = manifest.num_samples
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
-        if self.policy.policy == "skip":
-            bad = scan_all(manifest)
+        bad = scan_shards(manifest, world_size)  # DALI decodes most corrupt JPEGs into garbage silently
+        if bad:
+            self.policy.reject(bad[0])  # under "error": stop here, naming the shard and key
             self.policy.check_budget(len(bad), manifest.num_samples, str(manifest.directory))
-            if bad:
-                self._scratch = tempfile.TemporaryDirectory(prefix="facescale-idx-")
-                scratch = Path(self._scratch.name)
-                self.index_paths, num_samples = write_filtered_indexes(manifest, bad, scratch)
-                self.policy.skipped = len(bad)  # the whole set's bad samples, left out of every epoch
+            self._scratch = tempfile.TemporaryDirectory(prefix="facescale-idx-")
+            scratch = Path(self._scratch.name)
+            self.index_paths, num_samples = write_filtered_indexes(manifest, bad, scratch)
+            self.policy.skipped = len(bad)  # the whole set's bad samples, left out of every epoch
         self.steps_per_epoch = steps_per_epoch(num_samples, world_size, batch_size,
                                                source=str(manifest.directory))
         self._opener: ThreadPoolExecutor | None = None

@@ -65,20 +65,22 @@ def load_shard_manifest(data_cfg: DataConfig, need_index: bool) -> Manifest:
     if not data_cfg.shards:
         raise ManifestError("data.shards is empty; set it to a directory written by "
                             "`facescale synth --out DIR` or a facescale converter")
+    from facescale.data.index_check import check_index
+
     manifest = Manifest.load(data_cfg.shards)
     if manifest.image_size != data_cfg.image_size:
-        raise ValueError(f"{Path(data_cfg.shards) / 'manifest.json'}: shards hold {manifest.image_size}px "
-                         f"images but data.image_size is {data_cfg.image_size}; make them agree")
-    for tar in manifest.shard_paths():
+        raise ManifestError(f"{Path(data_cfg.shards) / 'manifest.json'}: shards hold {manifest.image_size}px "
+                            f"images but data.image_size is {data_cfg.image_size}; make them agree")
+    for tar, index, info in zip(manifest.shard_paths(), manifest.index_paths(), manifest.shards, strict=True):
         if not tar.is_file():
-            raise FileNotFoundError(f"{tar} is listed in manifest.json but missing; restore it or regenerate "
-                                    "the shard directory")
-    if need_index:
-        for index in manifest.index_paths():
-            if not index.is_file():
-                raise FileNotFoundError(f"{index} (DALI index) is missing; recreate it with "
-                                        f"`python -c \"from facescale.data.shard_writer import index_tar; "
-                                        f"index_tar('{index.with_suffix('.tar')}')\"` or `wds2idx`")
+            raise ManifestError(f"{tar} is listed in manifest.json but missing; restore it or regenerate "
+                                "the shard directory")
+        if need_index and not index.is_file():
+            raise ManifestError(f"{index} (DALI index) is missing; recreate it with "
+                                f"`python -c \"from facescale.data.shard_writer import index_tar; "
+                                f"index_tar('{tar}')\"` or `wds2idx`")
+        if index.is_file():  # both readers read members at its offsets
+            check_index(tar, index, info.num_samples)
     return manifest
 
 

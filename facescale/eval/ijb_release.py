@@ -16,7 +16,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from facescale.errors import InputError
+
 NAMES = ("ijbb", "ijbc")
+
+
+class IJBReleaseError(InputError, ValueError):
+    """A malformed IJB release file; the message names the file and line."""
+
+    default_fix = "re-extract the IJB release (meta/ and loose_crop/) and pass its directory"
+
+
+class IJBReleaseFileError(IJBReleaseError, FileNotFoundError):
+    """A file the IJB release should hold is missing."""
 
 
 @dataclass
@@ -46,31 +58,32 @@ def detect_name(root: str) -> str:
     found = [n for n in NAMES if os.path.isfile(meta_path(root, n, "face_tid_mid"))]
     if len(found) != 1:
         what = "both ijbb and ijbc" if found else "no <name>_face_tid_mid.txt"
-        raise FileNotFoundError(f"{os.path.join(root, 'meta')}: {what} meta files; pass --name ijbb|ijbc and "
-                                "--root the release directory that holds meta/ and loose_crop/")
+        raise IJBReleaseFileError(f"{os.path.join(root, 'meta')}: {what} meta files; pass --name ijbb|ijbc "
+                                  "and --root the release directory that holds meta/ and loose_crop/")
     return found[0]
 
 
 def _lines(path: str) -> list[tuple[int, list[str]]]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: IJB meta file not found; --root must be the release directory "
+        raise IJBReleaseFileError(f"{path}: IJB meta file not found; --root must be the release directory "
                                 "holding meta/ and loose_crop/ (see facescale.eval.ijb_release)")
     with open(path, encoding="utf-8") as handle:
         rows = [(number, line.split()) for number, line in enumerate(handle, start=1)]
     rows = [(number, tokens) for number, tokens in rows if tokens]
     if not rows:
-        raise ValueError(f"{path}: empty; re-extract the IJB meta files")
+        raise IJBReleaseError(f"{path}: empty; re-extract the IJB meta files")
     return rows
 
 
 def _ints(path: str, number: int, tokens: list[str], expected: int, layout: str) -> list[int]:
     if len(tokens) != expected:
-        raise ValueError(f"{path}:{number}: expected {expected} fields ({layout}), got {len(tokens)}; "
+        raise IJBReleaseError(f"{path}:{number}: expected {expected} fields ({layout}), got {len(tokens)}; "
                          "fix or re-extract the file")
     try:
         return [int(t) for t in tokens]
     except ValueError:
-        raise ValueError(f"{path}:{number}: non-integer field in {' '.join(tokens)!r} ({layout})") from None
+        raise IJBReleaseError(f"{path}:{number}: non-integer field in {' '.join(tokens)!r} ({layout})"
+                              ) from None
 
 
 def _read_faces(path: str) -> tuple[list[str], np.ndarray]:
@@ -99,7 +112,7 @@ def _read_pairs(path: str) -> np.ndarray:
                            dtype=np.int64)
     bad = np.flatnonzero(~np.isin(table[:, 2], (0, 1)))
     if bad.size:
-        raise ValueError(f"{path}: pair {bad[0] + 1} (non-empty line) has label {table[bad[0], 2]}; "
+        raise IJBReleaseError(f"{path}: pair {bad[0] + 1} (non-empty line) has label {table[bad[0], 2]}; "
                          "labels are 1 (same subject) or 0 (different)")
     return table
 
@@ -110,17 +123,17 @@ def _read_landmarks(path: str) -> dict[str, tuple[int, np.ndarray, float]]:
     found: dict[str, tuple[int, np.ndarray, float]] = {}
     for number, tokens in _lines(path):
         if len(tokens) != 12:
-            raise ValueError(f"{path}:{number}: expected 12 fields ({layout}), got {len(tokens)}; "
+            raise IJBReleaseError(f"{path}:{number}: expected 12 fields ({layout}), got {len(tokens)}; "
                              "fix or re-extract the file")
         try:
             values = np.asarray([float(t) for t in tokens[1:]])
         except ValueError:
-            raise ValueError(f"{path}:{number}: non-numeric field in {' '.join(tokens)!r} "
+            raise IJBReleaseError(f"{path}:{number}: non-numeric field in {' '.join(tokens)!r} "
                              f"({layout})") from None
         if not np.all(np.isfinite(values)):
-            raise ValueError(f"{path}:{number}: non-finite landmark or score ({layout})")
+            raise IJBReleaseError(f"{path}:{number}: non-finite landmark or score ({layout})")
         if tokens[0] in found:
-            raise ValueError(f"{path}:{number}: image {tokens[0]} already listed on line "
+            raise IJBReleaseError(f"{path}:{number}: image {tokens[0]} already listed on line "
                              f"{found[tokens[0]][0]}; each face has one landmark line")
         found[tokens[0]] = (number, values[:10].reshape(5, 2), float(values[10]))
     return found
@@ -138,13 +151,13 @@ def read_ijb_release(root: str, name: str | None = None) -> IJBRelease:
     landmarks, scores = np.empty((len(names), 5, 2)), np.empty(len(names))
     for index, image in enumerate(names):
         if image not in points:
-            raise ValueError(f"{points_path}: no landmark line for image {image} (line {index + 1} of "
+            raise IJBReleaseError(f"{points_path}: no landmark line for image {image} (line {index + 1} of "
                              f"{faces_path}); use the 5-point file of the same release")
         _, landmarks[index], scores[index] = points[image]
     unknown = np.setdiff1d(pairs[:, :2], ids[:, 0])
     if unknown.size:
         line = int(np.flatnonzero(np.isin(pairs[:, :2], unknown).any(axis=1))[0]) + 1
-        raise ValueError(f"{pairs_path}:{line}: template ids {unknown[:5].tolist()} have no faces in "
+        raise IJBReleaseError(f"{pairs_path}:{line}: template ids {unknown[:5].tolist()} have no faces in "
                          f"{faces_path}; use meta files of the same release")
     return IJBRelease(root, name, names, ids[:, 0], ids[:, 1], landmarks, scores, pairs[:, :2], pairs[:, 2])
 
@@ -153,7 +166,7 @@ def check_images_exist(release: IJBRelease) -> None:
     """All loose crops present, else one error naming the count and the first missing file."""
     missing = [i for i in range(len(release.image_names)) if not os.path.isfile(release.image_path(i))]
     if missing:
-        raise FileNotFoundError(f"{release.image_path(missing[0])}: missing ({len(missing)} of "
+        raise IJBReleaseFileError(f"{release.image_path(missing[0])}: missing ({len(missing)} of "
                                 f"{len(release.image_names)} loose crops listed in "
                                 f"{meta_path(release.root, release.name, 'face_tid_mid')} are missing); "
                                 "extract loose_crop/ of the release under --root")
