@@ -51,12 +51,14 @@ class Trainer:
 
         from facescale.data.loader import build_train_loader
         from facescale.data.manifest import Manifest
+        from facescale.deepspeed_ops import skip_unused_ops
         from facescale.heads import build_head
         from facescale.models.registry import build_backbone
 
         self.cfg, self.env, self.runtime = cfg, env, runtime
         self.run_dir = Path(cfg.logging.run_dir)
         self.manifest = Manifest.load(cfg.data.shards)
+        skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op at start-up
         torch.manual_seed(cfg.schedule.seed)  # identical initial backbone on every rank
         backbone = build_backbone(cfg.model)
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)

@@ -1,0 +1,44 @@
+"""DeepSpeed starts without JIT-building its inference-only shared-memory comm op (100-150 s, a lock file)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import os
+    import torch
+    import deepspeed
+    from facescale.deepspeed_ops import skip_unused_ops
+
+    skip_unused_ops()
+    model = torch.nn.Linear(3, 2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config={"train_batch_size": 1, "zero_allow_untested_optimizer": True})
+    print("shm_comm_op", deepspeed.comm.comm.cdb.shm_comm_op)
+""")
+
+
+def test_engine_starts_without_building_the_shm_op(tmp_path):
+    extensions = tmp_path / "torch_extensions"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(extensions), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shm_comm_op None" in proc.stdout
+    built = [p.name for p in extensions.rglob("*")] if extensions.exists() else []
+    assert not built, f"DeepSpeed built native ops at start-up: {built}"
+
+
+def _free_port() -> int:
+    from launcher.ports import free_port
+
+    return free_port()
