@@ -90,41 +90,106 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "med": statistics.median(values), "max": max(values)}
 
 
+def pick_device(name: str) -> torch.device:
+    """'auto' = CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class GemmFloor:
     """The three matmuls of one step at one shape, into preallocated outputs (no allocation, no faults)."""
 
     def __init__(self, weight: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
         gen = torch.Generator().manual_seed(7)
+        device = weight.device
         self.weight = weight  # [C', D], read only
-        self.x = torch.randn(batch, DIM, generator=gen).to(dtype)
-        self.grad = torch.randn(batch, weight.shape[0], generator=gen).div_(weight.shape[0]).to(dtype)
-        self.logits = torch.empty(batch, weight.shape[0], dtype=dtype)
-        self.grad_x = torch.empty(batch, DIM, dtype=dtype)
-        self.grad_w = torch.empty(weight.shape[0], DIM, dtype=dtype)
+        self.x = torch.randn(batch, DIM, generator=gen).to(device=device, dtype=dtype)
+        grad = torch.randn(batch, weight.shape[0], generator=gen).div_(weight.shape[0])
+        self.grad = grad.to(device=device, dtype=dtype)
+        self.logits = torch.empty(batch, weight.shape[0], dtype=dtype, device=device)
+        self.grad_x = torch.empty(batch, DIM, dtype=dtype, device=device)
+        self.grad_w = torch.empty(weight.shape[0], DIM, dtype=dtype, device=device)
 
     def run_ms(self) -> float:
+        synchronize(self.weight.device)
         t0 = time.perf_counter()
         torch.mm(self.x, self.weight.t(), out=self.logits)  # forward
         torch.mm(self.grad, self.weight, out=self.grad_x)  # d-embeddings
         torch.mm(self.grad.t(), self.x, out=self.grad_w)  # d-centers
+        synchronize(self.weight.device)
         return (time.perf_counter() - t0) * 1e3
+
+
+class StreamBandwidth:
+    """Bytes/s of an in-place `a += s*b` (read a, read b, write a) over buffers far larger than the caches,
+    with the step's threads: the rate an optimizer's read-modify-write pass can reach on this machine."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 * 1024**2) -> None:
+        self.a = torch.zeros(nbytes // 4, device=device)
+        self.b = torch.ones(nbytes // 4, device=device)
+
+    def run_gbs(self) -> float:
+        synchronize(self.a.device)
+        t0 = time.perf_counter()
+        self.a.add_(self.b, alpha=1e-6)
+        synchronize(self.a.device)
+        return 3 * self.a.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
+def step_traffic_bytes(classes: int, width: int, mode: str, center_bytes: int, state_bytes: int) -> int:
+    """Bytes a step must move: the forward reads the C' sampled rows; the update reads and writes rows and
+    their optimizer state (bf16 residual included) — the sampled ones (sparse) or the whole shard (dense).
+    `center_bytes` / `state_bytes`: bytes of one row of centers / of all state buffers."""
+    updated = width if mode == "sparse" else classes
+    return width * center_bytes + 2 * updated * (center_bytes + state_bytes)
+
+
+class PeakMemory:
+    """Peak bytes above a baseline: CUDA allocator statistics, or the process's RSS high-water mark."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base, self.reset = torch.cuda.memory_allocated(device), True
+        else:
+            self.base, self.reset = current_rss(), reset_peak_rss()
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated"
+        return "VmHWM after clear_refs" if self.reset else "ru_maxrss"
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        used = peak_rss() if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return used - self.base
 
 
 # ----------------------------------------------------------------------------------------------- workers
 def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One head configuration: warm-up (peak RSS measured there), then timed steps alternating with floors."""
+    """One head configuration: warm-up (peak memory measured there), then timed steps alternating with the
+    GEMM floor and the stream-bandwidth probe, so the ratios see the same machine load."""
     from facescale.config.schema import MarginConfig
     from facescale.heads.margins import build_margin
     from facescale.heads.partial_fc import PartialFCHead
 
     torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg.get("device", "cpu"))
     dtype = DTYPES[cfg["dtype"]]
     classes, batch = cfg["classes"], cfg["batch"]
     gen = torch.Generator().manual_seed(1)
-    embeddings = [torch.randn(batch, DIM, generator=gen).to(dtype) for _ in range(4)]
-    labels = [torch.randint(0, classes, (batch,), generator=gen) for _ in range(4)]
-    base_rss = current_rss()
-    peak_reset = reset_peak_rss()
+    embeddings = [torch.randn(batch, DIM, generator=gen).to(device=device, dtype=dtype) for _ in range(4)]
+    labels = [torch.randint(0, classes, (batch,), generator=gen).to(device) for _ in range(4)]
+    memory = PeakMemory(device)
     head = PartialFCHead(
         classes,
         DIM,
@@ -135,18 +200,25 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
         momentum=MOMENTUM,
         weight_decay=WEIGHT_DECAY,
         storage_dtype=dtype,
+        device=device,
     )
-    state_bytes = sum(t.numel() * t.element_size() for t in head.center_optimizer.state_tensors().values())
+    state = head.center_optimizer.state_tensors()
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    residual_bytes = sum(t.numel() * t.element_size() for n, t in state.items() if n == "center_residual")
     centers_bytes = head.centers.numel() * head.centers.element_size()
 
     def step(index: int) -> dict[str, float]:
         x = embeddings[index % 4].clone().requires_grad_()
+        synchronize(device)
         t0 = time.perf_counter()
         loss, stats = head(x, labels[index % 4], index)
+        synchronize(device)
         t1 = time.perf_counter()
         loss.backward()
+        synchronize(device)
         t2 = time.perf_counter()
         head.optimizer_step(LR)
+        synchronize(device)
         t3 = time.perf_counter()
         return {
             "fwd": (t1 - t0) * 1e3,
@@ -157,39 +229,63 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
         }
 
     warm = [step(i) for i in range(cfg["warmup"])]
-    peak_bytes = peak_rss() if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_bytes = memory.peak()
     width = warm[-1]["width"]
     floor = GemmFloor(
         head.centers[:width] if dtype == head.centers.dtype else head.centers[:width].to(dtype), batch, dtype
     )
-    steps, floors = [], []
+    stream = StreamBandwidth(device)
+    steps, floors, bandwidths = [], [], []
     for i in range(cfg["steps"]):
         floors.append(floor.run_ms())
+        bandwidths.append(stream.run_gbs())
         steps.append(step(cfg["warmup"] + i))
-    del floor
+    del floor, stream
     tracker = LargestAllocation()
     with tracker:
         step(10_000)
     logits_bytes = batch * width * 4
     theory = centers_bytes + state_bytes + logits_bytes
     step_ms = summary([s["step"] for s in steps])
-    floor_ms = summary(floors)
+    gemm_ms = summary(floors)
+    traffic = step_traffic_bytes(
+        classes, width, cfg["mode"], centers_bytes // classes, state_bytes // classes
+    )
+    bandwidth = statistics.median(bandwidths)
+    memory_ms = traffic / (bandwidth * 1e9) * 1e3
+    floor_med = max(gemm_ms["med"], memory_ms)
     return {
         **cfg,
         "kind": "head",
+        "device": str(device),
         "num_sampled": width,
         "step_ms": step_ms,
         "phase_ms": {p: statistics.median(s[p] for s in steps) for p in ("fwd", "bwd", "opt")},
         "head_last_step_ms": getattr(head, "last_step_ms", None),
-        "floor_ms": floor_ms,
-        "step_over_floor": step_ms["med"] / floor_ms["med"],
-        "step_over_floor_per_round": [s["step"] / f for s, f in zip(steps, floors, strict=True)],
+        "floor_ms": gemm_ms,
+        "gemm_floor_ms": gemm_ms,
+        "traffic_bytes": traffic,
+        "stream_gbs": summary(bandwidths),
+        "memory_floor_ms": memory_ms,
+        "bound": "GEMM" if gemm_ms["med"] >= memory_ms else "memory",
+        "step_floor_ms": floor_med,
+        "step_over_floor": step_ms["med"] / floor_med,
+        "step_over_gemm_floor": step_ms["med"] / gemm_ms["med"],
+        "step_over_floor_per_round": [
+            s["step"] / max(f, traffic / (g * 1e9) * 1e3)
+            for s, f, g in zip(steps, floors, bandwidths, strict=True)
+        ],
         "warmup_step_ms": [w["step"] for w in warm],
-        "peak_bytes": peak_bytes - base_rss,
-        "peak_method": "VmHWM after clear_refs" if peak_reset else "ru_maxrss",
+        "peak_bytes": peak_bytes,
+        "peak_method": memory.method,
         "theory_bytes": theory,
-        "theory": {"centers": centers_bytes, "optimizer_state": state_bytes, "sampled_logits": logits_bytes},
-        "peak_over_theory": (peak_bytes - base_rss) / theory,
+        "theory": {
+            "centers": centers_bytes,
+            "optimizer_state": state_bytes - residual_bytes,
+            "bf16_residual": residual_bytes,
+            "sampled_logits": logits_bytes,
+        },
+        "peak_over_theory": peak_bytes / theory,
         "largest_alloc_elems": tracker.largest,
         "largest_alloc_op": tracker.largest_op,
         "shard_elems": classes * DIM,
@@ -205,7 +301,7 @@ def full_fc_step(
     dtype: torch.dtype,
 ) -> None:
     """The obvious full FC: normalize W, linear, ArcFace margin, cross-entropy, SGD over all of W."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         cos = F.linear(F.normalize(x), F.normalize(weight)).float()
     target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
     logits = cos.scatter(1, labels[:, None], torch.cos(torch.acos(target) + MARGIN)) * SCALE
@@ -217,23 +313,25 @@ def full_fc_step(
 def run_full_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The obvious full-FC step for one (C, B, dtype), alternating with its own full-size GEMM floor."""
     torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg.get("device", "cpu"))
     dtype = DTYPES[cfg["dtype"]]
     classes, batch = cfg["classes"], cfg["batch"]
     gen = torch.Generator().manual_seed(1)
-    base_rss = current_rss()
-    peak_reset = reset_peak_rss()
-    weight = torch.nn.Parameter(torch.randn(classes, DIM, generator=gen).mul_(0.01))
+    memory = PeakMemory(device)
+    weight = torch.nn.Parameter(torch.randn(classes, DIM, generator=gen).mul_(0.01).to(device))
     optimizer = torch.optim.SGD([weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    xs = [torch.randn(batch, DIM, generator=gen).requires_grad_() for _ in range(2)]
-    labels = [torch.randint(0, classes, (batch,), generator=gen) for _ in range(2)]
+    xs = [torch.randn(batch, DIM, generator=gen).to(device).requires_grad_() for _ in range(2)]
+    labels = [torch.randint(0, classes, (batch,), generator=gen).to(device) for _ in range(2)]
 
     def step(i: int) -> float:
+        synchronize(device)
         t0 = time.perf_counter()
         full_fc_step(weight, optimizer, xs[i % 2], labels[i % 2], dtype)
+        synchronize(device)
         return (time.perf_counter() - t0) * 1e3
 
     warm = [step(i) for i in range(cfg["warmup"])]
-    peak_bytes = peak_rss() if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_bytes = memory.peak()
     floor = GemmFloor(weight.detach() if dtype == torch.float32 else weight.detach().to(dtype), batch, dtype)
     steps, floors = [], []
     for i in range(cfg["steps"]):
@@ -243,11 +341,12 @@ def run_full_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         **cfg,
         "kind": "full_fc",
+        "device": str(device),
         "step_ms": step_ms,
         "floor_ms": floor_ms,
         "step_over_floor": step_ms["med"] / floor_ms["med"],
         "warmup_step_ms": warm,
-        "peak_bytes": peak_bytes - base_rss,
+        "peak_bytes": peak_bytes,
     }
 
 
@@ -294,6 +393,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         for batch in args.batch:
             for dtype in args.dtypes:
                 common = {"classes": classes, "batch": batch, "dtype": dtype, "threads": args.threads}
+                common["device"] = getattr(args, "device", "cpu")
                 large = classes >= args.large_from
                 if args.baseline_steps > 0:
                     full = {
@@ -342,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline-steps-large", type=int, default=1)
     parser.add_argument("--large-from", type=parse_count, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     parser.add_argument("--max-gib", type=float, default=14.0, help="skip configs estimated above this")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per config subprocess")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
@@ -362,6 +463,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": args.threads,
+            "device": str(pick_device(args.device)),
+            "device_name": torch.cuda.get_device_name(pick_device(args.device))
+            if pick_device(args.device).type == "cuda"
+            else platform.processor() or platform.machine(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_"))},
         },
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -411,7 +516,7 @@ def _cell(r: dict[str, Any], key: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable table of a report (what benchmarks/results/head_cpu.md holds)."""
     lines = [
-        "# Partial FC head benchmark (CPU, world size 1, D = 512)",
+        "# Partial FC head benchmark (world size 1, D = 512)",
         "",
         "Produced by (from the repo root):",
         "",
@@ -425,28 +530,37 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_loads(run.get('load_average_end') or [])} at end)",
             "",
         ]
+    machine = report["machine"]
     lines += [
-        f"{report['machine']['cpu_count']} CPUs, {report['machine']['threads']} torch threads, torch "
-        f"{report['machine']['torch']}. The machine is shared: absolute times are noisy; step/floor ratios "
-        "are taken within one process with head steps and floor GEMMs alternating.",
+        f"Device {machine.get('device', 'cpu')} ({machine.get('device_name', '?')}), "
+        f"{machine['cpu_count']} CPUs, {machine['threads']} torch threads, torch {machine['torch']}. "
+        "Ratios are taken within one process, the head's steps alternating with the GEMM floor and the "
+        "stream-bandwidth probe. floor = max(GEMM floor, memory floor); memory floor = the bytes the step "
+        "must move (the sampled rows read by the forward, plus rows, optimizer state and bf16 residual read "
+        "and written by the update: sampled rows for sparse, the whole shard for dense) / stream bandwidth "
+        "(in-place a += s*b, measured in the same run). bf16 theory includes the bf16 residual that "
+        "keeps bf16 centers on the fp32 trajectory.",
         "",
-        "| C | B | dtype | rate | mode | C' | step ms min/med/max | floor ms min/med/max | step/floor "
-        "| fwd / bwd / opt ms | peak GiB | theory GiB | peak/theory | largest alloc / (C*D) | vs full FC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| C | B | dtype | rate | mode | C' | step ms min/med/max | GEMM floor ms med | traffic GB "
+        "| stream GB/s | memory floor ms | bound | **step/floor** | fwd / bwd / opt ms | peak GiB "
+        "| theory GiB (residual) | **peak/theory** | largest alloc / (C*D) | vs full FC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r.get("kind") != "head":
             continue
         head = f"| {r['classes']:,} | {r['batch']} | {r['dtype']} | {r['rate']} | {r['mode']} "
         if "skipped" in r or "error" in r:
-            lines.append(head + f"| {r.get('skipped') or r.get('error')} |" + " |" * 9)
+            lines.append(head + f"| {r.get('skipped') or r.get('error')} |" + " |" * 13)
             continue
         phases = " / ".join(f"{r['phase_ms'][p]:.0f}" for p in ("fwd", "bwd", "opt"))
         speedup = f"{r['speedup_vs_full_fc']:.1f}x" if "speedup_vs_full_fc" in r else "n/a"
+        residual = r["theory"].get("bf16_residual", 0) / GIB
         lines.append(
-            head + f"| {r['num_sampled']:,} | {_cell(r, 'step_ms')} | {_cell(r, 'floor_ms')} "
-            f"| **{r['step_over_floor']:.2f}** | {phases} | {r['peak_bytes'] / GIB:.2f} "
-            f"| {r['theory_bytes'] / GIB:.2f} | **{r['peak_over_theory']:.2f}** "
+            head + f"| {r['num_sampled']:,} | {_cell(r, 'step_ms')} | {r['floor_ms']['med']:.1f} "
+            f"| {r['traffic_bytes'] / 1e9:.2f} | {r['stream_gbs']['med']:.1f} | {r['memory_floor_ms']:.1f} "
+            f"| {r['bound']} | **{r['step_over_floor']:.2f}** | {phases} | {r['peak_bytes'] / GIB:.2f} "
+            f"| {r['theory_bytes'] / GIB:.2f} ({residual:.2f}) | **{r['peak_over_theory']:.2f}** "
             f"| {r['largest_alloc_elems'] / r['shard_elems']:.3f} | {speedup} |"
         )
     lines += [
@@ -482,6 +596,11 @@ def one_line(r: dict[str, Any]) -> str:
     if "skipped" in r or "error" in r:
         return f"{name}  {r.get('skipped') or r.get('error')}"
     text = f"{name}  step {r['step_ms']['med']:9.1f} ms  floor {r['floor_ms']['med']:9.1f}"
+    if r["kind"] == "head":
+        text = f"{name}  step {r['step_ms']['med']:9.1f} ms  GEMM {r['floor_ms']['med']:8.1f}"
+        text += (
+            f"  memory {r['memory_floor_ms']:8.1f} ({r['stream_gbs']['med']:.0f} GB/s) -> {r['bound']}-bound"
+        )
     text += f"  x{r['step_over_floor']:.2f}"
     if r["kind"] == "head":
         text += f"  peak {r['peak_bytes'] / GIB:.2f} GiB ({r['peak_over_theory']:.2f}x)"

@@ -8,11 +8,15 @@ Semantics of the two modes when Partial FC samples a subset of centers each step
           semantics): an unsampled row and its state stay bit-identical, so it is as if that step never
           happened for it. AdamW keeps a per-row step count so bias correction is per row.
 With momentum 0 and weight decay 0, SGD gives identical results in both modes. Storage of centers and
-state may be bf16; all update math runs in fp32 (row blocks are up-cast, updated and written back), and
-dense mode works through the shard in row blocks so no full-size fp32 temporary is ever allocated.
-Both modes work in blocks of `block_rows` rows small enough to stay in cache across the few passes of the
-update rule; the gradient may be a tensor or a `CenterGrad` whose blocks are formed on demand (one small
-GEMM per block), so the head never materialises a [rows, D] gradient.
+state may be bf16; all update math runs in fp32. A bf16 center cannot take an update smaller than half its
+ulp (2^-9 relative: lr*wd = 5e-5 per step is lost entirely), so bf16 storage keeps a bf16 residual per
+element (`center_residual`, Kahan-style compensation): the center is hi + lo (~16 significant bits), the
+forward uses hi, and 2 bytes per element (half an fp32 master copy) keep the bf16 run on the fp32 one.
+Both modes work in blocks of `block_rows` rows; the gradient may be a tensor or a `CenterGrad` whose
+blocks are formed on demand (one small GEMM per block), so the head never materialises a [rows, D]
+gradient. On the CPU, SGD runs each block's update as one fused pass per row (heads/native.py: gradient
+projection, momentum, decay, write-back, residual and 1/||w|| in place, several threads); otherwise (CUDA,
+AdamW, no compiler) the same rule runs as torch ops on up-cast blocks.
 """
 
 from __future__ import annotations
@@ -21,20 +25,19 @@ import torch
 from torch import Tensor
 
 from facescale.config.schema import OptimizerKind, UpdateKind, choices
+from facescale.heads.native import CenterKernels, center_kernels
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
 
 OPTIMIZERS = choices(OptimizerKind)
 UPDATE_MODES = choices(UpdateKind)
+RESIDUAL = "center_residual"  # the low part of half-precision centers (see module docstring)
+_HALF = (torch.bfloat16, torch.float16)
+_NORM_EPS = 1e-12  # as inverse_row_norms
 
 
 def _upcast(t: Tensor) -> Tensor:
     """t in at least fp32: itself when already fp32/fp64 (updates hit storage), else an fp32 working copy."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _write_back(storage: Tensor, work: Tensor) -> None:
-    if work is not storage:
-        storage.copy_(work)
 
 
 def _grad_rows(grad: Tensor | CenterGrad, start: int, stop: int, weight: Tensor | None = None) -> Tensor:
@@ -77,20 +80,27 @@ class CenterOptimizer(torch.nn.Module):
             self.register_buffer("exp_avg", torch.zeros(shape, dtype=state_dtype, device=device), False)
             self.register_buffer("exp_avg_sq", torch.zeros(shape, dtype=state_dtype, device=device), False)
             self.register_buffer("row_steps", torch.zeros(num_rows, dtype=torch.int64, device=device), False)
+        if state_dtype in _HALF:  # centers are stored in the state dtype (PartialFCHead)
+            self.register_buffer(RESIDUAL, torch.zeros(shape, dtype=state_dtype, device=device), False)
+        self._product: Tensor | None = None  # reused [block_rows, D] buffer for CenterGrad products
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Row-aligned state ([rows, ...] each), for checkpoints; resharding is row slicing."""
         return dict(self.named_buffers())
 
     def load_state_tensors(self, state: dict[str, Tensor]) -> None:
-        """Copy saved state into the buffers (shapes must match; dtype/device are converted)."""
+        """Copy saved state into the buffers (shapes must match; dtype/device are converted). A checkpoint
+        written before bf16 centers had a residual loads with a zero residual."""
         expected = self.state_tensors()
-        if set(state) != set(expected):
+        if set(state) != set(expected) and set(state) != set(expected) - {RESIDUAL}:
             raise ValueError(
                 f"center optimizer state has keys {sorted(state)}, expected {sorted(expected)} "
                 f"for optimizer={self.kind}; was the checkpoint written with another head.optimizer?"
             )
         for name, buffer in expected.items():
+            if name not in state:
+                buffer.zero_()
+                continue
             if tuple(state[name].shape) != tuple(buffer.shape):
                 raise ValueError(
                     f"center optimizer state {name!r} has shape {tuple(state[name].shape)}, "
@@ -117,30 +127,127 @@ class CenterOptimizer(torch.nn.Module):
                 f"grad of shape {shape} does not match centers {tuple(centers.shape)} "
                 f"and index of length {None if index is None else len(index)}"
             )
-        if self.mode == "sparse" and index is not None:
+        kernels = self._fused_kernels(centers, grad, inv_norms)
+        if kernels is not None:
+            self._update_fused(kernels, centers, grad, index, lr, inv_norms)
+        elif self.mode == "sparse" and index is not None:
             self._update_rows(centers, grad, index, lr, inv_norms)
         else:
             self._update_dense(centers, grad, index, lr, inv_norms)
+
+    # ------------------------------------------------------------------------------ fused CPU SGD path
+    def _fused_kernels(
+        self, centers: Tensor, grad: Tensor | CenterGrad, inv_norms: Tensor | None
+    ) -> CenterKernels | None:
+        """The native kernels when they apply: SGD on CPU, fp32 or bf16 storage, contiguous tensors."""
+        if (
+            self.kind != "sgd"
+            or centers.device.type != "cpu"
+            or centers.dtype not in (torch.float32, torch.bfloat16)
+        ):
+            return None
+        state = self.state_tensors()
+        tensors = [centers, *state.values()] + ([inv_norms] if inv_norms is not None else [])
+        if any(not t.is_contiguous() for t in tensors) or any(
+            t.dtype != centers.dtype for t in state.values()
+        ):
+            return None
+        if inv_norms is not None and inv_norms.dtype != torch.float32:
+            return None
+        if (centers.dtype == torch.bfloat16) != (RESIDUAL in state):
+            return None
+        if isinstance(grad, Tensor):
+            if grad.dtype not in (torch.float32, torch.bfloat16) or not grad.is_contiguous():
+                return None
+        elif grad.x_hat is None or grad.x_hat.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return center_kernels()
+
+    def _update_fused(
+        self,
+        kernels: CenterKernels,
+        centers: Tensor,
+        grad: Tensor | CenterGrad,
+        index: Tensor | None,
+        lr: float,
+        inv_norms: Tensor | None,
+    ) -> None:
+        """One fused pass per block of `block_rows` gradient rows; dense calls also stream the shard rows
+        between this block's first row and the next block's (ghost momentum and decay)."""
+        state = self.state_tensors()
+        total = centers.shape[0] if index is None else len(index)
+        dense = self.mode == "dense" and index is not None
+        if index is not None:
+            index = index.to(torch.int64).contiguous()
+        for lo in range(0, max(total, 1), self.block_rows):
+            hi = min(lo + self.block_rows, total)
+            block, proj = self._block_gradient(grad, lo, hi)
+            rows = None if index is None else index[lo:hi]
+            span = (0, 0)
+            if dense:
+                first = 0 if lo == 0 else int(index[lo])
+                span = (first, int(index[hi]) if hi < total else centers.shape[0])
+            kernels.sgd(
+                centers,
+                block,
+                rows,
+                row_base=lo,
+                dense_rows=span,
+                proj_inv=proj,
+                residual=state.get(RESIDUAL),
+                momentum=state.get("momentum_buffer"),
+                inv_norms=inv_norms,
+                lr=lr,
+                mu=self.momentum,
+                wd=self.weight_decay,
+                eps=_NORM_EPS,
+            )
+
+    def _block_gradient(self, grad: Tensor | CenterGrad, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
+        """Rows [lo, hi) as (tensor, None), or a CenterGrad's product P = (G*r).t() @ x-hat for them and the
+        forward's 1/||w|| (the kernel applies the tangent projection P - r^2 (w . P) w itself)."""
+        if isinstance(grad, Tensor):
+            return grad[lo:hi], None
+        scaled, x_hat = grad.grad_scaled, grad.x_hat
+        if scaled is None or x_hat is None or grad.w_inv is None:
+            raise RuntimeError(
+                "no center gradient: call loss.backward() between forward() and optimizer_step()"
+            )
+        shape = (self.block_rows, x_hat.shape[1])
+        if self._product is None or tuple(self._product.shape) != shape or self._product.dtype != x_hat.dtype:
+            self._product = torch.empty(shape, dtype=x_hat.dtype)
+        product = torch.mm(scaled[:, lo:hi].t(), x_hat, out=self._product[: hi - lo])
+        return product, grad.w_inv[lo:hi].float().contiguous()
+
+    # ------------------------------------------------------------------------------------ torch path
+    def _rule_state(self, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: buf for name, buf in buffers.items() if name != RESIDUAL}
 
     def _update_rows(
         self, centers: Tensor, grad: Tensor | CenterGrad, index: Tensor, lr: float, inv_norms: Tensor | None
     ) -> None:
         """Sparse mode: per block of sampled rows, gather rows and state, update in fp32, scatter back."""
         buffers = self.state_tensors()
+        residual = buffers.get(RESIDUAL)
+        rule_state = self._rule_state(buffers)
         for lo in range(0, len(index), self.block_rows):
             hi = min(lo + self.block_rows, len(index))
             rows = index[lo:hi]
-            params = _upcast(centers.index_select(0, rows))
+            stored = _upcast(centers.index_select(0, rows))  # the rows the forward (and gradient) saw
+            block_grad = _grad_rows(grad, lo, hi, stored).to(stored.dtype)
+            params = stored if residual is None else stored + residual.index_select(0, rows)
             work = {}
-            for name, buf in buffers.items():
+            for name, buf in rule_state.items():
                 gathered = buf.index_select(0, rows)
                 work[name] = _upcast(gathered) if gathered.is_floating_point() else gathered
-            self._apply_rule(params, work, _grad_rows(grad, lo, hi, params).to(params.dtype), None, lr)
-            stored = params.to(centers.dtype)
-            centers.index_copy_(0, rows, stored)
+            self._apply_rule(params, work, block_grad, None, lr)
+            rounded = params.to(centers.dtype)
+            centers.index_copy_(0, rows, rounded)
+            if residual is not None:
+                residual.index_copy_(0, rows, params.sub_(rounded).to(residual.dtype))
             if inv_norms is not None:
-                inv_norms.index_copy_(0, rows, inverse_row_norms(stored, inv_norms.dtype))
-            for name, buf in buffers.items():
+                inv_norms.index_copy_(0, rows, inverse_row_norms(rounded, inv_norms.dtype))
+            for name, buf in rule_state.items():
                 buf.index_copy_(0, rows, work[name].to(buf.dtype))
 
     def _update_dense(
@@ -156,23 +263,30 @@ class CenterOptimizer(torch.nn.Module):
         if index is not None:  # where each block's slice of the sorted index begins and ends
             bounds = torch.tensor(starts + [centers.shape[0]], device=index.device)
             cuts = torch.searchsorted(index, bounds).tolist()
+        buffers = self.state_tensors()
+        residual = buffers.get(RESIDUAL)
         for block, first in enumerate(starts):
             last = min(first + self.block_rows, centers.shape[0])
-            params = _upcast(centers[first:last])
+            stored = _upcast(centers[first:last])
             if index is None:
-                rows, block_grad = None, _grad_rows(grad, first, last, params)
+                rows, block_grad = None, _grad_rows(grad, first, last, stored)
             else:
                 lo, hi = cuts[block], cuts[block + 1]
                 rows = index[lo:hi] - first if hi > lo else None
                 block_grad = _grad_rows(grad, lo, hi) if hi > lo else None
             if block_grad is not None:
-                block_grad = block_grad.to(params.dtype)
-            storage = {name: buf[first:last] for name, buf in self.state_tensors().items()}
+                block_grad = block_grad.to(stored.dtype)
+            params = stored if residual is None else stored + residual[first:last]
+            storage = {name: buf[first:last] for name, buf in self._rule_state(buffers).items()}
             work = {name: (_upcast(s) if s.is_floating_point() else s) for name, s in storage.items()}
             self._apply_rule(params, work, block_grad, rows, lr)
-            _write_back(centers[first:last], params)
+            if params.data_ptr() != centers[first:last].data_ptr():  # an up-cast working copy
+                centers[first:last].copy_(params)
+            if residual is not None:
+                residual[first:last].copy_(params.sub_(centers[first:last].to(params.dtype)))
             for name, s in storage.items():
-                _write_back(s, work[name])
+                if work[name] is not s:
+                    s.copy_(work[name])
             if inv_norms is not None:
                 inverse_row_norms(centers[first:last], inv_norms.dtype, out=inv_norms[first:last])
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from facescale.heads.native import native_kernels_for
+
 _NORM_EPS = 1e-12  # like F.normalize: divide by max(||v||, eps)
 
 
@@ -33,10 +35,16 @@ _NORM_BLOCK_ROWS = 4096  # half-precision rows are up-cast a cache-sized block a
 
 
 def inverse_row_norms(rows: Tensor, out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """1 / max(||row||, eps) per row, accumulated in at least fp32 without a full-size up-cast copy."""
+    """1 / max(||row||, eps) per row, accumulated in at least fp32 without a full-size up-cast copy.
+
+    fp32/bf16 rows on the CPU go through the native kernel, the one the center optimizer refreshes its
+    cached norms with, so cached and recomputed norms are bit-identical (an exact resume needs that)."""
     acc_dtype = _accumulate_dtype(out_dtype)
     if out is None:
         out = torch.empty(rows.shape[0], dtype=acc_dtype, device=rows.device)
+    kernels = native_kernels_for(rows, out)
+    if kernels is not None:
+        return kernels.inverse_row_norms(rows, out, _NORM_EPS)
     step = rows.shape[0] if rows.dtype == acc_dtype else _NORM_BLOCK_ROWS
     for lo in range(0, rows.shape[0], max(step, 1)):
         torch.linalg.vector_norm(rows[lo : lo + step], dim=1, dtype=acc_dtype, out=out[lo : lo + step])

@@ -23,6 +23,7 @@ from torch import Tensor
 from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.margins import MarginSoftmaxSpec
+from facescale.heads.native import native_kernels_for
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
 from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
 from facescale.parallel.collectives import (
@@ -187,6 +188,9 @@ class PartialFCHead(torch.nn.Module):
         if buffer is None:
             return self.centers.index_select(0, index)
         buffer.requires_grad_(False)
+        kernels = native_kernels_for(self.centers, buffer)
+        if kernels is not None and index.is_contiguous():  # row memcpy: ~2x index_select's speed
+            return kernels.gather_rows(self.centers, index, buffer)
         return torch.index_select(self.centers, 0, index, out=buffer)
 
     def _centers_key(self) -> tuple:

@@ -8,7 +8,7 @@ import torch
 
 from facescale.config.schema import HeadConfig
 from facescale.heads import STORAGE_DTYPES
-from facescale.heads.center_optimizer import CenterOptimizer
+from facescale.heads.center_optimizer import RESIDUAL, CenterOptimizer
 from facescale.heads.sampling import num_samples_for
 from facescale.parallel.partition import class_partition
 from facescale.plan.zero import ring_all_gather, ring_all_reduce
@@ -22,7 +22,8 @@ class HeadShard:
     rows: int
     num_sample: int
     centers_bytes: int
-    optimizer_bytes: int
+    optimizer_bytes: int  # every row-aligned state buffer, the bf16 residual included
+    residual_bytes: int = 0  # bf16 centers: the low half that keeps sub-ulp updates (center_optimizer.py)
 
 
 def head_shard(cfg: HeadConfig, num_classes: int, embedding_size: int, world: int, rank: int) -> HeadShard:
@@ -39,11 +40,12 @@ def head_shard(cfg: HeadConfig, num_classes: int, embedding_size: int, world: in
         state_dtype=dtype,
         device="meta",
     )
-    state = sum(t.numel() * t.element_size() for t in optimizer.state_tensors().values())
+    buffers = optimizer.state_tensors()
+    state = sum(t.numel() * t.element_size() for t in buffers.values())
+    residual = buffers[RESIDUAL].numel() * buffers[RESIDUAL].element_size() if RESIDUAL in buffers else 0
     element = torch.empty((), dtype=dtype).element_size()
-    return HeadShard(
-        rank, rows, min(rows, num_samples_for(cfg.sample_rate, rows)), rows * embedding_size * element, state
-    )
+    num_sample = min(rows, num_samples_for(cfg.sample_rate, rows))
+    return HeadShard(rank, rows, num_sample, rows * embedding_size * element, state, residual)
 
 
 def head_step_bytes(shard: HeadShard, global_batch: int, embedding_size: int) -> dict[str, int]:

@@ -48,7 +48,8 @@ class RankPlan:
             "backbone fp32 partition": self.zero.master,
             "backbone optimizer state": self.zero.optimizer,
             "center shard": self.head.centers_bytes,
-            "center optimizer state": self.head.optimizer_bytes,
+            "center optimizer state": self.head.optimizer_bytes - self.head.residual_bytes,
+            **({"center bf16 residual": self.head.residual_bytes} if self.head.residual_bytes else {}),
             **self.head_step,
             "backbone activations": self.activations,
         }

@@ -1,0 +1,177 @@
+"""The fused CPU kernels of the center optimizer (kernels/center_sgd.cpp), built once per machine, via ctypes.
+
+The source has a plain C ABI and no torch headers, so it compiles with the system C++ compiler in about a
+second (a torch.utils.cpp_extension build takes minutes on a 2-core CI machine). The library is cached under
+$FACESCALE_KERNEL_CACHE (default ~/.cache/facescale/kernels), keyed by source, compiler and CPU flags, so
+a cache shared by different nodes never loads a binary built for another CPU. Without a compiler, or with
+FACESCALE_NATIVE_KERNELS=0, `center_kernels()` returns None and callers use their torch path, which has the
+same semantics (tests/test_center_kernels.py checks the two against each other).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("kernels") / "center_sgd.cpp"
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+def _cpu_signature() -> str:
+    """Model and feature flags of this CPU (-march=native output is only valid on the same kind of CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return os.uname().machine + "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
+    cache = Path(os.environ.get("FACESCALE_KERNEL_CACHE", Path.home() / ".cache" / "facescale" / "kernels"))
+    target = cache / f"center_sgd_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then an atomic rename (ranks race)
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True)
+        os.replace(built, target)
+    return target
+
+
+class CenterKernels:
+    """ctypes bindings of the two kernels; arguments are checked by the callers in center_optimizer.py."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._sgd = library.facescale_center_sgd
+        self._sgd.restype = ctypes.c_int
+        self._sgd.argtypes = [_I64, _I64, _P, _I64, _P, _I32, _P, _I64, _I64, _P, _I32, _P, _P, _I32, _P]
+        self._sgd.argtypes += [_F32, _F32, _F32, _F32, _I32]
+        self._inv_norms = library.facescale_inv_norms
+        self._inv_norms.restype = ctypes.c_int
+        self._inv_norms.argtypes = [_P, _I32, _I64, _I64, _P, _F32, _I32]
+        self._gather = library.facescale_gather_rows
+        self._gather.restype = ctypes.c_int
+        self._gather.argtypes = [_P, _P, _I64, _I64, _P, _I32]
+
+    def sgd(
+        self,
+        centers: Tensor,
+        grad: Tensor,
+        rows: Tensor | None,
+        *,
+        row_base: int = 0,
+        dense_rows: tuple[int, int] = (0, 0),
+        proj_inv: Tensor | None = None,
+        residual: Tensor | None = None,
+        momentum: Tensor | None = None,
+        inv_norms: Tensor | None = None,
+        lr: float,
+        mu: float,
+        wd: float,
+        eps: float,
+    ) -> None:
+        """One fused update (see the .cpp header); every tensor contiguous on the CPU."""
+        status = self._sgd(
+            centers.shape[1],
+            grad.shape[0],
+            _ptr(rows),
+            row_base,
+            grad.data_ptr(),
+            int(grad.dtype == torch.bfloat16),
+            _ptr(proj_inv),
+            dense_rows[0],
+            dense_rows[1],
+            centers.data_ptr(),
+            int(centers.dtype == torch.bfloat16),
+            _ptr(residual),
+            _ptr(momentum),
+            int(momentum is not None and momentum.dtype == torch.bfloat16),
+            _ptr(inv_norms),
+            lr,
+            mu,
+            wd,
+            eps,
+            torch.get_num_threads(),
+        )
+        if status:
+            raise RuntimeError(f"center SGD kernel refused dim {centers.shape[1]}")
+
+    def inverse_row_norms(self, rows: Tensor, out: Tensor, eps: float) -> Tensor:
+        """out[i] = 1 / max(||rows[i]||, eps) in fp32, summed in the same order as the update kernel."""
+        self._inv_norms(
+            rows.data_ptr(),
+            int(rows.dtype == torch.bfloat16),
+            rows.shape[0],
+            rows.shape[1],
+            out.data_ptr(),
+            eps,
+            torch.get_num_threads(),
+        )
+        return out
+
+    def gather_rows(self, source: Tensor, index: Tensor, out: Tensor) -> Tensor:
+        """out[k] = source[index[k]] (contiguous rows, same dtype)."""
+        row_bytes = source.shape[1] * source.element_size()
+        self._gather(
+            source.data_ptr(),
+            index.data_ptr(),
+            index.numel(),
+            row_bytes,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return out
+
+
+def _ptr(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+@lru_cache(maxsize=1)
+def center_kernels() -> CenterKernels | None:
+    """The loaded kernels, or None (no compiler, build failure, or FACESCALE_NATIVE_KERNELS=0)."""
+    if os.environ.get("FACESCALE_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("no C++ compiler found: the center optimizer uses its slower torch path", stacklevel=2)
+        return None
+    try:
+        return CenterKernels(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        warnings.warn(
+            f"building the center optimizer kernels failed ({error}; {detail.decode()[-300:]}): "
+            "using the slower torch path",
+            stacklevel=2,
+        )
+        return None
+
+
+def native_kernels_for(*tensors: Tensor) -> CenterKernels | None:
+    """The kernels if every tensor is a contiguous fp32/bf16 CPU tensor that needs no grad, else None."""
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if not tensor.is_contiguous() or tensor.requires_grad:
+            return None
+    return center_kernels()

@@ -1,0 +1,169 @@
+"""The fused CPU update (heads/native.py) against torch.optim and the torch path; bf16 centers keep updates
+smaller than their ulp (fp32 trajectory within 1e-3); plan reports the residual's bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import facescale.heads.center_optimizer as center_optimizer
+from facescale.config.schema import HeadConfig, MarginConfig
+from facescale.heads.center_optimizer import RESIDUAL, CenterOptimizer
+from facescale.heads.margins import build_margin
+from facescale.heads.native import center_kernels
+from facescale.heads.partial_fc import PartialFCHead
+from facescale.plan import head_shard
+
+needs_kernels = pytest.mark.skipif(center_kernels() is None, reason="no C++ compiler: the fused path is off")
+ROWS, DIM = 37, 24
+
+
+@pytest.fixture(params=["fused", "torch"])
+def path(request, monkeypatch) -> str:
+    """Run a test on the fused kernels and on the torch path (the one CUDA and AdamW use)."""
+    if request.param == "fused" and center_kernels() is None:
+        pytest.skip("no C++ compiler: the fused path is off")
+    if request.param == "torch":
+        monkeypatch.setattr(center_optimizer, "center_kernels", lambda: None)
+    return request.param
+
+
+def _sgd_reference(init: torch.Tensor, grads: list[torch.Tensor], lr: float, momentum: float, wd: float):
+    param = torch.nn.Parameter(init.double().clone())
+    opt = torch.optim.SGD([param], lr=lr, momentum=momentum, weight_decay=wd)
+    for grad in grads:
+        param.grad = grad.double()
+        opt.step()
+    return param.detach()
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_bf16_centers_keep_weight_decay_below_their_ulp(mode: str, path: str) -> None:
+    """100 steps of decay alone (lr 0.1, wd 5e-4, momentum 0.9): a unit row must shrink like fp32 does
+    (to ~0.955), not stay at 1.0 because each step's change is below half a bf16 ulp."""
+    init = torch.nn.functional.normalize(torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(0)))
+    centers = init.to(torch.bfloat16)
+    opt = CenterOptimizer(ROWS, DIM, mode=mode, momentum=0.9, weight_decay=5e-4, state_dtype=torch.bfloat16)
+    index = torch.arange(ROWS)
+    zeros = [torch.zeros(ROWS, DIM)] * 100
+    for grad in zeros:
+        opt.step(centers, grad.to(torch.bfloat16), index, 0.1)
+    expected = _sgd_reference(init.to(torch.bfloat16).float(), zeros, 0.1, 0.9, 5e-4)
+    value = centers.float() + opt.state_tensors()[RESIDUAL].float()
+    norms, expected_norms = value.norm(dim=1), expected.norm(dim=1).float()
+    assert float(expected_norms.mean()) == pytest.approx(0.955, abs=0.002)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-3, atol=0)
+    # the forward reads hi alone: it is within half a bf16 ulp of the tracked value
+    assert float((centers.float() - expected.float()).abs().max()) <= 2**-8
+
+
+def test_bf16_head_tracks_the_fp32_head_through_small_updates(path: str) -> None:
+    """Whole-head training at a small lr: every center update is below a bf16 ulp, yet the bf16 run's
+    centers move like the fp32 run's (without the residual they would not move at all)."""
+    heads = {
+        dtype: PartialFCHead(
+            300, 32, build_margin(MarginConfig()), seed=4, sample_rate=0.5, update="sparse",
+            storage_dtype=dtype, init_std=1.0,
+        )
+        for dtype in (torch.float32, torch.bfloat16)
+    }  # fmt: skip
+    start = {dtype: head.centers.float().clone() for dtype, head in heads.items()}
+    gen = torch.Generator().manual_seed(1)
+    for step in range(60):
+        x, y = torch.randn(16, 32, generator=gen), torch.randint(0, 300, (16,), generator=gen)
+        for head in heads.values():  # fp32 embeddings: the GEMMs run in fp32, only storage differs
+            loss, _ = head(x.clone().requires_grad_(), y, step)
+            loss.backward()
+            head.optimizer_step(1e-3)
+    moved32 = heads[torch.float32].centers - start[torch.float32]
+    low = heads[torch.bfloat16]
+    moved16 = (
+        low.centers.float() + low.center_optimizer.state_tensors()[RESIDUAL].float() - start[torch.bfloat16]
+    )
+    assert float(moved32.norm()) > 0.05
+    assert float((moved16 - moved32).norm() / moved32.norm()) < 0.05
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_sgd_matches_torch_optim_and_leaves_unsampled_rows_alone(mode, momentum, threads) -> None:
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(ROWS * 40, DIM, generator=gen)  # > 64 rows per thread, so the split is exercised
+    centers, rows = init.clone(), init.shape[0]
+    opt = CenterOptimizer(rows, DIM, mode=mode, momentum=momentum, weight_decay=0.01, block_rows=64)
+    inv_norms = 1 / init.norm(dim=1)  # rows never written keep theirs
+    full_grads, previous = [], torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(4):
+            index = torch.randperm(rows, generator=gen)[: rows // 3].sort().values
+            grad = torch.randn(len(index), DIM, generator=gen)
+            before = centers.clone()
+            opt.step(centers, grad, index, 0.05, inv_norms)
+            full_grads.append(torch.zeros(rows, DIM).index_copy_(0, index, grad))
+            if mode == "sparse":
+                untouched = torch.ones(rows, dtype=torch.bool)
+                untouched[index] = False
+                assert torch.equal(centers[untouched], before[untouched])
+    finally:
+        torch.set_num_threads(previous)
+    if mode == "dense":
+        expected = _sgd_reference(init, full_grads, 0.05, momentum, 0.01).float()
+        torch.testing.assert_close(centers, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inv_norms, 1 / centers.double().norm(dim=1).float(), rtol=1e-6, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("update", ["dense", "sparse"])
+def test_fused_head_step_equals_the_torch_path(dtype, update, monkeypatch) -> None:
+    """The same head trained on the fused and on the torch path (projected center gradient formed on
+    demand, bf16 residual, cached norms) ends with the same centers and state."""
+
+    def train(fused: bool) -> PartialFCHead:
+        monkeypatch.setattr(center_optimizer, "center_kernels", center_kernels if fused else lambda: None)
+        head = PartialFCHead(
+            700, 32, build_margin(MarginConfig()), seed=2, sample_rate=0.2, update=update, storage_dtype=dtype
+        )
+        head.center_optimizer.block_rows = 48
+        gen = torch.Generator().manual_seed(5)
+        for step in range(5):
+            x, y = torch.randn(12, 32, generator=gen).to(dtype), torch.randint(0, 700, (12,), generator=gen)
+            loss, _ = head(x.requires_grad_(), y, step)
+            loss.backward()
+            head.optimizer_step(0.5)
+        return head
+
+    fused, reference = train(True), train(False)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5}  # rounding order differs; 5 steps at lr 0.5 amplify it
+    fused_state, reference_state = (h.center_optimizer.state_tensors() for h in (fused, reference))
+    if dtype == torch.bfloat16:  # hi + lo is the center; hi alone may round the other way at a tie
+        value = {
+            h: h.centers.float() + h.center_optimizer.state_tensors()[RESIDUAL].float()
+            for h in (fused, reference)
+        }
+        torch.testing.assert_close(value[fused], value[reference], **tolerance)
+        tolerance = {"rtol": 2**-7, "atol": 1e-6}
+    torch.testing.assert_close(fused.centers.float(), reference.centers.float(), **tolerance)
+    torch.testing.assert_close(
+        fused_state["momentum_buffer"].float(), reference_state["momentum_buffer"].float(), **tolerance
+    )
+
+
+def test_old_bf16_checkpoints_load_with_a_zero_residual() -> None:
+    opt = CenterOptimizer(ROWS, DIM, state_dtype=torch.bfloat16)
+    opt.state_tensors()[RESIDUAL].fill_(1.0)
+    opt.load_state_tensors({"momentum_buffer": torch.ones(ROWS, DIM)})
+    assert float(opt.state_tensors()[RESIDUAL].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="head.optimizer"):
+        opt.load_state_tensors({})
+
+
+def test_plan_reports_the_bf16_residual() -> None:
+    rows = 1000
+    bf16 = head_shard(HeadConfig(storage_dtype="bf16"), rows, 64, 1, 0)
+    fp32 = head_shard(HeadConfig(storage_dtype="fp32"), rows, 64, 1, 0)
+    assert bf16.residual_bytes == rows * 64 * 2 and fp32.residual_bytes == 0
+    assert bf16.optimizer_bytes == 2 * rows * 64 * 2  # momentum + residual
