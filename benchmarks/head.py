@@ -254,6 +254,10 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
     bandwidth = statistics.median(bandwidths)
     memory_ms = traffic / (bandwidth * 1e9) * 1e3
     floor_med = max(gemm_ms["med"], memory_ms)
+    gemm_flops = 6 * batch * width * DIM / (gemm_ms["med"] / 1e3)
+    row_bytes = (centers_bytes + state_bytes) / classes  # per shard row, read and written by a dense update
+    # dense is memory-bound when 2*C*row_bytes/BW > 6*B*r*C*D/F, i.e. below this batch x sample rate
+    dense_crossover = 2 * row_bytes * gemm_flops / (6 * DIM * bandwidth * 1e9)
     return {
         **cfg,
         "kind": "head",
@@ -271,6 +275,8 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "step_floor_ms": floor_med,
         "step_over_floor": step_ms["med"] / floor_med,
         "step_over_gemm_floor": step_ms["med"] / gemm_ms["med"],
+        "gemm_gflops": gemm_flops / 1e9,
+        "dense_memory_bound_below_batch_x_rate": dense_crossover,
         "step_over_floor_per_round": [
             s["step"] / max(f, traffic / (g * 1e9) * 1e3)
             for s, f, g in zip(steps, floors, bandwidths, strict=True)
@@ -563,6 +569,26 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['theory_bytes'] / GIB:.2f} ({residual:.2f}) | **{r['peak_over_theory']:.2f}** "
             f"| {r['largest_alloc_elems'] / r['shard_elems']:.3f} | {speedup} |"
         )
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in report["results"]:
+        if r.get("kind") == "head" and "dense_memory_bound_below_batch_x_rate" in r:
+            groups.setdefault((r.get("device", "cpu"), r["dtype"], r["batch"]), []).append(r)
+    crossovers = [
+        (*key, *(statistics.median(_value(r, name) for r in rs) for name in CROSSOVER_FIELDS))
+        for key, rs in sorted(groups.items())
+    ]
+    if crossovers:
+        lines += [
+            "",
+            "Dense or sparse: a dense update streams the whole shard (rows + state, read and written), so "
+            "it is memory-bound, and slower than sparse by about that traffic, when B x rate < (bytes "
+            "per row element of centers + state) x GEMM rate / (3 x stream bandwidth); above it the step is "
+            "GEMM-bound either way. From this run's measured rates:",
+            "",
+            "| device | dtype | B | GEMM GFLOP/s | stream GB/s | dense memory-bound below B x rate (med) |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {v} | {d} | {b} | {f:.0f} | {w:.1f} | {x:.0f} |" for v, d, b, f, w, x in crossovers]
     lines += [
         "",
         "Obvious full FC (normalize W, linear, ArcFace, cross-entropy, torch.optim.SGD over all of W):",
@@ -582,6 +608,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['step_over_floor']:.2f} | {r['peak_bytes'] / GIB:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+CROSSOVER_FIELDS = ("gemm_gflops", "stream_gbs", "dense_memory_bound_below_batch_x_rate")
+
+
+def _value(r: dict[str, Any], name: str) -> float:
+    value = r[name]
+    return value["med"] if isinstance(value, dict) else value
 
 
 def _loads(values: list[float]) -> str:
