@@ -71,9 +71,9 @@ def _rank() -> int:
 
 
 def _group_is_up() -> bool:
-    """Whether a process group is running: errors after that may be one rank's own (e.g. its data)."""
-    dist = sys.modules.get("torch.distributed")
-    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+    """Whether this process joined a process group: errors after that may be one rank's own (its data)."""
+    failure = sys.modules.get("facescale.parallel.failure")
+    return bool(failure is not None and failure.joined())
 
 
 def error_line(command: str, exc: InputError) -> str:
@@ -88,12 +88,39 @@ def report_errors(command: str, run: Callable[[], int], debug: bool = False) -> 
     Before the process group starts every rank meets the same error, so only rank 0 prints it; afterwards
     the rank that raised it prints it (with its rank and host), since it may be the only one that failed.
     """
+    failure = sys.modules.get("facescale.parallel.failure")
+    if failure is not None:
+        failure.forget()  # a group of an earlier command in this process (tests) is not this one's
     try:
         return run()
     except (InputError, *PATH_ERRORS) as exc:
         if debug:
             traceback.print_exc()
+        if _group_is_up():
+            from facescale.parallel.failure import report
+
+            report("input", exc)  # the other ranks then leave the explanation to this line
         if _rank() == 0 or _group_is_up():
             sys.stderr.write(error_line(command, as_input_error(exc)) + "\n")
             sys.stderr.flush()
         return INPUT_ERROR_EXIT_CODE
+    except Exception as exc:
+        if not _group_is_up():
+            raise
+        return _rank_failure(command, exc, debug)
+
+
+def _rank_failure(command: str, exc: Exception, debug: bool) -> int:
+    """A failed collective becomes one line naming the rank that died or hung; a bug keeps its traceback."""
+    from facescale.parallel import failure
+
+    if not failure.is_collective_failure(exc):
+        failure.report("crash", exc)
+        raise exc
+    if debug:
+        traceback.print_exc()
+    line = failure.diagnose(exc)
+    if line:
+        sys.stderr.write(f"{command}: error: {line}\n")
+        sys.stderr.flush()
+    return failure.COLLECTIVE_FAILURE_EXIT_CODE

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,7 @@ def test_killed_rank_ends_the_other_rank(shards, tmp_path):
     rc, elapsed, log = _survivor_exit(signal.SIGKILL, shards, tmp_path)
     assert rc != 0, log[-3000:]
     assert elapsed < TRAIN_TIMEOUT_S + 20, f"survivor took {elapsed:.0f} s to notice a dead peer"
+    _assert_names_the_lost_rank(log)
 
 
 @pytest.mark.slow
@@ -110,3 +112,13 @@ def test_hung_rank_ends_the_other_rank_within_the_timeout(shards, tmp_path):
     # the training timeout once run.py passes dist.timeout_s to init_distributed, else the start-up one
     assert elapsed < INIT_TIMEOUT_S + 20, f"survivor waited {elapsed:.0f} s on a hung peer"
     assert re.search(r"[Tt]imed? ?out|timeout", log), log[-3000:]
+    _assert_names_the_lost_rank(log)
+
+
+def _assert_names_the_lost_rank(log: str) -> None:
+    """The survivor's last words: one line naming rank 1, its host and the cause; no traceback."""
+    errors = [line for line in log.splitlines() if ": error: " in line]
+    host = socket.gethostname()
+    assert len(errors) == 1 and errors[0].startswith(f"facescale train: error: rank 1 on {host} stopped "
+                                                     "responding"), log[-3000:]
+    assert f"seen by rank 0 on {host}: " in errors[0] and "Traceback" not in log, log[-3000:]

@@ -14,6 +14,7 @@ import sys
 
 import torch.distributed as dist
 
+from facescale.parallel.failure import register_rank
 from facescale.runtime import Runtime
 from launcher.env import DistEnv
 from launcher.ports import free_port
@@ -41,6 +42,7 @@ def init_distributed(
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    register_rank()  # lets a survivor name a killed or hung rank and its host (facescale.parallel.failure)
     # Also with train_timeout_s=None: groups created later by DeepSpeed get torch's default timeout (30 min),
     # so after step 1 every group is brought to the training timeout (or to the start-up one).
     training_timeout = timeout_s if train_timeout_s is None else train_timeout_s
