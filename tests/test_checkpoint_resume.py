@@ -132,6 +132,9 @@ def test_sigkill_resume_and_nan_guard_match_uninterrupted_run(shards: Path, tmp_
     assert killed_at < f"step_{STEPS:08d}", "the run finished before the kill"
     resumed_log = _finish(_start(shards, killed), killed)
     assert "resumed from" in resumed_log
+    # train.log continues across the restart: two start-up plans, the second naming the checkpoint
+    train_log = (killed / "train.log").read_text()
+    assert train_log.count("[plan] run dir") == 2 and f"resumed from {latest.parent / killed_at}" in train_log
 
     ref_losses, losses = _losses(reference), _losses(killed)
     assert sorted(ref_losses) == list(range(1, STEPS + 1))

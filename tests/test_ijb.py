@@ -17,7 +17,7 @@ from facescale.eval.align import ARCFACE_TEMPLATE_112, align_face, arcface_templ
 from facescale.eval.extract import decode_image
 from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
 from facescale.eval.ijb_protocol import IJBMode
-from facescale.eval.ijb_release import read_ijb_release
+from facescale.eval.ijb_release import IJBReleaseError, read_ijb_release
 from facescale.eval.ijb_synth import write_synthetic_ijb_release
 from tests.distributed import run_ranks
 
@@ -204,5 +204,17 @@ def test_bad_meta_lines_are_named(tmp_path) -> None:
     _write(pairs, "1 2 1\n1 x 0\n")
     with pytest.raises(ValueError, match=r"ijbb_template_pair_label\.txt:2: non-integer"):
         read_ijb_release(root)
-    with pytest.raises(FileNotFoundError, match=r"ijbc_face_tid_mid\.txt: IJB meta file not found"):
+    with pytest.raises(IJBReleaseError, match=r"ijbc_face_tid_mid\.txt: IJB meta file not found"):
         read_ijb_release(root, "ijbc")
+
+
+def test_bad_loose_crop_is_named_from_a_worker(tmp_path) -> None:
+    root = str(tmp_path / "IJBC")
+    faces, ids = _faces(2, 2)
+    write_synthetic_ijb_release(root, faces, ids)
+    _write(f"{root}/loose_crop/3.png", "not an image")
+    with pytest.raises(IJBReleaseError, match=r"loose_crop/3\.png could not be decoded.*replace the file"):
+        evaluate_ijb(RandomProjection(), root, image_size=SIZE, workers=1, progress=False)
+    (tmp_path / "IJBC" / "loose_crop" / "3.png").unlink()
+    with pytest.raises(IJBReleaseError, match=r"3\.png: missing \(1 of 4 loose crops"):
+        evaluate_ijb(RandomProjection(), root, image_size=SIZE, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,11 +58,37 @@ def _event_tags(run_dir: Path) -> dict[str, set[str]]:
     return {kind: set(acc.Tags()[kind]) for kind in ("scalars", "images")}
 
 
+def _wandb_offline() -> list[str]:
+    """W&B in offline mode when the [wandb] extra is installed (it is in [dev], so in CI)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return []
+    return ["--set", "logging.wandb.project=facescale-e2e", "--set", "logging.wandb.mode=offline"]
+
+
+def _check_console(run_dir: Path, proc: subprocess.CompletedProcess) -> None:
+    """train.log holds the plan and timestamped window lines; unactionable library warnings are gone."""
+    log = (run_dir / "train.log").read_text()
+    assert "INFO [plan] world 2 ranks = 1 node(s) x 2 rank(s)" in log and "resumed from no (fresh run)" in log
+    assert re.search(r"\d\d:\d\d:\d\d INFO \[train\] step 4/4 epoch [\d.]+ loss [\d.]+ lr .* img/s .*"
+                     r"data-wait \d+ ms head \d+ ms elapsed \S+ eta 0s", log), log
+    assert "(best " in log
+    for noise in ("untested optimizer", "all_gather_into_tensor"):
+        assert noise not in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_two_rank_training_writes_events_and_checkpoint(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _train(tiny_shards, run_dir, 2)
+    wandb = _wandb_offline()
+    proc = _train(tiny_shards, run_dir, 2, *wandb, "--set", "eval.every_steps=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _check_console(run_dir, proc)
+    if wandb:
+        from tests.test_wandb import assert_history_matches_jsonl
+
+        assert_history_matches_jsonl(run_dir, image_keys=frozenset({"eval/verify/roc"}))
     tags = _event_tags(run_dir)
     assert REQUIRED_SCALARS <= tags["scalars"], f"missing scalars: {REQUIRED_SCALARS - tags['scalars']}"
     assert "eval/verify/roc" in tags["images"]

@@ -20,6 +20,7 @@ StorageDtype = Literal["fp32", "bf16"]
 PoolKind = Literal["replicated", "sharded"]
 PrecisionKind = Literal["auto", "fp32", "bf16", "fp16"]
 ModeKind = Literal["partial_fc", "f2c"]
+WandbModeKind = Literal["online", "offline", "disabled"]
 
 
 def choices(kind: typing.Any) -> tuple[str, ...]:
@@ -155,12 +156,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (the [wandb] extra): on when `project` is set; rank 0 logs what TensorBoard gets."""
+
+    project: str = ""
+    entity: str = ""
+    name: str = ""  # "" = the run directory's name
+    mode: WandbModeKind = "online"
+
+
+@dataclass
 class LoggingConfig:
-    """Console and TensorBoard output."""
+    """Console, train.log, TensorBoard and optional Weights & Biases output."""
 
     run_dir: str = "runs/default"
     every_steps: int = 10
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from facescale.eval.align import align_face
 from facescale.eval.decode import decode_image
 from facescale.eval.extract import embed_batch, gather_extraction, progress_bar
-from facescale.eval.ijb_release import IJBRelease
+from facescale.eval.ijb_release import IJBRelease, IJBReleaseError
 from facescale.parallel.partition import class_partition
 
 
@@ -28,19 +28,29 @@ class AlignedFaces(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> np.ndarray | str:
+        """The aligned face, or the error message naming the file (raised by the reading rank, so a bad
+        image is one clear line rather than a worker-process traceback)."""
         path = self.paths[index]
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
         except OSError as error:
-            raise FileNotFoundError(f"{path}: cannot read ({error.strerror}); check loose_crop/") from None
-        pixels = decode_image(data, None, path)
+            return f"{path}: cannot read ({error.strerror}); check loose_crop/ of the release"
         try:
-            aligned = align_face(pixels, self.landmarks[index], self.image_size)
+            pixels = decode_image(data, None, path)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}; check its line in the 5-point file") from None
-        return torch.from_numpy(aligned)
+            return f"{error}; replace the file from the release"
+        try:
+            return align_face(pixels, self.landmarks[index], self.image_size)
+        except ValueError as error:
+            return f"{path}: {error}; check its line in the 5-point file"
+
+
+def collate_faces(items: list[np.ndarray | str]) -> torch.Tensor | str:
+    """A uint8 NHWC batch, or the first error message among the items."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.from_numpy(np.stack(items))
 
 
 def default_workers(local_world_size: int = 1) -> int:
@@ -66,7 +76,8 @@ def extract_ijb_embeddings(model: nn.Module, release: IJBRelease, image_size: in
     start, count = class_partition(len(release.image_names), world_size, rank)
     faces = AlignedFaces(release, image_size, start, count)
     loader = DataLoader(faces, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                        collate_fn=collate_faces, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None,
                         worker_init_fn=_single_thread_worker if workers else None)
 
     def embed_local() -> torch.Tensor:
@@ -74,6 +85,8 @@ def extract_ijb_embeddings(model: nn.Module, release: IJBRelease, image_size: in
         chunks = []
         try:
             for pixels in loader:
+                if isinstance(pixels, str):
+                    raise IJBReleaseError(pixels)
                 chunks.append(embed_batch(model, pixels, device, flip))
                 update(len(pixels))
         finally:

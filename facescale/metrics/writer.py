@@ -1,12 +1,12 @@
-"""Scalars and images to TensorBoard (rank 0 only) plus one progress line on the console."""
+"""Scalars and images to TensorBoard, metrics.jsonl and optionally W&B (rank 0); console lines via logging."""
 
 from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +22,13 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsWriter:
     """Writes TensorBoard events and a JSON-lines log on rank 0; a no-op elsewhere."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, wandb: Any = None,
+                 config: dict | None = None) -> None:
+        """`wandb`: a WandbConfig; W&B is used when its `project` is set (and `config` is logged with it)."""
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -34,6 +37,10 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb is not None and wandb.project and wandb.mode != "disabled":
+            from facescale.metrics.wandb_logger import WandbLogger
+
+            self._wandb = WandbLogger(wandb, run_dir, config or {})
         self._jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the run
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -43,17 +50,23 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.scalars(step, clean)
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self._jsonl.flush()
 
     def image(self, step: int, tag: str, image_hwc: np.ndarray) -> None:
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+        if self.enabled and self._wandb is not None:
+            self._wandb.image(step, tag, image_hwc)
 
     def console(self, line: str) -> None:
+        """An INFO line on rank 0's console and train.log (see facescale.metrics.console)."""
         if self.enabled:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            from facescale.metrics.console import run_logger
+
+            run_logger().info(line)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -61,3 +74,7 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None

@@ -12,8 +12,9 @@ import torch.distributed as dist
 
 from facescale.checkpoint import CheckpointManager
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
-from facescale.config.load import config_yaml
+from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
+from facescale.metrics.console import TrainConsole, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.runtime import Runtime
 from facescale.train.init_weights import init_backbone_from
@@ -57,6 +58,7 @@ class Trainer:
 
         self.cfg, self.env, self.runtime = cfg, env, runtime
         self.run_dir = Path(cfg.logging.run_dir)
+        setup_run_logging(self.run_dir, env.rank)  # before DeepSpeed, whose warnings it filters
         self.manifest = Manifest.load(cfg.data.shards)
         skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op at start-up
         torch.manual_seed(cfg.schedule.seed)  # identical initial backbone on every rank
@@ -94,7 +96,11 @@ class Trainer:
                 seed=cfg.schedule.seed,
                 device=runtime.device,
             )
-        self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard,
+                                     wandb=cfg.logging.wandb, config=config_to_dict(cfg))
+        self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
+                                    self.loader.steps_per_epoch, cfg.schedule.grad_accumulation)
+        self.resumed_from: str | None = None
         self.step = 0
         self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
         self._skip_batches = 0  # batches to drop on resume when the loader has no load_state_dict
@@ -121,6 +127,8 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_steps_in_row = int(state.get("bad_steps_in_row", 0))
+        self.console.best.load_state_dict(state.get("best_eval"))
+        self.resumed_from = str(path)
         cursor = state["rank_state"].get("loader", state.get("loader"))
         if cursor is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(cursor)
@@ -204,11 +212,7 @@ class Trainer:
                     if isinstance(v, float | int) and not isinstance(v, bool)
                 },
             )
-            self.metrics.console(
-                f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} "
-                f"± {res['accuracy_std']:.4f} (raw-pixel baseline "
-                f"{res.get('pixel_accuracy', float('nan')):.4f}, {res['num_pairs']} pairs)"
-            )
+            self.metrics.scalars(self.step, self.console.eval_result(self.step, name, res))
         model.train(was_training)
         return results
 
@@ -226,6 +230,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_row": self.bad_steps_in_row,
             "head_type": self.cfg.head.type,
+            "best_eval": self.console.best.state_dict(),
         }
         extra = {"loader": cursor} if cursor is not None else {}
         return self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg), extra)
@@ -252,24 +257,40 @@ class Trainer:
                 f"are saved in {path}. Lower optim.lr or check the data, then resume from it"
             )
 
-    def _log(self, window: _Window, lr: float, out) -> None:
+    def _log(self, lr: float, out) -> None:
         """TensorBoard scalars and the console line for the steps since the last log."""
         scalars = {
             "train/loss": out.loss,
             "train/lr": lr,
-            **window.scalars(),
+            **self.console.close_window(self.step, lr, self._loss_scale()),
             "perf/max_memory_mb": peak_memory_mb(self.runtime.device),
             "train/grad_norm": out.grad_norm,
             "train/skipped_steps": self.skipped_steps,
+            "train/epoch": self.console.epoch(self.step),
             **self._data_counters(),
         }
         scalars.update({f"head/{k}": float(v) for k, v in out.head_stats.items()})
         self.metrics.scalars(self.step, scalars)
-        self.metrics.console(
-            f"[train] step {self.step}/{self.cfg.schedule.steps} loss {out.loss:.4f} lr {lr:.4g} "
-            f"{scalars['perf/samples_per_s']:.0f} img/s step {scalars['perf/step_ms']:.0f} ms "
-            f"data-wait {scalars['perf/data_wait_ms']:.0f} ms head {scalars['head/step_ms']:.0f} ms"
+
+    def _loss_scale(self) -> float | None:
+        """DeepSpeed's dynamic fp16 loss scale (None unless training in fp16)."""
+        if self.runtime.precision != "fp16":
+            return None
+        optimizer = self.engine.optimizer
+        scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
+        return float(scale) if scale is not None else None
+
+    def _plan(self) -> list[str]:
+        from facescale.metrics.startup import RunFacts, plan_lines
+
+        facts = RunFacts(
+            world_size=self.env.world_size, ranks_per_node=self.env.local_world_size,
+            device=self.runtime.device, precision=self.runtime.precision, micro_batch=self.micro_batch,
+            batches_per_epoch=self.loader.steps_per_epoch, num_identities=self.manifest.num_classes,
+            num_images=self.manifest.num_samples, sampled_centers=getattr(self.head, "num_sample", None),
+            run_dir=str(self.run_dir), resumed_from=self.resumed_from, start_step=self.step,
         )
+        return plan_lines(self.cfg, facts)
 
     def _data_counters(self) -> dict[str, float]:
         """Bad samples skipped under data.on_bad_sample=skip, summed over ranks (every rank calls this)."""
@@ -289,7 +310,8 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule
         batches = self._batches()
-        window, loss = _Window(sch.global_batch_size), float("nan")
+        loss = float("nan")
+        self.console.start(self._plan())
         t_start, start_step, eval_results = time.perf_counter(), self.step, {}
         while self.step < sch.steps:
             t0 = time.perf_counter()
@@ -312,9 +334,9 @@ class Trainer:
                 from facescale.models.compile import compile_line
 
                 self.metrics.console(compile_line(self.step, time.perf_counter() - t0))
-            window.add(out, time.perf_counter() - t0)
+            self.console.add_step(out.loss, time.perf_counter() - t0, out.data_wait_s, out.head_s)
             if self.step % cfg.logging.every_steps == 0 or self.step == sch.steps:
-                self._log(window, lr, out)
+                self._log(lr, out)
             self._guard(out)
             if self.step == sch.steps:
                 break
@@ -350,31 +372,3 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return result
-
-
-class _Window:
-    """Timings accumulated between two log lines."""
-
-    def __init__(self, global_batch: int) -> None:
-        self.global_batch = global_batch
-        self._reset()
-
-    def _reset(self) -> None:
-        self.steps, self.step_s, self.wait_s, self.head_s, self.t0 = 0, 0.0, 0.0, 0.0, time.perf_counter()
-
-    def add(self, out, step_s: float) -> None:
-        self.steps += 1
-        self.step_s += step_s
-        self.wait_s += out.data_wait_s
-        self.head_s += out.head_s
-
-    def scalars(self) -> dict[str, float]:
-        n, elapsed = max(1, self.steps), max(time.perf_counter() - self.t0, 1e-9)
-        values = {
-            "perf/samples_per_s": self.steps * self.global_batch / elapsed,
-            "perf/step_ms": 1000 * self.step_s / n,
-            "perf/data_wait_ms": 1000 * self.wait_s / n,
-            "head/step_ms": 1000 * self.head_s / n,
-        }
-        self._reset()
-        return values
