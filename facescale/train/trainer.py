@@ -14,7 +14,7 @@ from facescale.checkpoint import CheckpointManager
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
-from facescale.metrics.console import TrainConsole, setup_run_logging
+from facescale.metrics.console import TrainConsole, run_logger, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.runtime import Runtime
 from facescale.train.init_weights import init_backbone_from
@@ -65,7 +65,7 @@ class Trainer:
         backbone = build_backbone(cfg.model)
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
         if self._resume_path() is None:  # a resumed run continues from its checkpoint, never init_from
-            init_backbone_from(cfg.model, backbone, print if env.rank == 0 else lambda line: None)
+            init_backbone_from(cfg.model, backbone, run_logger().info if env.rank == 0 else lambda line: None)
         if cfg.model.compile:
             from facescale.models.compile import compile_backbone
 
