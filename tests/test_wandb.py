@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,14 @@ def jsonl_rows(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def assert_history_matches_jsonl(run_dir: Path, image_keys: frozenset[str] = frozenset()) -> None:
-    logged, expected = history(run_dir), jsonl_rows(run_dir)
+    expected = jsonl_rows(run_dir)
+    deadline = time.monotonic() + 60
+    logged = history(run_dir)
+    # W&B's service process writes the .wandb files; under load its last records can land a moment after
+    # `finish()` returned, so wait for them (a missing step still fails after the deadline)
+    while sorted(logged) != sorted(expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        logged = history(run_dir)
     assert sorted(logged) == sorted(expected)
     for step, values in expected.items():
         scalars = {k: v for k, v in logged[step].items() if k not in image_keys}
