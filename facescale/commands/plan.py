@@ -25,6 +25,7 @@ def _with_micro_batch(cfg, world: int, micro_batch: int | None):
     """A copy of `cfg` whose global batch gives `micro_batch` images per rank at `world` ranks."""
     import copy
 
+    micro_batch = micro_batch or cfg.schedule.batch_per_rank
     if not micro_batch:
         return cfg
     cfg = copy.deepcopy(cfg)

@@ -192,6 +192,9 @@ def build_config(raw: dict, overrides: list[str] | tuple[str, ...], source: str)
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {raw!r}")
     for ov in overrides:
         _apply_override(raw, ov, f"{source} (--set)")
+    from facescale.config.schedule_resolve import check_schedule_pairs
+
+    check_schedule_pairs(raw, source)
     try:
         return _build(Config, migrate_renamed(raw, source), "")
     except ConfigError as exc:

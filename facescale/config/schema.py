@@ -129,6 +129,11 @@ class ScheduleConfig:
     warmup_steps: int = 0
     power: float = 2.0
     global_batch_size: int = 128  # = micro batch per rank * world size * grad accumulation
+    # arcface_torch-style alternatives, resolved at start-up (facescale/config/schedule_resolve.py);
+    # exactly one key of each pair may be set, 0 = unset
+    epochs: float = 0.0  # instead of steps: epochs of the manifest's samples
+    warmup_epochs: float = 0.0  # instead of warmup_steps
+    batch_per_rank: int = 0  # instead of global_batch_size: images per rank and micro-step
     grad_accumulation: int = 1
     seed: int = 1234
 

@@ -129,11 +129,15 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     sch = cfg.schedule
     _check(sch.steps > 0, source, "schedule.steps", "must be > 0")
     _check(
-        0 <= sch.warmup_steps < sch.steps,
+        0 <= sch.warmup_steps and (sch.epochs > 0 or sch.warmup_steps < sch.steps),
         source,
         "schedule.warmup_steps",
         f"{sch.warmup_steps} must be >= 0 and smaller than schedule.steps ({sch.steps})",
     )
+    _check(min(sch.epochs, sch.warmup_epochs, sch.batch_per_rank) >= 0, source, "schedule",
+           "epochs, warmup_epochs and batch_per_rank must be >= 0 (0 = unset)")
+    _check(not sch.epochs or sch.warmup_epochs < sch.epochs, source, "schedule.warmup_epochs",
+           f"{sch.warmup_epochs} must be smaller than schedule.epochs ({sch.epochs})")
     _check(sch.power > 0, source, "schedule.power", "must be > 0")
     _check(sch.grad_accumulation >= 1, source, "schedule.grad_accumulation", "must be >= 1")
     _check(sch.global_batch_size > 0, source, "schedule.global_batch_size", "must be > 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from facescale.config.load import load_config
+from facescale.config.schedule_resolve import resolve_schedule
 from facescale.config.validate import validate
 from facescale.eval.check import check_eval_bins
 from facescale.parallel.init import init_distributed, shutdown_distributed
@@ -14,6 +15,9 @@ def run_training(config_path: str | None, overrides: list[str]):
     """Train with the config at `config_path` plus overrides; every check runs before the process group."""
     env = resolve_dist_env()
     cfg = load_config(config_path, overrides)
+    schedule_line = resolve_schedule(cfg, env.world_size)  # epochs / batch_per_rank -> steps / global batch
+    if schedule_line and env.rank == 0:
+        print(schedule_line, flush=True)
     validate(cfg, str(config_path), world_size=env.world_size)
     check_eval_bins(cfg.eval.bins, cfg.data.image_size)
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
