@@ -186,5 +186,7 @@ def test_large_run_configs_are_valid(name, tmp_path):
     from facescale.config.load import load_config
 
     (tmp_path / "manifest.json").write_text("{}")
+    for bin_name in ("lfw", "cfp_fp", "agedb_30"):  # eval.bins names resolve in the data directory
+        (tmp_path / f"{bin_name}.bin").write_bytes(b"")
     cfg = load_config(f"configs/{name}.yaml", [f"data.shards={tmp_path}"])
     assert cfg.model.embedding_size == 512 and cfg.deepspeed.precision == "bf16"

@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 from facescale.config.errors import ConfigError, suggest
+from facescale.config.eval_bins import resolve_eval_bins
+from facescale.config.schedule_resolve import check_schedule_pairs
 from facescale.config.schema import Config
 from facescale.config.validate import validate
 
@@ -182,6 +184,7 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     cfg = build_config(raw, overrides, source)
+    resolve_eval_bins(cfg)  # `eval.bins: [lfw]` -> <data.shards>/lfw.bin, as arcface_torch's val_targets
     validate(cfg, source)
     return cfg
 
@@ -192,8 +195,6 @@ def build_config(raw: dict, overrides: list[str] | tuple[str, ...], source: str)
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {raw!r}")
     for ov in overrides:
         _apply_override(raw, ov, f"{source} (--set)")
-    from facescale.config.schedule_resolve import check_schedule_pairs
-
     check_schedule_pairs(raw, source)
     try:
         return _build(Config, migrate_renamed(raw, source), "")

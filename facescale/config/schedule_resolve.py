@@ -8,7 +8,7 @@ may be set. Resolution runs once at start-up, when the world size is known, and 
 
 from __future__ import annotations
 
-from facescale.config.load import ConfigError
+from facescale.config.errors import ConfigError
 from facescale.config.schema import Config
 
 PAIRS = (("steps", "epochs"), ("warmup_steps", "warmup_epochs"), ("global_batch_size", "batch_per_rank"))

@@ -173,7 +173,8 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
             Path(b).is_file(),
             source,
             f"eval.bins[{i}]",
-            f"verification set '{b}' not found (make one with `facescale synth` or `facescale make-bin`)",
+            f"verification set '{b}' not found (a name such as 'lfw' means <data.shards>/lfw.bin, where "
+            "`facescale convert rec` copies the sets beside the .rec; or make one with `facescale make-bin`)",
         )
     _check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
     _check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
