@@ -62,3 +62,13 @@ def test_recipe_resolves_to_arcface_torch_values(recipe: str, data_dir: Path) ->
     assert cfg.schedule.steps == images // (batch * gpus) * epochs
     assert cfg.schedule.warmup_steps == images // (batch * gpus) * warmup
     assert cfg.schedule.seed == 2048
+
+
+def test_eval_bins_names_resolve_in_the_data_directory(data_dir: Path, tmp_path_factory) -> None:
+    elsewhere = tmp_path_factory.mktemp("sets") / "mine.bin"
+    elsewhere.write_bytes(b"")
+    cfg = load_config("configs/ms1mv3_r50.yaml", [f"data.shards={data_dir}", f"eval.bins=[lfw, {elsewhere}]"])
+    assert cfg.eval.bins == [str(data_dir / "lfw.bin"), str(elsewhere)]
+    (data_dir / "cfp_fp.bin").unlink()
+    with pytest.raises(Exception, match=r"eval.bins\[1\].*'lfw' means <data.shards>/lfw.bin"):
+        load_config("configs/ms1mv3_r50.yaml", [f"data.shards={data_dir}"])
