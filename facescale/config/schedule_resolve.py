@@ -20,7 +20,7 @@ def check_schedule_pairs(raw: dict, source: str) -> None:
     if not isinstance(schedule, dict):
         return
     for count, alternative in PAIRS:
-        if count in schedule and alternative in schedule:
+        if count in schedule and schedule.get(alternative):  # 0 is "unset" (a saved, resolved config)
             raise ConfigError(
                 f"schedule.{count} and schedule.{alternative} are both set", where=source,
                 fix=f"set exactly one of them (schedule.{alternative} is resolved into schedule.{count} at "
