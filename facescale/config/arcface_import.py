@@ -1,0 +1,197 @@
+"""`facescale import-config`: an arcface_torch Python config (EasyDict) as a facescale YAML.
+
+The file is never executed: its syntax tree is walked and only `config = edict()` and `config.key = <value>`
+statements are accepted, where a value is built from literals, arithmetic and earlier `config.key`s (e.g.
+`config.warmup_epoch = config.num_epoch // 10`). arcface_torch's `configs/base.py` defaults come first, as its
+`get_config` merges them. Every key is mapped or explicitly ignored; an unknown key is refused by name.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from pathlib import Path
+from typing import Any
+
+from facescale.errors import InputError
+
+# arcface_torch configs/base.py
+BASE_DEFAULTS: dict[str, Any] = {
+    "margin_list": (1.0, 0.5, 0.0), "network": "r50", "resume": False, "save_all_states": False,
+    "output": None, "embedding_size": 512, "sample_rate": 1.0, "interclass_filtering_threshold": 0,
+    "fp16": False, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "verbose": 2000, "frequent": 10, "dali": False, "dali_aug": False, "gradient_acc": 1, "seed": 2048,
+    "num_workers": 2,
+}
+# arcface_torch network -> (model.name, model.drop_path_rate, model.mask_ratio)
+NETWORKS: dict[str, tuple[str, float | None, float | None]] = {
+    **{n: (n, None, None) for n in ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large",
+                                    "vit_t", "vit_s", "vit_b")},
+    "vit_t_dp005_mask0": ("vit_t", 0.05, 0.0), "vit_s_dp005_mask_0": ("vit_s", 0.05, 0.0),
+    "vit_b_dp005_mask_005": ("vit_b", 0.05, 0.05), "vit_l_dp005_mask_005": ("vit_l", 0.05, 0.05),
+}
+# keys with no facescale counterpart, and why they can be dropped
+IGNORED = {
+    "num_classes": "read from the converted data's manifest.json",
+    "num_image": "read from the converted data's manifest.json (epochs -> steps)",
+    "save_all_states": "facescale always saves the full state (backbone, centers, optimizers, data cursor)",
+    "resume": "checkpoint.resume: auto continues this run from its own last checkpoint",
+    "using_wandb": "facescale logs to TensorBoard", "wandb_key": "facescale logs to TensorBoard",
+    "wandb_entity": "facescale logs to TensorBoard", "wandb_project": "facescale logs to TensorBoard",
+    "wandb_log_all": "facescale logs to TensorBoard", "save_artifacts": "facescale logs to TensorBoard",
+    "wandb_resume": "facescale logs to TensorBoard", "suffix_run_name": "facescale logs to TensorBoard",
+    "notes": "facescale logs to TensorBoard",
+}
+MAPPED = {"margin_list", "network", "output", "embedding_size", "sample_rate",
+          "interclass_filtering_threshold", "fp16", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "verbose", "frequent", "dali",
+          "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_epoch", "warmup_epoch",
+          "val_targets"}
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+class ImportConfigError(InputError):
+    """An arcface_torch config that cannot be read or mapped."""
+
+    default_fix = "edit the Python config (only `config.key = value` lines are read) or write the YAML"
+
+
+def _value(node: ast.AST, values: dict[str, Any], where: str) -> Any:
+    """Evaluate a literal / arithmetic / `config.key` expression without executing anything."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
+        return node.value
+    if isinstance(node, (ast.Tuple, ast.List)):
+        items = [_value(e, values, where) for e in node.elts]
+        return tuple(items) if isinstance(node, ast.Tuple) else items
+    if isinstance(node, ast.Dict):
+        pairs = zip(node.keys, node.values, strict=True)
+        return {_value(k, values, where): _value(v, values, where) for k, v in pairs}
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _BINARY[type(node.op)](_value(node.left, values, where), _value(node.right, values, where))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_value(node.operand, values, where))
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config":
+        if node.attr not in values:
+            raise ImportConfigError(f"config.{node.attr} is read before it is set", where=where)
+        return values[node.attr]
+    raise ImportConfigError(f"'{ast.unparse(node)}' is not a literal, arithmetic or an earlier config.key",
+                            where=where)
+
+
+def read_arcface_config(path: str | Path) -> dict[str, Any]:
+    """The keys of an arcface_torch config file over base.py's defaults, read without running the file."""
+    p = Path(path)
+    try:
+        tree = ast.parse(p.read_text(), filename=str(p))
+    except OSError as exc:
+        raise ImportConfigError(f"cannot read it ({exc.strerror})", where=p,
+                                fix="give the path of an arcface_torch configs/*.py file") from None
+    except SyntaxError as exc:
+        raise ImportConfigError(f"not valid Python: {exc.msg}", where=f"{p}:{exc.lineno}") from None
+    values = dict(BASE_DEFAULTS)
+    for stmt in tree.body:
+        where = f"{p}:{stmt.lineno}"
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            continue  # `from easydict import EasyDict as edict`: nothing is imported
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue  # a docstring
+        if not isinstance(stmt, ast.Assign) or len(stmt.targets) != 1:
+            raise ImportConfigError(f"'{ast.unparse(stmt)[:60]}' is not a `config.key = value` line",
+                                    where=where)
+        target = stmt.targets[0]
+        if isinstance(target, ast.Name) and target.id == "config" and isinstance(stmt.value, ast.Call):
+            continue  # config = edict()
+        if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                and target.value.id == "config"):
+            raise ImportConfigError(f"'{ast.unparse(stmt)[:60]}' is not a `config.key = value` line",
+                                    where=where)
+        values[target.attr] = _value(stmt.value, values, where)
+    return values
+
+
+def _margin(margin: Any, where: str) -> dict[str, Any]:
+    if not (isinstance(margin, (tuple, list)) and len(margin) == 3):
+        raise ImportConfigError(f"margin_list {margin!r} is not (m1, m2, m3)", where=where)
+    m1, m2, m3 = (float(v) for v in margin)
+    if m1 == 1.0 and m3 == 0.0:
+        kind = "arcface_straight_through"  # what arcface_torch's CombinedMarginLoss computes for (1, m2, 0)
+    elif m1 == 1.0 and m2 == 0.0:
+        kind = "cosface"
+    else:
+        kind = "combined"
+    return {"type": kind, "s": 64.0, "m1": m1, "m2": m2, "m3": m3}
+
+
+def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = None,
+                         source: str = "<config>") -> tuple[dict[str, Any], list[str]]:
+    """(facescale config mapping, comment lines) for arcface_torch `values`; unknown keys are refused."""
+    unknown = sorted(k for k in values if k not in MAPPED and k not in IGNORED)
+    if unknown:
+        raise ImportConfigError(f"key(s) {', '.join(unknown)} have no facescale mapping", where=source,
+                                fix="remove them, or port them by hand after importing the rest")
+    if values["network"] not in NETWORKS:
+        raise ImportConfigError(f"network '{values['network']}' has no facescale backbone", where=source,
+                                fix=f"use one of {', '.join(sorted(NETWORKS))}")
+    if values["dali_aug"]:
+        raise ImportConfigError("dali_aug = True (DALI's extra augmentation) is not supported", where=source,
+                                fix="set it to False; data.random_shift/brightness/contrast are facescale's")
+    if values["optimizer"] not in ("sgd", "adamw"):
+        raise ImportConfigError(f"optimizer '{values['optimizer']}' is not sgd or adamw", where=source)
+    model_name, drop_path, mask = NETWORKS[values["network"]]
+    model: dict[str, Any] = {"name": model_name, "embedding_size": int(values["embedding_size"])}
+    if drop_path is not None:
+        model.update(drop_path_rate=drop_path, mask_ratio=mask)
+    optimizer, lr, wd = values["optimizer"], float(values["lr"]), float(values["weight_decay"])
+    head: dict[str, Any] = {"type": "partial_fc", "sample_rate": float(values["sample_rate"]),
+                            "margin": {**_margin(values["margin_list"], source),
+                                       "interclass_filtering_threshold":
+                                           float(values["interclass_filtering_threshold"])},
+                            "optimizer": optimizer, "update": "dense", "lr_scale": 1.0, "weight_decay": wd}
+    optim: dict[str, Any] = {"name": optimizer, "lr": lr, "weight_decay": wd, "grad_clip": 5.0}
+    if optimizer == "sgd":
+        head["momentum"] = optim["momentum"] = float(values["momentum"])
+    schedule: dict[str, Any] = {"power": 1.0, "seed": int(values["seed"]),
+                                "grad_accumulation": int(values["gradient_acc"])}
+    if "num_epoch" in values:
+        schedule["epochs"] = values["num_epoch"]
+        schedule["warmup_epochs"] = values.get("warmup_epoch", 0)
+    if gpus:
+        schedule["global_batch_size"] = int(values["batch_size"]) * gpus * int(values["gradient_acc"])
+    else:
+        schedule["batch_per_rank"] = int(values["batch_size"])
+    rec = str(values.get("rec") or "")
+    shards = f"data/{Path(rec).name}" if rec else "data/train"
+    output = values["output"] or f"runs/{name}"
+    mapping = {
+        "model": model,
+        "data": {"shards": shards, "reader": "dali" if values["dali"] else "auto",
+                 "num_workers": int(values["num_workers"])},
+        "head": head, "optim": optim, "schedule": schedule,
+        "deepspeed": {"precision": "bf16" if values["fp16"] else "fp32"},
+        "checkpoint": {"resume": "auto"},
+        "logging": {"run_dir": str(output), "every_steps": int(values["frequent"])},
+        "eval": {"bins": list(values.get("val_targets") or []), "every_steps": int(values["verbose"])},
+    }
+    notes = [f"imported from arcface_torch config {source} by `facescale import-config`",
+             "mapping: margin_list -> head.margin (s=64 as arcface_torch), batch_size -> schedule."
+             + ("global_batch_size (x --gpus)" if gpus else "batch_per_rank") + ", num_epoch/warmup_epoch -> "
+             "schedule.epochs/warmup_epochs, optimizer/lr/momentum/weight_decay -> optim.* and head.* (same "
+             "settings for backbone and centers), fp16 -> deepspeed.precision bf16, val_targets -> eval.bins "
+             "(names in data.shards), verbose -> eval.every_steps, frequent -> logging.every_steps",
+             f"convert the data first: facescale convert rec --rec {rec or 'RECDIR'}/train.rec "
+             f"--out {shards}"]
+    notes += [f"ignored {k} = {values[k]!r}: {IGNORED[k]}" for k in sorted(values) if k in IGNORED]
+    return mapping, notes
+
+
+def import_config_yaml(path: str | Path, gpus: int | None = None) -> str:
+    """The YAML text (with a comment header) for the arcface_torch config at `path`."""
+    import textwrap
+
+    import yaml
+
+    values = read_arcface_config(path)
+    mapping, notes = arcface_to_facescale(values, Path(path).stem, gpus, str(path))
+    header = "".join(f"# {part}\n" for line in notes for part in textwrap.wrap(line, 106))
+    return header + yaml.safe_dump(mapping, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,107 @@
+"""`facescale import-config`: an arcface_torch EasyDict config becomes a YAML resolving to the same recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from facescale.cli import main
+from facescale.config.arcface_import import read_arcface_config
+from facescale.config.load import load_config
+from facescale.config.schedule_resolve import resolve_schedule
+
+ARCFACE_STYLE = '''from easydict import EasyDict as edict
+
+# make training faster
+config = edict()
+config.margin_list = (1.0, 0.0, 0.4)
+config.network = "vit_b_dp005_mask_005"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 0.3
+config.fp16 = True
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.batch_size = 96
+config.lr = 0.05 * 2
+config.verbose = 2000
+config.dali = False
+
+config.rec = "/train_tmp/WebFace42M"
+config.num_classes = 2059906
+config.num_image = 42474557
+config.num_epoch = 30
+config.warmup_epoch = config.num_epoch // 10
+config.val_targets = ['lfw', "cfp_fp"]
+'''
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "WebFace42M"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({}))
+    for name in ("lfw", "cfp_fp"):
+        (out / f"{name}.bin").write_bytes(b"")
+    return out
+
+
+def test_imported_yaml_validates_and_resolves_to_the_same_recipe(tmp_path, data_dir, capsys) -> None:
+    source = tmp_path / "wf42m_vit_b.py"
+    source.write_text(ARCFACE_STYLE)
+    out = tmp_path / "wf42m_vit_b.yaml"
+    assert main(["import-config", str(source), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    text = out.read_text()
+    assert "ignored num_classes = 2059906" in text
+    assert "convert rec --rec /train_tmp/WebFace42M/train.rec" in text
+
+    cfg = load_config(out, [f"data.shards={data_dir}"])
+    assert cfg.eval.bins == [str(data_dir / "lfw.bin"), str(data_dir / "cfp_fp.bin")]
+    resolve_schedule(cfg, world_size=8, num_samples=42474557)
+    assert cfg.optim.lr == pytest.approx(0.1) and cfg.optim.name == cfg.head.optimizer == "sgd"
+    assert cfg.schedule.global_batch_size == 96 * 8  # 96 per GPU
+    per_epoch = 42474557 // (96 * 8)
+    assert (cfg.schedule.steps, cfg.schedule.warmup_steps) == (per_epoch * 30, per_epoch * 3)
+    m = cfg.head.margin
+    assert (m.type, m.m1, m.m2, m.m3, m.s) == ("cosface", 1.0, 0.0, 0.4, 64.0)
+    assert cfg.head.sample_rate == 0.3 and cfg.optim.weight_decay == cfg.head.weight_decay == 5e-4
+    assert (cfg.model.name, cfg.model.drop_path_rate, cfg.model.mask_ratio) == ("vit_b", 0.05, 0.05)
+    assert cfg.deepspeed.precision == "bf16" and cfg.schedule.seed == 2048  # base.py's seed
+
+
+def test_gpus_option_writes_the_global_batch(tmp_path, data_dir, capsys) -> None:
+    source = tmp_path / "c.py"
+    source.write_text(ARCFACE_STYLE)
+    assert main(["import-config", str(source), "--gpus", "16"]) == 0
+    out = tmp_path / "c.yaml"
+    out.write_text(capsys.readouterr().out)
+    cfg = load_config(out, [f"data.shards={data_dir}"])
+    assert cfg.schedule.global_batch_size == 96 * 16 and cfg.schedule.batch_per_rank == 0
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("config.fancy_loss = 'magface'", "key(s) fancy_loss have no facescale mapping"),
+    ("config.lr = __import__('os').system('touch pwned')", "is not a literal, arithmetic or an earlier"),
+    ("import os\nos.system('touch pwned')", "is not a `config.key = value` line"),
+    ("config.network = 'r2060'", "network 'r2060' has no facescale backbone"),
+    ("config.warmup_epoch = config.max_epoch // 10", "config.max_epoch is read before it is set"),
+])
+def test_unknown_or_unsafe_lines_are_refused_by_name(tmp_path, capsys, monkeypatch, line, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "bad.py"
+    source.write_text(ARCFACE_STYLE + line + "\n")
+    assert main(["import-config", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facescale import-config: error:") and message in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_base_defaults_fill_missing_keys(tmp_path) -> None:
+    source = tmp_path / "tiny.py"
+    source.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.network = 'mbf'\n")
+    values = read_arcface_config(source)
+    assert values["network"] == "mbf" and values["lr"] == 0.1 and values["margin_list"] == (1.0, 0.5, 0.0)
