@@ -42,10 +42,10 @@ IGNORED = {
     "wandb_resume": "facescale logs to TensorBoard", "suffix_run_name": "facescale logs to TensorBoard",
     "notes": "facescale logs to TensorBoard",
 }
-MAPPED = {"margin_list", "network", "output", "embedding_size", "sample_rate",
-          "interclass_filtering_threshold", "fp16", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "verbose", "frequent", "dali",
-          "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_epoch", "warmup_epoch",
-          "val_targets"}
+MAPPED = {"margin_list", "network", "output", "embedding_size", "sample_rate", "fp16", "batch_size",
+          "interclass_filtering_threshold", "optimizer", "lr", "momentum", "weight_decay", "verbose",
+          "frequent", "dali", "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_epoch",
+          "warmup_epoch", "val_targets"}
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
