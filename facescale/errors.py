@@ -8,6 +8,7 @@ no traceback unless `--debug` or FACESCALE_DEBUG=1. Any other exception is a bug
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import traceback
@@ -36,7 +37,11 @@ class InputError(Exception):
 
     def line(self) -> str:
         """The message as one line; ends with what to do (the class's `default_fix` when none was given)."""
-        text = " ".join(str(self).split())
+        text = str(self)
+        if "Original Traceback" in text:  # re-raised by a DataLoader worker: keep the original message
+            last = [line for line in text.splitlines() if line.strip()][-1].strip()
+            text = re.sub(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: ", "", last)  # drop `module.Class: `
+        text = " ".join(text.split())
         if not self.fix and self.default_fix and ";" not in text:
             text = f"{text}; {self.default_fix}"
         return text
@@ -78,7 +83,8 @@ def _group_is_up() -> bool:
 
 def error_line(command: str, exc: InputError) -> str:
     """`facescale <command>: error: ...`, naming the rank and host when the failure may be one rank's own."""
-    prefix = f"rank {_rank()} on {socket.gethostname()}: " if _group_is_up() else ""
+    several = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    prefix = f"rank {_rank()} on {socket.gethostname()}: " if several and _group_is_up() else ""
     return f"{command}: error: {prefix}{exc.line()}"
 
 

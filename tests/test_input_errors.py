@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from facescale.cli import main
+from facescale.data.loader import dali_available
 from facescale.errors import INPUT_ERROR_EXIT_CODE, InputError, report_errors
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -42,6 +44,7 @@ def _shards(tmp: Path) -> Path:
 
         out = tmp.parent / "input_error_shards"
         synthesize(out, identities=8, images_per_identity=2, holdout_identities=4, seed=0, verify_pairs=20,
+                   workers=1,
                    overwrite=True)
         _SHARDS.append(out)
     return _SHARDS[0]
@@ -65,6 +68,85 @@ def _broken_bin(tmp: Path) -> str:
     path = tmp / "broken.bin"
     path.write_bytes(b"not a pickle at all")
     return str(path)
+
+
+def _bad_manifest(tmp: Path) -> str:
+    d = tmp / "badmanifest"
+    d.mkdir(exist_ok=True)
+    (d / "manifest.json").write_text("{not json")
+    return str(d)
+
+
+def _incomplete_step(tmp: Path) -> str:
+    """A step directory a crash left behind: files but no COMPLETE marker."""
+    step = tmp / "run" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True, exist_ok=True)
+    (step / "trainer.json").write_text("{}")
+    return str(step)
+
+
+def _garbage(tmp: Path, name: str, data: bytes = b"\x00garbage" * 10) -> str:
+    path = tmp / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def _weights(tmp: Path) -> str:
+    """A real `demo` backbone state dict (what `--weights FILE --model demo` reads)."""
+    import torch
+
+    from facescale.config.schema import ModelConfig
+    from facescale.models.registry import build_backbone
+
+    path = tmp / "demo.pth"
+    torch.manual_seed(0)
+    torch.save(build_backbone(ModelConfig(name="demo", embedding_size=16)).state_dict(), path)
+    return str(path)
+
+
+def _pairs(tmp: Path, text: str) -> str:
+    path = tmp / "pairs.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def _copy_shards(tmp: Path) -> Path:
+    """A private copy of the small shard directory, to damage."""
+    import shutil
+
+    copy = tmp / "shards_copy"
+    if not copy.exists():
+        shutil.copytree(_shards(tmp), copy)
+    return copy
+
+
+def _shifted_index(tmp: Path) -> str:
+    """Shards whose first `.idx` has every offset moved by 512 B (DALI used to segfault on it)."""
+    copy = _copy_shards(tmp)
+    index = copy / "train-000000.idx"
+    lines = index.read_text().splitlines()
+    body = []
+    for line in lines[1:]:
+        parts = line.split()
+        body.append(" ".join(str(int(p) + 512) if i % 4 == 1 else p for i, p in enumerate(parts)))
+    index.write_text("\n".join([lines[0], *body]) + "\n")
+    return str(copy)
+
+
+def _garbled_jpeg(tmp: Path) -> tuple[str, str]:
+    """Shards with random bytes over the second half of one JPEG (sizes and offsets unchanged); its key."""
+    from facescale.data.bad_data import check_image, read_index_lines
+
+    copy = _copy_shards(tmp)
+    tar = copy / "train-000000.tar"
+    sample = next(iter(read_index_lines(copy / "train-000000.idx")))
+    offset, size = sample.members["jpg"]
+    data = bytearray(tar.read_bytes())
+    start = offset + size // 2
+    data[start:offset + size - 2] = bytes((i * 97 + 13) % 256 for i in range(offset + size - 2 - start))
+    tar.write_bytes(bytes(data))
+    assert check_image(bytes(data[offset:offset + size]), 112) is not None
+    return str(copy), sample.key
 
 
 CASES = [
@@ -102,6 +184,32 @@ CASES = [
          "facescale export-head", "does not exist", ["h.pt"]),
     Case("validate: not a shard directory", lambda t: ["validate", str(t)], "facescale validate",
          "manifest.json"),
+    Case("train: manifest.json is not JSON", lambda t: _train(t, f"data.shards={_bad_manifest(t)}"),
+         "facescale train", "manifest.json", ["run"]),
+    Case("train: .idx offsets shifted by 512 B", lambda t: _train(t, f"data.shards={_shifted_index(t)}"),
+         "facescale train", "train-000000.idx: line 2 puts", ["run"]),
+    Case("validate: manifest.json is not JSON", lambda t: ["validate", _bad_manifest(t)],
+         "facescale validate", "manifest.json"),
+    Case("eval verify: incomplete step directory",
+         lambda t: ["eval", "verify", "--checkpoint", _incomplete_step(t), "--bin",
+                    str(_shards(t) / "verify.bin"), "--out", str(t / "out")],
+         "facescale eval verify", "step_00000010", ["out", "run"]),
+    Case("eval verify: weights file is not a state dict",
+         lambda t: ["eval", "verify", "--weights", _garbage(t, "backbone.pth"), "--model", "demo", "--bin",
+                    str(_shards(t) / "verify.bin"), "--out", str(t / "out")],
+         "facescale eval verify", "backbone.pth", ["out"]),
+    Case("export onnx: missing weights file",
+         lambda t: ["export", "onnx", "--weights", str(t / "none.pth"), "--model", "demo", "--out",
+                    str(t / "m.onnx")], "facescale export onnx", "none.pth", ["m.onnx"]),
+    Case("eval ijb: not an IJB release",
+         lambda t: ["eval", "ijb", "--weights", _weights(t), "--model", "demo", "--root", str(t), "--out",
+                    str(t / "out")], "facescale eval ijb", "meta", ["out"]),
+    Case("make-bin: malformed pairs file",
+         lambda t: ["make-bin", "--root", str(t), "--pairs", _pairs(t, "10 300\nAlice 1 2 3 4 5\n"),
+                    "--out", str(t / "x.bin")], "facescale make-bin", "pairs.txt:2", ["x.bin"]),
+    Case("convert rec: missing .rec",
+         lambda t: ["convert", "rec", "--rec", str(t / "train.rec"), "--idx", str(t / "train.idx"), "--out",
+                    str(t / "conv")], "facescale convert rec", "train.", ["conv"]),
     Case("make-bin: missing pairs file",
          lambda t: ["make-bin", "--root", str(t), "--pairs", str(t / "pairs.txt"), "--out", str(t / "x.bin")],
          "facescale make-bin", "pairs.txt", ["x.bin"]),
@@ -139,8 +247,9 @@ def assert_one_line_error(err: str, command: str, expect: str) -> str:
 def test_input_error_is_one_line(case: Case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("FACESCALE_DEBUG", raising=False)
-    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(key, raising=False)
+    for key in list(os.environ):  # a single process, whatever launched the tests
+        if key in LAUNCH_VARS or key.startswith(("SLURM_", "OMPI_", "PMI_")):
+            monkeypatch.delenv(key, raising=False)
     argv = case.argv(tmp_path)
     before = _snapshot(tmp_path, case.outputs)
     capsys.readouterr()
@@ -159,6 +268,11 @@ def test_error_line_parts():
         default_fix = "do the usual thing"
 
     assert Defaulted("bad\nthing").line() == "bad thing; do the usual thing"
+    # as a DataLoader worker's error comes back: the class called with the worker's traceback as message
+    wrapped = Defaulted("Caught Defaulted in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                        "call last):\n  File \"x.py\", line 1, in f\n    raise Defaulted(...)\n"
+                        "tests.Defaulted: shard 3: bad label; repair it\n")
+    assert wrapped.line() == "shard 3: bad label; repair it"
 
 
 def _raise_input_error() -> int:
@@ -185,3 +299,53 @@ def test_debug_shows_the_traceback(tmp_path):
         assert proc.returncode == INPUT_ERROR_EXIT_CODE
         assert "Traceback" in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("facescale validate: error: ")
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_one_class_verification_set_reports_accuracy_without_roc(tmp_path, capsys, monkeypatch, same):
+    """Only same (or only different) pairs: `eval verify` prints an accuracy and says why there is no ROC."""
+    import json
+
+    from facescale.eval.binfile import read_bin, write_bin
+
+    monkeypatch.chdir(REPO)
+    images, issame = read_bin(_shards(tmp_path) / "verify.bin")
+    pairs = [i for i, flag in enumerate(issame) if flag == same][:10]
+    assert len(pairs) == 10
+    one_class = tmp_path / "one_class.bin"
+    write_bin(one_class, [images[2 * i + k] for i in pairs for k in (0, 1)], [same] * len(pairs))
+    rc = main(["eval", "verify", "--weights", _weights(tmp_path), "--model", "demo", "--bin", str(one_class),
+               "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    if same:  # each held-out pair is accepted when it is not the farthest of the ten
+        assert 0.0 <= report["accuracy"] <= 1.0
+    else:  # threshold 0 (reject everything) is the first best on every fold
+        assert report["accuracy"] == pytest.approx(1.0)
+    assert "no ROC" in report["roc_skipped"] and "roc_image" not in report
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reader", ["webdataset"] + (["dali"] if dali_available() else []))
+def test_corrupt_jpeg_stops_training_with_one_line_under_both_readers(tmp_path, reader):
+    """`facescale train` with random bytes inside a JPEG: one line naming shard and key, exit 2, no step."""
+    shards, key = _garbled_jpeg(tmp_path)
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and k != "FACESCALE_DEBUG"}
+    argv = [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml"]
+    for item in (f"data.shards={shards}", f"data.reader={reader}", "data.on_bad_sample=error",
+                 "data.num_workers=1", "data.shuffle_buffer=4", f"logging.run_dir={run_dir}", "eval.bins=[]",
+                 "schedule.steps=8", "schedule.warmup_steps=0", "schedule.global_batch_size=4",
+                 "checkpoint.every_steps=0"):
+        argv += ["--set", item]
+    proc = subprocess.run(argv, cwd=REPO, env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                "FACESCALE_CACHE": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == INPUT_ERROR_EXIT_CODE, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_one_line_error(errors[0], "facescale train",
+                          f"train-000000.tar: sample '{key}': JPEG does not decode")
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").glob("step_*"))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from facescale.eval.binfile import EvalSetError
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
 
 
@@ -32,10 +34,11 @@ def parse_pairs(pairs_txt: str) -> list[tuple[str, int, str, int]]:
             else:
                 raise ValueError(f"{len(tokens)} fields")
         except ValueError as error:
-            raise ValueError(f"{pairs_txt}:{number}: expected 'name n1 n2' or 'name1 n1 name2 n2', "
-                             f"got {' '.join(tokens)!r} ({error})") from None
+            raise EvalSetError(f"expected 'name n1 n2' or 'name1 n1 name2 n2', got {' '.join(tokens)!r} "
+                               f"({error})", where=f"{pairs_txt}:{number}",
+                               fix="fix that line (LFW pairs.txt format)") from None
     if not pairs:
-        raise ValueError(f"{pairs_txt}: no pairs found")
+        raise EvalSetError("no pairs found", where=pairs_txt, fix="give an LFW-style pairs file")
     return pairs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from facescale.config.load import load_config
 from facescale.config.schedule_resolve import resolve_schedule
 from facescale.config.validate import validate
+from facescale.data.loader import load_shard_manifest, resolve_reader
 from facescale.eval.check import check_eval_bins
 from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
@@ -19,6 +20,7 @@ def run_training(config_path: str | None, overrides: list[str]):
     if schedule_line and env.rank == 0:
         print(schedule_line, flush=True)
     validate(cfg, str(config_path), world_size=env.world_size)
+    load_shard_manifest(cfg.data, need_index=resolve_reader(cfg.data.reader) == "dali")  # shards, .idx
     check_eval_bins(cfg.eval.bins, cfg.data.image_size)
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
     configure_threads(env.local_world_size)
