@@ -23,7 +23,11 @@ class InputError(Exception):
     """Bad input the user can fix: `what` is wrong, `where` (a file, key or shard), `fix` says what to do.
 
     `InputError("message")` alone is accepted (subclasses' old call sites); `default_fix` then fills the fix.
+    Set `every_rank = True` on an error every rank raises alike after the process group started (e.g. from a
+    collective check): then only rank 0 prints it.
     """
+
+    every_rank = False
 
     default_fix = ""
 
@@ -92,7 +96,8 @@ def report_errors(command: str, run: Callable[[], int], debug: bool = False) -> 
     """Run a command; an `InputError` becomes one line on stderr and a non-zero exit code.
 
     Before the process group starts every rank meets the same error, so only rank 0 prints it; afterwards
-    the rank that raised it prints it (with its rank and host), since it may be the only one that failed.
+    the rank that raised it prints it (with its rank and host), since it may be the only one that failed,
+    unless the error says it is raised by `every_rank`.
     """
     failure = sys.modules.get("facescale.parallel.failure")
     if failure is not None:
@@ -106,7 +111,7 @@ def report_errors(command: str, run: Callable[[], int], debug: bool = False) -> 
             from facescale.parallel.failure import report
 
             report("input", exc)  # the other ranks then leave the explanation to this line
-        if _rank() == 0 or _group_is_up():
+        if _rank() == 0 or (_group_is_up() and not getattr(exc, "every_rank", False)):
             sys.stderr.write(error_line(command, as_input_error(exc)) + "\n")
             sys.stderr.flush()
         return INPUT_ERROR_EXIT_CODE

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from facescale.config.errors import ConfigError
+from launcher.env import LaunchEnvError
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,9 @@ def select_runtime(local_rank: int, requested_precision: str = "auto") -> Runtim
     """
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are "
-                "visible; launch one process per GPU (srun --ntasks-per-node / --nproc_per_node)"
-            )
+            raise LaunchEnvError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible",
+                fix="launch one process per GPU (srun --ntasks-per-node / torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:

@@ -7,6 +7,7 @@ exit code, that no traceback is printed and that no output directory was created
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -287,6 +288,29 @@ def test_only_rank_zero_prints_before_the_process_group(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert report_errors("facescale train", _raise_input_error) == INPUT_ERROR_EXIT_CODE
     assert capsys.readouterr().err == "facescale train: error: x.bin: broken; rebuild it\n"
+
+
+@pytest.mark.parametrize("every_rank", [False, True])
+def test_after_the_process_group_the_raising_rank_prints(capsys, monkeypatch, every_rank):
+    """A rank's own error (its data) is printed by that rank, naming it; one every rank raises, by rank 0."""
+    from facescale.parallel import failure
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def run() -> int:
+        failure._JOB.update(rank=1, world=2, store=None)  # as after init_distributed (no store to report to)
+        exc = InputError("bad label", where="train-000003.tar: sample 'k'", fix="repair it")
+        exc.every_rank = every_rank
+        raise exc
+
+    try:
+        assert report_errors("facescale train", run) == INPUT_ERROR_EXIT_CODE
+    finally:
+        failure.forget()
+    expected = "" if every_rank else (f"facescale train: error: rank 1 on {socket.gethostname()}: "
+                                      "train-000003.tar: sample 'k': bad label; repair it\n")
+    assert capsys.readouterr().err == expected
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -28,7 +28,8 @@ def _validate(args: argparse.Namespace) -> int:
         with open(args.counts_csv, "w") as out:
             out.write("label,images\n" + "".join(f"{i},{n}\n" for i, n in enumerate(report.counts.tolist())))
     if not report.ok:
-        sys.stderr.write(f"facescale validate: {len(report.problems)} problems in {args.dir}\n")
+        sys.stderr.write(f"facescale validate: error: {args.dir}: {len(report.problems)} problems (listed "
+                         "above); repair or re-convert those shards, or train with data.on_bad_sample=skip\n")
         return 1
     return 0
 

@@ -112,8 +112,12 @@ class DaliTrainLoader(TrainLoader):
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         bad = scan_shards(manifest, world_size)  # DALI decodes most corrupt JPEGs into garbage silently
         if bad:
-            self.policy.reject(bad[0])  # under "error": stop here, naming the shard and key
-            self.policy.check_budget(len(bad), manifest.num_samples, str(manifest.directory))
+            try:  # every rank holds the same scan: each raises alike, rank 0 prints
+                self.policy.reject(bad[0])  # under "error": stop here, naming the shard and key
+                self.policy.check_budget(len(bad), manifest.num_samples, str(manifest.directory))
+            except BadSampleError as exc:
+                exc.every_rank = True
+                raise
             self._scratch = tempfile.TemporaryDirectory(prefix="facescale-idx-")
             scratch = Path(self._scratch.name)
             self.index_paths, num_samples = write_filtered_indexes(manifest, bad, scratch)
