@@ -42,3 +42,36 @@ def _free_port() -> int:
     from launcher.ports import free_port
 
     return free_port()
+
+
+WAIT_SCRIPT = textwrap.dedent("""
+    import torch
+    import deepspeed
+    from facescale.deepspeed_ops import JitLockError, jit_lock_watchdog
+
+    model = torch.nn.Linear(3, 2)
+    try:
+        with jit_lock_watchdog(timeout_s=3, warn_after_s=1):  # without skip_unused_ops: it builds the op
+            deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 config={"train_batch_size": 1, "zero_allow_untested_optimizer": True})
+    except JitLockError as exc:
+        print("LINE", exc.line())
+""")
+
+
+def test_a_stale_build_lock_ends_in_an_error_naming_it(tmp_path):
+    """A lock left by a killed build: torch waits forever; the watchdog names the file and how to clear it."""
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(extensions), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    proc = subprocess.run([sys.executable, "-c", WAIT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"waiting 1 s on the JIT build lock {lock}" in proc.stderr
+    line = next(text for text in proc.stdout.splitlines() if text.startswith("LINE "))
+    assert f"{lock}: waited 3 s on the JIT build lock of op 'deepspeed_shm_comm'" in line
+    assert f"rm {lock}" in line

@@ -52,7 +52,7 @@ class Trainer:
 
         from facescale.data.loader import build_train_loader
         from facescale.data.manifest import Manifest
-        from facescale.deepspeed_ops import skip_unused_ops
+        from facescale.deepspeed_ops import jit_lock_watchdog, skip_unused_ops
         from facescale.heads import build_head
         from facescale.models.registry import build_backbone
 
@@ -71,9 +71,9 @@ class Trainer:
 
             compile_backbone(backbone, cfg.model.compile_backend)
         ds_config = deepspeed_json(cfg, env.world_size, runtime.precision)
-        self.engine, *_ = deepspeed.initialize(
-            model=backbone, optimizer=build_backbone_optimizer(cfg, backbone.parameters()), config=ds_config
-        )
+        with jit_lock_watchdog():  # a JIT op build's lock is waited on with a limit and a message
+            optimizer = build_backbone_optimizer(cfg, backbone.parameters())
+            self.engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
 
         self.micro_batch = micro_batch_size(cfg, env.world_size)
         self.train_step_fn = train_step
