@@ -67,3 +67,31 @@ def test_missing_and_truncated_files(tmp_path):
     truncated.write_bytes(pickle.dumps(([b"a", b"b"], [True]))[:10])
     with pytest.raises(ValueError, match="cut.bin"):
         read_bin(truncated)
+
+
+def _imencode_like(payload: bytes) -> np.ndarray:
+    """What cv2.imencode returns (and insightface's build_eval_pack.py stores): uint8 of shape (N, 1)."""
+    return np.frombuffer(payload, dtype=np.uint8).reshape(-1, 1).copy()
+
+
+def test_reads_build_eval_pack_protocol_5_numpy_arrays(tmp_path):
+    images = [b"\xff\xd8" + name + b"\xff\xd9" for name in (b"first", b"second", b"third", b"x")]
+    arrays = [_imencode_like(image) for image in images]
+    arrays[1].flags.writeable = False  # read-only buffers pickle as bytes, writable ones as bytearray
+    path = tmp_path / "pack.bin"
+    path.write_bytes(pickle.dumps((arrays, [True, False]), protocol=5))
+    assert read_bin(path) == (images, [True, False])
+
+
+class _Sneaky:
+    """Pickles as a call of numpy.frombuffer: a numpy global that .bin files never need."""
+
+    def __reduce__(self):
+        return (np.frombuffer, (b"abcd", "u1"))
+
+
+def test_numpy_globals_beyond_the_bin_format_stay_refused(tmp_path):
+    path = tmp_path / "sneaky.bin"
+    path.write_bytes(pickle.dumps(([_Sneaky(), b"b"], [True]), protocol=5))
+    with pytest.raises(EvalSetError, match="refusing to load numpy.*frombuffer"):
+        read_bin(path)

@@ -1,8 +1,8 @@
 """insightface verification `.bin` files: a pickle of (list of encoded images, list of is-same flags).
 
 Images are in pair order: pair i is images (2*i, 2*i+1). Reading uses a restricted unpickler that only
-accepts plain containers, bytes and bools (plus numpy scalars/arrays and `_codecs.encode`, which real files
-written by other tools contain), so a hostile file cannot run code.
+accepts plain containers, bytes and bools (plus numpy scalars/arrays, protocol-5 array buffers and
+`_codecs.encode`, which real files written by other tools contain), so a hostile file cannot run code.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ _NUMPY_GLOBALS = {
     ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
     ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    # protocol 5 (insightface's build_eval_pack.py: pickle.HIGHEST_PROTOCOL on Python >= 3.8) stores each
+    # cv2.imencode uint8 array as _frombuffer(buffer, dtype, shape, order); numpy 1.x and 2.x module names
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
 
 
