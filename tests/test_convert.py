@@ -168,3 +168,64 @@ def test_folder_source_rejects_empty_roots(tmp_path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds no images"):
         folder_source(tmp_path / "empty")
+
+
+def _nested_faces(root, levels: int):
+    """Identities `levels` directories down (e.g. 3: root/<a>/<b>/<identity>/*.jpg); returns
+    {relative identity path: [jpeg bytes]} in the sorted order that defines the labels."""
+    truth = {}
+    images = iter(_images(40, seed=9))
+    for top in ("0", "1"):
+        for middle in (["x", "y"] if levels == 3 else [""]):
+            for name in ("m.0b", "m.0a"):
+                rel = "/".join(part for part in (top, middle, name) if part)
+                (root / rel).mkdir(parents=True)
+                truth[rel] = []
+                for number in range(1 + len(truth) % 3):
+                    jpeg = next(images)
+                    (root / rel / f"{number}.jpg").write_bytes(jpeg)
+                    truth[rel].append(jpeg)
+    return dict(sorted(truth.items()))
+
+
+@pytest.mark.parametrize("depth", ["3", "auto"])
+def test_convert_folder_reads_a_nested_layout(tmp_path, capsys, depth):
+    root = tmp_path / "faces"
+    truth = _nested_faces(root, levels=3)
+    code = main(["convert", "folder", "--root", str(root), "--depth", depth, "--out", str(tmp_path / "out"),
+                 "--shard-size", "5", "--workers", "1", "--image-size", str(SIZE)])
+    assert code == 0
+    assert "list level 3/3" in capsys.readouterr().err  # the listing shows progress per level
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.num_classes == 8 and manifest.samples_per_identity == [len(v) for v in truth.values()]
+    labels = {jpeg: label for label, images in enumerate(truth.values()) for jpeg in images}
+    read = _read_shards(tmp_path / "out")
+    assert len(read) == sum(len(v) for v in truth.values())
+    assert all(labels[jpeg] == label for label, jpeg in read)
+    assert list(truth)[:2] == ["0/x/m.0a", "0/x/m.0b"]  # identity = relative path, sorted
+
+
+def test_nested_layout_errors_name_the_directory_and_the_depth(tmp_path):
+    root = tmp_path / "faces"
+    _nested_faces(root, levels=2)
+    (root / "1" / "stray.jpg").write_bytes(_images(1)[0])
+    with pytest.raises(ValueError, match=r"faces/1: holds images 1 level\(s\) below the root.*--depth 1"):
+        folder_source(root, depth=2)
+    with pytest.raises(SystemExit):  # argparse: "'0' is not 'auto' or a level count >= 1"
+        main(["convert", "folder", "--root", str(root), "--depth", "0", "--out", str(tmp_path / "o")])
+
+
+def test_convert_rec_copies_the_verification_sets_beside_it(tmp_path, capsys):
+    from facescale.eval.binfile import read_bin, write_bin
+
+    rec, _, _ = write_insightface_rec(tmp_path)
+    pair = _images(2)
+    write_bin(tmp_path / "lfw.bin", pair, [True])
+    write_bin(tmp_path / "cfp_fp.bin", pair + pair, [True, False])
+    (tmp_path / "broken.bin").write_bytes(b"not a pickle")
+    out = tmp_path / "out"
+    assert main(["convert", "rec", "--rec", str(rec), "--out", str(out), "--workers", "1",
+                 "--image-size", str(SIZE), "--quiet"]) == 0  # --idx defaults to train.idx beside it
+    printed = capsys.readouterr().out
+    assert "copied lfw.bin (1 pairs)" in printed and "not copied broken.bin" in printed
+    assert read_bin(out / "cfp_fp.bin").issame == [True, False] and not (out / "broken.bin").exists()

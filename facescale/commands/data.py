@@ -7,21 +7,36 @@ import sys
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from facescale.data.convert import convert, folder_source, rec_source
+    from pathlib import Path
 
-    source = rec_source(args.rec, args.idx) if args.format == "rec" else folder_source(args.root)
+    from facescale.data.convert import convert, folder_source, rec_source
+    from facescale.data.eval_sets import copy_verification_sets
+
+    if args.format == "rec":
+        source = rec_source(args.rec, args.idx or Path(args.rec).with_suffix(".idx"))
+    else:
+        source = folder_source(args.root, None if args.depth == "auto" else int(args.depth), not args.quiet)
     summary = convert(source, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
                       image_size=args.image_size, quality=args.quality, overwrite=args.overwrite,
                       progress=not args.quiet)
-    for line in summary.lines():
+    lines = summary.lines()
+    if args.format == "rec":  # lfw.bin, cfp_fp.bin, agedb_30.bin ship beside insightface's train.rec
+        lines += copy_verification_sets(Path(args.rec).parent, args.out)
+    for line in lines:
         print(f"[convert] {line}")
     return 0
+
+
+def _depth(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"'{value}' is not 'auto' or a level count >= 1")
+    return value
 
 
 def _validate(args: argparse.Namespace) -> int:
     from facescale.data.validate import validate_directory
 
-    report = validate_directory(args.dir, workers=args.workers)
+    report = validate_directory(args.dir, workers=args.workers, progress=not args.quiet)
     for line in report.lines(show=args.show):
         print(f"[validate] {line}")
     if args.counts_csv:
@@ -51,16 +66,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     formats = convert.add_subparsers(dest="format", required=True)
     rec = formats.add_parser("rec", help="insightface train.rec + train.idx (no MXNet needed)")
     rec.add_argument("--rec", required=True)
-    rec.add_argument("--idx", required=True)
+    rec.add_argument("--idx", default=None, help="default: --rec with the suffix .idx")
     _add_output_options(rec)
-    folder = formats.add_parser("folder", help="one directory of images per identity under --root")
+    folder = formats.add_parser("folder", help="one directory of images per identity under --root, possibly "
+                                                "nested (WebFace42M: root/0..9/<identity>/*.jpg)")
     folder.add_argument("--root", required=True)
+    folder.add_argument("--depth", type=_depth, default="auto",
+                        help="directory levels from --root to an identity (1 = flat, 2 = WebFace42M's "
+                             "root/0..9/<identity>); auto (default) follows the first directories to images")
     _add_output_options(folder)
     convert.set_defaults(func=_convert)
 
     validate = sub.add_parser("validate", help="decode every sample of a shard directory, check the manifest")
     validate.add_argument("dir")
-    validate.add_argument("--workers", type=int, default=1)
+    validate.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.add_argument("--show", type=int, default=50, help="problems to print")
     validate.add_argument("--counts-csv", default="", help="write per-identity image counts here")
     validate.set_defaults(func=_validate)

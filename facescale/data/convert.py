@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from facescale.data.folder_listing import IMAGE_SUFFIXES, FolderLayoutError, detect_depth, list_identities
 from facescale.data.jpeg import decode_jpeg, encode_jpeg
 from facescale.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from facescale.data.recordio import RecordFile
 from facescale.data.shard_writer import ShardWriter
 
 STATE_DIR = ".convert"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _SHUFFLE_TAG = 7
 
 
@@ -64,16 +64,19 @@ def rec_source(rec: str | Path, idx: str | Path) -> Source:
                   _stat_fingerprint([Path(rec), Path(idx)]))
 
 
-def folder_source(root: str | Path) -> Source:
-    """Images under `root/<identity>/`; label = index of the identity directory in sorted name order."""
+def folder_source(root: str | Path, depth: int | None = None, progress: bool = False) -> Source:
+    """Images under `root/<identity>/` where an identity is `depth` directory levels down (None: detected);
+    label = index of the identity's relative path in sorted order."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory; --root must hold one directory per identity")
-    identities = sorted(d.name for d in root.iterdir() if d.is_dir())
-    refs = [(f"{name}/{f.name}", label) for label, name in enumerate(identities)
-            for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        raise FileNotFoundError(f"{root} is not a directory; --root must hold one directory per identity "
+                                "(possibly nested, see --depth)")
+    depth = depth or detect_depth(root)
+    identities = list_identities(root, depth, progress)
+    refs = [(f"{name}/{image}", label) for label, (name, images) in enumerate(identities) for image in images]
     if not refs:
-        raise ValueError(f"{root} holds no images in identity directories ({', '.join(IMAGE_SUFFIXES)})")
+        raise FolderLayoutError(f"holds no images {depth} level(s) down ({', '.join(IMAGE_SUFFIXES)})",
+                                where=root)
     digest = hashlib.sha256("\n".join(f"{path}:{label}" for path, label in refs).encode()).hexdigest()
     return Source("folder", (str(root.resolve()),), refs, len(identities), digest)
 

@@ -8,6 +8,7 @@ the per-identity counts against the manifest's. Shards are checked in parallel w
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -88,17 +89,30 @@ def check_shard(tar: str, index: str, expected_samples: int, expected_sha: str, 
     return problems, counts, listed
 
 
-def validate_directory(directory: str | Path, workers: int = 1) -> ValidationReport:
-    """Check every shard of `directory` (manifest.json must load) and return the report."""
+def validate_directory(directory: str | Path, workers: int | None = None,
+                       progress: bool = False) -> ValidationReport:
+    """Check every shard of `directory` (manifest.json must load) and return the report; `workers` None
+    uses every core, `progress` shows a bar over the samples checked."""
+    from tqdm import tqdm
+
     manifest = Manifest.load(directory)
     tasks = [(str(tar), str(index), info.num_samples, info.sha256, manifest.num_classes, manifest.image_size)
              for tar, index, info in zip(manifest.shard_paths(), manifest.index_paths(), manifest.shards,
                                          strict=True)]
-    if workers > 1 and len(tasks) > 1:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    bar = tqdm(total=manifest.num_samples, unit="img", desc="validate", disable=not progress)
+    results = []
+    if workers > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(check_shard, *zip(*tasks, strict=True)))
+            futures = [pool.submit(check_shard, *task) for task in tasks]
+            for task, future in zip(tasks, futures, strict=True):  # in shard order: a stable report
+                results.append(future.result())
+                bar.update(task[2])
     else:
-        results = [check_shard(*task) for task in tasks]
+        for task in tasks:
+            results.append(check_shard(*task))
+            bar.update(task[2])
+    bar.close()
     counts = np.zeros(manifest.num_classes, dtype=np.int64)
     problems: list[str] = []
     checked = 0
