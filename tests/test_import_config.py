@@ -36,6 +36,9 @@ config.num_image = 42474557
 config.num_epoch = 30
 config.warmup_epoch = config.num_epoch // 10
 config.val_targets = ['lfw', "cfp_fp"]
+config.using_wandb = True
+config.wandb_key = "secret-key"
+config.wandb_project = "faces"
 '''
 
 
@@ -56,7 +59,7 @@ def test_imported_yaml_validates_and_resolves_to_the_same_recipe(tmp_path, data_
     assert main(["import-config", str(source), "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     text = out.read_text()
-    assert "ignored num_classes = 2059906" in text
+    assert "ignored num_classes = 2059906" in text and "secret-key" not in text
     assert "convert rec --rec /train_tmp/WebFace42M/train.rec" in text
 
     cfg = load_config(out, [f"data.shards={data_dir}"])
@@ -71,6 +74,7 @@ def test_imported_yaml_validates_and_resolves_to_the_same_recipe(tmp_path, data_
     assert cfg.head.sample_rate == 0.3 and cfg.optim.weight_decay == cfg.head.weight_decay == 5e-4
     assert (cfg.model.name, cfg.model.drop_path_rate, cfg.model.mask_ratio) == ("vit_b", 0.05, 0.05)
     assert cfg.deepspeed.precision == "bf16" and cfg.schedule.seed == 2048  # base.py's seed
+    assert cfg.logging.wandb.project == "faces"
 
 
 def test_gpus_option_writes_the_global_batch(tmp_path, data_dir, capsys) -> None:

@@ -36,16 +36,15 @@ IGNORED = {
     "num_image": "read from the converted data's manifest.json (epochs -> steps)",
     "save_all_states": "facescale always saves the full state (backbone, centers, optimizers, data cursor)",
     "resume": "checkpoint.resume: auto continues this run from its own last checkpoint",
-    "using_wandb": "facescale logs to TensorBoard", "wandb_key": "facescale logs to TensorBoard",
-    "wandb_entity": "facescale logs to TensorBoard", "wandb_project": "facescale logs to TensorBoard",
-    "wandb_log_all": "facescale logs to TensorBoard", "save_artifacts": "facescale logs to TensorBoard",
-    "wandb_resume": "facescale logs to TensorBoard", "suffix_run_name": "facescale logs to TensorBoard",
-    "notes": "facescale logs to TensorBoard",
+    "wandb_key": "never written to a config file: export WANDB_API_KEY instead",
+    "wandb_log_all": "facescale logs the same scalars to TensorBoard and W&B",
+    "save_artifacts": "checkpoints stay in the run directory", "wandb_resume": "the run directory resumes",
+    "suffix_run_name": "logging.wandb.name defaults to the run directory's name", "notes": "no counterpart",
 }
 MAPPED = {"margin_list", "network", "output", "embedding_size", "sample_rate", "fp16", "batch_size",
           "interclass_filtering_threshold", "optimizer", "lr", "momentum", "weight_decay", "verbose",
           "frequent", "dali", "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_epoch",
-          "warmup_epoch", "val_targets"}
+          "warmup_epoch", "val_targets", "using_wandb", "wandb_entity", "wandb_project"}
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -173,6 +172,9 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
         "logging": {"run_dir": str(output), "every_steps": int(values["frequent"])},
         "eval": {"bins": list(values.get("val_targets") or []), "every_steps": int(values["verbose"])},
     }
+    if values.get("using_wandb"):
+        mapping["logging"]["wandb"] = {"project": str(values.get("wandb_project") or name),
+                                       "entity": str(values.get("wandb_entity") or "")}
     notes = [f"imported from arcface_torch config {source} by `facescale import-config`",
              "mapping: margin_list -> head.margin (s=64 as arcface_torch), batch_size -> schedule."
              + ("global_batch_size (x --gpus)" if gpus else "batch_per_rank") + ", num_epoch/warmup_epoch -> "
@@ -181,7 +183,9 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "(names in data.shards), verbose -> eval.every_steps, frequent -> logging.every_steps",
              f"convert the data first: facescale convert rec --rec {rec or 'RECDIR'}/train.rec "
              f"--out {shards}"]
-    notes += [f"ignored {k} = {values[k]!r}: {IGNORED[k]}" for k in sorted(values) if k in IGNORED]
+    secret = {"wandb_key"}
+    notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
+              for k in sorted(values) if k in IGNORED]
     return mapping, notes
 
 
