@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the main job (synthetic identities, 2 CPU ranks under DeepSpeed).
 # make test: set up .venv and run the whole test suite.
+# make gpu-check: on a CUDA machine, the gpu tests + GPU benchmarks + a short training run (benchmarks/README.md).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,10 @@ SAMPLE_RATE ?= 0.1
 MODE ?= pfc
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv demo test lint clean
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
+GPU_CHECK_DIR ?= runs/gpu_check
+
+.PHONY: venv demo test lint clean gpu-check
 
 # The venv is rebuilt only when the pins change (the stamp holds the constraints' checksum).
 venv:
@@ -29,6 +33,10 @@ demo: venv
 test: venv
 	$(VENV)/bin/ruff check facescale launcher tests benchmarks
 	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# no venv step: the GPU machine brings its own torch (see benchmarks/README.md, "GPU check")
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_DIR)
 
 lint: venv
 	$(VENV)/bin/ruff check facescale launcher tests benchmarks
