@@ -28,7 +28,11 @@ GPU_TESTS = ["tests/test_gpu.py", "tests/test_head_syncs.py"]
 
 
 def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    """Whether `module` can be imported (a missing parent package, e.g. `nvidia`, counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 def run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float]:
@@ -93,7 +97,8 @@ def training_command(args, data: Path, run_dir: Path) -> list[str]:
     if has("deepspeed"):
         return [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml",
                 "--set", f"data.shards={data}", "--set", f"logging.run_dir={run_dir}",
-                "--set", f"schedule.steps={args.train_steps}", "--set", "schedule.warmup_steps=5",
+                "--set", f"schedule.steps={args.train_steps}",
+                "--set", f"schedule.warmup_steps={min(5, args.train_steps - 1)}",
                 "--set", "checkpoint.resume=none", "--set", "logging.tensorboard=false",
                 "--set", f"data.reader={'dali' if has('nvidia.dali') else 'webdataset'}",
                 "--set", f"eval.bins=[{data / 'verify.bin'}]", "--set", "logging.every_steps=10"]
@@ -103,16 +108,19 @@ def training_command(args, data: Path, run_dir: Path) -> list[str]:
 
 def direct_train(data: Path, steps: int, out: Path) -> None:
     """The backbone and head of configs/synthetic.yaml trained directly (no DeepSpeed): bf16 autocast on CUDA,
-    the decoupled backward of facescale/train/step.py, torch SGD for the backbone; writes result.json."""
+    the decoupled backward of facescale/train/step.py, torch SGD and the config's schedule for the backbone;
+    writes result.json."""
     import torch
 
     from facescale.config.load import load_config
     from facescale.heads import build_head
     from facescale.models.registry import build_backbone
     from facescale.runtime import select_runtime
+    from facescale.train.schedule import lr_at
     from facescale.train.trainer import build_backbone_optimizer
 
-    cfg = load_config("configs/synthetic.yaml", [f"data.shards={data}"])
+    cfg = load_config("configs/synthetic.yaml", [f"data.shards={data}", f"schedule.steps={steps}",
+                                                 f"schedule.warmup_steps={min(5, steps - 1)}"])
     runtime = select_runtime(0, "auto")
     num_classes = json.loads((data / "manifest.json").read_text())["num_classes"]
     torch.manual_seed(0)
@@ -122,6 +130,9 @@ def direct_train(data: Path, steps: int, out: Path) -> None:
     batches = _batches(cfg, data, runtime.device)
     losses, started = [], time.perf_counter()
     for step in range(steps):
+        lr = lr_at(step, cfg.optim.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         images, labels = next(batches)
         with torch.autocast(runtime.device.type, torch.bfloat16, enabled=runtime.precision == "bf16"):
             embeddings = backbone(images)
@@ -133,7 +144,7 @@ def direct_train(data: Path, steps: int, out: Path) -> None:
         (embeddings.float() * detached.grad).sum().backward()
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.optim.grad_clip)
         optimizer.step()
-        head.optimizer_step(cfg.optim.lr * cfg.head.lr_scale)
+        head.optimizer_step(lr * cfg.head.lr_scale)
         losses.append(loss.detach())
     if runtime.is_cuda:
         torch.cuda.synchronize()
@@ -147,7 +158,7 @@ def direct_train(data: Path, steps: int, out: Path) -> None:
 
 
 def _batches(cfg, data: Path, device):
-    """facescale's own loader when its reader's packages are present, else the shards' images in memory."""
+    """Endless batches from facescale's loader (DALI when installed, else the webdataset reader)."""
     from facescale.data.loader import build_train_loader
 
     loader = build_train_loader(cfg.data, rank=0, world_size=1, batch_size=cfg.schedule.global_batch_size,
