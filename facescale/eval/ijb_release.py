@@ -99,12 +99,9 @@ def _read_pairs(path: str) -> np.ndarray:
     layout = "template_id_1 template_id_2 label"
     if not os.path.isfile(path):
         _lines(path)  # raises the not-found message
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    try:
-        tokens = np.asarray(text.split(), dtype=np.int64)
-        lines = sum(1 for line in text.splitlines() if line.strip())
-        table = tokens.reshape(lines, 3) if tokens.size == 3 * lines and lines else None
+    try:  # numpy's C parser: seconds for IJB-C, without a Python object per number
+        table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+        table = table if table.shape[1:] == (3,) and len(table) else None
     except ValueError:
         table = None
     if table is None:  # something is malformed: find and name the line
