@@ -71,6 +71,14 @@ def _broken_bin(tmp: Path) -> str:
     return str(path)
 
 
+def _tiny_bin(tmp: Path) -> str:
+    """A readable .bin of 4 pairs (too few for 10 folds)."""
+    from facescale.eval.binfile import read_bin, write_bin
+
+    images, issame = read_bin(_shards(tmp) / "verify.bin")
+    return str(write_bin(tmp / "tiny.bin", images[:8], issame[:4]))
+
+
 def _bad_manifest(tmp: Path) -> str:
     d = tmp / "badmanifest"
     d.mkdir(exist_ok=True)
@@ -171,6 +179,8 @@ CASES = [
          "facescale train", "lfw.bin", ["run"]),
     Case("broken eval .bin in the config", lambda t: _train(t, f"eval.bins=[{_broken_bin(t)}]"),
          "facescale train", "broken.bin: not an insightface .bin", ["run"]),
+    Case("eval.bins with fewer pairs than folds", lambda t: _train(t, f"eval.bins=[{_tiny_bin(t)}]"),
+         "facescale train", "tiny.bin: 4 pairs, but the 10-fold protocol needs at least 10", ["run"]),
     Case("eval verify: missing checkpoint",
          lambda t: ["eval", "verify", "--checkpoint", str(t / "ck"), "--bin", _broken_bin(t), "--out",
                     str(t / "out")], "facescale eval verify", "broken.bin", ["out"]),

@@ -20,4 +20,5 @@ def check_eval_bins(paths: Sequence[str], image_size: int, key: str = "eval.bins
             for index in sorted({0, len(images) - 1}):
                 decode_image(images[index], image_size, path, index)
         except EvalSetError as exc:
-            raise EvalSetError(f"{key}[{i}]: {exc.what}", where=exc.where, fix=exc.fix) from None
+            where = f"{key}[{i}] = {exc.where}" if exc.where else f"{key}[{i}]"
+            raise EvalSetError(exc.what, where=where, fix=exc.fix) from None

@@ -160,6 +160,9 @@ def _cached_pixel_baseline(bin_path: str, images: Sequence[bytes], issame: Seque
     return _PIXEL_BASELINE_CACHE[key]
 
 
+FOLDS = 10  # the verification protocol's folds: a set needs at least one pair per fold
+
+
 def load_bin_checked(bin_path: str) -> tuple[list[bytes], list[bool]]:
     """Read an insightface `.bin`; any malformation becomes a ValueError naming the file."""
     from facescale.eval.binfile import read_bin
@@ -173,6 +176,9 @@ def load_bin_checked(bin_path: str) -> tuple[list[bytes], list[bool]]:
     if len(images) != 2 * len(issame) or not issame:
         raise EvalSetError(f"{bin_path}: {len(images)} images for {len(issame)} pairs; a .bin holds exactly "
                          "2 images per pair and at least one pair")
+    if len(issame) < FOLDS:
+        raise EvalSetError(f"{len(issame)} pairs, but the {FOLDS}-fold protocol needs at least {FOLDS}",
+                           where=bin_path, fix="use a set with more pairs (LFW has 6000)")
     return list(images), [bool(s) for s in issame]
 
 
