@@ -51,8 +51,8 @@ class InputError(Exception):
         return text
 
 
-# a path the user gave that is missing or unreadable; the OS message names the file
-PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# a path the user gave that is missing, unreadable or already taken; the message names the file
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def as_input_error(exc: BaseException) -> InputError:
