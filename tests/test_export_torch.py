@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from facescale.checkpoint import load_backbone
+from facescale.checkpoint.weights import read_backbone_weights
 from facescale.cli import main
 from facescale.config.schema import ModelConfig
 from facescale.models import build_backbone
@@ -60,6 +61,9 @@ def test_export_torch_round_trips_into_a_fresh_model(trained, tmp_path, capsys) 
     original, _ = load_backbone(run)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(images()), original(images()))
+    from_run = read_backbone_weights(run)  # what model.init_from / --weights read from a run directory
+    assert from_run.keys() == state.keys() and all(torch.equal(from_run[k].float(), state[k].float())
+                                                   for k in state)
 
 
 @pytest.mark.slow
@@ -89,3 +93,28 @@ def test_weights_option_errors_name_the_option(tmp_path, capsys) -> None:
     assert main(["export", "onnx", "--weights", str(weights), "--model", "r18", "--out", str(onnx_out)]) == 2
     assert "set --model to its architecture" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_eval_ijb_takes_weights_and_model(tmp_path, capsys) -> None:
+    import numpy as np
+
+    from facescale.data.synth_faces import render_identity
+    from facescale.eval.ijb import evaluate_ijb
+    from facescale.eval.ijb_synth import write_synthetic_ijb_release
+
+    faces, ids = [], []
+    for identity in range(3):
+        for face in render_identity(1, identity, 2, 112):
+            faces.append(np.asarray(face))
+            ids.append(identity)
+    root = str(tmp_path / "IJBC")
+    write_synthetic_ijb_release(root, faces, ids, name="ijbc", images_per_media=1, seed=2)
+    torch.manual_seed(0)
+    model = build_backbone(ModelConfig(name="mbf", embedding_size=32)).eval()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    assert main(["eval", "ijb", "--weights", str(tmp_path / "backbone.pth"), "--model", "mbf", "--root", root,
+                 "--out", str(tmp_path / "out"), "--workers", "0", "--batch-size", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    direct = evaluate_ijb(model, root, batch_size=4, workers=0, progress=False)
+    assert printed["num_genuine"] == direct["num_genuine"] == 3 and printed["num_impostor"] == 3
+    np.testing.assert_allclose(np.load(printed["scores"]), direct["scores"], atol=1e-6)
