@@ -113,7 +113,10 @@ class CenterKernels:
             torch.get_num_threads(),
         )
         if status:
-            raise RuntimeError(f"center SGD kernel refused dim {centers.shape[1]}")
+            raise RuntimeError(
+                f"center SGD kernel refused dim {centers.shape[1]} / centers {centers.dtype} with momentum "
+                f"{None if momentum is None else momentum.dtype} and residual {residual is not None}"
+            )
 
     def inverse_row_norms(self, rows: Tensor, out: Tensor, eps: float) -> Tensor:
         """out[i] = 1 / max(||rows[i]||, eps) in fp32, summed in the same order as the update kernel."""

@@ -24,12 +24,12 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN (branch-free: vectorises)
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 struct Args {
@@ -69,8 +69,9 @@ inline float dot(const float* a, const float* b, int64_t d) {
 inline float inv_norm(const float* w, int64_t d, float eps) { return 1.f / std::max(std::sqrt(dot(w, w, d)), eps); }
 
 // fp32 storage, no residual: the row and its momentum are updated where they lie (one read, one write).
-void update_row_f32(const Args& a, int64_t row, int64_t k, float* g) {
+void update_row_f32(const Args& a, int64_t row, int64_t k, float* __restrict g) {
   const int64_t d = a.dim, off = row * d;
+  const float lr = a.lr, mu = a.mu, wd = a.wd, decay = 1.f - a.lr * a.wd;
   float* __restrict w = static_cast<float*>(a.centers) + off;
   const float* p = nullptr;
   float coef = 0.f;
@@ -88,21 +89,20 @@ void update_row_f32(const Args& a, int64_t row, int64_t k, float* g) {
     float* __restrict m = static_cast<float*>(a.momentum) + off;
     if (p) {
       for (int64_t j = 0; j < d; ++j) {
-        const float mj = a.mu * m[j] + a.wd * w[j] + (p[j] - coef * w[j]);
+        const float mj = mu * m[j] + wd * w[j] + (p[j] - coef * w[j]);
         m[j] = mj;
-        w[j] -= a.lr * mj;
+        w[j] -= lr * mj;
       }
     } else {
       for (int64_t j = 0; j < d; ++j) {
-        const float mj = a.mu * m[j] + a.wd * w[j];
+        const float mj = mu * m[j] + wd * w[j];
         m[j] = mj;
-        w[j] -= a.lr * mj;
+        w[j] -= lr * mj;
       }
     }
   } else {
-    const float decay = 1.f - a.lr * a.wd;
     if (p) {
-      for (int64_t j = 0; j < d; ++j) w[j] = w[j] * decay - a.lr * (p[j] - coef * w[j]);
+      for (int64_t j = 0; j < d; ++j) w[j] = w[j] * decay - lr * (p[j] - coef * w[j]);
     } else {
       for (int64_t j = 0; j < d; ++j) w[j] *= decay;
     }
@@ -110,83 +110,91 @@ void update_row_f32(const Args& a, int64_t row, int64_t k, float* g) {
   if (a.inv_norms) a.inv_norms[row] = inv_norm(w, d, a.eps);
 }
 
-// Half-precision storage: the row is up-cast (plus its residual) into a per-thread buffer, updated, rounded.
-void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g) {
-  if (!a.centers_bf16 && !a.residual && !a.momentum_bf16) {
-    update_row_f32(a, row, k, g);
-    return;
-  }
+// Half-precision storage: hi (and the momentum) are bf16; the value is hi + lo when a residual is kept. The
+// gradient is projected with hi (the row the forward used); the update, rounding and residual run in one loop.
+template <bool kResidual, bool kMomentum, bool kGrad>
+void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w, float* __restrict g) {
   const int64_t d = a.dim, off = row * d;
-  float* cf = a.centers_bf16 ? nullptr : static_cast<float*>(a.centers) + off;
-  uint16_t* ch = a.centers_bf16 ? static_cast<uint16_t*>(a.centers) + off : nullptr;
-  if (cf) {
-    std::memcpy(w, cf, d * sizeof(float));
-  } else {
-    for (int64_t j = 0; j < d; ++j) w[j] = bf16_to_f32(ch[j]);
-  }
-  if (k >= 0) {
+  const float lr = a.lr, mu = a.mu, wd = a.wd, decay = 1.f - a.lr * a.wd;
+  uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
+  uint16_t* __restrict lo = kResidual ? a.residual + off : nullptr;
+  uint16_t* __restrict m = kMomentum ? static_cast<uint16_t*>(a.momentum) + off : nullptr;
+  for (int64_t j = 0; j < d; ++j) w[j] = bf16_to_f32(ch[j]);
+  float coef = 0.f;
+  if (kGrad) {
     if (a.grad_bf16) {
-      const uint16_t* p = static_cast<const uint16_t*>(a.grad) + k * d;
+      const uint16_t* __restrict p = static_cast<const uint16_t*>(a.grad) + k * d;
       for (int64_t j = 0; j < d; ++j) g[j] = bf16_to_f32(p[j]);
     } else {
       std::memcpy(g, static_cast<const float*>(a.grad) + k * d, d * sizeof(float));
     }
-    if (a.proj_inv) {  // uses the stored (forward) row, before the residual is added
-      const float coef = dot(w, g, d) * a.proj_inv[k] * a.proj_inv[k];
-      for (int64_t j = 0; j < d; ++j) g[j] -= coef * w[j];
-    }
+    if (a.proj_inv) coef = dot(w, g, d) * a.proj_inv[k] * a.proj_inv[k];
   }
-  uint16_t* lo = a.residual ? a.residual + off : nullptr;
-  if (lo) {
-    for (int64_t j = 0; j < d; ++j) w[j] += bf16_to_f32(lo[j]);
-  }
-  if (a.momentum) {
-    if (a.momentum_bf16) {
-      uint16_t* m = static_cast<uint16_t*>(a.momentum) + off;
-      for (int64_t j = 0; j < d; ++j) {
-        float mj = a.mu * bf16_to_f32(m[j]) + a.wd * w[j];
-        if (k >= 0) mj += g[j];
-        m[j] = f32_to_bf16(mj);
-        w[j] -= a.lr * mj;
-      }
+  for (int64_t j = 0; j < d; ++j) {
+    const float hi = w[j];
+    float value = kResidual ? hi + bf16_to_f32(lo[j]) : hi;
+    const float grad = kGrad ? g[j] - coef * hi : 0.f;
+    if (kMomentum) {
+      const float mj = mu * bf16_to_f32(m[j]) + wd * value + grad;
+      m[j] = f32_to_bf16(mj);
+      value -= lr * mj;
     } else {
-      float* m = static_cast<float*>(a.momentum) + off;
-      for (int64_t j = 0; j < d; ++j) {
-        float mj = a.mu * m[j] + a.wd * w[j];
-        if (k >= 0) mj += g[j];
-        m[j] = mj;
-        w[j] -= a.lr * mj;
-      }
+      value = value * decay - lr * grad;
     }
-  } else {
-    const float decay = 1.f - a.lr * a.wd;
-    if (k >= 0) {
-      for (int64_t j = 0; j < d; ++j) w[j] = w[j] * decay - a.lr * g[j];
-    } else {
-      for (int64_t j = 0; j < d; ++j) w[j] *= decay;
-    }
-  }
-  if (cf) {
-    std::memcpy(cf, w, d * sizeof(float));
-  } else {
-    for (int64_t j = 0; j < d; ++j) {
-      const uint16_t h = f32_to_bf16(w[j]);
-      ch[j] = h;
-      const float stored = bf16_to_f32(h);
-      if (lo) lo[j] = f32_to_bf16(w[j] - stored);
-      w[j] = stored;
-    }
+    const uint16_t h = f32_to_bf16(value);
+    const float stored = bf16_to_f32(h);
+    ch[j] = h;
+    if (kResidual) lo[j] = f32_to_bf16(value - stored);
+    w[j] = stored;
   }
   if (a.inv_norms) a.inv_norms[row] = inv_norm(w, d, a.eps);
 }
 
+template <bool kResidual, bool kMomentum>
+inline void update_row_bf16_any(const Args& a, int64_t row, int64_t k, float* w, float* g) {
+  if (k >= 0) {
+    update_row_bf16<kResidual, kMomentum, true>(a, row, k, w, g);
+  } else {
+    update_row_bf16<kResidual, kMomentum, false>(a, row, k, w, g);
+  }
+}
+
+void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g) {
+  if (!a.centers_bf16) {
+    update_row_f32(a, row, k, g);  // the wrapper accepts only fp32 state and no residual with fp32 centers
+  } else if (a.residual) {
+    if (a.momentum) update_row_bf16_any<true, true>(a, row, k, w, g); else update_row_bf16_any<true, false>(a, row, k, w, g);
+  } else {
+    if (a.momentum) update_row_bf16_any<false, true>(a, row, k, w, g); else update_row_bf16_any<false, false>(a, row, k, w, g);
+  }
+}
+
 inline int64_t grad_row(const Args& a, int64_t k) { return a.rows ? a.rows[k] : a.row_base + k; }
+
+// Sampled rows are scattered: fetch the next row's centers, residual and momentum while this one computes
+// (the hardware prefetcher only catches up a few lines into each 1-2 KB row).
+void prefetch_row(const Args& a, int64_t row) {
+  const int64_t center_bytes = a.dim * (a.centers_bf16 ? 2 : 4);
+  const char* c = static_cast<const char*>(a.centers) + row * center_bytes;
+  const char* m = a.momentum ? static_cast<const char*>(a.momentum) + row * center_bytes : nullptr;
+  const char* lo = a.residual ? reinterpret_cast<const char*>(a.residual + row * a.dim) : nullptr;
+  for (int64_t off = 0; off < center_bytes; off += 64) {
+    __builtin_prefetch(c + off, 1);
+    if (m) __builtin_prefetch(m + off, 1);
+  }
+  if (lo) {
+    for (int64_t off = 0; off < a.dim * 2; off += 64) __builtin_prefetch(lo + off, 1);
+  }
+}
 
 // Gradient rows [k0, k1) and, for dense calls, shard rows [r0, r1).
 void run_range(const Args& a, int64_t k0, int64_t k1, int64_t r0, int64_t r1) {
   std::vector<float> w(a.dim), g(a.dim);
   if (r1 <= r0) {
-    for (int64_t k = k0; k < k1; ++k) update_row(a, grad_row(a, k), k, w.data(), g.data());
+    for (int64_t k = k0; k < k1; ++k) {
+      if (k + 1 < k1) prefetch_row(a, grad_row(a, k + 1));
+      update_row(a, grad_row(a, k), k, w.data(), g.data());
+    }
     return;
   }
   int64_t k = k0;
@@ -216,6 +224,8 @@ int facescale_center_sgd(
     uint16_t* residual, void* momentum, int32_t momentum_bf16, float* inv_norms, float lr, float mu, float wd,
     float eps, int32_t threads) {
   if (dim <= 0 || dim > 65536) return 1;
+  if (momentum && momentum_bf16 != centers_bf16) return 2;  // state is stored like the centers
+  if (residual && !centers_bf16) return 2;
   const Args a{dim, n_grad, rows, row_base, grad, grad_bf16, proj_inv, row_begin, row_end, centers,
                centers_bf16, residual, momentum, momentum_bf16, inv_norms, lr, mu, wd, eps};
   const bool dense = row_end > row_begin;
