@@ -31,6 +31,7 @@ from facescale.checkpoint.layout import (
     rank_state_name,
     verify_step_dir,
 )
+from facescale.heads.center_optimizer import RESIDUAL
 from facescale.parallel.partition import class_partition
 
 
@@ -120,15 +121,21 @@ def reshard_head(shards: list[dict[str, Any]], world_size: int, rank: int) -> di
     return out
 
 
-def full_centers(step_dir: Path) -> torch.Tensor:
-    """The whole [num_classes, D] center matrix of a complete checkpoint."""
+def full_centers(step_dir: Path, fp32: bool = False) -> torch.Tensor:
+    """The whole [num_classes, D] center matrix of a complete checkpoint; `fp32`: as fp32, with the bf16
+    residual added back when the centers were stored in bf16 (the value the optimizer tracks)."""
     state = verify_step_dir(step_dir)
     shards = load_head_shards(step_dir, state["world_size"])
     if not _is_row_sharded(shards) or "centers" not in shards[0]:
         raise CheckpointError(
             f"'{step_dir}' holds no class-center shards (head meta {shards[0].get('meta')})"
         )
-    return reshard_head(shards, 1, 0)["centers"]
+    head = reshard_head(shards, 1, 0)
+    if not fp32:
+        return head["centers"]
+    residual = head.get("optimizer", {}).get(RESIDUAL)
+    centers = head["centers"].to(torch.float32)
+    return centers if residual is None else centers + residual.to(torch.float32)
 
 
 def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:

@@ -10,8 +10,10 @@ def _reshard(args: argparse.Namespace) -> int:
     from facescale.checkpoint import CheckpointError, reshard_checkpoint, resolve_checkpoint
 
     if args.world_size < 1:
-        raise CheckpointError(f"--world-size must be >= 1, got {args.world_size}",
-                              fix="pass the number of ranks the copy is for")
+        raise CheckpointError(
+            f"--world-size must be >= 1, got {args.world_size}",
+            fix="pass the number of ranks the copy is for",
+        )
     source = resolve_checkpoint(args.checkpoint)
     out = reshard_checkpoint(source, args.world_size, Path(args.out))
     print(
@@ -21,16 +23,15 @@ def _reshard(args: argparse.Namespace) -> int:
 
 
 def _export_head(args: argparse.Namespace) -> int:
-    import torch
 
     from facescale.checkpoint import full_centers, resolve_checkpoint
     from facescale.checkpoint.atomic import atomic_torch_save
 
     source = resolve_checkpoint(args.checkpoint)
-    centers = full_centers(source)
+    centers = full_centers(source, fp32=args.fp32)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(centers.to(torch.float32) if args.fp32 else centers, out)
+    atomic_torch_save(centers, out)
     print(f"[export-head] {tuple(centers.shape)} class centers of {source} -> {out}")
     return 0
 
@@ -44,5 +45,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export-head", help="write all class centers of a checkpoint as one [C, D] tensor")
     e.add_argument("--checkpoint", required=True, help="a step dir, checkpoints dir or run dir")
     e.add_argument("--out", required=True, help="output .pt file (torch.load gives the tensor)")
-    e.add_argument("--fp32", action="store_true", help="convert bf16-stored centers to fp32")
+    e.add_argument("--fp32", action="store_true", help="write fp32 (bf16 centers: hi + residual)")
     e.set_defaults(func=_export_head)
