@@ -601,6 +601,9 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
         ]
         lines += [f"| {v} | {d} | {b} | {f:.0f} | {w:.1f} | {x:.0f} |" for v, d, b, f, w, x in crossovers]
+    lines += target_lines(report["results"])
+    if not any(r.get("kind") == "full_fc" for r in report["results"]):
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "Obvious full FC (normalize W, linear, ArcFace, cross-entropy, torch.optim.SGD over all of W):",
@@ -620,6 +623,42 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['step_over_floor']:.2f} | {r['peak_bytes'] / GIB:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+STEP_TARGETS = {"fp32": 1.3, "bf16": 1.5}  # issue 16: median step / floor at C >= 100k, r in {0.1, 0.3}
+PEAK_TARGET = 1.2
+
+
+def target_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 16's targets over this report's cases at C >= 100k: worst step/floor per (dtype, mode), worst
+    peak/theory per dtype, each with met / missed."""
+    heads = [r for r in results if r.get("kind") == "head" and "step_ms" in r and r["classes"] >= 100_000]
+    heads = [r for r in heads if r["rate"] in (0.1, 0.3)]
+    if not heads:
+        return []
+    lines = [
+        "",
+        "Targets (issue 16; C >= 100k, rate 0.1 and 0.3; worst case of this report):",
+        "",
+        "| dtype | mode | cases | worst step/floor (case) | target | verdict | worst peak/theory | target "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype in sorted({r["dtype"] for r in heads}):
+        for mode in sorted({r["mode"] for r in heads}):
+            group = [r for r in heads if r["dtype"] == dtype and r["mode"] == mode]
+            if not group:
+                continue
+            worst = max(group, key=lambda r: r["step_over_floor"])
+            peak = max(r["peak_over_theory"] for r in group)
+            limit = STEP_TARGETS.get(dtype, 1.3)
+            case = f"B={worst['batch']}, r={worst['rate']}"
+            lines.append(
+                f"| {dtype} | {mode} | {len(group)} | {worst['step_over_floor']:.2f} ({case}) | {limit} "
+                f"| {'met' if worst['step_over_floor'] <= limit else 'missed'} | {peak:.2f} | {PEAK_TARGET} "
+                f"| {'met' if peak <= PEAK_TARGET else 'missed'} |"
+            )
+    return lines
 
 
 CROSSOVER_FIELDS = ("gemm_gflops", "stream_gbs", "dense_memory_bound_below_batch_x_rate")
