@@ -142,3 +142,26 @@ def test_read_accepts_arcface_torch_checkpoints_and_refuses_non_state_dicts(tmp_
         read_backbone_weights(tmp_path / "list.pth")
     with pytest.raises(WeightsError, match="no such file"):
         read_backbone_weights(tmp_path / "absent.pth")
+
+
+def test_train_refuses_a_mismatched_init_from_before_the_process_group(shards, tmp_path, capsys) -> None:
+    from facescale.cli import main
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(arcface_torch_state("mbf", embedding=128), weights)
+    run_dir = tmp_path / "run"
+    settings = ["model.name=mbf", "model.embedding_size=512", f"model.init_from={weights}",
+                f"data.shards={shards}", f"logging.run_dir={run_dir}", "eval.bins=[]"]
+    args = ["train", "--config", "configs/synthetic.yaml"] + [x for s in settings for x in ("--set", s)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("facescale train: error: model.init_from")
+    assert "set model.embedding_size (the file's is 128)" in err[0] and not run_dir.exists()
+    # a run that resumes never reads init_from: the same settings pass this check once a checkpoint exists
+    from facescale.config.load import load_config
+    from facescale.train.init_weights import check_init_from
+
+    cfg = load_config("configs/synthetic.yaml", settings)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000001")
+    check_init_from(cfg)

@@ -96,10 +96,10 @@ def _diagnose(missing: list[str], unexpected: list[str], misshaped: list[str], s
             f"keep a new embedding layer")
 
 
-def load_backbone_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
-                          source: str = "weights", settings: Settings | None = None) -> LoadReport:
-    """Copy `state` into `model`. Strict: any missing / unexpected / mis-shaped key raises WeightsError
-    listing them; lenient: the matching keys load and the report lists the rest."""
+def compare_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
+                    source: str = "weights", settings: Settings | None = None) -> LoadReport:
+    """What loading `state` into `model` would take and leave out, without copying (a meta-device model
+    works). Strict: any missing / unexpected / mis-shaped key raises WeightsError listing them."""
     settings = settings or Settings()
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -111,11 +111,22 @@ def load_backbone_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
             ("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
         fix = _diagnose(missing, unexpected, misshaped, settings, infer_embedding_size(state, 0))
         raise WeightsError(f"{source} does not fit the model ({'; '.join(lines)}); {fix}")
-    take = {k: state[k].to(dtype=own[k].dtype) for k in own if k in state and k not in misshaped}
-    if not take:
+    loaded = len(own) - len(missing) - len(misshaped)
+    if not loaded:
         raise WeightsError(f"{source}: no key matches the model; set {settings.model} to the file's backbone")
+    return LoadReport(loaded, missing, unexpected, misshaped)
+
+
+def load_backbone_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
+                          source: str = "weights", settings: Settings | None = None) -> LoadReport:
+    """Copy `state` into `model` (see `compare_weights`); lenient: the matching keys load, the report lists
+    the rest."""
+    report = compare_weights(model, state, strict=strict, source=source, settings=settings)
+    own = model.state_dict()
+    skipped = set(report.missing) | set(report.misshaped)
+    take = {k: state[k].to(dtype=v.dtype) for k, v in own.items() if k not in skipped}
     model.load_state_dict({**own, **take})
-    return LoadReport(len(take), missing, unexpected, misshaped)
+    return report
 
 
 def backbone_from_weights(path: str | Path, name: str, embedding_size: int | None = None,

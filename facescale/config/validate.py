@@ -59,9 +59,6 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
                f"{suggest(cfg.model.compile_backend, backends)}")
     _check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
     _check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
-    _check(not cfg.model.init_from or Path(cfg.model.init_from).exists(), source, "model.init_from",
-           f"'{cfg.model.init_from}' does not exist; give an arcface_torch backbone.pth, a facescale "
-           "backbone.pt or a run/step directory (or remove the key)")
 
     shards = Path(cfg.data.shards) if cfg.data.shards else None
     _check(

@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from facescale.config.errors import ConfigError
-from facescale.config.schema import ModelConfig
+from facescale.config.schema import Config, ModelConfig
+
+
+def _read_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from facescale.checkpoint.weights import WeightsError, read_backbone_weights
+
+    try:
+        return read_backbone_weights(cfg.init_from)
+    except WeightsError as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None
+
+
+def resumes(cfg: Config) -> bool:
+    """Whether this run will continue from a checkpoint (checkpoint.resume), so init_from does not apply."""
+    from facescale.checkpoint.layout import LATEST
+
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return False
+    return mode != "auto" or (Path(cfg.logging.run_dir) / "checkpoints" / LATEST).is_file()
+
+
+def check_init_from(cfg: Config) -> None:
+    """Before any process group: the file exists, reads, and fits the model (built on the meta device, no
+    memory); a run that will resume skips it, since it never reads init_from."""
+    if not cfg.model.init_from or resumes(cfg):
+        return
+    from facescale.checkpoint.weights import WeightsError, compare_weights
+    from facescale.models.registry import build_backbone
+
+    state = _read_state(cfg.model)
+    with torch.device("meta"):
+        model = build_backbone(cfg.model)
+    try:
+        compare_weights(model, state, strict=cfg.model.init_strict,
+                        source=f"model.init_from '{cfg.model.init_from}'")
+    except WeightsError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callable[[str], None]) -> None:
@@ -17,15 +55,14 @@ def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callabl
     """
     if not cfg.init_from:
         return
-    from facescale.checkpoint.weights import WeightsError, load_backbone_weights, read_backbone_weights
+    from facescale.checkpoint.weights import WeightsError, load_backbone_weights
 
+    state = _read_state(cfg)
     try:
-        state = read_backbone_weights(cfg.init_from)
         report = load_backbone_weights(backbone, state, strict=cfg.init_strict,
                                        source=f"model.init_from '{cfg.init_from}'")
     except WeightsError as exc:
-        raise ConfigError(str(exc) if str(exc).startswith("model.init_from") else
-                          f"model.init_from: {exc}") from None
+        raise ConfigError(str(exc)) from None
     log(f"[facescale] model.init_from: loaded {report.loaded} backbone tensors from {cfg.init_from} "
         f"(class centers and optimizer start fresh)")
     for line in report.skipped_lines():
