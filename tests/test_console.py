@@ -79,7 +79,7 @@ def test_console_lines_and_best_so_far() -> None:
         console.add_step(loss, 1.5, 0.25, 0.1)
     scalars = console.close_window(step=100, lr=0.05, loss_scale=65536.0)
     line = lines[-1]
-    assert "step  100/1000 epoch 4.00 loss 2.0000 lr 0.05 " in line  # 100 steps x 2 micro / 50 batches
+    assert "step 100/1000 epoch 4.00 loss 2.0000 lr 0.05 " in line  # 100 steps x 2 micro / 50 batches
     assert "32 img/s" in line and "data-wait 250 ms head 100 ms" in line
     assert "eta 30m00s" in line and "loss-scale 65536" in line  # 900 steps left x 2 s
     assert scalars["train/loss_scale"] == 65536.0 and "perf/step_s_wall" not in scalars

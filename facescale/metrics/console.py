@@ -113,8 +113,7 @@ def train_line(step: int, total_steps: int, epoch: float, values: dict[str, floa
                elapsed_s: float, loss_scale: float | None = None) -> str:
     """One console line for a closed window (see StepWindow.close); the ETA uses the window's step time."""
     eta = (total_steps - step) * values["perf/step_s_wall"]
-    width = len(str(total_steps))
-    line = (f"[train] step {step:>{width}}/{total_steps} epoch {epoch:.2f} "
+    line = (f"[train] step {step}/{total_steps} epoch {epoch:.2f} "
             f"loss {values['train/loss_avg']:.4f} lr {lr:.4g} {values['perf/samples_per_s']:.0f} img/s "
             f"step {values['perf/step_ms']:.0f} ms "
             f"data-wait {values['perf/data_wait_ms']:.0f} ms head {values['head/step_ms']:.0f} ms "
