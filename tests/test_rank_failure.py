@@ -74,7 +74,7 @@ def _start_ranks(shards: Path, run_dir: Path, world: int = 2) -> tuple[list[subp
 def _wait_until_training(procs: list[subprocess.Popen], log0: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if re.search(r"\[train\] step [4-9]\d*/", log0.read_text()):
+        if any(int(step) >= 4 for step in re.findall(r"\[train\] step\s+(\d+)/", log0.read_text())):
             return
         if any(p.poll() is not None for p in procs):
             raise AssertionError("a rank ended before training started:\n" + log0.read_text()[-4000:])
@@ -82,14 +82,15 @@ def _wait_until_training(procs: list[subprocess.Popen], log0: Path, timeout: flo
     raise AssertionError("training did not start:\n" + log0.read_text()[-4000:])
 
 
-def _survivor_exit(victim_signal: signal.Signals, shards: Path, tmp_path: Path) -> tuple[int, float, str]:
+def _survivor_exit(victim_signal: signal.Signals, shards: Path, tmp_path: Path,
+                   victim: int = 1) -> tuple[int, float, str]:
     procs, logs = _start_ranks(shards, tmp_path / "run")
     try:
         _wait_until_training(procs, logs[0])
-        os.kill(procs[1].pid, victim_signal)
+        os.kill(procs[victim].pid, victim_signal)
         t0 = time.monotonic()
-        rc = procs[0].wait(timeout=INIT_TIMEOUT_S + 60)
-        return rc, time.monotonic() - t0, logs[0].read_text()
+        rc = procs[1 - victim].wait(timeout=INIT_TIMEOUT_S + 60)
+        return rc, time.monotonic() - t0, logs[1 - victim].read_text()
     finally:
         for p in procs:
             if p.poll() is None:
@@ -113,6 +114,17 @@ def test_hung_rank_ends_the_other_rank_within_the_timeout(shards, tmp_path):
     assert elapsed < INIT_TIMEOUT_S + 20, f"survivor waited {elapsed:.0f} s on a hung peer"
     assert re.search(r"[Tt]imed? ?out|timeout", log), log[-3000:]
     _assert_names_the_lost_rank(log)
+
+
+@pytest.mark.slow
+def test_killed_rank_zero_is_named_by_the_survivor(shards, tmp_path):
+    """Rank 0 also hosts the job's store: the survivor cannot compare reports, and says rank 0 is gone."""
+    rc, elapsed, log = _survivor_exit(signal.SIGKILL, shards, tmp_path, victim=0)
+    assert rc != 0 and elapsed < TRAIN_TIMEOUT_S + 20, log[-3000:]
+    errors = [line for line in log.splitlines() if ": error: " in line]
+    assert len(errors) == 1, log[-3000:]
+    expected = f"facescale train: error: rank 1 on {socket.gethostname()}: lost rank 0"
+    assert errors[0].startswith(expected), errors
 
 
 def _assert_names_the_lost_rank(log: str) -> None:

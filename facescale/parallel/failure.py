@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 
 import torch.distributed as dist
@@ -73,18 +74,31 @@ def _value(store, key: str) -> str | None:
 
 
 def diagnose(exc: BaseException) -> str | None:
-    """The line describing a failed collective, or None where another rank prints it (or already did)."""
+    """The line describing a failed collective, or None where another rank prints it (or already did).
+
+    The store calls run on a helper thread: a hung rank 0 (which hosts the store) would block them for the
+    store's own timeout, the long start-up one.
+    """
+    answer: list[str | None] = []
+    helper = threading.Thread(target=lambda: answer.append(_diagnose(exc)), daemon=True,
+                              name="facescale-rank-failure")
+    helper.start()
+    helper.join(REPORT_WINDOW_S + 5.0)
+    if answer:
+        return answer[0]
+    rank, host = _JOB["rank"], socket.gethostname()
+    return (f"rank {rank} on {host}: the job's store in rank 0's process does not answer after a failed "
+            f"collective ({_first_line(exc)}); rank 0 hangs or its host is unreachable: check its log and "
+            "node, then resume")
+
+
+def _diagnose(exc: BaseException) -> str | None:
     rank, world, host = _JOB["rank"], _JOB["world"], socket.gethostname()
     cause = _first_line(exc)
-    store = _store()
+    store, reports = _store(), {}
     try:
         store.set(f"{PREFIX}/failed/{rank}", f"collective\t{host}\t{cause}")
-    except Exception:  # noqa: BLE001 - the store died with rank 0's process
-        return (f"rank {rank} on {host}: lost rank 0 (it also hosts the job's store) during a collective: "
-                f"{cause}; rank 0 was killed, crashed or hung: check its log and its node, then resume")
-    try:
         deadline = time.monotonic() + REPORT_WINDOW_S
-        reports: dict[int, list[str]] = {}
         while True:
             reports = {r: v.split("\t", 2) for r in range(world)
                        if (v := _value(store, f"{PREFIX}/failed/{r}")) is not None}
@@ -92,8 +106,11 @@ def diagnose(exc: BaseException) -> str | None:
                 break
             time.sleep(0.2)
         hosts = {r: _value(store, f"{PREFIX}/host/{r}") or "an unknown host" for r in range(world)}
-    except Exception:  # noqa: BLE001 - rank 0 (the store's host) reported and left: it prints the line
-        return None
+    except Exception:  # noqa: BLE001 - the store lives in rank 0's process
+        if 0 in reports and rank != 0:
+            return None  # rank 0 reported, then left: it prints the line
+        return (f"rank {rank} on {host}: lost rank 0 (it also hosts the job's store) during a collective: "
+                f"{cause}; rank 0 was killed, crashed or hung: check its log and its node, then resume")
     if any(kind == "input" for kind, _, _ in reports.values()) or rank != min(reports, default=rank):
         return None
     crashed = [f"rank {r} on {h} crashed ({why}; its traceback is in its log)"
