@@ -66,3 +66,23 @@ def test_disabled_without_project(tmp_path) -> None:
     writer.scalars(1, {"a": 1.0})
     writer.close()
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_run_id").exists()
+
+
+def test_missing_package_is_a_config_error(monkeypatch) -> None:
+    import importlib.util
+
+    from facescale.config.errors import ConfigError
+    from facescale.config.schema import Config
+    from facescale.config.validate import check_wandb_installed
+
+    cfg = Config()
+    cfg.logging.wandb.project = "wf42m"
+    check_wandb_installed(cfg, "run.yaml")  # installed here: fine
+    real = importlib.util.find_spec
+    # a machine without the extra: find_spec answers None for wandb only
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"run\.yaml: logging\.wandb\.project: .*'facescale\[wandb\]'"):
+        check_wandb_installed(cfg, "run.yaml")
+    cfg.logging.wandb.mode = "disabled"
+    check_wandb_installed(cfg, "run.yaml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     )
     _check(cfg.logging.every_steps >= 1, source, "logging.every_steps", "must be >= 1")
     _check(bool(cfg.logging.run_dir), source, "logging.run_dir", "must be set")
+    check_wandb_installed(cfg, source)
     for i, b in enumerate(cfg.eval.bins):
         _check(
             Path(b).is_file(),
@@ -175,6 +177,14 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         )
     _check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
     _check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
+
+
+def check_wandb_installed(cfg: Config, source: str) -> None:
+    """W&B logging needs the optional `wandb` package; say so before any process starts."""
+    wandb = cfg.logging.wandb
+    _check(not wandb.project or wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
+           source, "logging.wandb.project", "is set but the wandb package is not installed; "
+           "pip install 'facescale[wandb]', or remove logging.wandb.project")
 
 
 def _validate_f2c(cfg: Config, source: str, world_size: int | None) -> None:
