@@ -8,7 +8,7 @@
 Needs no network. Writes OUT/summary.md, OUT/gpu_check.json and each part's own output under OUT.
 
     python benchmarks/gpu_check.py --out runs/gpu_check            # on the GPU machine, from the repo root
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check  # anywhere: the non-CUDA parts, tiny sizes
+    python benchmarks/gpu_check.py --dry-run --out runs/gpu_check  # anywhere: the non-CUDA parts, tiny sizes
 """
 
 from __future__ import annotations
