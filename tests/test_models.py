@@ -348,3 +348,63 @@ def test_vit_drop_path_and_mask_ratio_come_from_the_config() -> None:
         build_backbone(ModelConfig(name="r50", mask_ratio=0.1))
     with pytest.raises(ValueError, match=r"model.drop_path_rate: must be in \[0, 1\)"):
         build_backbone(ModelConfig(name="vit_t", drop_path_rate=1.5))
+
+
+# ------------------------------------------------------------------------------------ earlier facescale names
+
+LEGACY_MBF_EXAMPLES = {  # facescale's MobileFaceNet names before arcface_torch's -> today's
+    "layers.0.0.weight": "layers.0.layers.0.weight",
+    "layers.1.2.weight": "layers.1.layers.2.weight",
+    "layers.2.layers.1.0.weight": "layers.2.layers.1.layers.0.weight",
+    "layers.3.0.layers.2.1.running_var": "layers.3.layers.0.layers.2.layers.1.running_var",
+    "conv_sep.2.weight": "conv_sep.layers.2.weight",
+    "gdc.0.weight": "features.layers.0.layers.0.weight",
+    "gdc.1.bias": "features.layers.0.layers.1.bias",
+    "fc.weight": "features.layers.2.weight",
+    "features.running_mean": "features.layers.3.running_mean",
+}
+
+
+def _legacy_mbf_name(key: str) -> str:
+    """Today's mbf key in the earlier layout (each block's inner Sequential was unnamed)."""
+    parts = key.split(".")
+    if parts[0] == "features":
+        if parts[2] == "0":
+            return f"gdc.{parts[4]}.{parts[-1]}"
+        return "fc.weight" if parts[2] == "2" else f"features.{parts[-1]}"
+    if parts[0] == "conv_sep":
+        return f"conv_sep.{parts[2]}.{parts[3]}"
+    numbers = [p for p in parts[1:-1] if p != "layers"]
+    if len(numbers) == 4:  # residual stage / block / inner conv block / layer
+        return f"layers.{numbers[0]}.{numbers[1]}.layers.{numbers[2]}.{numbers[3]}.{parts[-1]}"
+    if len(numbers) == 3:  # stand-alone depthwise block / inner conv block / layer
+        return f"layers.{numbers[0]}.layers.{numbers[1]}.{numbers[2]}.{parts[-1]}"
+    return f"layers.{numbers[0]}.{numbers[1]}.{parts[-1]}"
+
+
+def test_legacy_facescale_names_are_upgraded() -> None:
+    from facescale.models.legacy_names import upgrade_legacy_names
+
+    upgraded, kind = upgrade_legacy_names({k: torch.zeros(1) for k in LEGACY_MBF_EXAMPLES})
+    assert kind == "MobileFaceNet" and sorted(upgraded) == sorted(LEGACY_MBF_EXAMPLES.values())
+    for name in ("mbf", "mbf_large"):
+        model = build_backbone(ModelConfig(name=name, embedding_size=64))
+        state = model.state_dict()
+        old = {_legacy_mbf_name(k): v for k, v in state.items()}
+        assert "gdc.0.weight" in old and len(old) == len(state)
+        restored, _ = upgrade_legacy_names(old)
+        assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
+
+    vit = build_backbone(ModelConfig(name="vit_t", embedding_size=64, mask_ratio=0.0))
+    state = vit.state_dict()
+    renames = {"patch_embed.proj.": "patch_embed.", "mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.2."}
+    old = {}
+    for key, value in state.items():
+        for new, earlier in renames.items():
+            key = key.replace(new, earlier)
+        old[key] = value
+    del old["mask_token"]  # not created when training without masking
+    restored, kind = upgrade_legacy_names(old)
+    assert kind == "ViT" and restored.keys() == state.keys()
+    vit.load_state_dict(restored, strict=True)
+    assert upgrade_legacy_names(state)[1] is None and upgrade_legacy_names(state)[0] is state  # unchanged

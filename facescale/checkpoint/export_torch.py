@@ -22,6 +22,7 @@ ARCFACE_TORCH_NAMES = {"vit_l": "vit_l_dp005_mask_005"}
 def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the backbone of `checkpoint` (run, checkpoints or step dir) to `out`; return what was written."""
     from facescale.config.load import load_config_text
+    from facescale.models.legacy_names import upgrade_legacy_names
     from facescale.models.registry import build_backbone
 
     step_dir = resolve_checkpoint(checkpoint)
@@ -31,7 +32,7 @@ def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
                               f"BatchNorm, so only model.norm=batch runs export to its format")
     state = torch.load(step_dir / BACKBONE_WEIGHTS, map_location="cpu", weights_only=True)
     model = build_backbone(cfg.model)
-    model.load_state_dict(state, strict=True)  # proves the file is complete before anything is written
+    model.load_state_dict(upgrade_legacy_names(state)[0], strict=True)  # complete before anything is written
     plain = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
              for k, v in model.state_dict().items()}
     out = Path(out)

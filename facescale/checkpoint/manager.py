@@ -205,13 +205,14 @@ class CheckpointManager:
 def load_backbone(path: str | Path) -> tuple[torch.nn.Module, Any]:
     """Build a saved run's backbone in eval mode with its consolidated weights; returns (model, config)."""
     from facescale.config.load import load_config_text
+    from facescale.models.legacy_names import upgrade_legacy_names
     from facescale.models.registry import build_backbone
 
     step_dir = resolve_checkpoint(path)
     cfg = load_config_text((step_dir / CONFIG).read_text(), str(step_dir / CONFIG))
     model = build_backbone(cfg.model)
     state = torch.load(step_dir / BACKBONE_WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(upgrade_legacy_names(state)[0])  # mbf/ViT runs saved before arcface_torch names
     return model.eval(), cfg
 
 

@@ -14,6 +14,7 @@ import torch
 
 from facescale.checkpoint.layout import BACKBONE_WEIGHTS, CheckpointError, resolve_checkpoint
 from facescale.errors import InputError
+from facescale.models.legacy_names import upgrade_legacy_names
 
 SHOWN = 6  # keys listed per kind in a mismatch report
 ARCFACE_TORCH_CHECKPOINT_KEY = "state_dict_backbone"  # arcface_torch's checkpoint_gpu_N.pt (save_all_states)
@@ -77,7 +78,7 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
                            f"export one with `facescale export torch` or torch.save(backbone.state_dict())")
     if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
+    return upgrade_legacy_names(dict(obj))[0]
 
 
 def infer_embedding_size(state: dict[str, torch.Tensor], default: int = 512) -> int:
