@@ -68,6 +68,11 @@ class CenterKernels:
         self._inv_norms = library.facescale_inv_norms
         self._inv_norms.restype = ctypes.c_int
         self._inv_norms.argtypes = [_P, _I32, _I64, _I64, _P, _F32, _I32]
+        self._to_f32 = library.facescale_bf16_scaled_to_f32
+        self._to_bf16 = library.facescale_f32_scaled_to_bf16
+        for function in (self._to_f32, self._to_bf16):
+            function.restype = ctypes.c_int
+            function.argtypes = [_P, _P, _I64, _I64, _P]
         self._gather = library.facescale_gather_rows
         self._gather.restype = ctypes.c_int
         self._gather.argtypes = [_P, _P, _I64, _I64, _P, _I32]
@@ -130,6 +135,23 @@ class CenterKernels:
             torch.get_num_threads(),
         )
         return out
+
+    def bf16_cosines_in_place(self, x_hat: Tensor, weight: Tensor, scale: Tensor, out: Tensor) -> Tensor:
+        """out = (x_hat @ weight.t()) * scale in fp32 for bf16 x_hat/weight: the bf16 GEMM writes into the
+        upper half of `out`'s bytes and one ascending pass widens and scales it (no [N, C'] bf16 tensor)."""
+        rows, cols = out.shape
+        raw = out.view(-1).view(torch.bfloat16)[rows * cols :].view(rows, cols)
+        torch.mm(x_hat, weight.t(), out=raw)
+        self._to_f32(raw.data_ptr(), scale.data_ptr(), rows, cols, out.data_ptr())
+        return out
+
+    def scaled_bf16_in_place(self, grad: Tensor, scale: Tensor) -> Tensor:
+        """grad * scale rounded to bf16, written over the lower half of fp32 `grad`'s bytes (grad is
+        consumed); returns that [N, C'] bf16 view."""
+        rows, cols = grad.shape
+        half = grad.view(-1).view(torch.bfloat16)[: rows * cols].view(rows, cols)
+        self._to_bf16(grad.data_ptr(), scale.data_ptr(), rows, cols, half.data_ptr())
+        return half
 
     def gather_rows(self, source: Tensor, index: Tensor, out: Tensor) -> Tensor:
         """out[k] = source[index[k]] (contiguous rows, same dtype)."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from facescale.heads.native import native_kernels_for
+from facescale.heads.native import center_kernels, native_kernels_for
 
 _NORM_EPS = 1e-12  # like F.normalize: divide by max(||v||, eps)
 
@@ -113,6 +113,8 @@ class _NormLinear(torch.autograd.Function):
             w_gemm = weight.to(gemm_dtype)  # a copy only for mixed inputs (fp32 x, bf16 centers)
             cos = torch.mm(x_hat, w_gemm.t(), out=out) if reuse else x_hat @ w_gemm.t()
             cos.mul_(w_inv[None, :])
+        elif reuse and native_kernels_for(x_hat, weight.detach(), w_inv, out) is not None:  # GEMM inside out
+            cos = center_kernels().bf16_cosines_in_place(x_hat, weight.detach(), w_inv, out)
         else:  # one pass: up-cast and scale together
             raw = x_hat @ weight.to(gemm_dtype).t()
             cos = torch.mul(raw, w_inv[None, :], out=out) if reuse else torch.mul(raw, w_inv[None, :])
@@ -131,8 +133,13 @@ class _NormLinear(torch.autograd.Function):
         gemm_dtype = x_hat.dtype
         acc_dtype = w_inv.dtype
         grad_x = grad_w = None
+        half_in_place = ctx.grad_in_place and ctx.sink is not None and gemm_dtype == torch.bfloat16
         if ctx.grad_in_place and grad_cos.dtype == gemm_dtype and grad_cos.is_contiguous():
             grad_scaled = grad_cos.mul_(w_inv[None, :])  # G * r in the caller's buffer (see norm_linear)
+        elif (
+            half_in_place and native_kernels_for(grad_cos, w_inv) is not None
+        ):  # G * r as bf16 in that buffer
+            grad_scaled = center_kernels().scaled_bf16_in_place(grad_cos, w_inv)
         else:
             grad_scaled = torch.empty(grad_cos.shape, dtype=gemm_dtype, device=grad_cos.device)
             torch.mul(grad_cos, w_inv[None, :], out=grad_scaled)  # G * r, N x C', in the GEMM dtype

@@ -276,6 +276,41 @@ int facescale_inv_norms(const void* rows, int32_t bf16, int64_t n, int64_t dim, 
   return 0;
 }
 
+// The bf16 cosine GEMM's two element-wise passes, done inside the head's fp32 [rows, cols] logits buffer so no
+// bf16 [rows, cols] tensor is allocated: elements go in ascending order through a small local block, so
+// every write lands on bytes whose input was already read (the bf16 input may sit in the fp32 buffer's
+// upper half, the bf16 output in its lower half). Single-threaded: a parallel split would break that order.
+constexpr int64_t kBlock = 64;
+
+// out[r, c] = float(raw[r, c]) * scale[c]
+int facescale_bf16_scaled_to_f32(const uint16_t* raw, const float* scale, int64_t rows, int64_t cols, float* out) {
+  float tmp[kBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t n = std::min(kBlock, cols - c0);
+      const uint16_t* src = raw + r * cols + c0;
+      for (int64_t j = 0; j < n; ++j) tmp[j] = bf16_to_f32(src[j]) * scale[c0 + j];
+      std::memcpy(out + r * cols + c0, tmp, n * sizeof(float));
+    }
+  }
+  return 0;
+}
+
+// out[r, c] = bf16(in[r, c] * scale[c])
+int facescale_f32_scaled_to_bf16(const float* in, const float* scale, int64_t rows, int64_t cols, uint16_t* out) {
+  float tmp[kBlock];
+  uint16_t half[kBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t n = std::min(kBlock, cols - c0);
+      std::memcpy(tmp, in + r * cols + c0, n * sizeof(float));
+      for (int64_t j = 0; j < n; ++j) half[j] = f32_to_bf16(tmp[j] * scale[c0 + j]);
+      std::memcpy(out + r * cols + c0, half, n * sizeof(uint16_t));
+    }
+  }
+  return 0;
+}
+
 // dst[k] = src[index[k]] for rows of `row_bytes` bytes (the forward's gather of sampled centers).
 int facescale_gather_rows(const char* src, const int64_t* index, int64_t n, int64_t row_bytes, char* dst,
                           int32_t threads) {
