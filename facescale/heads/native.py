@@ -193,10 +193,12 @@ def center_kernels() -> CenterKernels | None:
 
 
 def native_kernels_for(*tensors: Tensor) -> CenterKernels | None:
-    """The kernels if every tensor is a contiguous fp32/bf16 CPU tensor that needs no grad, else None."""
+    """The kernels if every tensor is a contiguous fp32/bf16 CPU tensor and no autograd graph is being
+    recorded through them (inside an autograd Function or under no_grad is fine), else None."""
+    recording = torch.is_grad_enabled()
     for tensor in tensors:
         if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.bfloat16):
             return None
-        if not tensor.is_contiguous() or tensor.requires_grad:
+        if not tensor.is_contiguous() or (recording and tensor.requires_grad):
             return None
     return center_kernels()
