@@ -62,13 +62,15 @@ class CenterOptimizer(torch.nn.Module):
         eps: float = 1e-8,
         state_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-        block_rows: int = 2048,
+        block_rows: int | None = None,
     ) -> None:
         super().__init__()
         if kind not in OPTIMIZERS:
             raise ValueError(f"head.optimizer = {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
         if mode not in UPDATE_MODES:
             raise ValueError(f"head.update = {mode!r}: choose one of {', '.join(UPDATE_MODES)}")
+        if block_rows is None:  # cache-sized blocks on the CPU; on a GPU, few launches matter more
+            block_rows = 65536 if torch.device(device or "cpu").type == "cuda" else 2048
         self.kind, self.mode, self.block_rows = kind, mode, block_rows
         self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
         shape = (num_rows, dim)
