@@ -2,7 +2,7 @@
 
 The source has a plain C ABI and no torch headers, so it compiles with the system C++ compiler in about a
 second (a torch.utils.cpp_extension build takes minutes on a 2-core CI machine). The library is cached under
-$FACESCALE_KERNEL_CACHE (default ~/.cache/facescale/kernels), keyed by source, compiler and CPU flags, so
+$FACESCALE_CACHE/kernels (default ~/.cache/facescale/kernels), keyed by source, compiler and CPU flags, so
 a cache shared by different nodes never loads a binary built for another CPU. Without a compiler, or with
 FACESCALE_NATIVE_KERNELS=0, `center_kernels()` returns None and callers use their torch path, which has the
 same semantics (tests/test_center_kernels.py checks the two against each other).
@@ -45,7 +45,7 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
-    cache = Path(os.environ.get("FACESCALE_KERNEL_CACHE", Path.home() / ".cache" / "facescale" / "kernels"))
+    cache = Path(os.environ.get("FACESCALE_CACHE") or Path.home() / ".cache" / "facescale") / "kernels"
     target = cache / f"center_sgd_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
