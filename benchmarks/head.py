@@ -127,7 +127,7 @@ class GemmFloor:
 
 
 class StreamBandwidth:
-    """Bytes/s of an in-place `a += s*b` (read a, read b, write a) over buffers far larger than the caches,
+    """Bytes/s of an in-place `a += s*b` (read a, read b, write a) over buffers larger than the caches,
     with the step's threads: the rate an optimizer's read-modify-write pass can reach on this machine."""
 
     def __init__(self, device: torch.device, nbytes: int = 256 * 1024**2) -> None:
@@ -246,7 +246,7 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
     floor = GemmFloor(
         head.centers[:width] if dtype == head.centers.dtype else head.centers[:width].to(dtype), batch, dtype
     )
-    stream = StreamBandwidth(device)
+    stream = StreamBandwidth(device, min(256 * 1024**2, max(64 * 1024**2, 2 * (centers_bytes + state_bytes))))
     steps, floors, bandwidths = [], [], []
     for i in range(cfg["steps"]):
         floors.append(floor.run_ms())
