@@ -80,3 +80,10 @@ def write_requeue_marker(reason: str, environ: dict | None = None) -> Path | Non
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{reason}\n")
     return marker
+
+
+def clear_requeue_marker(environ: dict | None = None) -> None:
+    """Remove the requeue marker (the run stopped for a reason a restart cannot fix)."""
+    path = (os.environ if environ is None else environ).get(REQUEUE_MARKER_ENV)
+    if path:
+        Path(path).unlink(missing_ok=True)

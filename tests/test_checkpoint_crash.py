@@ -62,13 +62,16 @@ def test_kill_between_shard_writes_keeps_previous_latest(tmp_path: Path):
         run_ranks(_save_then_die, 2, str(tmp_path), timeout=120)
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000001"
-    assert (root / "step_00000002" / "head" / "shard-00001-of-00002.pt").is_file()  # it did die mid-save
+    staged = root / "step_00000002.incomplete"  # saves are staged under this name, renamed once COMPLETE
+    assert (staged / "head" / "shard-00001-of-00002.pt").is_file()  # it did die mid-save
+    assert not (root / "step_00000002").exists()
     assert resolve_checkpoint(tmp_path) == root / "step_00000001"
     assert CheckpointManager(tmp_path, 0, 2).latest() == root / "step_00000001"
     with pytest.raises(CheckpointError) as info:
-        resolve_checkpoint(root / "step_00000002")
+        resolve_checkpoint(staged)
     message = str(info.value)
     assert "incomplete" in message and "COMPLETE" in message and "state/rank-00001.pt" in message
+    assert str(root / "step_00000001") in message  # the hint names the complete step to use instead
 
     # a complete step dir that lost a file afterwards is refused, naming the file
     damaged = tmp_path / "damaged"

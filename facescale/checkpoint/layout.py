@@ -30,9 +30,21 @@ class CheckpointError(InputError, RuntimeError):
     default_fix = "point --checkpoint (or checkpoint.resume) at a complete step directory"
 
 
-def step_dir_name(step: int) -> str:
-    """`step_00001200`: zero-padded so that names sort by step."""
-    return f"step_{step:08d}"
+STAGING_SUFFIX = ".incomplete"  # a step being written; renamed to its step dir name once COMPLETE
+
+
+def step_dir_name(step: int, version: int = 1) -> str:
+    """`step_00001200`: zero-padded so that names sort by step; a later save of a step that already has a
+    COMPLETE directory gets a new one, `step_00001200.2` (nothing complete is ever overwritten)."""
+    return f"step_{step:08d}" + (f".{version}" if version > 1 else "")
+
+
+def parse_step_dir(name: str) -> tuple[int, int] | None:
+    """(step, version) of a step directory name, None for anything else (e.g. a staging directory)."""
+    head, _, version = name.partition(".")
+    if not head.startswith("step_") or not head[5:].isdigit() or (version and not version.isdigit()):
+        return None
+    return int(head[5:]), int(version or 1)
 
 
 def head_shard_name(rank: int, world_size: int) -> str:
@@ -85,6 +97,18 @@ def _saving_world(step_dir: Path) -> int | None:
     return None
 
 
+def _alternatives(broken: Path) -> str:
+    """Where to resume from instead of `broken`: the other complete step dirs beside it, newest first."""
+    beside = list(broken.parent.iterdir()) if broken.parent.is_dir() else []
+    others = sorted(
+        (p for p in beside if p != broken and parse_step_dir(p.name) and (p / COMPLETE).is_file()),
+        key=lambda p: parse_step_dir(p.name), reverse=True,
+    )
+    if not others:
+        return f"No other complete step directory is in '{broken.parent}'; start afresh"
+    return f"Resume from a complete one instead: {', '.join(str(p) for p in others[:3])}"
+
+
 def verify_step_dir(step_dir: Path) -> dict[str, Any]:
     """Check that `step_dir` is a complete checkpoint; return its trainer state, else name the gaps."""
     if not step_dir.is_dir():
@@ -96,8 +120,7 @@ def verify_step_dir(step_dir: Path) -> dict[str, Any]:
             gaps.append(f"{HEAD_DIR}/shard-*")
         raise CheckpointError(
             f"checkpoint '{step_dir}' is incomplete: no {COMPLETE} marker (missing: "
-            f"{', '.join(gaps + [COMPLETE])}); it was interrupted while saving. Resume from "
-            f"'{step_dir.parent / LATEST}' or an earlier step directory"
+            f"{', '.join(gaps + [COMPLETE])}); it was interrupted while saving. {_alternatives(step_dir)}"
         )
     state = read_trainer_state(step_dir)
     world = state.get("world_size")
@@ -107,7 +130,7 @@ def verify_step_dir(step_dir: Path) -> dict[str, Any]:
     if gaps:
         raise CheckpointError(
             f"checkpoint '{step_dir}' is marked {COMPLETE} but lacks {', '.join(gaps)} (saved by {world} "
-            "ranks); it was damaged after saving. Use an earlier step directory"
+            f"ranks); it was damaged after saving. {_alternatives(step_dir)}"
         )
     return state
 

@@ -17,7 +17,6 @@ The learning rate is a pure function of the step (`train/schedule.py`) and Parti
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,18 @@ from facescale.checkpoint.backbone_state import (
     consolidated_weights,
     set_consolidated_state,
 )
+from facescale.checkpoint.commit import commit_step, prepare_staging, purge, retire_dir, staging_dir
+from facescale.checkpoint.deepspeed_io import WriteFailures, deferred_write_errors, safe_deepspeed_loads
+from facescale.checkpoint.disk_space import (
+    CheckpointSaveError,
+    free_bytes,
+    shortage_message,
+    tensor_bytes,
+    write_failure_message,
+)
 from facescale.checkpoint.layout import (
     BACKBONE_OPTIMIZER,
     BACKBONE_WEIGHTS,
-    COMPLETE,
     CONFIG,
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -44,10 +51,9 @@ from facescale.checkpoint.layout import (
     TRAINER_STATE,
     CheckpointError,
     head_shard_name,
-    missing_files,
     rank_state_name,
+    read_trainer_state,
     resolve_checkpoint,
-    step_dir_name,
 )
 from facescale.checkpoint.rank_state import (
     load_module_buffers,
@@ -57,11 +63,23 @@ from facescale.checkpoint.rank_state import (
     set_rng_state,
 )
 from facescale.checkpoint.reshard import load_head_shards, reshard_head
+from facescale.checkpoint.safe_load import LEGACY_RANK_STATE_GLOBALS, plain_state, safe_load
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _write_text(text: str, path: Path) -> None:
+    atomic_write_text(path, text)
+
+
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective must live (NCCL: this rank's GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class CheckpointManager:
@@ -94,78 +112,113 @@ class CheckpointManager:
         config_yaml: str,
         rank_extra: dict[str, Any] | None = None,
     ) -> Path:
-        """Write step dir `step` (collective); `rank_extra` (e.g. loader cursor) goes to this rank's file."""
-        step_dir = self.root / step_dir_name(step)
+        """Write step `step` (collective) through a staging directory; `rank_extra` (e.g. loader cursor) goes
+        to this rank's file. Any rank's write failure ends on every rank with a CheckpointSaveError and
+        leaves `latest` as it was (see facescale/checkpoint/commit.py)."""
+        failures = WriteFailures()
+        staging = staging_dir(self.root, step)
         if self.rank == 0:
-            if step_dir.exists():
-                shutil.rmtree(step_dir)  # an earlier, interrupted save of the same step
-            for sub in (HEAD_DIR, STATE_DIR):
-                (step_dir / sub).mkdir(parents=True, exist_ok=True)
+            failures.run(f"creating {staging}", prepare_staging, self.root, step)
         _barrier()
-        engine.save_checkpoint(str(step_dir), tag=DEEPSPEED_TAG, save_latest=False)
+        head_state = plain_state(head.state_dict(), "head state")
+        own = plain_state(
+            {"rng": rng_state(), "buffers": module_buffers(engine.module), **(rank_extra or {})}, "rank state"
+        )
+        weights, optim = consolidated_weights(engine), consolidated_optimizer_state(engine)  # collective
+        needed = self._bytes_needed(head_state, own, weights, optim)
+        if self.rank == 0 and failures.error is None:
+            free = free_bytes(self.root)
+            if free < needed:
+                failures.error = CheckpointSaveError(shortage_message(staging, needed, free))
+        self._agree(failures, staging, needed)  # nothing was written yet when space is short
+        with deferred_write_errors(engine, failures):
+            engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
         self._written(DEEPSPEED_DIR)
         shard = f"{HEAD_DIR}/{head_shard_name(self.rank, self.world_size)}"
-        atomic_torch_save(head.state_dict(), step_dir / shard)
-        self._written(shard)
-        own = {"rng": rng_state(), "buffers": module_buffers(engine.module), **(rank_extra or {})}
+        self._write(failures, staging, shard, atomic_torch_save, head_state)
         rank_file = f"{STATE_DIR}/{rank_state_name(self.rank)}"
-        atomic_torch_save(own, step_dir / rank_file)
-        self._written(rank_file)
-        weights, optim = consolidated_weights(engine), consolidated_optimizer_state(engine)
+        self._write(failures, staging, rank_file, atomic_torch_save, own)
         if self.rank == 0:
-            atomic_torch_save(weights, step_dir / BACKBONE_WEIGHTS)
-            atomic_torch_save(optim, step_dir / BACKBONE_OPTIMIZER)
-            state = {
-                **trainer_state,
-                "step": step,
-                "world_size": self.world_size,
-                "has_deepspeed_files": True,
-            }
-            atomic_write_text(step_dir / TRAINER_STATE, json.dumps(state, indent=2))
-            atomic_write_text(step_dir / CONFIG, config_yaml)
-            self._written(TRAINER_STATE)
-        _barrier()  # every rank's files are on disk
+            state = {**trainer_state, "step": step, "world_size": self.world_size}
+            state["has_deepspeed_files"] = True
+            self._write(failures, staging, BACKBONE_WEIGHTS, atomic_torch_save, plain_state(weights))
+            self._write(failures, staging, BACKBONE_OPTIMIZER, atomic_torch_save, plain_state(optim))
+            self._write(failures, staging, TRAINER_STATE, _write_text, json.dumps(state, indent=2))
+            self._write(failures, staging, CONFIG, _write_text, config_yaml)
+        self._agree(failures, staging, needed)  # every rank's files are on disk
+        step_dir = None
         if self.rank == 0:
-            gaps = missing_files(step_dir, self.world_size, with_deepspeed=True)
-            if gaps:
-                raise CheckpointError(
-                    f"saving '{step_dir}': {', '.join(gaps)} did not appear after every rank "
-                    "finished (is checkpoints/ on a filesystem all ranks share?)"
-                )
-            atomic_write_text(step_dir / COMPLETE, f"{step}\n")
-            atomic_write_text(self.root / LATEST, step_dir.name + "\n")
-            self._purge()
-        _barrier()
-        return step_dir
+            step_dir = failures.run(f"committing {staging}", commit_step, self.root, staging, step,
+                                    self.world_size, self._written)
+            if step_dir is not None:
+                failures.run(f"pruning {self.root}", purge, self.root, self.keep_last, step_dir)
+                self._written("purge")
+        self._agree(failures, staging, needed)
+        return self._broadcast_path(step_dir)
 
-    def _purge(self) -> None:
-        """Delete all but the newest `keep_last` complete step dirs, and incomplete ones older than them."""
-        steps = sorted(self.root.glob("step_*"))
-        complete = [p for p in steps if (p / COMPLETE).is_file()]
-        keep = set(complete[-self.keep_last :])
-        newest_kept = min(keep) if keep else None
-        for old in steps:
-            if old not in keep and (old in complete or (newest_kept is not None and old < newest_kept)):
-                shutil.rmtree(old, ignore_errors=True)
+    def _write(self, failures: WriteFailures, staging: Path, name: str, write: Callable, obj: Any) -> None:
+        failures.run(f"writing {staging / name}", write, obj, staging / name)
+        if failures.error is None:
+            self._written(name)
+
+    def _bytes_needed(self, head_state, own, weights, optim) -> int:
+        """Bytes this save writes on all ranks: head shards, rank states, the consolidated backbone and
+        DeepSpeed's files (module weights, fp32 master weights and optimizer moments once more)."""
+        weights_bytes, optim_bytes = tensor_bytes(weights), tensor_bytes(optim)
+        local = tensor_bytes(head_state) + tensor_bytes(own) + 3 * weights_bytes + 2 * optim_bytes
+        total = torch.tensor([float(local)], dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            total = total.to(_collective_device())
+            dist.all_reduce(total)
+        return int(total.item())
+
+    def _agree(self, failures: WriteFailures, staging: Path, needed: int) -> None:
+        """Collective: if any rank failed, rank 0 removes the staging directory and every rank raises the
+        first failure's message."""
+        messages = [self._failure_message(failures, staging, needed)]
+        if dist.is_initialized() and self.world_size > 1:
+            messages = [None] * self.world_size
+            dist.all_gather_object(messages, self._failure_message(failures, staging, needed))
+        first = next((m for m in messages if m), None)
+        if first is None:
+            return
+        if self.rank == 0:
+            retire_dir(staging)
+        _barrier()
+        raise CheckpointSaveError(first)
+
+    def _failure_message(self, failures: WriteFailures, staging: Path, needed: int) -> str | None:
+        if failures.error is None:
+            return None
+        if isinstance(failures.error, CheckpointError):
+            return str(failures.error)
+        return write_failure_message(staging, failures.what, failures.error, needed, self.rank)
+
+    def _broadcast_path(self, step_dir: Path | None) -> Path:
+        """Rank 0's committed step directory, on every rank."""
+        names = [step_dir.name if step_dir is not None else None]
+        if dist.is_initialized() and self.world_size > 1:
+            dist.broadcast_object_list(names, src=0)
+        return self.root / names[0]
 
     def load(self, path: str | Path, engine, head) -> dict[str, Any]:
         """Restore engine, head shard, RNG and buffers (collective); return trainer.json plus, under
         "rank_state", this rank's extra state (e.g. its loader cursor)."""
         step_dir = resolve_checkpoint(path)
-        trainer = json.loads((step_dir / TRAINER_STATE).read_text())
+        trainer = read_trainer_state(step_dir)
         saved_world = int(trainer["world_size"])
         same_world = saved_world == self.world_size and trainer.get("has_deepspeed_files", True)
         if same_world:
-            loaded, _ = engine.load_checkpoint(
-                str(step_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+            with safe_deepspeed_loads(engine):  # DeepSpeed's own loader unpickles without a guard
+                loaded, _ = engine.load_checkpoint(str(step_dir), tag=DEEPSPEED_TAG,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load '{step_dir / DEEPSPEED_DIR}'")
         else:
             self._load_consolidated_backbone(step_dir, engine)
         self._load_head(step_dir, head, saved_world, same_world)
         rank_path = step_dir / STATE_DIR / rank_state_name(self.rank)
-        own = torch.load(rank_path, weights_only=False) if rank_path.is_file() else {}
+        own = safe_load(rank_path, LEGACY_RANK_STATE_GLOBALS) if rank_path.is_file() else {}
         if "rng" in own:
             set_rng_state(own["rng"])
         else:
@@ -177,8 +230,8 @@ class CheckpointManager:
         return trainer
 
     def _load_consolidated_backbone(self, step_dir: Path, engine) -> None:
-        weights = torch.load(step_dir / BACKBONE_WEIGHTS, map_location="cpu", weights_only=True)
-        optim = torch.load(step_dir / BACKBONE_OPTIMIZER, map_location="cpu", weights_only=False)
+        weights = safe_load(step_dir / BACKBONE_WEIGHTS)
+        optim = safe_load(step_dir / BACKBONE_OPTIMIZER)
         if optim is not None and not optim.get("supported", True):
             raise CheckpointError(
                 f"'{step_dir}' was saved under ZeRO-3 without consolidated optimizer state; "
@@ -192,7 +245,7 @@ class CheckpointManager:
     def _load_head(self, step_dir: Path, head, saved_world: int, same_world: bool) -> None:
         if same_world:
             shard = step_dir / HEAD_DIR / head_shard_name(self.rank, saved_world)
-            state = torch.load(shard, map_location="cpu", weights_only=False)
+            state = safe_load(shard)
         else:
             shards = load_head_shards(step_dir, saved_world)
             state = reshard_head(shards, self.world_size, self.rank)
@@ -211,8 +264,14 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, Any]:
     step_dir = resolve_checkpoint(path)
     cfg = load_config_text((step_dir / CONFIG).read_text(), str(step_dir / CONFIG))
     model = build_backbone(cfg.model)
-    state = torch.load(step_dir / BACKBONE_WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict(upgrade_legacy_names(state)[0])  # mbf/ViT runs saved before arcface_torch names
+    state = safe_load(step_dir / BACKBONE_WEIGHTS)
+    try:
+        model.load_state_dict(upgrade_legacy_names(state)[0])  # mbf/ViT runs saved before arcface_torch names
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"'{step_dir / BACKBONE_WEIGHTS}' does not fit model.name={cfg.model.name} of its config.yaml: "
+            f"{str(exc).splitlines()[0]}; the checkpoint is damaged"
+        ) from None
     return model.eval(), cfg
 
 

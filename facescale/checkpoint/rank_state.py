@@ -1,8 +1,10 @@
 """What differs between ranks and lives outside DeepSpeed and the head: RNG streams and module buffers.
 
 RNG: torch (CPU and CUDA), numpy and Python `random` of every rank, so dropout and anything else seeded
-from the global generators continues exactly. Buffers: BatchNorm running statistics are updated from each
-rank's own batches and DeepSpeed saves rank 0's module only, so every rank keeps its own copy here.
+from the global generators continues exactly. The numpy state is stored as a tensor and numbers (not a
+numpy array), so the file loads with the weights-only unpickler (`facescale.checkpoint.safe_load`).
+Buffers: BatchNorm running statistics are updated from each rank's own batches and DeepSpeed saves rank
+0's module only, so every rank keeps its own copy here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def rng_state() -> dict[str, Any]:
     """The global RNG states of this process."""
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_rng_state(),
         "python": random.getstate(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -27,10 +29,28 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore states saved by `rng_state` (CUDA ones only where CUDA is present)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_rng_from_saved(state["numpy"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global MT19937 state with the key as an int64 tensor."""
+    state = np.random.get_state(legacy=False)
+    key = torch.from_numpy(state["state"]["key"].astype(np.int64))
+    return {**state, "state": {**state["state"], "key": key}}
+
+
+def _numpy_rng_from_saved(saved: Any) -> Any:
+    """What `np.random.set_state` takes, from `_numpy_rng_state` output or an older file's legacy tuple."""
+    if not isinstance(saved, dict):  # ("MT19937", key, pos, has_gauss, cached_gaussian)
+        name, key, pos, has_gauss, gauss = saved
+        saved = {"bit_generator": name, "state": {"key": key, "pos": pos}, "has_gauss": has_gauss}
+        saved["gauss"] = gauss
+    key = saved["state"]["key"]
+    key = key.numpy() if torch.is_tensor(key) else np.asarray(key)
+    return {**saved, "state": {**saved["state"], "key": key.astype(np.uint32)}}
 
 
 def seed_fresh_rng(seed: int, rank: int, step: int) -> None:

@@ -31,6 +31,7 @@ from facescale.checkpoint.layout import (
     rank_state_name,
     verify_step_dir,
 )
+from facescale.checkpoint.safe_load import LEGACY_RANK_STATE_GLOBALS, plain_state, safe_load
 from facescale.heads.center_optimizer import RESIDUAL
 from facescale.parallel.partition import class_partition
 
@@ -42,7 +43,7 @@ def load_head_shards(step_dir: Path, world_size: int) -> list[dict[str, Any]]:
         path = step_dir / HEAD_DIR / head_shard_name(rank, world_size)
         if not path.is_file():
             raise CheckpointError(f"checkpoint '{step_dir}' lacks {HEAD_DIR}/{path.name}")
-        shards.append(torch.load(path, map_location="cpu", weights_only=False))
+        shards.append(safe_load(path))
     return shards
 
 
@@ -150,6 +151,8 @@ def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:
     shards = load_head_shards(step_dir, state["world_size"])
     for sub in (HEAD_DIR, STATE_DIR):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    for name in (BACKBONE_WEIGHTS, BACKBONE_OPTIMIZER):
+        safe_load(step_dir / name)  # copied as they are, so check first that they load without code
     for name in (BACKBONE_WEIGHTS, BACKBONE_OPTIMIZER, CONFIG):
         shutil.copy2(step_dir / name, out_dir / name)
     for rank in range(world_size):
@@ -157,8 +160,8 @@ def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:
             reshard_head(shards, world_size, rank), out_dir / HEAD_DIR / head_shard_name(rank, world_size)
         )
         source = step_dir / STATE_DIR / rank_state_name(rank)
-        rank_state = torch.load(source, weights_only=False) if source.is_file() else {"fresh": True}
-        atomic_torch_save(rank_state, out_dir / STATE_DIR / rank_state_name(rank))
+        rank_state = safe_load(source, LEGACY_RANK_STATE_GLOBALS) if source.is_file() else {"fresh": True}
+        atomic_torch_save(plain_state(rank_state), out_dir / STATE_DIR / rank_state_name(rank))
     new_state = {
         **state,
         "world_size": world_size,

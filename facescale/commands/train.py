@@ -6,9 +6,19 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    from facescale.train.run import run_training
+    import sys
 
-    run_training(args.config, args.set or [])
+    from facescale.checkpoint.disk_space import CheckpointSaveError
+    from facescale.train.run import run_training
+    from facescale.train.run_lock import RunDirLockedError
+    from launcher.env import resolve_dist_env
+
+    try:
+        run_training(args.config, args.set or [])
+    except (CheckpointSaveError, RunDirLockedError) as exc:  # the run directory, not the code, is at fault
+        if resolve_dist_env().rank == 0:  # every rank raises it; one prints it
+            sys.stderr.write(f"facescale train: error: {exc}\n")
+        return exc.exit_code
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from facescale.checkpoint.disk_space import CheckpointSaveError
 from facescale.config.load import load_config
 from facescale.config.schedule_resolve import resolve_schedule
 from facescale.config.validate import validate
@@ -11,6 +12,7 @@ from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
 from facescale.train.init_weights import check_init_from
 from launcher.env import resolve_dist_env
+from launcher.preemption import clear_requeue_marker
 
 
 def run_training(config_path: str | None, overrides: list[str]):
@@ -28,8 +30,14 @@ def run_training(config_path: str | None, overrides: list[str]):
     configure_threads(env.local_world_size)
     init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s, train_timeout_s=cfg.dist.timeout_s)
     try:
+        from facescale.train.run_lock import run_dir_lock
         from facescale.train.trainer import Trainer
 
-        return Trainer(cfg, env, runtime).train()
+        with run_dir_lock(cfg.logging.run_dir, env.rank):  # one run directory, one writer
+            return Trainer(cfg, env, runtime).train()
+    except CheckpointSaveError:
+        if env.rank == 0:
+            clear_requeue_marker()  # a preemption save that failed must not requeue into the same failure
+        raise
     finally:
         shutdown_distributed()

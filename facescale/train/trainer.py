@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from facescale.checkpoint import CheckpointManager
+from facescale.checkpoint import CheckpointManager, resolve_checkpoint
+from facescale.checkpoint.space_check import warn_if_short_of_space
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
@@ -106,6 +107,7 @@ class Trainer:
         self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
                                     self.loader.steps_per_epoch, cfg.schedule.grad_accumulation)
         self.resumed_from: str | None = None
+        self._saved: tuple[int, Path] | None = None  # (step, dir) of the checkpoint holding the current state
         self.step = 0
         self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
         self._skip_batches = 0  # batches to drop on resume when the loader has no load_state_dict
@@ -113,6 +115,7 @@ class Trainer:
         self.preemption = PreemptionFlag.install()
         if env.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            warn_if_short_of_space(cfg, self.run_dir, self.manifest.num_classes, env.world_size, self.metrics)
             (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
             (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
         self._maybe_resume()
@@ -130,6 +133,8 @@ class Trainer:
             return
         state = self.checkpoints.load(path, self.engine, self.head)
         self.step = int(state["step"])
+        if resolve_checkpoint(path).parent == self.checkpoints.root:  # this run's own step: no re-save
+            self._saved = (self.step, resolve_checkpoint(path))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_steps_in_row = int(state.get("bad_steps_in_row", 0))
         self.console.best.load_state_dict(state.get("best_eval"))
@@ -222,7 +227,12 @@ class Trainer:
         return results
 
     def save(self) -> Path:
-        """Checkpoint the run at the current step (collective); see facescale/checkpoint/manager.py."""
+        """Checkpoint the run at the current step (collective); see facescale/checkpoint/manager.py.
+        A step already saved (resumed and not trained further, or preempted right after a periodic save)
+        is not written again."""
+        if self._saved is not None and self._saved[0] == self.step:
+            self.metrics.console(f"[facescale] step {self.step} is already saved in {self._saved[1]}")
+            return self._saved[1]
         micro_steps = self.step * self.cfg.schedule.grad_accumulation
         cursor = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         state = {
@@ -238,7 +248,9 @@ class Trainer:
             "best_eval": self.console.best.state_dict(),
         }
         extra = {"loader": cursor} if cursor is not None else {}
-        return self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg), extra)
+        path = self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg), extra)
+        self._saved = (self.step, path)
+        return path
 
     def _guard(self, out) -> None:
         """Count skipped steps; more than checkpoint.max_bad_steps in a row save and stop the run."""
