@@ -114,7 +114,7 @@ def report_errors(command: str, run: Callable[[], int], debug: bool = False) -> 
         if _rank() == 0 or (_group_is_up() and not getattr(exc, "every_rank", False)):
             sys.stderr.write(error_line(command, as_input_error(exc)) + "\n")
             sys.stderr.flush()
-        return INPUT_ERROR_EXIT_CODE
+        return getattr(exc, "exit_code", INPUT_ERROR_EXIT_CODE)  # a class may name its own (never 3: requeue)
     except Exception as exc:
         if not _group_is_up():
             raise

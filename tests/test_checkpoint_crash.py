@@ -100,6 +100,7 @@ def _load_mismatched(rank: int, world: int, run_dir: str) -> str:
 def test_mismatched_head_is_refused_with_its_reason(tmp_path: Path):
     messages = run_ranks(_load_mismatched, 1, str(tmp_path))
     assert "num_classes=7 but this rank needs 8" in messages[0], messages
+    assert "model.init_from" in messages[0] and "reshard" not in messages[0], messages  # not a world-size fix
 
 
 def _shard(start: int, count: int, total: int = 5) -> dict:

@@ -28,12 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 READERS = {
     "backbone/mp_rank_00_model_states.pt": ["resume"],
     "backbone/zero_pp_rank_0_mp_rank_00_optim_states.pt": ["resume"],
-    "backbone.pt": ["resume_consolidated", "eval_verify", "eval_ijb", "export_onnx", "reshard"],
+    "backbone.pt": ["resume_consolidated", "eval_verify", "eval_ijb", "export_onnx", "export_torch",
+                    "reshard", "init_from"],
     "backbone_optim.pt": ["resume_consolidated", "reshard"],
     "head/shard-00000-of-00001.pt": ["resume", "reshard", "export_head"],
     "state/rank-00000.pt": ["resume", "reshard"],
-    "trainer.json": ["resume", "eval_verify", "export_onnx", "reshard", "export_head"],
-    "config.yaml": ["eval_verify", "eval_ijb", "export_onnx"],
+    "trainer.json": ["resume", "eval_verify", "export_onnx", "export_torch", "reshard", "export_head",
+                     "init_from"],
+    "config.yaml": ["eval_verify", "eval_ijb", "export_onnx", "export_torch"],
 }
 NEVER_READ = {"COMPLETE", "zero_to_fp32.py", "zero_to_torch.py"}  # DeepSpeed's scripts are never run
 
@@ -70,11 +72,12 @@ def _cli(argv: list[str]) -> str:
         return f"{type(exc).__name__}: {exc} {err.getvalue()}"
 
 
-def _train(data: Path, run_dir: Path, steps: int, resume: str = "none") -> str:
+def _train(data: Path, run_dir: Path, steps: int, resume: str = "none", init_from: str = "") -> str:
     """`facescale train` in a process of its own (DeepSpeed keeps process-wide state); its stderr."""
     overrides = [f"data.shards={data}", "eval.bins=[]", f"logging.run_dir={run_dir}",
                  f"schedule.steps={steps}", "schedule.warmup_steps=0", "schedule.global_batch_size=8",
-                 "data.num_workers=0", f"checkpoint.resume={resume}", "checkpoint.every_steps=0"]
+                 "data.num_workers=0", f"checkpoint.resume={resume}", "checkpoint.every_steps=0",
+                 f"model.init_from={init_from}"]
     cmd = [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml"]
     for override in overrides:
         cmd += ["--set", override]
@@ -88,12 +91,15 @@ def _run_command(command: str, step: Path, work: Path, data: Path) -> str:
             state = json.loads((step / "trainer.json").read_text())
             (step / "trainer.json").write_text(json.dumps({**state, "has_deepspeed_files": False}))
         return _train(data, work / "resumed", 2, resume=str(step))
+    if command == "init_from":
+        return _train(data, work / "fine-tuned", 1, init_from=str(step))
     argv = {
         "eval_verify": ["eval", "verify", "--checkpoint", str(step), "--bin", str(data / "verify.bin"),
                         "--out", str(work / "eval")],
         "eval_ijb": ["eval", "ijb", "--checkpoint", str(step), "--meta", str(work / "no-ijb")],
         "export_onnx": ["export", "onnx", "--checkpoint", str(step), "--out", str(work / "m.onnx")],
         "reshard": ["reshard", "--checkpoint", str(step), "--world-size", "2", "--out", str(work / "out")],
+        "export_torch": ["export", "torch", "--checkpoint", str(step), "--out", str(work / "backbone.pth")],
         "export_head": ["export-head", "--checkpoint", str(step), "--out", str(work / "centers.pt")],
     }[command]
     return _cli(argv)
@@ -172,3 +178,43 @@ def test_old_rank_state_with_numpy_rng_still_loads(tmp_path: Path):
     np.random.rand(7)
     set_rng_state(state["rng"])
     assert np.array_equal(np.random.rand(4), expected) and state["loader"] == {"epoch": 1, "position": 3}
+
+
+def _save_load_stage(rank: int, world: int, root: str, stage: int, optimizer: str) -> list[str]:
+    """Save under ZeRO `stage` and resume at the same world size: DeepSpeed's own files, read through the
+    weights-only loader with its allow-list; returns the globals its files hold."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    from facescale.checkpoint import CheckpointManager
+    from facescale.config.schema import HeadConfig
+    from facescale.heads import build_head
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8))
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.1) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    config = {"train_batch_size": 2, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    loss = engine(torch.randn(2, 3)).square().sum()
+    engine.backward(loss)
+    engine.step()
+    head = build_head(HeadConfig(), 5, 8, seed=1)
+    manager = CheckpointManager(root, rank, world)
+    step_dir = manager.save(1, engine, head, {"seed": 0}, "x: 1\n")
+    manager.load(root, engine, build_head(HeadConfig(), 5, 8, seed=2))
+    return sorted({g for f in (step_dir / "backbone").rglob("*.pt")
+                   for g in torch.serialization.get_unsafe_globals_in_checkpoint(f)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "optimizer"), [(0, "sgd"), (1, "adamw"), (2, "sgd"), (3, "adamw")])
+def test_deepspeed_files_resume_through_the_safe_loader(tmp_path: Path, stage: int, optimizer: str):
+    from tests.distributed import run_ranks
+
+    needed = run_ranks(_save_load_stage, 1, str(tmp_path), stage, optimizer, timeout=600)[0]
+    from facescale.checkpoint.safe_load import DEEPSPEED_GLOBALS, allowed_globals
+
+    allowed = {f"{g.__module__}.{g.__name__}" for g in allowed_globals(DEEPSPEED_GLOBALS)}
+    assert set(needed) <= allowed, needed

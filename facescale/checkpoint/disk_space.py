@@ -25,9 +25,10 @@ FIXES = (
 
 
 class CheckpointSaveError(CheckpointError):
-    """A checkpoint could not be written; the previous `latest` is untouched."""
+    """A checkpoint could not be written; the previous `latest` is untouched. Every rank raises it alike."""
 
     exit_code = SAVE_FAILED_EXIT_CODE
+    every_rank = True
 
 
 def tensor_bytes(obj: Any) -> int:

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from facescale.checkpoint.atomic import atomic_torch_save
 from facescale.checkpoint.layout import BACKBONE_WEIGHTS, CONFIG, CheckpointError, resolve_checkpoint
+from facescale.checkpoint.safe_load import safe_load
 
 # facescale name -> arcface_torch get_model name, where they differ (its only ViT-L is the dp005/mask005 one)
 ARCFACE_TORCH_NAMES = {"vit_l": "vit_l_dp005_mask_005"}
@@ -30,7 +29,7 @@ def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     if cfg.model.norm != "batch":
         raise CheckpointError(f"{step_dir}: model.norm is '{cfg.model.norm}'; arcface_torch's backbones use "
                               f"BatchNorm, so only model.norm=batch runs export to its format")
-    state = torch.load(step_dir / BACKBONE_WEIGHTS, map_location="cpu", weights_only=True)
+    state = safe_load(step_dir / BACKBONE_WEIGHTS)
     model = build_backbone(cfg.model)
     model.load_state_dict(upgrade_legacy_names(state)[0], strict=True)  # complete before anything is written
     plain = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()

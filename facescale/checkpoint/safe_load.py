@@ -53,11 +53,16 @@ DEEPSPEED_GLOBALS = "deepspeed"
 _GLOBALS = {LEGACY_RANK_STATE_GLOBALS: _numpy_globals, DEEPSPEED_GLOBALS: _deepspeed_globals}
 
 
+def allowed_globals(allow: str | None) -> list[Any]:
+    """The extra globals the named allow-list lets the weights-only unpickler build (none for None)."""
+    return _GLOBALS[allow]() if allow else []
+
+
 def safe_load(path: str | Path, allow: str | None = None, map_location: Any = "cpu") -> Any:
     """`torch.load(path, weights_only=True)` with the named extra allow-list; any refusal or unreadable
     file becomes an error that names the file."""
     path = Path(path)
-    extra = _GLOBALS[allow]() if allow else []
+    extra = allowed_globals(allow)
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location=map_location, weights_only=True)

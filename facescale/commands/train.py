@@ -6,19 +6,9 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
-
-    from facescale.checkpoint.disk_space import CheckpointSaveError
     from facescale.train.run import run_training
-    from facescale.train.run_lock import RunDirLockedError
-    from launcher.env import resolve_dist_env
 
-    try:
-        run_training(args.config, args.set or [])
-    except (CheckpointSaveError, RunDirLockedError) as exc:  # the run directory, not the code, is at fault
-        if resolve_dist_env().rank == 0:  # every rank raises it; one prints it
-            sys.stderr.write(f"facescale train: error: {exc}\n")
-        return exc.exit_code
+    run_training(args.config, args.set or [])
     return 0
 
 

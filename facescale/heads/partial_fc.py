@@ -58,6 +58,17 @@ def init_center_rows(
     return out
 
 
+_MISMATCH_FIX = {  # what to do when a saved shard does not fit, by the first metadata key that differs
+    "num_classes": "the checkpoint was trained on another number of identities, so it cannot be resumed on "
+    "this data (data.shards); to start a new run from its backbone set model.init_from to it and "
+    "checkpoint.resume=none",
+    "embedding_size": "set model.embedding_size to the checkpoint's, or start a new run from its backbone "
+    "with model.init_from and model.init_strict: false",
+    "start": "the shard was cut for another world size; resuming reshards automatically, so the checkpoint's "
+    "trainer.json world_size does not match its head shards: run `facescale reshard` on it",
+}
+
+
 class PartialFCHead(torch.nn.Module):
     """This rank's shard of class centers plus sampling, loss and optimizer (see module docstring)."""
 
@@ -318,9 +329,10 @@ class PartialFCHead(torch.nn.Module):
             raise ValueError("not a Partial FC head state: expected keys 'meta', 'centers', 'optimizer'")
         for key, value in self.metadata().items():
             if meta.get(key) != value:
+                fix = _MISMATCH_FIX.get(key, _MISMATCH_FIX["start"])
                 raise ValueError(
                     f"head checkpoint has {key}={meta.get(key)} but this rank needs {value} "
-                    f"(rank {self.rank} of {self.world_size}); reshard the checkpoint for this world size"
+                    f"(rank {self.rank} of {self.world_size}); {fix}"
                 )
         self.centers.copy_(state_dict["centers"])
         self.center_optimizer.load_state_tensors(state_dict.get("optimizer", {}))

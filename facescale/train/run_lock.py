@@ -23,15 +23,17 @@ from typing import Any
 
 import torch.distributed as dist
 
+from facescale.errors import InputError
+
 LOCK_NAME = "LOCK"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = float(os.environ.get("FACESCALE_LOCK_STALE_S", 600))
 
 
-class RunDirLockedError(RuntimeError):
-    """Another live run holds this run directory."""
+class RunDirLockedError(InputError):
+    """Another live run holds this run directory (every rank raises it alike; rank 0 prints it)."""
 
-    exit_code = 2
+    every_rank = True
 
 
 def _process_start(pid: int) -> str | None:
