@@ -65,13 +65,14 @@ def _save_fails(rank: int, world: int, mount: str, how: str) -> tuple[str, str, 
     run_dir = Path(mount) / "run"
     manager = CheckpointManager(run_dir, rank, world, keep_last=2)
     manager.save(1, engine, head, {"seed": 0}, "x: 1\n")
+    saved = head.centers.detach().clone()
     size = sum(p.stat().st_size for p in (run_dir / "checkpoints/step_00000001").rglob("*") if p.is_file())
     torch.distributed.barrier()
     if rank == 0:
         if how == "short":  # less than the save needs: refused before anything is written
             _fill(Path(mount), size // 2)
         elif how == "midway":  # enough for the estimate, not for the files: ENOSPC in the middle
-            _fill(Path(mount), size - 96 * 1024)
+            _fill(Path(mount), size - 24 * 1024)  # DeepSpeed's 41 KB of scripts are not in the estimate
         else:
             subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
     torch.distributed.barrier()
@@ -82,13 +83,15 @@ def _save_fails(rank: int, world: int, mount: str, how: str) -> tuple[str, str, 
     except CheckpointSaveError as exc:
         message = str(exc)
     torch.distributed.barrier()
-    if rank == 0 and how == "readonly":
-        subprocess.run(["mount", "-o", "remount,rw", mount], check=True)
-    (Path(mount) / "filler").unlink(missing_ok=True)
+    if rank == 0:
+        if how == "readonly":
+            subprocess.run(["mount", "-o", "remount,rw", mount], check=True)
+        (Path(mount) / "filler").unlink(missing_ok=True)
+    torch.distributed.barrier()
     latest = manager.latest()
     head2 = build_fresh_head()
     manager.load(latest, engine, head2)
-    loaded_old = torch.equal(head2.centers, head.centers - 1.0)
+    loaded_old = torch.equal(head2.centers, saved)
     entries = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     return message, f"{latest.name} old={loaded_old}", entries
 
@@ -114,7 +117,7 @@ def test_failed_save_is_clean_on_every_rank(small_fs: Path, how: str):
     if how == "short":
         assert "free" in first
     elif how == "midway":
-        assert "disk or quota is full" in first or "disk or quota is full" in results[1][0]
+        assert "disk or quota is full" in first, first
     else:
         assert "not writable" in first
 

@@ -60,11 +60,19 @@ def shortage_message(directory: Path, needed: int, free: int) -> str:
     )
 
 
+TORCH_WRITE_FAILURES = ("iostream error", "failed writing", "unexpected pos")  # torch.save's ENOSPC texts
+
+
 def write_failure_message(directory: Path, what: str, error: BaseException, needed: int, rank: int) -> str:
-    """The message for a write that failed on `rank`, with the cause in words a person can act on."""
+    """The message for a write that failed on `rank`, with the cause in words a person can act on.
+    torch.save reports a full disk without errno, so its stream errors count as full when space is short."""
     code = getattr(error, "errno", None)
-    if code in SPACE_ERRNOS or "iostream error" in str(error) or "failed writing" in str(error):
-        cause = "the disk or quota is full" if code != errno.EDQUOT else "the disk quota is exceeded"
+    stream = any(text in str(error) for text in TORCH_WRITE_FAILURES)
+    free = free_bytes(directory)
+    if code == errno.EDQUOT:
+        cause = "the disk quota is exceeded"
+    elif code == errno.ENOSPC or (stream and free < needed):
+        cause = f"the disk or quota is full: {gib(free)} free"
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
         cause = "the run directory is not writable (read-only filesystem or permissions)"
     else:

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from facescale.checkpoint.atomic import atomic_torch_save
-from facescale.checkpoint.layout import BACKBONE_WEIGHTS, CONFIG, CheckpointError, resolve_checkpoint
+from facescale.checkpoint.layout import (
+    BACKBONE_WEIGHTS,
+    CONFIG,
+    CheckpointError,
+    read_text,
+    resolve_checkpoint,
+)
 from facescale.checkpoint.safe_load import safe_load
 
 # facescale name -> arcface_torch get_model name, where they differ (its only ViT-L is the dp005/mask005 one)
@@ -25,7 +31,7 @@ def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     from facescale.models.registry import build_backbone
 
     step_dir = resolve_checkpoint(checkpoint)
-    cfg = load_config_text((step_dir / CONFIG).read_text(), str(step_dir / CONFIG))
+    cfg = load_config_text(read_text(step_dir / CONFIG), str(step_dir / CONFIG))
     if cfg.model.norm != "batch":
         raise CheckpointError(f"{step_dir}: model.norm is '{cfg.model.norm}'; arcface_torch's backbones use "
                               f"BatchNorm, so only model.norm=batch runs export to its format")

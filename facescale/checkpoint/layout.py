@@ -72,6 +72,17 @@ def missing_files(step_dir: Path, world_size: int, with_deepspeed: bool) -> list
     return [n for n in expected_files(world_size, with_deepspeed) if not (step_dir / n).exists()]
 
 
+def read_text(path: Path) -> str:
+    """A text file of a checkpoint (trainer.json, config.yaml, latest), or a CheckpointError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(
+            f"{path} is not a text file ({exc.reason} at byte {exc.start}); the checkpoint is damaged or was "
+            "altered"
+        ) from None
+
+
 def read_trainer_state(step_dir: Path) -> dict[str, Any]:
     """trainer.json of a step dir, or a CheckpointError naming the file."""
     path = step_dir / TRAINER_STATE
@@ -80,7 +91,7 @@ def read_trainer_state(step_dir: Path) -> dict[str, Any]:
             f"checkpoint '{step_dir}' has no {TRAINER_STATE}; it is not a facescale step dir"
         )
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from exc
 
@@ -89,8 +100,8 @@ def _saving_world(step_dir: Path) -> int | None:
     """World size of an interrupted save: from trainer.json when written, else from a head shard's name."""
     if (step_dir / TRAINER_STATE).is_file():
         try:
-            return int(json.loads((step_dir / TRAINER_STATE).read_text())["world_size"])
-        except (ValueError, KeyError, TypeError):
+            return int(json.loads(read_text(step_dir / TRAINER_STATE))["world_size"])
+        except (ValueError, KeyError, TypeError, CheckpointError):
             pass
     for shard in sorted((step_dir / HEAD_DIR).glob("shard-*-of-*.pt")):
         return int(shard.stem.rsplit("-", 1)[1])
@@ -143,7 +154,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()
+        p = p / read_text(p / LATEST).strip()
     elif not (p / TRAINER_STATE).exists() and not (p / COMPLETE).exists() and any(p.glob("step_*")):
         raise CheckpointError(f"'{p}' holds step directories but no '{LATEST}'; name one step dir explicitly")
     verify_step_dir(p)

@@ -52,6 +52,7 @@ from facescale.checkpoint.layout import (
     CheckpointError,
     head_shard_name,
     rank_state_name,
+    read_text,
     read_trainer_state,
     resolve_checkpoint,
 )
@@ -262,7 +263,7 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, Any]:
     from facescale.models.registry import build_backbone
 
     step_dir = resolve_checkpoint(path)
-    cfg = load_config_text((step_dir / CONFIG).read_text(), str(step_dir / CONFIG))
+    cfg = load_config_text(read_text(step_dir / CONFIG), str(step_dir / CONFIG))
     model = build_backbone(cfg.model)
     state = safe_load(step_dir / BACKBONE_WEIGHTS)
     try:
