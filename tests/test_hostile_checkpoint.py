@@ -139,7 +139,7 @@ def test_every_checkpoint_file_is_read_without_running_code(tmp_path: Path):
     from facescale.data.synth import synthesize
 
     synthesize(tmp_path / "data", identities=12, images_per_identity=2, holdout_identities=4, seed=0,
-               verify_pairs=8, image_size=112)
+               verify_pairs=20, image_size=112)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     data = str(tmp_path / "data")
     code = f"from tests.test_hostile_checkpoint import drive; drive({data!r}, {str(tmp_path)!r})"
