@@ -114,19 +114,24 @@ class FacescaleCase:
         from facescale.train.trainer import Trainer
 
         self.trainer = Trainer(cfg, env, runtime)
-        self.trainer.head = build_head(cfg.head, classes, cfg.model.embedding_size, seed=cfg.schedule.seed)
+        head = build_head(cfg.head, classes, cfg.model.embedding_size, seed=cfg.schedule.seed)
+        self.trainer.head = self.trainer.mode.head = head
         self.batches = self.trainer._batches()
         self.step_index = 0
 
     def step(self, clock: PhaseClock | None = None) -> None:
+        from facescale.modes import StepContext
+        from facescale.train.step import train_step
+
         t = self.trainer
         engine = t.engine
         if clock is not None:
             for name, phase in (("forward", "forward"), ("backward", "backward"), ("step", "optimizer")):
                 setattr(engine, name, _timed(getattr(engine, name), clock, phase))
         try:
-            out = t.train_step_fn(engine, t.head, self.batches, self.step_index, LR, LR * t.cfg.head.lr_scale,
-                                  t.env.world_size, t.cfg.schedule.grad_accumulation, time.perf_counter)
+            ctx = StepContext(engine, self.step_index, LR, LR * t.cfg.head.lr_scale, t.env.world_size,
+                              t.cfg.schedule.grad_accumulation, time.perf_counter)
+            out = train_step(t.mode, self.batches, ctx)
         finally:
             for name in ("forward", "backward", "step"):
                 engine.__dict__.pop(name, None)

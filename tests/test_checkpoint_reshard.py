@@ -64,6 +64,8 @@ def _train(rank: int, world: int, load: str | None, save: str, first: int, save_
     from facescale.config.deepspeed import deepspeed_json
     from facescale.heads import build_head
     from facescale.models.registry import build_backbone
+    from facescale.modes import StepContext
+    from facescale.partial_fc.mode import PartialFCRun
     from facescale.train.step import train_step
     from facescale.train.trainer import build_backbone_optimizer
 
@@ -90,7 +92,8 @@ def _train(rank: int, world: int, load: str | None, save: str, first: int, save_
             saved = _snapshot(engine, head)
         images, labels = _global_batch(step)
         batch = (images[rank * per : (rank + 1) * per], labels[rank * per : (rank + 1) * per])
-        out = train_step(engine, head, iter([batch]), step, 0.1, 0.1, world, 1, lambda: 0.0)
+        ctx = StepContext(engine, step, 0.1, 0.1, world, 1, lambda: 0.0)
+        out = train_step(PartialFCRun(head, None), iter([batch]), ctx)
         losses.append(out.loss)
     return {"loaded": loaded, "saved": saved, "losses": losses}
 

@@ -10,7 +10,8 @@ import torch
 
 from facescale.config.schema import Config, HeadConfig, ModelConfig
 from facescale.parallel.partition import class_partition
-from facescale.plan import backbone_stats, head_shard, plan_rank, resolve_num_classes, saved_tensor_bytes
+from facescale.partial_fc.plan import head_shard
+from facescale.plan import backbone_stats, plan_rank, resolve_num_classes, saved_tensor_bytes
 from facescale.plan.zero import zero_memory
 from tests.distributed import run_ranks
 

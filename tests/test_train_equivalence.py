@@ -33,6 +33,8 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
     from facescale.config.deepspeed import deepspeed_json
     from facescale.heads import build_head
     from facescale.models.registry import build_backbone
+    from facescale.modes import StepContext
+    from facescale.partial_fc.mode import PartialFCRun
     from facescale.train.step import train_step
     from facescale.train.trainer import build_backbone_optimizer
 
@@ -50,7 +52,8 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
         config=deepspeed_json(cfg, world, "fp32"),
     )
     head = build_head(cfg.head, NUM_CLASSES, EMB, seed=3)
-    out = train_step(engine, head, iter([batch]), 0, 0.1, 0.1, world, 1, lambda: 0.0)
+    ctx = StepContext(engine, 0, 0.1, 0.1, world, 1, lambda: 0.0)
+    out = train_step(PartialFCRun(head, None), iter([batch]), ctx)
     state = head.state_dict()
     return {
         "loss": out.loss,

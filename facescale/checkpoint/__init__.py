@@ -2,12 +2,11 @@
 
 from facescale.checkpoint.layout import CheckpointError, resolve_checkpoint, verify_step_dir
 from facescale.checkpoint.manager import CheckpointManager, load_backbone
-from facescale.checkpoint.reshard import full_centers, reshard_checkpoint, reshard_head
+from facescale.checkpoint.reshard import reshard_checkpoint, reshard_head
 
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
-    "full_centers",
     "load_backbone",
     "reshard_checkpoint",
     "reshard_head",

@@ -4,8 +4,8 @@ A head shard (`head.state_dict()`) is {"meta": {num_classes, start, count, ...},
 in it whose first dimension is the shard's `count` is per-row (centers, momentum, Adam moments, per-row step
 counts) and is re-cut by global class row; everything else (scalars, replicated state) must be identical on
 all shards and is copied. A head without `count` in its meta (F2C's replicated pool: `world_size` 1 in its
-meta) is replicated: every new rank gets shard 0's state unchanged. A sharded DCP pool is re-homed by label
-owner (`facescale.f2c.reshard`).
+meta) is replicated: every new rank gets shard 0's state unchanged. A state format only one training mode
+knows (F2C's sharded pool, re-homed by label owner) is re-cut by that mode (`reshard_head_state`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from facescale.checkpoint.layout import (
     verify_step_dir,
 )
 from facescale.checkpoint.safe_load import LEGACY_RANK_STATE_GLOBALS, plain_state, safe_load
-from facescale.heads.center_optimizer import RESIDUAL
+from facescale.modes.registry import all_modes
 from facescale.parallel.partition import class_partition
 
 
@@ -47,7 +47,7 @@ def load_head_shards(step_dir: Path, world_size: int) -> list[dict[str, Any]]:
     return shards
 
 
-def _is_row_sharded(shards: list[dict[str, Any]]) -> bool:
+def is_row_sharded(shards: list[dict[str, Any]]) -> bool:
     meta = shards[0].get("meta", {})
     return all(k in meta for k in ("num_classes", "start", "count"))
 
@@ -97,14 +97,14 @@ def _rows(values: list[Any], counts: list[int], starts: list[int], lo: int, hi: 
 
 def reshard_head(shards: list[dict[str, Any]], world_size: int, rank: int) -> dict[str, Any]:
     """The head state `rank` of `world_size` needs, cut from `shards` saved at any world size."""
-    from facescale.f2c.reshard import PoolReshardError, is_sharded_pool, reshard_pool
-
-    if is_sharded_pool(shards[0]):
+    for mode in all_modes():  # a mode with its own state format (F2C's sharded pool) re-cuts it itself
         try:
-            return reshard_pool(shards, world_size, rank)
-        except PoolReshardError as exc:
-            raise CheckpointError(f"sharded DCP pool: {exc}") from exc
-    if not _is_row_sharded(shards):
+            state = mode.reshard_head_state(shards, world_size, rank)
+        except ValueError as exc:
+            raise CheckpointError(f"{mode.name} head state: {exc}") from exc
+        if state is not None:
+            return state
+    if not is_row_sharded(shards):
         meta = shards[0].get("meta", {})
         if meta.get("world_size", 1) != 1:
             raise CheckpointError(
@@ -120,23 +120,6 @@ def reshard_head(shards: list[dict[str, Any]], world_size: int, rank: int) -> di
     out = {k: _rows(v, counts, starts, start, start + count, k) for k, v in body.items()}
     out["meta"] = {**shards[0]["meta"], "start": start, "count": count}
     return out
-
-
-def full_centers(step_dir: Path, fp32: bool = False) -> torch.Tensor:
-    """The whole [num_classes, D] center matrix of a complete checkpoint; `fp32`: as fp32, with the bf16
-    residual added back when the centers were stored in bf16 (the value the optimizer tracks)."""
-    state = verify_step_dir(step_dir)
-    shards = load_head_shards(step_dir, state["world_size"])
-    if not _is_row_sharded(shards) or "centers" not in shards[0]:
-        raise CheckpointError(
-            f"'{step_dir}' holds no class-center shards (head meta {shards[0].get('meta')})"
-        )
-    head = reshard_head(shards, 1, 0)
-    if not fp32:
-        return head["centers"]
-    residual = head.get("optimizer", {}).get(RESIDUAL)
-    centers = head["centers"].to(torch.float32)
-    return centers if residual is None else centers + residual.to(torch.float32)
 
 
 def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:

@@ -24,8 +24,9 @@ def _reshard(args: argparse.Namespace) -> int:
 
 def _export_head(args: argparse.Namespace) -> int:
 
-    from facescale.checkpoint import full_centers, resolve_checkpoint
+    from facescale.checkpoint import resolve_checkpoint
     from facescale.checkpoint.atomic import atomic_torch_save
+    from facescale.partial_fc.export import full_centers
 
     source = resolve_checkpoint(args.checkpoint)
     centers = full_centers(source, fp32=args.fp32)

@@ -63,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
                 {
                     **asdict(plan),
                     "memory": plan.memory,
+                    "host_memory": plan.host_memory,
                     "total_memory": plan.total_memory,
                     "total_traffic": plan.total_traffic,
                 },

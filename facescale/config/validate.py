@@ -7,8 +7,9 @@ import importlib.util
 import typing
 from pathlib import Path
 
-from facescale.config.errors import ConfigError, suggest
+from facescale.config.errors import ConfigError, check, suggest
 from facescale.config.schema import Config
+from facescale.modes.registry import UnknownModeError, get_mode
 
 
 def _choice_fields(node: object, prefix: str = "") -> list[tuple[str, object, tuple]]:
@@ -24,11 +25,6 @@ def _choice_fields(node: object, prefix: str = "") -> list[tuple[str, object, tu
     return out
 
 
-def _check(ok: bool, source: str, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{source}: {key}: {message}")
-
-
 def validate(cfg: Config, source: str = "<config>", world_size: int | None = None) -> None:
     """Raise ConfigError for impossible values; `world_size` enables the batch-divisibility check."""
     for key, value, allowed in _choice_fields(cfg):
@@ -39,7 +35,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     from facescale.models.registry import list_backbones
 
     names = list_backbones()
-    _check(
+    check(
         cfg.model.name in names,
         source,
         "model.name",
@@ -55,93 +51,96 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         from facescale.models.compile import known_backends
 
         backends = known_backends()
-        _check(cfg.model.compile_backend in backends, source, "model.compile_backend",
+        check(cfg.model.compile_backend in backends, source, "model.compile_backend",
                f"unknown torch.compile backend '{cfg.model.compile_backend}';"
                f"{suggest(cfg.model.compile_backend, backends)}")
-    _check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
-    _check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
+    check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
+    check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
 
     shards = Path(cfg.data.shards) if cfg.data.shards else None
-    _check(
+    check(
         shards is not None,
         source,
         "data.shards",
         "no shard directory set; make one with `facescale synth --out DIR` or `facescale convert`, "
         "then pass --set data.shards=DIR",
     )
-    _check(
+    check(
         shards.is_dir(),
         source,
         "data.shards",
         f"directory '{shards}' does not exist; create it with `facescale synth --out {shards}` "
         "or point data.shards at your converted shards",
     )
-    _check(
+    check(
         (shards / "manifest.json").is_file(),
         source,
         "data.shards",
         f"'{shards}' has no manifest.json; it is not a facescale shard directory "
         "(write shards with `facescale synth` or `facescale convert`)",
     )
-    _check(cfg.data.image_size > 0, source, "data.image_size", "must be > 0")
-    _check(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
-    _check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
-    _check(cfg.data.shard_sampling == "exact" or cfg.data.reader == "webdataset", source,
+    check(cfg.data.image_size > 0, source, "data.image_size", "must be > 0")
+    check(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
+    check(cfg.data.shard_sampling == "exact" or cfg.data.reader == "webdataset", source,
            "data.shard_sampling", "resampled shards are a webdataset-reader mode; set data.reader=webdataset "
            "(DALI reads exact epochs)")
-    _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, source, "data.max_skip_fraction", "must be in [0, 1]")
-    _check(0 <= cfg.data.random_shift < cfg.data.image_size // 2, source, "data.random_shift",
+    check(0.0 <= cfg.data.max_skip_fraction <= 1.0, source, "data.max_skip_fraction", "must be in [0, 1]")
+    check(0 <= cfg.data.random_shift < cfg.data.image_size // 2, source, "data.random_shift",
            f"must be in [0, {cfg.data.image_size // 2}) pixels (0 disables it)")
     for key in ("brightness", "contrast"):
-        _check(0.0 <= getattr(cfg.data, key) < 1.0, source, f"data.{key}",
+        check(0.0 <= getattr(cfg.data, key) < 1.0, source, f"data.{key}",
                "jitter must be in [0, 1) (0 disables it; 0.2 means factors in [0.8, 1.2])")
 
     head = cfg.head
-    _check(
+    check(
         0.0 <= head.sample_rate <= 1.0,
         source,
         "head.sample_rate",
         f"{head.sample_rate} is outside [0, 1] "
         "(1.0 = all centers, 0.1 = Partial FC at 10%, 0 = positives only)",
     )
-    _check(head.margin.s > 0, source, "head.margin.s", "scale must be > 0 (64 is usual)")
-    _check(head.margin.m1 > 0, source, "head.margin.m1", "must be > 0 (1.0 = no multiplicative margin)")
-    _check(
+    check(head.margin.s > 0, source, "head.margin.s", "scale must be > 0 (64 is usual)")
+    check(head.margin.m1 > 0, source, "head.margin.m1", "must be > 0 (1.0 = no multiplicative margin)")
+    check(
         0.0 <= head.margin.interclass_filtering_threshold < 1.0,
         source,
         "head.margin.interclass_filtering_threshold",
         "must be in [0, 1) (0 disables filtering)",
     )
-    _check(0.0 <= head.momentum < 1.0, source, "head.momentum", "must be in [0, 1)")
-    _check(head.weight_decay >= 0, source, "head.weight_decay", "must be >= 0")
-    _check(head.lr_scale > 0, source, "head.lr_scale", "must be > 0")
+    check(0.0 <= head.momentum < 1.0, source, "head.momentum", "must be in [0, 1)")
+    check(head.weight_decay >= 0, source, "head.weight_decay", "must be >= 0")
+    check(head.lr_scale > 0, source, "head.lr_scale", "must be > 0")
 
-    if head.type == "f2c":
-        _validate_f2c(cfg, source, world_size)
+    try:
+        mode = get_mode(head.type)
+    except UnknownModeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    mode.check_config(cfg, source, world_size)
 
-    _check(cfg.optim.lr > 0, source, "optim.lr", "must be > 0")
-    _check(0.0 <= cfg.optim.momentum < 1.0, source, "optim.momentum", "must be in [0, 1)")
-    _check(cfg.optim.weight_decay >= 0, source, "optim.weight_decay", "must be >= 0")
-    _check(cfg.optim.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    check(cfg.optim.lr > 0, source, "optim.lr", "must be > 0")
+    check(0.0 <= cfg.optim.momentum < 1.0, source, "optim.momentum", "must be in [0, 1)")
+    check(cfg.optim.weight_decay >= 0, source, "optim.weight_decay", "must be >= 0")
+    check(cfg.optim.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
 
     sch = cfg.schedule
-    _check(sch.steps > 0, source, "schedule.steps", "must be > 0")
-    _check(
+    check(sch.steps > 0, source, "schedule.steps", "must be > 0")
+    check(
         0 <= sch.warmup_steps and (sch.epochs > 0 or sch.warmup_steps < sch.steps),
         source,
         "schedule.warmup_steps",
         f"{sch.warmup_steps} must be >= 0 and smaller than schedule.steps ({sch.steps})",
     )
-    _check(min(sch.epochs, sch.warmup_epochs, sch.batch_per_rank) >= 0, source, "schedule",
+    check(min(sch.epochs, sch.warmup_epochs, sch.batch_per_rank) >= 0, source, "schedule",
            "epochs, warmup_epochs and batch_per_rank must be >= 0 (0 = unset)")
-    _check(not sch.epochs or sch.warmup_epochs < sch.epochs, source, "schedule.warmup_epochs",
+    check(not sch.epochs or sch.warmup_epochs < sch.epochs, source, "schedule.warmup_epochs",
            f"{sch.warmup_epochs} must be smaller than schedule.epochs ({sch.epochs})")
-    _check(sch.power > 0, source, "schedule.power", "must be > 0")
-    _check(sch.grad_accumulation >= 1, source, "schedule.grad_accumulation", "must be >= 1")
-    _check(sch.global_batch_size > 0, source, "schedule.global_batch_size", "must be > 0")
+    check(sch.power > 0, source, "schedule.power", "must be > 0")
+    check(sch.grad_accumulation >= 1, source, "schedule.grad_accumulation", "must be >= 1")
+    check(sch.global_batch_size > 0, source, "schedule.global_batch_size", "must be > 0")
     if world_size is not None:
         per_step = world_size * sch.grad_accumulation
-        _check(
+        check(
             sch.global_batch_size % per_step == 0,
             source,
             "schedule.global_batch_size",
@@ -150,93 +149,38 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
             f"{max(per_step, sch.global_batch_size // per_step * per_step)}",
         )
 
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    _check(cfg.checkpoint.keep_last >= 1, source, "checkpoint.keep_last", "must be >= 1")
-    _check(
+    check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    check(cfg.checkpoint.keep_last >= 1, source, "checkpoint.keep_last", "must be >= 1")
+    check(
         cfg.checkpoint.max_bad_steps >= 0,
         source,
         "checkpoint.max_bad_steps",
         "must be >= 0 (non-finite steps in a row tolerated before the run stops)",
     )
-    _check(
+    check(
         cfg.checkpoint.every_steps >= 0,
         source,
         "checkpoint.every_steps",
         "must be >= 0 (0 = only at the end)",
     )
-    _check(cfg.logging.every_steps >= 1, source, "logging.every_steps", "must be >= 1")
-    _check(bool(cfg.logging.run_dir), source, "logging.run_dir", "must be set")
+    check(cfg.logging.every_steps >= 1, source, "logging.every_steps", "must be >= 1")
+    check(bool(cfg.logging.run_dir), source, "logging.run_dir", "must be set")
     check_wandb_installed(cfg, source)
     for i, b in enumerate(cfg.eval.bins):
-        _check(
+        check(
             Path(b).is_file(),
             source,
             f"eval.bins[{i}]",
             f"verification set '{b}' not found (a name such as 'lfw' means <data.shards>/lfw.bin, where "
             "`facescale convert rec` copies the sets beside the .rec; or make one with `facescale make-bin`)",
         )
-    _check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
-    _check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
+    check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
+    check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
 
 
 def check_wandb_installed(cfg: Config, source: str) -> None:
     """W&B logging needs the optional `wandb` package; say so before any process starts."""
     wandb = cfg.logging.wandb
-    _check(not wandb.project or wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
+    check(not wandb.project or wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
            source, "logging.wandb.project", "is set but the wandb package is not installed; "
            "pip install 'facescale[wandb]', or remove logging.wandb.project")
-
-
-def _validate_f2c(cfg: Config, source: str, world_size: int | None) -> None:
-    """F2C pool checks: sizes, EMA momentum, ZeRO-3 refusal and Q against one gathered step's labels."""
-    dcp = cfg.head.f2c
-    _check(
-        dcp.queue_size >= 1, source, "head.f2c.queue_size", "must be >= 1 (pool slots, e.g. 1% of identities)"
-    )
-    _check(
-        0.0 <= dcp.momentum < 1.0,
-        source,
-        "head.f2c.momentum",
-        f"{dcp.momentum} must be in [0, 1) (G-Net EMA momentum, 0.99 in F2C)",
-    )
-    _check(
-        dcp.identities_per_rank >= 0,
-        source,
-        "head.f2c.identities_per_rank",
-        "must be >= 0 (0 = as many identities as the per-rank micro batch)",
-    )
-    _check(
-        cfg.deepspeed.zero_stage != 3,
-        source,
-        "deepspeed.zero_stage",
-        "head.type f2c keeps a full EMA copy of the backbone (G-Net) on every rank, which ZeRO-3's "
-        "parameter partitioning cannot feed; use zero_stage 1 or 2",
-    )
-    if world_size is None:
-        return
-    micro = cfg.schedule.global_batch_size // (world_size * cfg.schedule.grad_accumulation)
-    _check(
-        micro % 2 == 0,
-        source,
-        "schedule.global_batch_size",
-        f"head.type f2c splits each rank's instance batch into two halves, but it is {micro}; "
-        "use a global batch that gives an even batch per rank",
-    )
-    ids = dcp.identities_per_rank or micro
-    per_pass = world_size * (ids + micro // 2)
-    if dcp.pool == "replicated":
-        _check(
-            dcp.queue_size >= per_pass,
-            source,
-            "head.f2c.queue_size",
-            f"{dcp.queue_size} slots are fewer than the up to {per_pass} distinct labels one gathered pass "
-            f"inserts ({world_size} ranks x ({ids} identities + {micro // 2} instances)); labels would "
-            f"evict each other within a step. Use queue_size >= {per_pass}",
-        )
-    else:
-        _check(
-            dcp.queue_size >= world_size,
-            source,
-            "head.f2c.queue_size",
-            f"a sharded pool needs at least one slot per rank ({world_size}), got {dcp.queue_size}",
-        )

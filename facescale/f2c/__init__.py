@@ -3,8 +3,9 @@
 P-Net is the DeepSpeed-trained backbone, G-Net its EMA twin (`ema`), the pool a label-keyed LRU of G-Net
 features with two rows per identity (`pool`), the loss a margin softmax over the pool plus a top-K push-away
 for probes whose identity is not pooled (`loss`), run in two passes per iteration (`head`), fed by an
-identity loader mixed with the instance loader (`identity_loader`, `dual_loader`); `mode.build_dcp_mode` wires
-it into the trainer. It follows the reference code (tiandunx/FFC) except for these deliberate deviations:
+identity loader mixed with the instance loader (`identity_loader`, `dual_loader`); `mode.F2CMode` is the
+registered training mode (`facescale.modes`), `plan` its share of `facescale plan`. It follows the reference
+code (tiandunx/FFC) except for these deliberate deviations:
 
 * the LRU is vectorised; writes of one gathered batch are deduplicated (per slot the last two sightings are
   kept, in gather order) and labels of the batch are never evicted by that batch; a batch with more distinct
@@ -19,6 +20,5 @@ it into the trainer. It follows the reference code (tiandunx/FFC) except for the
 """
 
 from facescale.f2c.head import DcpHead
-from facescale.f2c.mode import build_dcp_mode
 
-__all__ = ["DcpHead", "build_dcp_mode"]
+__all__ = ["DcpHead"]

@@ -5,17 +5,15 @@ class partition is `facescale.parallel.partition.class_partition`, so a 512-rank
 """
 
 from facescale.plan.backbone import BackboneStats, backbone_stats, saved_tensor_bytes
-from facescale.plan.head import HeadShard, head_shard
-from facescale.plan.run import RankPlan, plan_rank, resolve_num_classes
+from facescale.plan.run import DataSize, RankPlan, plan_rank, resolve_num_classes
 from facescale.plan.zero import ZeroMemory, zero_memory
 
 __all__ = [
     "BackboneStats",
-    "HeadShard",
+    "DataSize",
     "RankPlan",
     "ZeroMemory",
     "backbone_stats",
-    "head_shard",
     "plan_rank",
     "resolve_num_classes",
     "saved_tensor_bytes",

@@ -21,6 +21,7 @@ class BackboneStats:
     num_params: int
     activation_bytes_per_sample: int
     num_trainable: int = -1  # -1: all parameters are trainable
+    buffer_bytes: int = 0  # module buffers (BatchNorm statistics) in their own dtypes, parameters in fp32
 
     @property
     def trainable(self) -> int:
@@ -60,6 +61,7 @@ def backbone_stats(cfg: ModelConfig, precision: str = "bf16", image_size: int = 
     with torch.device("meta"):
         model = build_backbone(cfg)
         images = torch.empty(PROBE_BATCH, 3, image_size, image_size)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     model = model.to(dtype)
     num_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -71,4 +73,4 @@ def backbone_stats(cfg: ModelConfig, precision: str = "bf16", image_size: int = 
         model.activation_checkpointing = True
         saved += (full - saved) // max(1, len(getattr(model, "blocks", [None])))
     per_sample = saved // PROBE_BATCH
-    return BackboneStats(cfg.name, num_params, per_sample, trainable)
+    return BackboneStats(cfg.name, num_params, per_sample, trainable, buffer_bytes)

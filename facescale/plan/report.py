@@ -13,12 +13,10 @@ def _gib(nbytes: float) -> str:
 
 def describe(plan: RankPlan, nodes: int, gpus_per_node: int) -> str:
     """The per-rank report printed by `facescale plan`."""
-    head = plan.head
     lines = [
         f"world {plan.world} = {nodes} nodes x {gpus_per_node} GPUs; backbone {plan.backbone.name} "
         f"({plan.backbone.num_params / 1e6:.1f}M params), ZeRO-{plan.zero_stage}, {plan.precision}",
-        f"global batch {plan.global_batch}, micro batch {plan.micro_batch} per rank; rank {head.rank} holds "
-        f"{head.rows:,} class centers, samples {head.num_sample:,} per step",
+        f"global batch {plan.global_batch}, micro batch {plan.micro_batch} per rank; {plan.head.summary}",
         "",
         f"{'memory per rank':<34}{'GiB':>9}",
     ]
@@ -26,8 +24,12 @@ def describe(plan: RankPlan, nodes: int, gpus_per_node: int) -> str:
     lines += [
         f"  {'total':<32}{_gib(plan.total_memory)}",
         "",
-        f"{'communication per rank per step':<34}{'GiB':>9}",
     ]
+    if plan.host_memory:
+        lines += [f"{'host memory per rank':<34}{'GiB':>9}"]
+        lines += [f"  {name:<32}{_gib(value)}" for name, value in plan.host_memory.items()]
+        lines += [""]
+    lines += [f"{'communication per rank per step':<34}{'GiB':>9}"]
     lines += [f"  {name:<32}{_gib(value)}" for name, value in plan.traffic.items()]
     lines += [f"  {'total':<32}{_gib(plan.total_traffic)}"]
     lines += [
@@ -48,9 +50,9 @@ def comparison_table(plans: dict[int, RankPlan]) -> str:
         + " |",
         "|---|" + "---:|" * len(nodes),
         "| micro batch | " + " | ".join(str(plans[n].micro_batch) for n in nodes) + " |",
-        "| class centers | " + " | ".join(f"{plans[n].head.rows:,}" for n in nodes) + " |",
-        "| logits columns | " + " | ".join(f"{plans[n].head.num_sample:,}" for n in nodes) + " |",
     ]
+    for name in first.head.table_rows:
+        rows.append(f"| {name} | " + " | ".join(plans[n].head.table_rows[name] for n in nodes) + " |")
     for name in first.memory:
         values = " | ".join(f"{plans[n].memory[name] / GIB:.2f}" for n in nodes)
         rows.append(f"| {name} (GiB) | {values} |")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from facescale.config.errors import ConfigError
 from facescale.config.schema import Config
-from facescale.parallel.partition import class_partition
+from facescale.modes.base import ModePlan
+from facescale.modes.registry import get_mode
 from facescale.plan.backbone import BackboneStats, backbone_stats
-from facescale.plan.head import HeadShard, head_shard, head_step_bytes, head_traffic
 from facescale.plan.zero import ZeroMemory, zero_memory, zero_traffic
 
 # identities of public training sets, used when the shards are not on this machine (keyed by folder name)
@@ -21,6 +21,21 @@ KNOWN_NUM_CLASSES = {
     "glint360k": 360_232,
     "ms1mv3": 93_431,
 }
+KNOWN_NUM_SAMPLES = {  # images of the same sets (F2C's identity index is sized by them)
+    "webface42m": 42_474_557,
+    "webface12m": 12_720_066,
+    "webface4m": 4_235_242,
+    "glint360k": 17_091_657,
+    "ms1mv3": 5_179_510,
+}
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """Identities and images of the training set (images None when unknown)."""
+
+    num_classes: int
+    num_samples: int | None = None
 
 
 @dataclass
@@ -34,8 +49,7 @@ class RankPlan:
     zero_stage: int
     backbone: BackboneStats
     zero: ZeroMemory
-    head: HeadShard
-    head_step: dict[str, int]
+    head: ModePlan  # the training mode's share (Partial FC: the center shard; F2C: pool, G-Net, index)
     activations: int
     traffic: dict[str, float] = field(default_factory=dict)
 
@@ -47,12 +61,15 @@ class RankPlan:
             "backbone grads": self.zero.grads,
             "backbone fp32 partition": self.zero.master,
             "backbone optimizer state": self.zero.optimizer,
-            "center shard": self.head.centers_bytes,
-            "center optimizer state": self.head.optimizer_bytes - self.head.residual_bytes,
-            **({"center bf16 residual": self.head.residual_bytes} if self.head.residual_bytes else {}),
-            **self.head_step,
+            **self.head.memory,
+            **self.head.step_memory,
             "backbone activations": self.activations,
         }
+
+    @property
+    def host_memory(self) -> dict[str, int]:
+        """Named bytes in host RAM (not counted in `total_memory`)."""
+        return self.head.host_memory
 
     @property
     def total_memory(self) -> int:
@@ -79,15 +96,23 @@ def resolve_num_classes(cfg: Config, num_classes: int | None = None) -> int:
     )
 
 
-def largest_shard_rank(num_classes: int, world: int) -> int:
-    """The rank with the most class centers: class_partition gives the remainder rows to the first ranks."""
-    return max(range(min(world, 2)), key=lambda r: class_partition(num_classes, world, r)[1])
+def resolve_num_samples(cfg: Config) -> int | None:
+    """Images of the training set: the shards' manifest.json, else a known data set, else None."""
+    manifest = Path(cfg.data.shards) / "manifest.json"
+    if manifest.is_file():
+        return int(json.loads(manifest.read_text()).get("num_samples", 0)) or None
+    return KNOWN_NUM_SAMPLES.get(Path(cfg.data.shards).name.lower())
 
 
 def plan_rank(
-    cfg: Config, num_classes: int, world: int, rank: int | None = None, stats: BackboneStats | None = None
+    cfg: Config,
+    num_classes: int,
+    world: int,
+    rank: int | None = None,
+    stats: BackboneStats | None = None,
+    num_samples: int | None = None,
 ) -> RankPlan:
-    """The plan of `rank` (default: the one with the largest center shard) in a world of `world` ranks."""
+    """The plan of `rank` (default: the one the training mode says holds the most) at `world` ranks."""
     sch = cfg.schedule
     if sch.global_batch_size % (world * sch.grad_accumulation):
         raise ConfigError(
@@ -96,23 +121,19 @@ def plan_rank(
         )
     precision = "bf16" if cfg.deepspeed.precision == "auto" else cfg.deepspeed.precision
     micro = sch.global_batch_size // (world * sch.grad_accumulation)
-    batch_per_micro_step = micro * world  # rows the head sees in one forward
     stats = stats or backbone_stats(cfg.model, precision, cfg.data.image_size)
-    rank = largest_shard_rank(num_classes, world) if rank is None else rank
-    shard = head_shard(cfg.head, num_classes, cfg.model.embedding_size, world, rank)
-    optimizer = cfg.optim.name
+    data = DataSize(num_classes, num_samples if num_samples is not None else resolve_num_samples(cfg))
+    head = get_mode(cfg.head.type).plan(cfg, data, world, micro, stats, rank)
     zero = zero_memory(
         stats.num_params,
         cfg.deepspeed.zero_stage,
         world,
         precision,
-        optimizer,
+        cfg.optim.name,
         cfg.optim.momentum,
         stats.trainable,
     )
-    traffic: dict[str, float] = {}
-    for name, value in head_traffic(batch_per_micro_step, cfg.model.embedding_size, world).items():
-        traffic[name] = value * sch.grad_accumulation
+    traffic = {name: value * sch.grad_accumulation for name, value in head.traffic.items()}
     traffic.update(zero_traffic(stats.trainable, cfg.deepspeed.zero_stage, world, precision))
     return RankPlan(
         world=world,
@@ -122,8 +143,7 @@ def plan_rank(
         zero_stage=cfg.deepspeed.zero_stage,
         backbone=stats,
         zero=zero,
-        head=shard,
-        head_step=head_step_bytes(shard, batch_per_micro_step, cfg.model.embedding_size),
-        activations=stats.activation_bytes_per_sample * micro,
+        head=head,
+        activations=stats.activation_bytes_per_sample * head.activation_images,
         traffic=traffic,
     )

@@ -1,10 +1,10 @@
-"""One optimizer step across the two worlds: the backbone in DeepSpeed, the class centers outside it.
+"""The one step skeleton of every training mode: the backbone in DeepSpeed, the mode's head outside it.
 
-Decoupled backward: the head sees detached embeddings, computes the exact global loss and its gradient w.r.t.
-this rank's embeddings (the all-gather's backward is a reduce-scatter), steps its own optimizer, and the
-gradient is handed to the engine through the surrogate `sum(emb * grad)`. DeepSpeed averages backbone
-gradients over the W data-parallel ranks and divides by the accumulation steps, so the surrogate is scaled by
-W * GAS to make the backbone gradient that of the global-mean loss.
+Decoupled backward: the mode's head sees detached embeddings (`MicroOutput.pairs`), computes the exact global
+loss and its gradient w.r.t. this rank's embeddings (the all-gather's backward is a reduce-scatter), updates
+itself in `finish_step`, and the gradient is handed to the engine through the surrogate `sum(emb * grad)`.
+DeepSpeed averages backbone gradients over the W data-parallel ranks and divides by the accumulation steps,
+so the surrogate is scaled by W * GAS to make the backbone gradient that of the global-mean loss.
 
 Loss guard: a non-finite loss or embedding gradient on any rank and micro-step (one MAX all-reduce per
 step), or DeepSpeed's own overflow verdict, skips the whole step: the engine's step runs with the torch
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from facescale.modes.base import ModeRun, StepContext
 
 
 @dataclass
@@ -81,7 +83,7 @@ def update_disabled(engine):
 
 
 class LossGuard:
-    """The loss guard of one optimizer step (see the module docstring), shared by Partial FC and F2C steps.
+    """The loss guard of one optimizer step (see the module docstring), used by `train_step`.
 
     `check` each micro-step's loss and embedding gradients, `engine_step` in place of `engine.step()`, and
     `finish` once after the last micro-step: it returns whether the step was skipped (and then has put the
@@ -116,57 +118,43 @@ class LossGuard:
         return self.bad
 
 
-def train_step(
-    engine,
-    head,
-    batches: Iterator,
-    step: int,
-    lr_backbone: float,
-    lr_head: float,
-    world_size: int,
-    grad_accumulation: int,
-    clock,
-    inject_nan: bool = False,
-) -> StepResult:
-    """Run `grad_accumulation` micro-steps and one optimizer step of backbone and head (or skip it, see
-    the module docstring)."""
+def train_step(run: ModeRun, batches: Iterator, ctx: StepContext, inject_nan: bool = False) -> StepResult:
+    """Run `ctx.grad_accumulation` micro-steps of the mode `run` and one optimizer step of backbone and head
+    (or skip it, see the module docstring); the mode supplies the loss and its own per-step finish."""
+    engine, gas = ctx.engine, ctx.grad_accumulation
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr_backbone
-    head.zero_grad()
-    guard = LossGuard(engine, grad_accumulation)
+        group["lr"] = ctx.lr_backbone
+    run.begin_step(ctx)
+    guard = LossGuard(engine, gas)
     loss_sum = torch.zeros((), dtype=torch.float64)
     wait = head_s = 0.0
     stats: dict = {}
-    for micro in range(grad_accumulation):
-        t0 = clock()
-        images, labels = next(batches)
-        wait += clock() - t0
-        embeddings = engine(images)
-        detached = embeddings.detach().float().requires_grad_(True)
-        t1 = clock()
-        loss, stats = head(detached, labels, step)
+    for micro in range(gas):
+        ctx.micro = micro
+        t0 = ctx.clock()
+        batch = next(batches)
+        wait += ctx.clock() - t0
+        out = run.micro_step(ctx, batch)
+        loss, stats = out.loss, out.stats
         if inject_nan:
             loss = loss * float("nan")
-        (loss / grad_accumulation).backward()
-        head_s += clock() - t1
-        guard.check(loss, detached.grad)
-        surrogate = (embeddings.float() * detached.grad).sum() * (world_size * grad_accumulation)
-        engine.backward(surrogate)
+        t1 = ctx.clock()
+        (loss / gas).backward()
+        head_s += out.head_s + ctx.clock() - t1
+        guard.check(loss, *(leaf.grad for _, leaf in out.pairs))
+        surrogate = sum((live.float() * leaf.grad).sum() for live, leaf in out.pairs)
+        engine.backward(surrogate * (ctx.world_size * gas))
         guard.engine_step(micro)
         loss_sum += loss.detach().double()
-    t2 = clock()
+    t2 = ctx.clock()
     bad = guard.finish()
-    if bad:
-        head.zero_grad()
-    else:
-        head.optimizer_step(lr_head)
-    head_s += clock() - t2
+    run.finish_step(ctx, bad)
+    head_s += ctx.clock() - t2
     norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-    norm = float(norm) if norm is not None else None
     return StepResult(
-        loss=float(loss_sum) / grad_accumulation,
+        loss=float(loss_sum) / gas,
         data_wait_s=wait,
-        grad_norm=norm,
+        grad_norm=float(norm) if norm is not None else None,
         head_s=head_s,
         head_stats=stats,
         skipped=bad,

@@ -17,6 +17,7 @@ from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
 from facescale.metrics.console import TrainConsole, run_logger, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
+from facescale.modes import StepContext, get_mode
 from facescale.runtime import Runtime
 from facescale.train.init_weights import init_backbone_from
 from facescale.train.schedule import lr_at
@@ -56,10 +57,8 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, runtime: Runtime) -> None:
         import deepspeed
 
-        from facescale.data.loader import build_train_loader
         from facescale.data.manifest import Manifest
         from facescale.deepspeed_ops import jit_lock_watchdog, skip_unused_ops
-        from facescale.heads import build_head
         from facescale.models.registry import build_backbone
 
         self.cfg, self.env, self.runtime = cfg, env, runtime
@@ -82,26 +81,11 @@ class Trainer:
             self.engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
 
         self.micro_batch = micro_batch_size(cfg, env.world_size)
-        self.train_step_fn = train_step
-        if cfg.head.type == "f2c":  # F2C: G-Net + Dynamic Class Pool + dual loader (facescale.f2c)
-            from facescale.f2c import build_dcp_mode
-
-            self.head, self.loader, self.train_step_fn = build_dcp_mode(
-                cfg, self.engine, self.manifest, rank=env.rank, world_size=env.world_size,
-                micro_batch=self.micro_batch, precision=runtime.precision, device=runtime.device,
-            )
-        else:
-            self.head = build_head(
-                cfg.head, self.manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed
-            ).to(runtime.device)
-            self.loader = build_train_loader(
-                cfg.data,
-                rank=env.rank,
-                world_size=env.world_size,
-                batch_size=self.micro_batch,
-                seed=cfg.schedule.seed,
-                device=runtime.device,
-            )
+        self.mode = get_mode(cfg.head.type).build(
+            cfg, self.engine, self.manifest, rank=env.rank, world_size=env.world_size,
+            micro_batch=self.micro_batch, precision=runtime.precision, device=runtime.device,
+        )
+        self.head, self.loader = self.mode.head, self.mode.loader
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      wandb=cfg.logging.wandb, config=config_to_dict(cfg))
         self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
@@ -333,18 +317,9 @@ class Trainer:
         while self.step < sch.steps:
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim.lr, sch)
-            out = self.train_step_fn(
-                self.engine,
-                self.head,
-                batches,
-                self.step,
-                lr,
-                lr * cfg.head.lr_scale,
-                self.env.world_size,
-                sch.grad_accumulation,
-                time.perf_counter,
-                **({"inject_nan": True} if self.step in self._nan_steps else {}),
-            )
+            ctx = StepContext(self.engine, self.step, lr, lr * cfg.head.lr_scale, self.env.world_size,
+                              sch.grad_accumulation, time.perf_counter)
+            out = train_step(self.mode, batches, ctx, inject_nan=self.step in self._nan_steps)
             self.step += 1
             loss = out.loss
             if cfg.model.compile and self.step in (start_step + 1, sch.steps):  # compile time, recompiles

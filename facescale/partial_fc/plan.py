@@ -1,4 +1,5 @@
-"""This rank's class-center shard: rows from `class_partition`, storage from the real head classes."""
+"""Partial FC's share of `facescale plan`: this rank's class-center shard (rows from `class_partition`,
+storage from the real head classes), the logits of one micro-step and the head's collectives."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from facescale.config.schema import HeadConfig
 from facescale.heads import STORAGE_DTYPES
 from facescale.heads.center_optimizer import RESIDUAL, CenterOptimizer
 from facescale.heads.sampling import num_samples_for
+from facescale.modes.base import ModePlan
 from facescale.parallel.partition import class_partition
 from facescale.plan.zero import ring_all_gather, ring_all_reduce
 
@@ -70,3 +72,53 @@ def head_traffic(global_batch: int, embedding_size: int, world: int) -> dict[str
         + ring_all_reduce(2 * global_batch * 4, world),
         "embedding grad reduce-scatter": ring_all_gather(global_batch * embedding_size * 4, world),
     }
+
+
+def largest_shard_rank(num_classes: int, world: int) -> int:
+    """The rank with the most class centers: class_partition gives the remainder rows to the first ranks."""
+    return max(range(min(world, 2)), key=lambda r: class_partition(num_classes, world, r)[1])
+
+
+@dataclass(frozen=True)
+class PartialFCPlan(HeadShard, ModePlan):
+    """`HeadShard` plus what one micro-step of `batch` gathered rows adds and sends."""
+
+    batch: int = 0  # rows the head sees per micro-step (micro batch x world)
+    embedding_size: int = 0
+    world: int = 1
+
+    @property
+    def memory(self) -> dict[str, int]:
+        residual = {"center bf16 residual": self.residual_bytes} if self.residual_bytes else {}
+        return {"center shard": self.centers_bytes,
+                "center optimizer state": self.optimizer_bytes - self.residual_bytes, **residual}
+
+    @property
+    def step_memory(self) -> dict[str, int]:
+        return head_step_bytes(self, self.batch, self.embedding_size)
+
+    @property
+    def traffic(self) -> dict[str, float]:
+        return head_traffic(self.batch, self.embedding_size, self.world)
+
+    @property
+    def summary(self) -> str:
+        return f"rank {self.rank} holds {self.rows:,} class centers, samples {self.num_sample:,} per step"
+
+    @property
+    def table_rows(self) -> dict[str, str]:
+        return {"class centers": f"{self.rows:,}", "logits columns": f"{self.num_sample:,}"}
+
+    @property
+    def activation_images(self) -> int:
+        return self.batch // self.world
+
+
+def plan_partial_fc(
+    cfg, num_classes: int, world: int, micro_batch: int, rank: int | None = None
+) -> PartialFCPlan:
+    """The Partial FC plan of `rank` (default: the one with the largest center shard)."""
+    rank = largest_shard_rank(num_classes, world) if rank is None else rank
+    shard = head_shard(cfg.head, num_classes, cfg.model.embedding_size, world, rank)
+    return PartialFCPlan(**vars(shard), batch=micro_batch * world, embedding_size=cfg.model.embedding_size,
+                         world=world)

@@ -1,0 +1,57 @@
+"""The Partial FC training mode: build the center shard and the instance loader, one loss per micro-batch,
+the center optimizer's step once per optimizer step; its checkpoint state is row-sharded by class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from facescale.data.loader import build_train_loader
+from facescale.heads import build_head
+from facescale.modes.base import MicroOutput, ModeRun, StepContext, TrainingMode, detached_leaf
+from facescale.partial_fc.plan import PartialFCPlan, plan_partial_fc
+
+
+class PartialFCRun(ModeRun):
+    """One rank's Partial FC head and instance loader."""
+
+    def __init__(self, head: torch.nn.Module, loader: Any) -> None:
+        self.head, self.loader = head, loader
+
+    def begin_step(self, ctx: StepContext) -> None:
+        self.head.zero_grad()
+
+    def micro_step(self, ctx: StepContext, batch: Any) -> MicroOutput:
+        images, labels = batch
+        embeddings = ctx.engine(images)
+        detached = detached_leaf(embeddings)
+        t0 = ctx.clock()
+        loss, stats = self.head(detached, labels, ctx.step)
+        return MicroOutput(loss, [(embeddings, detached)], stats, ctx.clock() - t0)
+
+    def finish_step(self, ctx: StepContext, skipped: bool) -> None:
+        if skipped:
+            self.head.zero_grad()
+        else:
+            self.head.optimizer_step(ctx.lr_head)
+
+
+class PartialFCMode(TrainingMode):
+    """Model-parallel margin softmax over all identities (or a Partial FC sample of them)."""
+
+    name = "partial_fc"
+
+    def build(self, cfg: Any, engine: Any, manifest: Any, *, rank: int, world_size: int, micro_batch: int,
+              precision: str, device: torch.device) -> PartialFCRun:
+        head = build_head(cfg.head, manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed)
+        loader = build_train_loader(cfg.data, rank=rank, world_size=world_size, batch_size=micro_batch,
+                                    seed=cfg.schedule.seed, device=device)
+        return PartialFCRun(head.to(device), loader)
+
+    def plan(self, cfg: Any, data: Any, world: int, micro_batch: int, backbone: Any,
+             rank: int | None = None) -> PartialFCPlan:
+        return plan_partial_fc(cfg, data.num_classes, world, micro_batch, rank)
+
+
+MODE = PartialFCMode()
