@@ -20,7 +20,11 @@ def reference_target_margin(cos_t: Tensor, cfg: MarginConfig) -> Tensor:
         return cos_t + (torch.cos(theta + cfg.m2) - cos_t).detach()
     m1, m3 = (1.0, 0.0) if cfg.type == "arcface" else (cfg.m1, cfg.m3)
     angle = m1 * theta + cfg.m2
-    fallback = cos_t - math.sin(math.pi - cfg.m2) * cfg.m2 - m3
+    if cfg.type == "arcface":  # insightface's classic fallback
+        fallback = cos_t - math.sin(math.pi - cfg.m2) * cfg.m2
+    else:  # past the angle where m1*theta + m2 = pi: slope 1 in the cosine, from -1 - m3 at that angle
+        boundary = torch.cos(torch.tensor((math.pi - cfg.m2) / m1, dtype=cos_t.dtype))
+        fallback = -1.0 - m3 + (cos_t - boundary)
     return torch.where(angle <= math.pi, torch.cos(angle) - m3, fallback)
 
 

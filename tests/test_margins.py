@@ -22,9 +22,14 @@ def _cosines(*, low: float = -0.97, high: float = 0.97, n: int = 41) -> torch.Te
 
 
 def _reference_combined(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """cos(m1*theta + m2) - m3 where it is defined (m1*theta + m2 <= pi), NaN beyond (checked apart)."""
     theta = torch.acos(cos)
     angle = m1 * theta + m2
-    return torch.where(angle <= math.pi, torch.cos(angle) - m3, cos - math.sin(math.pi - m2) * m2 - m3)
+    return torch.where(angle <= math.pi, torch.cos(angle) - m3, torch.nan)
+
+
+def _defined(cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
+    return m1 * torch.acos(cos) + m2 <= math.pi
 
 
 def test_arcface_is_cos_theta_plus_m_with_the_classic_fallback() -> None:
@@ -39,11 +44,38 @@ def test_arcface_is_cos_theta_plus_m_with_the_classic_fallback() -> None:
 def test_cosface_and_combined_special_cases() -> None:
     cos = _cosines(low=-0.999, high=0.999, n=201)
     torch.testing.assert_close(CosFaceMargin(0.4)(cos), cos - 0.4)
-    torch.testing.assert_close(CombinedMargin(1.0, 0.5, 0.0)(cos), ArcFaceMargin(0.5)(cos), rtol=0, atol=1e-9)
+    arc = _defined(cos, 1.0, 0.5)  # the two agree where cos(theta + m2) is defined; fallbacks differ
+    torch.testing.assert_close(CombinedMargin(1.0, 0.5, 0.0)(cos)[arc], ArcFaceMargin(0.5)(cos)[arc], rtol=0,
+                               atol=1e-9)
     torch.testing.assert_close(CombinedMargin(1.0, 0.0, 0.4)(cos), cos - 0.4, rtol=0, atol=1e-9)
     for m1, m2, m3 in [(2.0, 0.0, 0.0), (1.35, 0.25, 0.1), (4.0, 0.3, 0.2)]:  # m1 really multiplies theta
-        got = CombinedMargin(m1, m2, m3)(cos)
-        torch.testing.assert_close(got, _reference_combined(cos, m1, m2, m3), rtol=0, atol=1e-9)
+        got, ok = CombinedMargin(m1, m2, m3)(cos), _defined(cos, m1, m2)
+        torch.testing.assert_close(got[ok], _reference_combined(cos, m1, m2, m3)[ok], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("m1", [1.0, 1.2, 1.35, 2.0, 4.0])
+@pytest.mark.parametrize("m2", [0.0, 0.1, 0.5, 1.0, 1.5])
+@pytest.mark.parametrize("m3", [0.0, 0.1, 0.35])
+def test_combined_target_logit_is_continuous_and_non_increasing_in_theta(m1, m2, m3) -> None:
+    """On a fine theta grid over [0, pi] (float64): never rises, and never moves by more than its
+    Lipschitz bound max(m1, 1) x step (a jump would); equal to cos(m1*theta + m2) - m3 where defined."""
+    theta = torch.linspace(0.0, math.pi, 200_001, dtype=torch.float64)
+    value = CombinedMargin(m1, m2, m3)(torch.cos(theta))
+    steps = value[1:] - value[:-1]
+    assert float(steps.max()) <= 1e-12, f"rises by {float(steps.max()):.3g} at theta {float(theta[steps.argmax()])}"
+    bound = max(m1, 1.0) * float(theta[1] - theta[0]) * 1.001 + 1e-9
+    assert float(steps.abs().max()) <= bound, f"jumps by {float(steps.abs().max()):.3g}"
+    # sin(theta) is floored at 1e-6 (finite gradients at |c| = 1), which moves theta within 1e-6 of 0 and pi
+    defined = (m1 * theta + m2 <= math.pi) & (theta > 1e-3) & (theta < math.pi - 1e-3)
+    torch.testing.assert_close(value[defined], torch.cos(m1 * theta[defined] + m2) - m3, rtol=0, atol=1e-9)
+
+
+def test_combined_margin_at_the_reported_boundary_no_longer_jumps_up() -> None:
+    """m = (1.35, 0.5, 0.1): the old fallback went from -1.100 to -0.716 across m1*theta + m2 = pi."""
+    edge = (math.pi - 0.5) / 1.35
+    before, after = torch.cos(torch.tensor([edge - 1e-6, edge + 1e-6], dtype=torch.float64))
+    got = CombinedMargin(1.35, 0.5, 0.1)(torch.stack([before, after]))
+    assert abs(float(got[0]) + 1.1) < 1e-6 and float(got[1]) <= float(got[0])
 
 
 def test_straight_through_forward_is_arcface_backward_is_identity() -> None:

@@ -4,7 +4,8 @@ Each margin maps fp32 target cosines c = cos(theta) to penalised cosines before 
 logits are s*c untouched. `type` in `MarginConfig` picks which of m1/m2/m3 are read:
   arcface                   cos(theta + m2), falling back to c - sin(pi - m2)*m2 where theta + m2 > pi
   cosface                   c - m3
-  combined                  cos(m1*theta + m2) - m3, same fallback where m1*theta + m2 > pi
+  combined                  cos(m1*theta + m2) - m3; where m1*theta + m2 > pi, the line in c that continues
+                            it from -1 - m3 (continuous, still falling as theta grows)
   arcface_straight_through  forward cos(theta + m2) (no fallback), backward identity: insightface's
                             arcface_torch behaviour since Dec 2022, kept as an explicit option.
 Gradients are exact except at |c| = 1, where sin(theta) is floored at 1e-6 so they stay finite.
@@ -67,11 +68,14 @@ class CosFaceMargin(TargetMargin):
 
 
 class CombinedMargin(TargetMargin):
-    """cos(m1*theta + m2) - m3; where m1*theta + m2 > pi it is c - sin(pi - m2)*m2 - m3 (ArcFace fallback)."""
+    """cos(m1*theta + m2) - m3 up to the angle where m1*theta + m2 = pi (value -1 - m3, cosine c_pi); beyond
+    it c - c_pi - 1 - m3, so the target logit is continuous and non-increasing in theta on [0, pi] for every
+    m1 >= 1 (ArcFace's fallback c - sin(m2)*m2 would jump up there once m1 > 1)."""
 
     def __init__(self, m1: float, m2: float, m3: float) -> None:
         self.m1, self.m2, self.m3 = m1, m2, m3
-        self.fallback_shift = math.sin(math.pi - m2) * m2 + m3
+        self.boundary_cos = math.cos((math.pi - m2) / m1)  # c_pi: the cosine where m1*theta + m2 = pi
+        self.fallback_shift = self.boundary_cos + 1.0 + m3
 
     def __call__(self, cos: Tensor) -> Tensor:
         theta = torch.atan2(_sin_theta(cos), cos)

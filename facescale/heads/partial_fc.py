@@ -144,7 +144,8 @@ class PartialFCHead(torch.nn.Module):
         embeddings = all_gather_rows_with_grad(local, self.group)
         global_labels = all_gather_rows(labels, self.group)
 
-        generator = sampling_generator(self.seed, self.rank, step, device)
+        # micro-step index within this optimizer step: forwards since the last optimizer_step
+        generator = sampling_generator(self.seed, self.rank, step, device, micro=len(self._pending))
         sample = sample_centers(global_labels, self.start, self.count, self.num_sample, generator)
         inv_norms = self._center_inv_norms()
         # the first forward after an optimizer step may reuse last step's big buffers (nothing refers to them)

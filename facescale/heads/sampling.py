@@ -1,7 +1,8 @@
 """Partial FC sampling: per step, keep every positive center of the shard plus uniform random negatives.
 
 Negatives are drawn uniformly without replacement from the shard's non-positive centers, by a generator
-seeded from (seed, rank, step): ranks draw independently, and a resumed run re-draws the same samples.
+seeded from (seed, rank, step, micro-step): ranks and the micro-steps of one gradient-accumulation step draw
+independently, and a resumed run re-draws the same samples.
 Nothing of size [global batch x shard] or [shard x D] is allocated here; only shard-length score vectors.
 """
 
@@ -32,11 +33,14 @@ def derive_seed(*parts: int) -> int:
 
 
 def sampling_generator(
-    seed: int, rank: int, step: int, device: torch.device | str = "cpu"
+    seed: int, rank: int, step: int, device: torch.device | str = "cpu", micro: int = 0
 ) -> torch.Generator:
-    """The generator for one rank's draw at one step (salted so it differs from the center-init streams)."""
+    """The generator for one rank's draw at one micro-step of one step (salted apart from the center-init
+    streams): every micro-step of a gradient-accumulation step draws its own negatives, and micro-step 0
+    draws what a run without accumulation draws."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, 0x5A3B1E, rank, step))
+    parts = (seed, 0x5A3B1E, rank, step) + ((micro,) if micro else ())
+    generator.manual_seed(derive_seed(*parts))
     return generator
 
 
