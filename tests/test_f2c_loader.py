@@ -125,3 +125,23 @@ def test_dual_loader_cursor_restores_both_streams_exactly(shards, workers):
     rest = flat(itertools.islice(iter(resumed), 3))
     assert len(rest) == len(reference[9 * 4:]) and all(
         torch.equal(a, b) for a, b in zip(rest, reference[9 * 4:], strict=True))
+
+
+@pytest.mark.parametrize(("identities", "world", "per_batch"), [(1000, 3, 64), (7, 2, 3), (130, 1, 64)])
+def test_the_batches_of_one_pass_draw_every_identity(identities, world, per_batch):
+    """Over all ranks and batches of a pass, every identity with images is drawn (1,000 identities at world 3
+    and 64 per batch used to leave 40 out); the ones drawn twice only fill the last batches."""
+    starts = np.arange(identities + 1, dtype=np.int64)  # one image per identity
+    index = IdentityIndex([], starts, np.zeros(identities, np.int32), np.zeros(identities, np.int64),
+                          np.ones(identities, np.int32))
+    ranks = [IdentityPairs(index, rank=r, world_size=world, identities_per_batch=per_batch, seed=2,
+                           mirror=False, image_size=SIZE) for r in range(world)]
+    for pass_number in range(2):
+        # the batches make_batch makes: consecutive slices of the rank's identities of the pass
+        batches = [p.rank_identities(pass_number)[b * per_batch : (b + 1) * per_batch] for p in ranks
+                   for b in range(p.batches_per_pass)]
+        drawn = np.concatenate(batches)
+        assert set(drawn.tolist()) == set(range(identities))
+        assert len(drawn) - identities < world * per_batch  # padding below one batch per rank
+        assert all(len(batch) == per_batch for batch in batches)
+        assert np.array_equal(ranks[-1].batch_labels(pass_number, 0), batches[-ranks[-1].batches_per_pass])

@@ -41,24 +41,29 @@ class IdentityPairs(IterableDataset):
         self.batch, self.seed, self.mirror, self.image_size = identities_per_batch, seed, mirror, image_size
         self.start_serial = 0  # the first batch serial to make (a resumed run starts where it stopped)
         self.eligible = np.nonzero(np.diff(index.starts) > 0)[0]
-        self.batches_per_pass = -(-len(self.eligible) // world_size) // identities_per_batch
-        if self.batches_per_pass < 1:
+        per_rank = -(-len(self.eligible) // world_size)
+        # enough batches that every identity is drawn: the last one is topped up from the pass's start
+        self.batches_per_pass = -(-per_rank // identities_per_batch)
+        if per_rank < identities_per_batch:
             raise ValueError(
                 f"the shards hold {len(self.eligible)} identities with images, fewer than "
                 f"{identities_per_batch} per rank for {world_size} ranks; lower head.f2c.identities_per_rank"
             )
 
     def rank_identities(self, pass_number: int) -> np.ndarray:
-        """This rank's identities of one pass, in order (the pass's permutation, padded, dealt by rank)."""
+        """This rank's identities of one pass, in order: the pass's permutation, wrapped round to fill every
+        rank's `batches_per_pass` full batches (so each identity is drawn at least once), dealt by rank."""
         order = np.random.default_rng(stream_seed(self.seed, 0xD1, pass_number)).permutation(self.eligible)
-        padded = np.resize(order, -(-len(order) // self.world_size) * self.world_size)
+        padded = np.resize(order, self.world_size * self.batches_per_pass * self.batch)
         return padded[self.rank :: self.world_size]
+
+    def batch_labels(self, pass_number: int, batch_number: int) -> np.ndarray:
+        """The identities of batch `batch_number` of pass `pass_number` on this rank."""
+        return self.rank_identities(pass_number)[batch_number * self.batch : (batch_number + 1) * self.batch]
 
     def make_batch(self, pass_number: int, batch_number: int) -> UInt8Pairs:
         """Batch `batch_number` of pass `pass_number`: first views, second views, labels."""
-        labels = self.rank_identities(pass_number)[
-            batch_number * self.batch : (batch_number + 1) * self.batch
-        ]
+        labels = self.batch_labels(pass_number, batch_number)
         rng = np.random.default_rng(stream_seed(self.seed, self.rank, pass_number, batch_number))
         first, second = self._empty(len(labels)), self._empty(len(labels))
         for i, label in enumerate(labels):
