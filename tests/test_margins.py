@@ -62,7 +62,7 @@ def test_combined_target_logit_is_continuous_and_non_increasing_in_theta(m1, m2,
     theta = torch.linspace(0.0, math.pi, 200_001, dtype=torch.float64)
     value = CombinedMargin(m1, m2, m3)(torch.cos(theta))
     steps = value[1:] - value[:-1]
-    assert float(steps.max()) <= 1e-12, f"rises by {float(steps.max()):.3g} at theta {float(theta[steps.argmax()])}"
+    assert float(steps.max()) <= 1e-12, f"rises by {float(steps.max()):.3g} at {float(theta[steps.argmax()])}"
     bound = max(m1, 1.0) * float(theta[1] - theta[0]) * 1.001 + 1e-9
     assert float(steps.abs().max()) <= bound, f"jumps by {float(steps.abs().max()):.3g}"
     # sin(theta) is floored at 1e-6 (finite gradients at |c| = 1), which moves theta within 1e-6 of 0 and pi
