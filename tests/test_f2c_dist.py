@@ -106,3 +106,36 @@ def test_replicated_identical_on_ranks_sharded_matches_and_both_equal_one_proces
     assert single[1]["stats"]["outlier_loss"] > 0.0
     sharded_labels = torch.cat([ranks[r]["sharded"][-1]["pool"]["slot_label"] for r in range(WORLD)])
     assert sorted(sharded_labels.tolist()) == sorted(single[-1]["pool"]["slot_label"].tolist())
+
+
+def _skewed_owner_run(rank: int, world: int) -> dict:
+    """A label hash that sends every label to rank 0: its 4-slot shard gets 10 distinct labels a pass."""
+    import warnings
+
+    import facescale.f2c.head as head_module
+
+    head_module.label_owner = lambda labels, world_size: torch.zeros_like(labels)
+    head = DcpHead(GalleryNet(torch.nn.Linear(3, DIM), 0.99), DIM, SPEC, queue_size=8, seed=11,
+                   pool_mode="sharded")
+    g = torch.Generator().manual_seed(rank)
+    labels = torch.arange(5) + 5 * rank
+    probes = [torch.randn(5, DIM, generator=g, requires_grad=True) for _ in range(2)]
+    gallery = [F.normalize(torch.randn(5, DIM, generator=g), dim=1) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, stats = head(probes[0], probes[1], labels, labels, *gallery)
+    loss.backward()
+    return {"loss": float(loss), "stats": stats, "pooled": sorted(head.pool.slot_label.tolist()),
+            "warned": [str(w.message) for w in caught],
+            "grad_finite": bool(torch.isfinite(probes[0].grad).all())}
+
+
+def test_sharded_pool_spills_a_skewed_pass_with_a_count_instead_of_stopping():
+    results = run_ranks(_skewed_owner_run, WORLD)
+    for r in results:
+        assert r["stats"]["pool_spilled_labels"] == 2 * (10 - 4)  # two passes, 6 labels left out each
+        assert torch.isfinite(torch.tensor(r["loss"])) and r["grad_finite"]
+        assert r["loss"] == results[0]["loss"]
+    assert results[0]["pooled"] == [6, 7, 8, 9]  # the most recently gathered labels (rank 1's last four)
+    assert results[1]["pooled"] == [-1, -1, -1, -1]
+    assert any("pool_spilled_labels" in m for m in results[0]["warned"]) and not results[1]["warned"]

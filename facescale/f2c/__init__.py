@@ -9,7 +9,9 @@ code (tiandunx/FFC) except for these deliberate deviations:
 
 * the LRU is vectorised; writes of one gathered batch are deduplicated (per slot the last two sightings are
   kept, in gather order) and labels of the batch are never evicted by that batch; a batch with more distinct
-  labels than Q is refused (the config check refuses Q below W * (B_id + B/2) for a replicated pool);
+  labels than Q is refused (the config check refuses Q below W * (B_id + B/2) for a replicated pool); a
+  sharded pool's shard that gets more than its slots in one pass (a skewed label hash) keeps the most recent
+  labels and counts the rest in `pool_spilled_labels`, with a warning;
 * the loss is averaged over the probes of all ranks (|P| and |O| counted globally), not per rank;
 * the identity loader reshuffles every pass; a one-image identity's second view is its mirror;
 * G-Net is kept in fp32 and saved with the pool, label map, recency, row pointers and iteration count;

@@ -14,6 +14,7 @@ pointers, G-Net and the iteration count, so a resume is exact.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ class DcpHead(nn.Module):
         self.pool = ClassPool(count, embedding_size, seed=seed, first_slot=start, device=device)
         self.top_k = outlier_top_k(queue_size)
         self.iteration = 0
+        self.spilled_labels, self._warned_spill = 0, False  # sharded pool overflow (see `_spill`)
 
     def update_gallery_net(self, pnet: nn.Module) -> None:
         """The once-per-iteration EMA step of G-Net towards P-Net (call before `gallery_features`)."""
@@ -106,6 +108,8 @@ class DcpHead(nn.Module):
             "pool_fill": fill / self.queue_size,
             "top_k": float(self.top_k),
         }
+        if self.pool_mode == "sharded":
+            out["pool_spilled_labels"] = float(self.spilled_labels)
         return trial + commit, out
 
     def _gather_gallery(self, gallery: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,10 +122,13 @@ class DcpHead(nn.Module):
             features, labels = features[own], labels[own]
         return features, labels
 
-    def _check_capacity(self, labels: Tensor) -> None:
-        """Refuse, on every rank at once, a batch with more distinct labels than a pool (shard) holds."""
+    def _check_capacity(self, labels: Tensor) -> int:
+        """Refuse, on every rank at once, a batch with more distinct labels than a replicated pool holds; a
+        sharded pool spills instead (see `_spill`). Returns the labels spilled over all shards."""
         distinct = self.pool.distinct_labels(labels)
         worst = all_gather_ints([distinct, self.pool.num_slots], labels.device, self.group)
+        if self.pool_mode == "sharded":
+            return sum(max(0, count - slots) for count, slots in worst)
         for rank, (count, slots) in enumerate(worst):
             if count > slots:
                 where = f" (rank {rank}'s shard)" if self.pool_mode == "sharded" else ""
@@ -130,6 +137,27 @@ class DcpHead(nn.Module):
                     f"would evict each other within the step. Raise head.f2c.queue_size (it is "
                     f"{self.queue_size}) or lower the batch / head.f2c.identities_per_rank"
                 )
+        return 0
+
+    def _spill(self, features: Tensor, labels: Tensor, spilled: int) -> tuple[Tensor, Tensor]:
+        """A sharded pool whose owner hash sends one shard more distinct labels in a pass than it has slots
+        keeps the most recently gathered ones and leaves the rest out of the pool (their probes count as
+        unpooled), with a warning and the `pool_spilled_labels` count, instead of stopping the run."""
+        self.spilled_labels += spilled
+        if spilled and not self._warned_spill and self.rank == 0:
+            self._warned_spill = True
+            warnings.warn(
+                f"F2C sharded pool: {spilled} labels of one pass did not fit their owner's "
+                f"{self.pool.num_slots} slots and were left out (counted in head/pool_spilled_labels); raise "
+                "head.f2c.queue_size if this recurs", RuntimeWarning, stacklevel=3)
+        unique, inverse = torch.unique(labels, return_inverse=True)
+        if unique.numel() <= self.pool.num_slots:
+            return features, labels
+        last_seen = torch.full((unique.numel(),), -1, dtype=torch.int64, device=labels.device)
+        last_seen.scatter_reduce_(0, inverse, torch.arange(labels.numel(), device=labels.device), "amax")
+        kept = unique[torch.argsort(last_seen, descending=True)[: self.pool.num_slots]]
+        keep = torch.isin(labels, kept)
+        return features[keep], labels[keep]
 
     def _pass(
         self,
@@ -142,7 +170,9 @@ class DcpHead(nn.Module):
         stats: dict[str, float],
     ) -> Tensor:
         features, labels = self._gather_gallery(gallery, gallery_labels)
-        self._check_capacity(labels)
+        spilled = self._check_capacity(labels)
+        if self.pool_mode == "sharded":
+            features, labels = self._spill(features, labels, spilled)
         view = self.pool.insert(features, labels, commit=commit)
         probes = nn.functional.normalize(probe.to(self.pool.features.device).float(), dim=1)
         probe_labels = probe_labels.to(self.pool.features.device, torch.int64)
