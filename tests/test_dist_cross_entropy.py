@@ -150,3 +150,22 @@ def test_sharded_loss_matches_single_process_on_three_ranks() -> None:
         assert res["rs_native_ok"] and res["rs_fallback_ok"]
         assert res["gather_ok"] and res["gather_grad_ok"]
         assert res["size_error"] is not None and "[5, 4, 5]" in res["size_error"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_norm_linear_into_a_buffer_without_a_sink_gives_exact_gradients(overwrite: bool) -> None:
+    """out=buffer and no CenterGrad: d/dW and d/dx equal normalize-then-linear in float64, also when the
+    caller scales the buffer in place after forward (as the head does with its logits)."""
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    w64 = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    target = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    ref_x, ref_w = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    ((F.normalize(ref_x, dim=1) @ F.normalize(ref_w, dim=1).t()).mul(2.0).sin() * target).sum().backward()
+    x, w = x64.float().requires_grad_(), w64.float().requires_grad_()
+    buffer = torch.empty(6, 9)
+    cos = norm_linear(x, w, out=buffer)
+    logits = cos.mul_(2.0) if overwrite else cos * 2.0
+    (logits.sin() * target.float()).sum().backward()
+    torch.testing.assert_close(w.grad.double(), ref_w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-5)

@@ -121,7 +121,9 @@ class _NormLinear(torch.autograd.Function):
             del raw
         cos.clamp_(-1.0, 1.0)
         ctx.grad_in_place = reuse
-        ctx.save_for_backward(x_hat, x_inv, weight, w_inv, None if sink is not None else cos)
+        # without a sink, backward needs the cosines; a caller's buffer may be overwritten after forward
+        # (the head turns it into probabilities in place), so then they are recomputed instead of saved
+        ctx.save_for_backward(x_hat, x_inv, weight, w_inv, None if sink is not None or reuse else cos)
         ctx.x_dtype, ctx.sink = x.dtype, sink
         if sink is not None:
             sink.weight, sink.w_inv = weight.detach(), w_inv
@@ -151,8 +153,11 @@ class _NormLinear(torch.autograd.Function):
         if ctx.sink is not None:
             ctx.sink.grad_scaled, ctx.sink.x_hat = grad_scaled, x_hat
         elif ctx.needs_input_grad[1]:
+            if cos is None:  # forward wrote the cosines to the caller's buffer: recompute them
+                cos = (x_hat @ weight.to(gemm_dtype).t()).to(acc_dtype).mul_(w_inv[None, :]).clamp_(-1.0, 1.0)
             grad_w = (grad_scaled.t() @ x_hat).to(acc_dtype)
-            radial_w = (grad_cos.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv).mul_(w_inv)  # r^2 sum_b G*cos
+            # r^2 sum_b G*cos, from G*r when G itself was overwritten in place
+            radial_w = (grad_scaled.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv)
             grad_w.addcmul_(weight, radial_w[:, None], value=-1.0)
         return grad_x, grad_w, None, None, None
 
@@ -168,9 +173,10 @@ def norm_linear(
 
     With `center_grad`, backward leaves weight.grad unset and fills `center_grad` instead (see module doc).
     `weight_inv_norms` ([C'], accumulate dtype, no grad): 1/||w|| when the caller keeps them up to date.
-    `out` ([N, C'], accumulate dtype): a reused buffer for the cosines; passing it also lets backward
-    overwrite the incoming gradient with G*r in place, so only pass it when that gradient is yours to
-    consume (the head's chain: cosines -> logits -> probabilities -> gradient, all in one buffer).
+    `out` ([N, C'], accumulate dtype): a reused buffer for the cosines, which the caller may overwrite after
+    forward; passing it also lets backward overwrite the incoming gradient with G*r in place, so only pass
+    it when that gradient is yours to consume (the head's chain: cosines -> logits -> probabilities ->
+    gradient, all in one buffer). Without `center_grad`, backward then recomputes the cosines for dW.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
