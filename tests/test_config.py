@@ -147,3 +147,14 @@ def test_every_choice_is_checked_where_it_is_declared(tmp_path, shard_dir):
         with pytest.raises(ConfigError) as e:
             load_config(write(tmp_path, base(shard_dir)), [f"{key}=bogus"])
         assert key in str(e.value) and all(a in str(e.value) for a in allowed)
+
+
+@pytest.mark.parametrize("key", ["gradient_accumulation_steps", "gradient_predivide_factor",
+                                 "prescale_gradients", "train_batch_size", "gradient_allreduce_op"])
+def test_deepspeed_extra_keys_that_change_gradient_scaling_are_refused_by_name(tmp_path, shard_dir, key):
+    """The surrogate backward scales by W x grad_accumulation; extra keys that change DeepSpeed's batch or
+    averaging behind it are refused at load time, naming the key and the setting to use."""
+    with pytest.raises(ConfigError, match=rf"deepspeed\.extra\.{key}"):
+        load_config(write(tmp_path, base(shard_dir)), [f"deepspeed.extra.{key}=2"])
+    cfg = load_config(write(tmp_path, base(shard_dir)), ["deepspeed.extra.steps_per_print=5"])
+    assert deepspeed_json(cfg, 1, "fp32")["steps_per_print"] == 5  # other expert knobs still pass through

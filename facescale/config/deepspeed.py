@@ -6,6 +6,22 @@ import copy
 
 from facescale.config.schema import Config
 
+# keys of deepspeed.extra that would change the batch or the gradient scaling behind the decoupled backward's
+# W x GAS surrogate factor (facescale/train/step.py), with what to set instead
+RESERVED_EXTRA_KEYS = {
+    "train_batch_size": "set schedule.global_batch_size",
+    "train_micro_batch_size_per_gpu": "set schedule.global_batch_size (micro batch = global / (W x GAS))",
+    "gradient_accumulation_steps": "set schedule.grad_accumulation",
+    "gradient_predivide_factor": "facescale's surrogate assumes DeepSpeed's plain mean over ranks",
+    "prescale_gradients": "facescale's surrogate assumes DeepSpeed's plain mean over ranks",
+    "gradient_allreduce_op": "facescale's surrogate assumes DeepSpeed's plain mean over ranks",
+}
+
+
+def reserved_extra_keys(extra: dict) -> list[str]:
+    """The keys of `extra` facescale sets itself or whose effect on gradient scaling it cannot follow."""
+    return [key for key in extra if key in RESERVED_EXTRA_KEYS]
+
 
 def micro_batch_size(cfg: Config, world_size: int) -> int:
     """Samples per rank per forward pass."""
@@ -48,4 +64,6 @@ def deepspeed_json(cfg: Config, world_size: int, precision: str) -> dict:
             "hysteresis": 2,
             "min_loss_scale": 1,
         }
+    for key in reserved_extra_keys(cfg.deepspeed.extra):
+        raise ValueError(f"deepspeed.extra.{key}: not settable here; {RESERVED_EXTRA_KEYS[key]}")
     return _merge(ds, cfg.deepspeed.extra)

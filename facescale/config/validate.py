@@ -7,6 +7,7 @@ import importlib.util
 import typing
 from pathlib import Path
 
+from facescale.config.deepspeed import RESERVED_EXTRA_KEYS, reserved_extra_keys
 from facescale.config.errors import ConfigError, check, suggest
 from facescale.config.schema import Config
 from facescale.modes.registry import UnknownModeError, get_mode
@@ -149,6 +150,9 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
             f"{max(per_step, sch.global_batch_size // per_step * per_step)}",
         )
 
+    for key in reserved_extra_keys(cfg.deepspeed.extra):
+        check(False, source, f"deepspeed.extra.{key}", "changes the batch or gradient scaling behind "
+              f"facescale's surrogate backward; {RESERVED_EXTRA_KEYS[key]}")
     check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     check(cfg.checkpoint.keep_last >= 1, source, "checkpoint.keep_last", "must be >= 1")
     check(
