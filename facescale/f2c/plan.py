@@ -73,8 +73,8 @@ class F2CPlan:
             out["loss counts + sums"] = passes * (ring_all_gather(w * 2 * I64, w) + ring_all_reduce(2 * 8, w))
             return out
         views = 2
-        out["probe all-gather + grad reduce-scatter"] = passes * 2 * ring_all_gather(w * n * d * F32, w)
-        out["probe label all-gather + pooled flags"] = passes * (
+        out["probe gather + grad scatter"] = passes * 2 * ring_all_gather(w * n * d * F32, w)
+        out["probe labels + pooled flags"] = passes * (
             ring_all_gather(w * n * I64, w) + ring_all_reduce(w * n * 4, w))
         out["softmax + top-K (bound)"] = passes * views * (
             ring_all_reduce(w * n * F32, w) + ring_all_reduce(2 * w * n * F32, w)
