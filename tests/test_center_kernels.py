@@ -12,7 +12,7 @@ from facescale.heads.center_optimizer import RESIDUAL, CenterOptimizer
 from facescale.heads.margins import build_margin
 from facescale.heads.native import center_kernels
 from facescale.heads.partial_fc import PartialFCHead
-from facescale.plan import head_shard
+from facescale.partial_fc.plan import head_shard
 
 needs_kernels = pytest.mark.skipif(center_kernels() is None, reason="no C++ compiler: the fused path is off")
 ROWS, DIM = 37, 24

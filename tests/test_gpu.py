@@ -150,6 +150,8 @@ def test_deepspeed_step_on_one_nccl_rank():
     from facescale.config.deepspeed import deepspeed_json
     from facescale.config.schema import Config
     from facescale.models.registry import build_backbone
+    from facescale.modes import StepContext
+    from facescale.partial_fc.mode import PartialFCRun
     from facescale.train.step import train_step
     from facescale.train.trainer import build_backbone_optimizer
 
@@ -161,8 +163,9 @@ def test_deepspeed_step_on_one_nccl_rank():
                                       optimizer=build_backbone_optimizer(cfg, backbone.parameters()))
     head = build_head(HeadConfig(sample_rate=0.1), C, D, seed=3, device="cuda")
     images, labels = torch.randn(B, 3, 112, 112, device="cuda"), torch.randint(0, C, (B,), device="cuda")
-    losses = [train_step(engine, head, iter([(images, labels)]), s, 0.05, 0.05, 1, 1, lambda: 0.0).loss
-              for s in range(5)]
+    run = PartialFCRun(head, None)
+    contexts = [StepContext(engine, s, 0.05, 0.05, 1, 1, lambda: 0.0) for s in range(5)]
+    losses = [train_step(run, iter([(images, labels)]), ctx).loss for ctx in contexts]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
@@ -191,7 +194,7 @@ def test_dali_mixed_decode_matches_cpu_decode(tmp_path):
 
 
 def test_head_step_peak_memory_within_15_percent_of_the_plan():
-    from facescale.plan.head import head_shard, head_step_bytes
+    from facescale.partial_fc.plan import head_shard, head_step_bytes
 
     classes, batch, dim = 1_000_000, 512, 512
     cfg = HeadConfig(sample_rate=0.1)
