@@ -102,9 +102,9 @@ def test_micro_steps_of_one_step_draw_independent_negatives_and_a_resume_draws_t
     def draws(micro_steps: int) -> list[set[int]]:
         head = build_head(HeadConfig(sample_rate=0.1), 1000, 8, seed=5)
         out = []
-        for _ in range(micro_steps):
+        for micro in range(micro_steps):
             emb = torch.randn(4, 8, requires_grad=True)
-            loss, _ = head(emb, labels, 7)
+            loss, _ = head(emb, labels, 7, micro)
             loss.backward()
             out.append(set(head.last_sampled_classes.tolist()) - set(labels.tolist()))
         return out

@@ -122,9 +122,10 @@ class PartialFCHead(torch.nn.Module):
         self.last_forward_ms = self.last_backward_ms = self.last_optimizer_ms = self.last_step_ms = 0.0
 
     def forward(
-        self, local_embeddings: Tensor, local_labels: Tensor, step: int
+        self, local_embeddings: Tensor, local_labels: Tensor, step: int, micro: int = 0
     ) -> tuple[Tensor, dict[str, Any]]:
-        """Global mean margin softmax loss (same on every rank) and stats for this step's sample."""
+        """Global mean margin softmax loss (same on every rank) and stats for this step's sample; `micro`, the
+        micro-step within a gradient-accumulation step, gives each micro-step its own negatives."""
         if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings must be [B, {self.embedding_size}], got {tuple(local_embeddings.shape)}"
@@ -144,8 +145,7 @@ class PartialFCHead(torch.nn.Module):
         embeddings = all_gather_rows_with_grad(local, self.group)
         global_labels = all_gather_rows(labels, self.group)
 
-        # micro-step index within this optimizer step: forwards since the last optimizer_step
-        generator = sampling_generator(self.seed, self.rank, step, device, micro=len(self._pending))
+        generator = sampling_generator(self.seed, self.rank, step, device, micro=micro)
         sample = sample_centers(global_labels, self.start, self.count, self.num_sample, generator)
         inv_norms = self._center_inv_norms()
         # the first forward after an optimizer step may reuse last step's big buffers (nothing refers to them)

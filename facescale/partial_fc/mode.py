@@ -27,7 +27,7 @@ class PartialFCRun(ModeRun):
         embeddings = ctx.engine(images)
         detached = detached_leaf(embeddings)
         t0 = ctx.clock()
-        loss, stats = self.head(detached, labels, ctx.step)
+        loss, stats = self.head(detached, labels, ctx.step, ctx.micro)
         return MicroOutput(loss, [(embeddings, detached)], stats, ctx.clock() - t0)
 
     def finish_step(self, ctx: StepContext, skipped: bool) -> None:
