@@ -89,3 +89,14 @@ def test_no_package_named_like_build_output() -> None:
     """`dist/`, `build/` are what packaging tools write and ignore files drop."""
     names = {p.name for p in (ROOT / "facescale").iterdir() if p.is_dir()}
     assert not names & {"dist", "build", "out"}
+
+
+def test_the_mode_independent_core_imports_no_mode():
+    """Trainer, step skeleton, checkpoint manager/reshard, validation and plan reach a training mode only
+    through the registry (`facescale.modes`), never by importing Partial FC's or F2C's packages."""
+    graph = import_graph()
+    core = [m for m in graph if m.startswith(("facescale.train", "facescale.checkpoint", "facescale.plan"))]
+    core += ["facescale.config.validate", "facescale.modes.registry", "facescale.modes.base"]
+    modes = ("facescale.f2c", "facescale.partial_fc", "facescale.heads")
+    for module in core:
+        assert not [m for m in graph[module] if m.startswith(modes)], module
