@@ -2,8 +2,8 @@
 
 The size of one checkpoint comes from the `plan` module (parameter counts from the real layer definitions,
 center rows from the class partition), so the warning appears before hours of training, not at the first
-save. F2C runs are sized like Partial FC ones (all class rows and their optimizer state), which bounds the
-pool and G-Net copy they save from above for the usual queue sizes.
+save. The head's share is the training mode's own plan at world 1 (all center rows and their optimizer
+state for Partial FC; the pool and G-Net copy for F2C).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from facescale.config.schema import Config
 
 def checkpoint_bytes(cfg: Config, num_classes: int, world: int) -> int:
     """Approximate bytes of one step directory of this run at `world` ranks (all files, all ranks)."""
-    from facescale.plan import backbone_stats, head_shard
+    from facescale.modes.registry import get_mode
+    from facescale.plan import DataSize, backbone_stats
     from facescale.plan.zero import zero_memory
 
     precision = "bf16" if cfg.deepspeed.precision == "auto" else cfg.deepspeed.precision
@@ -27,8 +28,10 @@ def checkpoint_bytes(cfg: Config, num_classes: int, world: int) -> int:
                         cfg.optim.momentum, stats.trainable)
     consolidated = 4 * stats.num_params + whole.optimizer  # backbone.pt + backbone_optim.pt
     deepspeed_files = whole.params + whole.master + whole.optimizer
-    head = head_shard(cfg.head, num_classes, cfg.model.embedding_size, 1, 0)  # every row of every shard
-    return consolidated + deepspeed_files + head.centers_bytes + head.optimizer_bytes
+    micro = max(1, cfg.schedule.global_batch_size // cfg.schedule.grad_accumulation)
+    # the training mode's state at world 1: every row of every shard (Partial FC), pool + G-Net (F2C)
+    head = get_mode(cfg.head.type).plan(cfg, DataSize(num_classes), 1, micro, stats)
+    return consolidated + deepspeed_files + sum(head.memory.values())
 
 
 def warn_if_short_of_space(cfg: Config, run_dir: Path, num_classes: int, world: int, metrics) -> None:
