@@ -109,11 +109,13 @@ def timed_collectives(clock: PhaseClock):
 class FacescaleCase:
     """A real Trainer (engine, loader, step function) with a head of `classes` centers."""
 
-    def __init__(self, cfg, env, runtime, classes: int) -> None:
+    def __init__(self, cfg, env, classes: int) -> None:
         from facescale.heads import build_head
+        from facescale.runtime import select_runtime
         from facescale.train.trainer import Trainer
 
-        self.trainer = Trainer(cfg, env, runtime)
+        # as facescale/train/run.py does: the engine's precision is the runtime's, resolved from the config
+        self.trainer = Trainer(cfg, env, select_runtime(env.local_rank, cfg.deepspeed.precision))
         head = build_head(cfg.head, classes, cfg.model.embedding_size, seed=cfg.schedule.seed)
         self.trainer.head = self.trainer.mode.head = head
         self.batches = self.trainer._batches()
@@ -254,7 +256,7 @@ def _group(args, data_dir: str, model: str, classes: int, env, runtime, work: Pa
     for name, precision, compile_ in specs:
         run_dir = work / f"{model}_{classes}_{name.replace(' ', '_')}"
         cases[name] = FacescaleCase(_config(args, data_dir, model, precision, compile_, str(run_dir)),
-                                    env, runtime, classes)
+                                    env, classes)
     first = cases["facescale fp32"]
     batches = first.take_batches(args.memory_batches)
     cfg = first.trainer.cfg
