@@ -60,6 +60,10 @@ def _train(rank: int, world: int, load: str | None, save: str, first: int, save_
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
+    from facescale.deepspeed_ops import skip_unused_ops
+
+    skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op (minutes on a fresh venv)
+
     from facescale.checkpoint import CheckpointManager
     from facescale.config.deepspeed import deepspeed_json
     from facescale.heads import build_head

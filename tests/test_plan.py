@@ -51,6 +51,10 @@ def _real_engine_memory(rank: int, world: int, stage: int) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
+    from facescale.deepspeed_ops import skip_unused_ops
+
+    skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op (minutes on a fresh venv)
+
     from facescale.config.deepspeed import deepspeed_json
     from facescale.models.registry import build_backbone
     from facescale.train.trainer import build_backbone_optimizer

@@ -29,6 +29,10 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
+    from facescale.deepspeed_ops import skip_unused_ops
+
+    skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op (minutes on a fresh venv)
+
     from facescale.checkpoint.manager import consolidated_backbone_state
     from facescale.config.deepspeed import deepspeed_json
     from facescale.heads import build_head
