@@ -54,7 +54,9 @@ def deepspeed_json(cfg: Config, world_size: int, precision: str) -> dict:
         "checkpoint": {"tag_validation": "Fail"},
     }
     if precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # no "lower-precision-safe" modules: DeepSpeed would otherwise reduce Linear/Conv gradients in bf16
+        # (a bucket per dtype plus casts); they are reduced in fp32, as DDP under autocast does
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     elif precision == "fp16":
         ds["fp16"] = {
             "enabled": True,
