@@ -38,6 +38,10 @@ def _parts(rank: int, world: int):
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
+    from facescale.deepspeed_ops import skip_unused_ops
+
+    skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op (minutes on a fresh venv)
+
     from facescale.config.schema import HeadConfig
     from facescale.heads import build_head
 

@@ -186,6 +186,10 @@ def _save_load_stage(rank: int, world: int, root: str, stage: int, optimizer: st
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
+    from facescale.deepspeed_ops import skip_unused_ops
+
+    skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op (minutes on a fresh venv)
+
     from facescale.checkpoint import CheckpointManager
     from facescale.config.schema import HeadConfig
     from facescale.heads import build_head
