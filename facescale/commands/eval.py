@@ -4,8 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from facescale.commands.model_source import add_model_source_args
+
+
+@contextmanager
+def _eval_ranks(args: argparse.Namespace, command: str) -> Iterator[tuple]:
+    """The launch's ranks (one process group when several), the device, and the model on it: (env, runtime,
+    model, image_size); the group is shut down on the way out."""
+    from facescale.commands.model_source import load_model_source
+    from facescale.parallel.init import init_distributed, shutdown_distributed
+    from facescale.runtime import select_runtime
+    from launcher.env import resolve_dist_env
+
+    env = resolve_dist_env()
+    runtime = select_runtime(env.local_rank)
+    if env.world_size > 1:
+        init_distributed(env, runtime)
+    try:
+        model, image_size = load_model_source(args, command)
+        yield env, runtime, model.to(runtime.device), image_size
+    finally:
+        shutdown_distributed()
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -14,21 +36,11 @@ def _verify(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from facescale.commands.model_source import load_model_source
     from facescale.eval.extract import evaluate_bin, load_bin_checked
-    from facescale.parallel.init import init_distributed, shutdown_distributed
-    from facescale.runtime import select_runtime
-    from launcher.env import resolve_dist_env
 
     for path in args.bin:  # a bad set is named before the model is loaded and the extraction starts
         load_bin_checked(path)
-    env = resolve_dist_env()
-    runtime = select_runtime(env.local_rank)
-    if env.world_size > 1:
-        init_distributed(env, runtime)
-    try:
-        model, image_size = load_model_source(args, "eval verify")
-        model.to(runtime.device)
+    with _eval_ranks(args, "eval verify") as (env, runtime, model, image_size):
         for path in args.bin:
             res = evaluate_bin(model, path, batch_size=args.batch_size, device=runtime.device, rank=env.rank,
                                world_size=env.world_size, image_size=image_size,
@@ -42,28 +54,16 @@ def _verify(args: argparse.Namespace) -> int:
                 res["roc_image"] = str(out / f"{res['name']}_roc.png")
                 Image.fromarray(roc).save(res["roc_image"])
             print(json.dumps({"bin": path, **res}, default=str))
-    finally:
-        shutdown_distributed()
     return 0
 
 
 def _ijb(args: argparse.Namespace) -> int:
     """IJB-B/C on the release layout; extraction split across ranks (torchrun/srun), rank 0 reports."""
-    from facescale.commands.model_source import load_model_source
     from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
     from facescale.eval.ijb_extract import default_workers
     from facescale.eval.ijb_protocol import IJBMode
-    from facescale.parallel.init import init_distributed, shutdown_distributed
-    from facescale.runtime import select_runtime
-    from launcher.env import resolve_dist_env
 
-    env = resolve_dist_env()
-    runtime = select_runtime(env.local_rank)
-    if env.world_size > 1:
-        init_distributed(env, runtime)
-    try:
-        model, image_size = load_model_source(args, "eval ijb")
-        model.to(runtime.device)
+    with _eval_ranks(args, "eval ijb") as (env, runtime, model, image_size):
         mode = IJBMode(flip=args.flip, norm_score=args.norm_score, detector_score=args.detector_score)
         workers = default_workers(env.local_world_size) if args.workers is None else args.workers
         res = evaluate_ijb(model, args.root, name=args.name, mode=mode, batch_size=args.batch_size,
@@ -74,8 +74,6 @@ def _ijb(args: argparse.Namespace) -> int:
             print(table_text(res))
             summary = {k: v for k, v in res.items() if k not in ("scores", "labels")}
             print(json.dumps({"root": args.root, **summary, **paths}, default=str))
-    finally:
-        shutdown_distributed()
     return 0
 
 
