@@ -109,7 +109,7 @@ def timed_collectives(clock: PhaseClock):
 class FacescaleCase:
     """A real Trainer (engine, loader, step function) with a head of `classes` centers."""
 
-    def __init__(self, cfg, env, classes: int) -> None:
+    def __init__(self, cfg, env, classes: int, batches: list | None = None) -> None:
         from facescale.heads import build_head
         from facescale.runtime import select_runtime
         from facescale.train.trainer import Trainer
@@ -118,7 +118,7 @@ class FacescaleCase:
         self.trainer = Trainer(cfg, env, select_runtime(env.local_rank, cfg.deepspeed.precision))
         head = build_head(cfg.head, classes, cfg.model.embedding_size, seed=cfg.schedule.seed)
         self.trainer.head = self.trainer.mode.head = head
-        self.batches = self.trainer._batches()
+        self.batches = self.trainer._batches() if batches is None else itertools.cycle(batches)
         self.step_index = 0
 
     def step(self, clock: PhaseClock | None = None) -> None:
@@ -231,11 +231,12 @@ def _allreduce_hook(case: PlainCase, bucket):
 # -------------------------------------------------------------------------------------------- one rank
 
 
-def _config(args, data_dir: str, model: str, precision: str, compile_: bool, run_dir: str):
+def _config(args, data_dir: str, model: str, precision: str, compile_: bool, run_dir: str, sets: list):
     from facescale.config.load import load_config
 
     batch = args.batch_r18 if model.startswith("r") else args.batch_demo
     sets = [
+        *args.set, *sets,
         f"data.shards={data_dir}", "eval.bins=[]", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
         "checkpoint.resume=none", f"model.name={model}", f"deepspeed.precision={precision}",
         f"schedule.global_batch_size={batch * args.ranks}", "schedule.warmup_steps=0",
@@ -250,16 +251,24 @@ def _group(args, data_dir: str, model: str, classes: int, env, runtime, work: Pa
 
     auto = resolve_precision("auto", runtime.device)
     cases: dict[str, object] = {}
-    specs = [("facescale fp32", "fp32", False), ("facescale auto", "auto", False)]
+    # (name, precision, compile, batches from the real loader): the others cycle the plain loop's batches from
+    # memory, so their difference to the plain loop is the engine, the surrogate backward and the hand-off
+    # (and extra settings: ZeRO-1, as the big recipes use, against the config's stage)
+    specs = [("facescale fp32", "fp32", False, False, []), ("facescale auto", "auto", False, False, []),
+             ("facescale auto + loader", "auto", False, True, []),
+             ("facescale auto ZeRO-1", "auto", False, False, ["deepspeed.zero_stage=1"])]
     if model in args.compile:
-        specs.append(("facescale compile", "auto", True))
-    for name, precision, compile_ in specs:
-        run_dir = work / f"{model}_{classes}_{name.replace(' ', '_')}"
-        cases[name] = FacescaleCase(_config(args, data_dir, model, precision, compile_, str(run_dir)),
-                                    env, classes)
-    first = cases["facescale fp32"]
-    batches = first.take_batches(args.memory_batches)
-    cfg = first.trainer.cfg
+        specs.append(("facescale compile", "auto", True, False, []))
+    batches: list | None = None
+    for name, precision, compile_, loader, sets in specs:
+        run_dir = work / f"{model}_{classes}_{name.replace(' ', '_').replace('+', 'and')}"
+        cfg = _config(args, data_dir, model, precision, compile_, str(run_dir), sets)
+        case = FacescaleCase(cfg, env, classes, None if loader else batches)
+        if batches is None:  # the first case: its loader's first batches are everyone's in-memory batches
+            batches = case.take_batches(args.memory_batches)
+            case.batches = itertools.cycle(batches)
+        cases[name] = case
+    cfg = cases["facescale fp32"].trainer.cfg
     cases["plain fp32"] = PlainCase(cfg, classes, batches, bf16=False)
     if auto == "bf16":
         cases["plain bf16"] = PlainCase(cfg, classes, batches, bf16=True)
@@ -349,6 +358,9 @@ def summarize(groups: list[dict]) -> list[dict]:
             "overhead_fp32": ratio("facescale fp32", "plain fp32") - 1,
             "overhead_auto": ratio("facescale auto", plain_auto) - 1,
             "speedup_auto_vs_plain_fp32": ratio("plain fp32", "facescale auto"),
+            "overhead_auto_loader": ratio("facescale auto + loader", plain_auto) - 1,
+            "speedup_auto_loader_vs_plain_fp32": ratio("plain fp32", "facescale auto + loader"),
+            "overhead_auto_zero1": ratio("facescale auto ZeRO-1", plain_auto) - 1,
         }
         if "facescale compile" in med:
             row["speedup_compile_vs_plain_fp32"] = ratio("plain fp32", "facescale compile")
@@ -371,8 +383,9 @@ def markdown(result: dict) -> str:
         "",
         "| backbone | C | micro-batch | plain fp32 ms | plain bf16 ms | facescale fp32 ms "
         "| facescale auto ms | overhead fp32 | overhead auto | auto vs plain fp32 "
+        "| with loader: auto ms / overhead / x plain fp32 | ZeRO-1: auto ms / overhead "
         "| compile: step ms / x plain fp32 / compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g, row in zip(result["groups"], result["summary"], strict=True):
         med = row["median_s"]
@@ -388,7 +401,9 @@ def markdown(result: dict) -> str:
             f"| {g['model']} | {g['classes']:,} | {g['micro_batch']} | {ms('plain fp32')} "
             f"| {ms('plain bf16')} | {ms('facescale fp32')} | {ms('facescale auto')} "
             f"| {100 * row['overhead_fp32']:+.1f}% | {100 * row['overhead_auto']:+.1f}% "
-            f"| {row['speedup_auto_vs_plain_fp32']:.2f}x | {comp} |"
+            f"| {row['speedup_auto_vs_plain_fp32']:.2f}x | {ms('facescale auto + loader')} / "
+            f"{100 * row['overhead_auto_loader']:+.1f}% / {row['speedup_auto_loader_vs_plain_fp32']:.2f}x "
+            f"| {ms('facescale auto ZeRO-1')} / {100 * row['overhead_auto_zero1']:+.1f}% | {comp} |"
         )
     lines += ["", "## Where the time goes (ms per step, instrumented steps, rank 0)", "",
               "| backbone | C | case | " + " | ".join(PHASES) + " | total |",
@@ -402,7 +417,11 @@ def markdown(result: dict) -> str:
         "Ratios are medians of per-round ratios. overhead fp32 = facescale fp32 / plain fp32 - 1; overhead "
         "auto = facescale auto / plain loop at the same precision - 1 (target <= +5%). auto vs plain fp32 = "
         "the arcface_torch-style eager fp32 step / facescale's default step (target >= 1.2x). Compile s = "
-        "first compiled step - its median step (less when torch's compile caches are warm).",
+        "first compiled step - its median step (less when torch's compile caches are warm). The facescale "
+        "cases cycle the plain loop's batches from memory, so their overhead is the engine's, the surrogate "
+        "backward's and the hand-off's; `with loader` is the default step reading the shards through its "
+        "loader (on a 2-core machine its decode workers share the cores with the step); `ZeRO-1` is the "
+        "default step with deepspeed.zero_stage=1 instead of the config's stage.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -422,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-batches", type=int, default=4, help="batches the plain loop cycles from memory")
     p.add_argument("--compile", nargs="*", default=[], metavar="MODEL", help="also time model.compile: true")
     p.add_argument("--data", default=None, help="shard directory (default: synthesized into a temp dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for the facescale cases (e.g. deepspeed.zero_stage=0)")
     p.add_argument("--note", default="", help="free text for the report (e.g. 'measured under load')")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)

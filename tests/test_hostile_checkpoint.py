@@ -76,7 +76,8 @@ def _train(data: Path, run_dir: Path, steps: int, resume: str = "none", init_fro
     """`facescale train` in a process of its own (DeepSpeed keeps process-wide state); its stderr."""
     overrides = [f"data.shards={data}", "eval.bins=[]", f"logging.run_dir={run_dir}",
                  f"schedule.steps={steps}", "schedule.warmup_steps=0", "schedule.global_batch_size=8",
-                 "data.num_workers=0", f"checkpoint.resume={resume}", "checkpoint.every_steps=0"]
+                 "data.num_workers=0", f"checkpoint.resume={resume}", "checkpoint.every_steps=0",
+                 "deepspeed.zero_stage=1"]  # ZeRO-1 writes the optimizer-state file READERS lists
     overrides += [f"model.init_from={init_from}"] if init_from else []
     cmd = [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml"]
     for override in overrides:

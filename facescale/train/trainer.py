@@ -51,6 +51,24 @@ def build_backbone_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
 
 
+def keep_clip_norm(engine) -> None:
+    """Make ZeRO stage 0 report its gradient norm like stages 1-3 do (`engine.get_global_grad_norm()`).
+
+    Stage 0 clips with DeepSpeed's clip_grad_norm_, which returns the global norm, but the engine drops it;
+    this keeps it, so train/grad_norm is logged whatever the stage (no extra pass over the gradients)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    if engine.zero_optimization_stage() != 0:
+        return
+
+    def clip_and_keep() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+
+    engine.clip_fp32_gradients = clip_and_keep
+
+
 class Trainer:
     """Owns the engine (backbone), the class-center head, the loader, metrics and checkpoints of one run."""
 
@@ -79,6 +97,7 @@ class Trainer:
         with jit_lock_watchdog():  # a JIT op build's lock is waited on with a limit and a message
             optimizer = build_backbone_optimizer(cfg, backbone.parameters())
             self.engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
+        keep_clip_norm(self.engine)
 
         self.micro_batch = micro_batch_size(cfg, env.world_size)
         self.mode = get_mode(cfg.head.type).build(
