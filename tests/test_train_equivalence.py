@@ -20,7 +20,7 @@ def _config(world: int, stage: int, sample_rate: float):
     cfg.model.name, cfg.model.embedding_size, cfg.model.norm = "demo", EMB, "group"
     cfg.schedule.global_batch_size = GLOBAL_BATCH
     cfg.deepspeed.zero_stage = stage
-    cfg.optim.grad_clip = 0.0
+    cfg.optim.grad_clip = 1e6  # never binds, but makes every stage compute the global gradient norm
     cfg.head.sample_rate = sample_rate
     return cfg
 
@@ -40,7 +40,7 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
     from facescale.modes import StepContext
     from facescale.partial_fc.mode import PartialFCRun
     from facescale.train.step import train_step
-    from facescale.train.trainer import build_backbone_optimizer
+    from facescale.train.trainer import build_backbone_optimizer, keep_clip_norm
 
     cfg = _config(world, stage, 1.0)
     torch.manual_seed(0)
@@ -55,12 +55,14 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
         optimizer=build_backbone_optimizer(cfg, backbone.parameters()),
         config=deepspeed_json(cfg, world, "fp32"),
     )
+    keep_clip_norm(engine)
     head = build_head(cfg.head, NUM_CLASSES, EMB, seed=3)
     ctx = StepContext(engine, 0, 0.1, 0.1, world, 1, lambda: 0.0)
     out = train_step(PartialFCRun(head, None), iter([batch]), ctx)
     state = head.state_dict()
     return {
         "loss": out.loss,
+        "grad_norm": out.grad_norm,
         "backbone": consolidated_backbone_state(engine),
         "centers": state["centers"].float().clone(),
         "start": int(state["meta"]["start"]),
@@ -78,6 +80,10 @@ def test_w2_step_equals_w1_step_for_every_zero_stage():
     for i, stage in enumerate(STAGES):
         ref, parts = single[i], [r[i] for r in double]
         assert parts[0]["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"stage {stage} loss"
+        # stage 0's norm (DeepSpeed's clip, kept by keep_clip_norm) against the ZeRO optimizers' own
+        assert ref["grad_norm"] is not None and parts[0]["grad_norm"] is not None, f"stage {stage} norm"
+        assert parts[0]["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-4), f"stage {stage}"
+        assert ref["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-4), f"stage {stage}"
         for name, value in ref["backbone"].items():
             torch.testing.assert_close(
                 parts[0]["backbone"][name],

@@ -20,7 +20,8 @@ PREFIX = "facescale/rank"
 REPORT_WINDOW_S = 5.0
 COLLECTIVE_FAILURE_EXIT_CODE = 1
 _MARKERS = ("gloo", "NCCL", "nccl", "Connection reset", "Connection closed", "timed out", "Timed out",
-            "ProcessGroup", "Broken pipe")
+            "ProcessGroup", "Broken pipe", "Application timeout caused pair closure")  # the last: gloo's
+# all_reduce when its peer hangs past the timeout
 
 
 _JOB: dict = {}  # store, rank, world of the group this process joined; kept after the group is torn down
