@@ -152,46 +152,6 @@ def test_fused_head_step_equals_the_torch_path(dtype, update, monkeypatch) -> No
     )
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("update", ["dense", "sparse"])
-def test_reading_the_gathered_rows_changes_no_bit(dtype, update, monkeypatch) -> None:
-    """The kernel reads the sampled rows from the forward's contiguous copy instead of the shard: the same
-    values, so the same bits; and the copy really is read (a poisoned copy changes the result)."""
-    from facescale.heads.center_optimizer import CenterOptimizer
-
-    original = CenterOptimizer._gathered_rows
-    seen: list[bool] = []
-
-    def train(variant: str) -> PartialFCHead:
-        def rows(centers, grad, index):
-            found = original(centers, grad, index)
-            seen.append(found is not None)
-            if variant == "shard" or found is None:
-                return None
-            return found.clone().mul_(2.0) if variant == "poisoned" else found
-
-        monkeypatch.setattr(CenterOptimizer, "_gathered_rows", staticmethod(rows))
-        head = PartialFCHead(
-            700, 32, build_margin(MarginConfig()), seed=2, sample_rate=0.2, update=update, storage_dtype=dtype
-        )
-        head.center_optimizer.block_rows = 48
-        gen = torch.Generator().manual_seed(5)
-        for step in range(3):
-            x, y = torch.randn(12, 32, generator=gen).to(dtype), torch.randint(0, 700, (12,), generator=gen)
-            loss, _ = head(x.requires_grad_(), y, step)
-            loss.backward()
-            head.optimizer_step(0.5)
-        return head
-
-    copy, shard, poisoned = train("copy"), train("shard"), train("poisoned")
-    assert all(seen)
-    assert torch.equal(copy.centers, shard.centers)
-    for name, value in copy.center_optimizer.state_tensors().items():
-        assert torch.equal(value, shard.center_optimizer.state_tensors()[name]), name
-    assert not torch.equal(poisoned.centers, shard.centers)
-
-
 def test_old_bf16_checkpoints_load_with_a_zero_residual() -> None:
     opt = CenterOptimizer(ROWS, DIM, state_dtype=torch.bfloat16)
     opt.state_tensors()[RESIDUAL].fill_(1.0)

@@ -181,7 +181,6 @@ class CenterOptimizer(torch.nn.Module):
         dense = self.mode == "dense" and index is not None
         if index is not None:
             index = index.to(torch.int64).contiguous()
-        current = self._gathered_rows(centers, grad, index)
         for lo in range(0, max(total, 1), self.block_rows):
             hi = min(lo + self.block_rows, total)
             block, proj = self._block_gradient(grad, lo, hi)
@@ -200,23 +199,11 @@ class CenterOptimizer(torch.nn.Module):
                 residual=state.get(RESIDUAL),
                 momentum=state.get("momentum_buffer"),
                 inv_norms=inv_norms,
-                current=None if current is None else current[lo:hi],
                 lr=lr,
                 mu=self.momentum,
                 wd=self.weight_decay,
                 eps=_NORM_EPS,
             )
-
-    @staticmethod
-    def _gathered_rows(centers: Tensor, grad: Tensor | CenterGrad, index: Tensor | None) -> Tensor | None:
-        """The forward's contiguous copy of the sampled rows (`centers[index]`, nothing has written them
-        since), which the kernel reads instead of the scattered shard rows; None when there is none."""
-        rows = grad.weight if isinstance(grad, CenterGrad) else None
-        if index is None or rows is None or rows.dtype != centers.dtype or not rows.is_contiguous():
-            return None
-        if tuple(rows.shape) != (len(index), centers.shape[1]) or rows.data_ptr() == centers.data_ptr():
-            return None
-        return rows
 
     def _block_gradient(self, grad: Tensor | CenterGrad, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
         """Rows [lo, hi) as (tensor, None), or a CenterGrad's product P = (G*r).t() @ x-hat for them and the

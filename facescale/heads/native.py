@@ -64,7 +64,7 @@ class CenterKernels:
         self._sgd = library.facescale_center_sgd
         self._sgd.restype = ctypes.c_int
         self._sgd.argtypes = [_I64, _I64, _P, _I64, _P, _I32, _P, _I64, _I64, _P, _I32, _P, _P, _I32, _P]
-        self._sgd.argtypes += [_F32, _F32, _F32, _F32, _I32, _P]
+        self._sgd.argtypes += [_F32, _F32, _F32, _F32, _I32]
         self._inv_norms = library.facescale_inv_norms
         self._inv_norms.restype = ctypes.c_int
         self._inv_norms.argtypes = [_P, _I32, _I64, _I64, _P, _F32, _I32]
@@ -89,14 +89,12 @@ class CenterKernels:
         residual: Tensor | None = None,
         momentum: Tensor | None = None,
         inv_norms: Tensor | None = None,
-        current: Tensor | None = None,
         lr: float,
         mu: float,
         wd: float,
         eps: float,
     ) -> None:
-        """One fused update (see the .cpp header); every tensor contiguous on the CPU. `current`: the gradient
-        rows' current values (like `centers[rows]`, same dtype), read instead of the scattered shard rows."""
+        """One fused update (see the .cpp header); every tensor contiguous on the CPU."""
         status = self._sgd(
             centers.shape[1],
             grad.shape[0],
@@ -118,7 +116,6 @@ class CenterKernels:
             wd,
             eps,
             torch.get_num_threads(),
-            _ptr(current),
         )
         if status:
             raise RuntimeError(

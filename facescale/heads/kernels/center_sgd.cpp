@@ -7,9 +7,6 @@
 //   m  = mu m + wd w + g ;  w -= lr m      (torch.optim.SGD; mu = 0: w = w - lr (g + wd w))
 //   inv_norm[row] = 1 / max(||stored w||, eps)
 // Dense calls also stream every other row of [row_begin, row_end) with g = 0 (ghost momentum/decay).
-// `current` (optional, [n_grad, dim] like the centers): the gradient rows' current values, contiguous (the
-// forward's gathered copy, still in cache): read there instead of at the scattered shard rows, which are then
-// only written (and the residual and momentum read).
 // Built and loaded by facescale/heads/native.py (plain C ABI, no torch headers: compiles in ~1 s).
 #include <algorithm>
 #include <cmath>
@@ -51,7 +48,6 @@ struct Args {
   int32_t momentum_bf16;
   float* inv_norms;       // [rows] or null
   float lr, mu, wd, eps;
-  const void* current;    // [n_grad, dim] current values of the gradient rows (centers' dtype), or null
 };
 
 // a . b with 16 lane sums and a fixed tree: vectorisable, and the same order for every caller and thread
@@ -76,8 +72,7 @@ inline float inv_norm(const float* w, int64_t d, float eps) { return 1.f / std::
 void update_row_f32(const Args& a, int64_t row, int64_t k, float* __restrict g) {
   const int64_t d = a.dim, off = row * d;
   const float lr = a.lr, mu = a.mu, wd = a.wd, decay = 1.f - a.lr * a.wd;
-  float* w = static_cast<float*>(a.centers) + off;  // v may be w itself: no __restrict on either
-  const float* v = (k >= 0 && a.current) ? static_cast<const float*>(a.current) + k * d : w;
+  float* __restrict w = static_cast<float*>(a.centers) + off;
   const float* p = nullptr;
   float coef = 0.f;
   if (k >= 0) {
@@ -88,15 +83,15 @@ void update_row_f32(const Args& a, int64_t row, int64_t k, float* __restrict g) 
     } else {
       p = static_cast<const float*>(a.grad) + k * d;
     }
-    if (a.proj_inv) coef = dot(v, p, d) * a.proj_inv[k] * a.proj_inv[k];
+    if (a.proj_inv) coef = dot(w, p, d) * a.proj_inv[k] * a.proj_inv[k];
   }
   if (a.momentum) {
     float* __restrict m = static_cast<float*>(a.momentum) + off;
     if (p) {
       for (int64_t j = 0; j < d; ++j) {
-        const float mj = mu * m[j] + wd * v[j] + (p[j] - coef * v[j]);
+        const float mj = mu * m[j] + wd * w[j] + (p[j] - coef * w[j]);
         m[j] = mj;
-        w[j] = v[j] - lr * mj;
+        w[j] -= lr * mj;
       }
     } else {
       for (int64_t j = 0; j < d; ++j) {
@@ -107,7 +102,7 @@ void update_row_f32(const Args& a, int64_t row, int64_t k, float* __restrict g) 
     }
   } else {
     if (p) {
-      for (int64_t j = 0; j < d; ++j) w[j] = v[j] * decay - lr * (p[j] - coef * v[j]);
+      for (int64_t j = 0; j < d; ++j) w[j] = w[j] * decay - lr * (p[j] - coef * w[j]);
     } else {
       for (int64_t j = 0; j < d; ++j) w[j] *= decay;
     }
@@ -124,9 +119,7 @@ void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w,
   uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
   uint16_t* __restrict lo = kResidual ? a.residual + off : nullptr;
   uint16_t* __restrict m = kMomentum ? static_cast<uint16_t*>(a.momentum) + off : nullptr;
-  const uint16_t* src =  // may be ch itself
-      (kGrad && a.current) ? static_cast<const uint16_t*>(a.current) + k * d : ch;
-  for (int64_t j = 0; j < d; ++j) w[j] = bf16_to_f32(src[j]);
+  for (int64_t j = 0; j < d; ++j) w[j] = bf16_to_f32(ch[j]);
   float coef = 0.f;
   if (kGrad) {
     if (a.grad_bf16) {
@@ -229,12 +222,12 @@ int facescale_center_sgd(
     int64_t dim, int64_t n_grad, const int64_t* rows, int64_t row_base, const void* grad, int32_t grad_bf16,
     const float* proj_inv, int64_t row_begin, int64_t row_end, void* centers, int32_t centers_bf16,
     uint16_t* residual, void* momentum, int32_t momentum_bf16, float* inv_norms, float lr, float mu, float wd,
-    float eps, int32_t threads, const void* current) {
+    float eps, int32_t threads) {
   if (dim <= 0 || dim > 65536) return 1;
   if (momentum && momentum_bf16 != centers_bf16) return 2;  // state is stored like the centers
   if (residual && !centers_bf16) return 2;
   const Args a{dim, n_grad, rows, row_base, grad, grad_bf16, proj_inv, row_begin, row_end, centers,
-               centers_bf16, residual, momentum, momentum_bf16, inv_norms, lr, mu, wd, eps, current};
+               centers_bf16, residual, momentum, momentum_bf16, inv_norms, lr, mu, wd, eps};
   const bool dense = row_end > row_begin;
   const int64_t work = dense ? row_end - row_begin : n_grad;
   int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, work / 64));
