@@ -18,6 +18,7 @@ from facescale.config.schema import Config
 from facescale.metrics.console import TrainConsole, run_logger, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.modes import StepContext, get_mode
+from facescale.parallel.grad_overlap import overlap_grad_reduce
 from facescale.runtime import Runtime
 from facescale.train.init_weights import init_backbone_from
 from facescale.train.schedule import lr_at
@@ -98,6 +99,7 @@ class Trainer:
             optimizer = build_backbone_optimizer(cfg, backbone.parameters())
             self.engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
         keep_clip_norm(self.engine)
+        overlap_grad_reduce(self.engine)  # stage 0: reduce gradient buckets while backward runs, as DDP
 
         self.micro_batch = micro_batch_size(cfg, env.world_size)
         self.mode = get_mode(cfg.head.type).build(

@@ -1,0 +1,114 @@
+"""ZeRO stage 0 with the overlapped gradient all-reduce equals DeepSpeed's own reduction, bit for bit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+
+GAS, MICRO, EMB = 2, 4, 16
+
+
+def _train(rank: int, world: int, overlap: bool, bucket_mb: float) -> dict:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    from facescale.config.deepspeed import deepspeed_json
+    from facescale.config.schema import Config
+    from facescale.deepspeed_ops import skip_unused_ops
+    from facescale.models.registry import build_backbone
+    from facescale.parallel.grad_overlap import overlap_grad_reduce
+    from facescale.train.trainer import build_backbone_optimizer
+
+    skip_unused_ops()
+    cfg = Config()
+    cfg.model.name, cfg.model.embedding_size, cfg.model.norm = "demo", EMB, "group"
+    cfg.schedule.global_batch_size, cfg.schedule.grad_accumulation = MICRO * world * GAS, GAS
+    cfg.deepspeed.zero_stage, cfg.optim.grad_clip = 0, 0.0
+    torch.manual_seed(1)
+    backbone = build_backbone(cfg.model)
+    optimizer = build_backbone_optimizer(cfg, backbone.parameters())
+    config = deepspeed_json(cfg, world, "fp32")
+    engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
+    attached = overlap_grad_reduce(engine, bucket_mb) if overlap else None
+    launched_in_backward: list[int] = []  # buckets already sent when DeepSpeed reaches its reduction point
+    if attached is not None:
+        finish = attached.finish
+
+        def recording_finish(*args, **kwargs) -> None:
+            if engine.is_gradient_accumulation_boundary():
+                launched_in_backward.append(attached.next_launch)
+            finish(*args, **kwargs)
+
+        engine.allreduce_gradients = recording_finish
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    for _step in range(2):
+        for _micro in range(GAS):
+            images = torch.randn(MICRO, 3, 112, 112, generator=generator)
+            target = torch.randn(MICRO, EMB, generator=generator)
+            loss = ((engine(images) - target) ** 2).mean()
+            engine.backward(loss)
+            engine.step()
+    return {
+        "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+        "buckets": 0 if attached is None else len(attached.buckets),
+        "launched_in_backward": launched_in_backward,
+    }
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapped_reduce_equals_deepspeeds(world: int) -> None:
+    reference = run_ranks(_train, world, False, 0.0)
+    overlapped = run_ranks(_train, world, True, 0.05)  # tiny buckets: many of them, launched in backward
+    for rank in range(world):
+        for name, value in reference[rank]["params"].items():
+            if world == 2:  # a + b is exact in any order: bit for bit
+                assert torch.equal(overlapped[rank]["params"][name], value), name
+            else:  # three ranks: the reduction may associate the sum differently
+                torch.testing.assert_close(overlapped[rank]["params"][name], value, rtol=1e-6, atol=1e-7)
+    assert overlapped[0]["buckets"] > 3
+    # DeepSpeed's reduction point is reached once per step (the last micro-step), with buckets already sent
+    launched = overlapped[0]["launched_in_backward"]
+    assert len(launched) == 2 and all(count > 0 for count in launched), launched
+    # ranks agree, and the step moved the weights (a test that could not fail would not)
+    first = reference[0]["params"]
+    assert all(torch.equal(first[n], reference[1]["params"][n]) for n in first)
+    torch.manual_seed(1)
+    from facescale.config.schema import Config
+    from facescale.models.registry import build_backbone
+
+    cfg = Config()
+    cfg.model.name, cfg.model.embedding_size, cfg.model.norm = "demo", EMB, "group"
+    initial = dict(build_backbone(cfg.model).named_parameters())
+    assert any(not torch.equal(initial[n].detach(), first[n]) for n in first)
+
+
+def _attached(rank: int, world: int, stage: int) -> bool:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    from facescale.config.deepspeed import deepspeed_json
+    from facescale.config.schema import Config
+    from facescale.deepspeed_ops import skip_unused_ops
+    from facescale.models.registry import build_backbone
+    from facescale.parallel.grad_overlap import overlap_grad_reduce
+    from facescale.train.trainer import build_backbone_optimizer
+
+    skip_unused_ops()
+    cfg = Config()
+    cfg.model.name, cfg.model.embedding_size = "demo", EMB
+    cfg.schedule.global_batch_size, cfg.deepspeed.zero_stage = 2 * world, stage
+    backbone = build_backbone(cfg.model)
+    optimizer = build_backbone_optimizer(cfg, backbone.parameters())
+    config = deepspeed_json(cfg, world, "fp32")
+    engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
+    return overlap_grad_reduce(engine) is not None
+
+
+def test_only_stage_zero_with_several_ranks_gets_it() -> None:
+    assert run_ranks(_attached, 2, 0) == [True, True]
+    assert run_ranks(_attached, 2, 1) == [False, False]
+    assert run_ranks(_attached, 1, 0) == [False]
