@@ -281,7 +281,8 @@ def _group(args, data_dir: str, model: str, classes: int, env, runtime, work: Pa
             if i == 0:
                 first_step[name] = time.perf_counter() - started
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.rounds):
+    rounds = args.rounds if model.startswith(("r", "mbf", "vit")) else args.demo_rounds
+    for _ in range(rounds):
         for name, case in cases.items():
             dist.barrier()
             started = time.perf_counter()
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-demo", type=int, default=64, help="micro-batch per rank for the demo nets")
     p.add_argument("--embedding", type=int, default=512)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds for iresnet/mbf/ViT backbones")
+    p.add_argument("--demo-rounds", type=int, default=20, help="timed rounds for the (fast) demo net")
     p.add_argument("--breakdown-steps", type=int, default=2)
     p.add_argument("--memory-batches", type=int, default=4, help="batches the plain loop cycles from memory")
     p.add_argument("--compile", nargs="*", default=[], metavar="MODEL", help="also time model.compile: true")
