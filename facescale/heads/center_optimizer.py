@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from facescale.config.schema import OptimizerKind, UpdateKind, choices
+from facescale.heads.deferred_dense import DeferredDense
 from facescale.heads.native import CenterKernels, center_kernels
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
 
@@ -63,6 +64,7 @@ class CenterOptimizer(torch.nn.Module):
         state_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         block_rows: int | None = None,
+        defer_dense: bool = False,
     ) -> None:
         super().__init__()
         if kind not in OPTIMIZERS:
@@ -85,15 +87,38 @@ class CenterOptimizer(torch.nn.Module):
         if state_dtype in _HALF:  # centers are stored in the state dtype (PartialFCHead)
             self.register_buffer(RESIDUAL, torch.zeros(shape, dtype=state_dtype, device=device), False)
         self._product: Tensor | None = None  # reused [block_rows, D] buffer for CenterGrad products
+        # `defer_dense`: dense SGD on the CPU kernels defers the unsampled rows' steps (deferred_dense.py),
+        # for a caller that reads the centers only after `materialize()` (the head's `centers` does)
+        self.deferred = DeferredDense(num_rows) if defer_dense and kind == "sgd" and mode == "dense" else None
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Row-aligned state ([rows, ...] each), for checkpoints; resharding is row slicing."""
+        """Row-aligned state ([rows, ...] each), for checkpoints; resharding is row slicing. Deferred dense
+        steps are applied first (centers included), so what is returned is the every-step state."""
+        self.materialize()
+        return self._state()
+
+    def _state(self) -> dict[str, Tensor]:
         return dict(self.named_buffers())
+
+    def materialize(self) -> None:
+        """Apply every deferred dense step now (see heads/deferred_dense.py); a no-op when none is pending."""
+        if self.deferred is not None:
+            self.deferred.catch_up(None)
+
+    def gather_current(self, index: Tensor, out: Tensor) -> Tensor | None:
+        """centers[index] into `out` after replaying the steps those rows missed (their cached norms too);
+        None when no step is deferred (the caller gathers as usual)."""
+        if self.deferred is None or not self.deferred.lagging:
+            return None
+        self.deferred.catch_up(index.to(torch.int64).contiguous(), out=out)
+        return out
 
     def load_state_tensors(self, state: dict[str, Tensor]) -> None:
         """Copy saved state into the buffers (shapes must match; dtype/device are converted). A checkpoint
         written before bf16 centers had a residual loads with a zero residual."""
-        expected = self.state_tensors()
+        expected = self._state()
+        if self.deferred is not None:
+            self.deferred.reset()  # the loaded rows are all current
         if set(state) != set(expected) and set(state) != set(expected) - {RESIDUAL}:
             raise ValueError(
                 f"center optimizer state has keys {sorted(state)}, expected {sorted(expected)} "
@@ -130,6 +155,12 @@ class CenterOptimizer(torch.nn.Module):
                 f"and index of length {None if index is None else len(index)}"
             )
         kernels = self._fused_kernels(centers, grad, inv_norms)
+        if kernels is not None and self.deferred is not None and index is not None:
+            self._update_deferred(kernels, centers, grad, index, lr, inv_norms)
+            return
+        self.materialize()  # the other paths read every row as current
+        if self.deferred is not None:
+            self.deferred.reset()  # and leave every row current
         if kernels is not None:
             self._update_fused(kernels, centers, grad, index, lr, inv_norms)
         elif self.mode == "sparse" and index is not None:
@@ -148,7 +179,7 @@ class CenterOptimizer(torch.nn.Module):
             or centers.dtype not in (torch.float32, torch.bfloat16)
         ):
             return None
-        state = self.state_tensors()
+        state = self._state()
         tensors = [centers, *state.values()] + ([inv_norms] if inv_norms is not None else [])
         if any(not t.is_contiguous() for t in tensors) or any(
             t.dtype != centers.dtype for t in state.values()
@@ -165,6 +196,25 @@ class CenterOptimizer(torch.nn.Module):
             return None
         return center_kernels()
 
+    def _update_deferred(
+        self,
+        kernels: CenterKernels,
+        centers: Tensor,
+        grad: Tensor | CenterGrad,
+        index: Tensor,
+        lr: float,
+        inv_norms: Tensor | None,
+    ) -> None:
+        """Dense SGD with the unsampled rows' step deferred: the gradient rows are brought up to date (the
+        forward normally did that already) and updated; the others record that they missed this step."""
+        deferred = self.deferred
+        deferred.bind(kernels, centers, self._state(), inv_norms, self.momentum, self.weight_decay, _NORM_EPS)
+        deferred.make_room()
+        index = index.to(torch.int64).contiguous()
+        deferred.catch_up(index)
+        self._update_fused(kernels, centers, grad, index, lr, inv_norms, stream_unsampled=False)
+        deferred.record(index, lr)
+
     def _update_fused(
         self,
         kernels: CenterKernels,
@@ -173,12 +223,13 @@ class CenterOptimizer(torch.nn.Module):
         index: Tensor | None,
         lr: float,
         inv_norms: Tensor | None,
+        stream_unsampled: bool = True,
     ) -> None:
         """One fused pass per block of `block_rows` gradient rows; dense calls also stream the shard rows
         between this block's first row and the next block's (ghost momentum and decay)."""
-        state = self.state_tensors()
+        state = self._state()
         total = centers.shape[0] if index is None else len(index)
-        dense = self.mode == "dense" and index is not None
+        dense = self.mode == "dense" and index is not None and stream_unsampled
         if index is not None:
             index = index.to(torch.int64).contiguous()
         for lo in range(0, max(total, 1), self.block_rows):
@@ -229,7 +280,7 @@ class CenterOptimizer(torch.nn.Module):
         self, centers: Tensor, grad: Tensor | CenterGrad, index: Tensor, lr: float, inv_norms: Tensor | None
     ) -> None:
         """Sparse mode: per block of sampled rows, gather rows and state, update in fp32, scatter back."""
-        buffers = self.state_tensors()
+        buffers = self._state()
         residual = buffers.get(RESIDUAL)
         rule_state = self._rule_state(buffers)
         for lo in range(0, len(index), self.block_rows):
@@ -265,7 +316,7 @@ class CenterOptimizer(torch.nn.Module):
         if index is not None:  # where each block's slice of the sorted index begins and ends
             bounds = torch.tensor(starts + [centers.shape[0]], device=index.device)
             cuts = torch.searchsorted(index, bounds).tolist()
-        buffers = self.state_tensors()
+        buffers = self._state()
         residual = buffers.get(RESIDUAL)
         for block, first in enumerate(starts):
             last = min(first + self.block_rows, centers.shape[0])

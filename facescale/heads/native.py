@@ -73,6 +73,10 @@ class CenterKernels:
         for function in (self._to_f32, self._to_bf16):
             function.restype = ctypes.c_int
             function.argtypes = [_P, _P, _I64, _I64, _P]
+        self._catch_up = library.facescale_center_catch_up
+        self._catch_up.restype = ctypes.c_int
+        self._catch_up.argtypes = [_I64, _I64, _P, _P, _I64, _P, _I64, _P, _I32, _P, _P, _P]
+        self._catch_up.argtypes += [_F32, _F32, _F32, _P, _I32]
         self._gather = library.facescale_gather_rows
         self._gather.restype = ctypes.c_int
         self._gather.argtypes = [_P, _P, _I64, _I64, _P, _I32]
@@ -122,6 +126,46 @@ class CenterKernels:
                 f"center SGD kernel refused dim {centers.shape[1]} / centers {centers.dtype} with momentum "
                 f"{None if momentum is None else momentum.dtype} and residual {residual is not None}"
             )
+
+    def catch_up(
+        self,
+        centers: Tensor,
+        rows: Tensor | None,
+        row_steps: Tensor,
+        applied: int,
+        lr_history: Tensor,
+        *,
+        residual: Tensor | None,
+        momentum: Tensor | None,
+        inv_norms: Tensor | None,
+        mu: float,
+        wd: float,
+        eps: float,
+        out: Tensor | None = None,
+    ) -> None:
+        """Replay the zero-gradient steps rows `rows` (None = all) missed, up to `applied` (see the .cpp);
+        `out`, if given, receives the rows' current values in `rows` order."""
+        status = self._catch_up(
+            centers.shape[1],
+            centers.shape[0] if rows is None else rows.numel(),
+            _ptr(rows),
+            row_steps.data_ptr(),
+            applied,
+            lr_history.data_ptr(),
+            lr_history.numel(),
+            centers.data_ptr(),
+            int(centers.dtype == torch.bfloat16),
+            _ptr(residual),
+            _ptr(momentum),
+            _ptr(inv_norms),
+            mu,
+            wd,
+            eps,
+            _ptr(out),
+            torch.get_num_threads(),
+        )
+        if status:
+            raise RuntimeError(f"center catch-up kernel refused dim {centers.shape[1]} / {centers.dtype}")
 
     def inverse_row_norms(self, rows: Tensor, out: Tensor, eps: float) -> Tensor:
         """out[i] = 1 / max(||rows[i]||, eps) in fp32, summed in the same order as the update kernel."""

@@ -101,7 +101,8 @@ class PartialFCHead(torch.nn.Module):
         self.margin, self.seed, self.sample_rate = margin, seed, sample_rate
         self.num_sample = num_samples_for(sample_rate, self.count)
         centers = init_center_rows(self.start, self.count, embedding_size, init_std, seed, storage_dtype)
-        self.register_buffer("centers", centers.to(device=device), persistent=False)
+        # the raw rows; `centers` (the property) first applies any deferred dense steps
+        self.register_buffer("center_rows", centers.to(device=device), persistent=False)
         self.center_optimizer = CenterOptimizer(
             self.count,
             embedding_size,
@@ -111,6 +112,7 @@ class PartialFCHead(torch.nn.Module):
             weight_decay=weight_decay,
             state_dtype=storage_dtype,
             device=device,
+            defer_dense=True,  # every read of the rows goes through `centers` or the catch-up gather
         )
         self._pending: list[tuple[Tensor | None, CenterGrad]] = []  # (sampled index, its center gradient)
         self.last_sampled_classes: Tensor | None = None  # global class ids used by the last forward
@@ -135,7 +137,7 @@ class PartialFCHead(torch.nn.Module):
                 f"labels must be [B] = [{local_embeddings.shape[0]}], got {tuple(local_labels.shape)}"
             )
         started = time.perf_counter()
-        device = self.centers.device
+        device = self.center_rows.device
         labels = local_labels.to(device=device, dtype=torch.long)
         self._check_batch_across_ranks(labels)
         local = local_embeddings.to(device)
@@ -185,34 +187,45 @@ class PartialFCHead(torch.nn.Module):
         None when it may not be reused (another forward's tensors still point at it)."""
         if not reuse:
             return None
-        dtype = self.centers.dtype
+        dtype = self.center_rows.dtype
         if name != "weight":
             dtype = torch.promote_types(dtype, torch.float32)
         buffer = self._buffers_by_name.get(name)
         if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != dtype:
-            buffer = torch.empty(shape, dtype=dtype, device=self.centers.device)
+            buffer = torch.empty(shape, dtype=dtype, device=self.center_rows.device)
             self._buffers_by_name[name] = buffer
         return buffer
 
     def _gather_rows(self, index: Tensor, reuse: bool) -> Tensor:
-        """centers[index] into the reused weight buffer (or a fresh tensor)."""
+        """centers[index] into the reused weight buffer (or a fresh tensor), rows brought up to date first
+        when dense steps were deferred (the catch-up writes the copy as it goes)."""
+        rows = self.center_rows
         buffer = self._buffer("weight", (len(index), self.embedding_size), reuse)
         if buffer is None:
-            return self.centers.index_select(0, index)
+            buffer = torch.empty(len(index), self.embedding_size, dtype=rows.dtype, device=rows.device)
         buffer.requires_grad_(False)
-        kernels = native_kernels_for(self.centers, buffer)
+        current = self.center_optimizer.gather_current(index, buffer)
+        if current is not None:
+            return current
+        kernels = native_kernels_for(rows, buffer)
         if kernels is not None and index.is_contiguous():  # row memcpy: ~2x index_select's speed
-            return kernels.gather_rows(self.centers, index, buffer)
-        return torch.index_select(self.centers, 0, index, out=buffer)
+            return kernels.gather_rows(rows, index, buffer)
+        return torch.index_select(rows, 0, index, out=buffer)
+
+    @property
+    def centers(self) -> Tensor:
+        """This rank's [count, D] centers with every row current (deferred dense steps applied first)."""
+        self.center_optimizer.materialize()
+        return self.center_rows
 
     def _centers_key(self) -> tuple:
-        centers = self.centers
+        centers = self.center_rows
         return (centers.untyped_storage().data_ptr(), centers._version, centers.dtype, centers.device)
 
     def _center_inv_norms(self) -> Tensor:
         """1/||center|| for the shard: kept by optimizer_step, recomputed if anything else wrote centers."""
         if self._inv_norms is None or self._inv_norms_key != self._centers_key():
-            dtype = torch.promote_types(self.centers.dtype, torch.float32)
+            dtype = torch.promote_types(self.center_rows.dtype, torch.float32)
             self._inv_norms = inverse_row_norms(self.centers, dtype)
             self._inv_norms_key = self._centers_key()
         return self._inv_norms
@@ -265,7 +278,7 @@ class PartialFCHead(torch.nn.Module):
         inv_norms = (
             self._center_inv_norms()
         )  # valid now, so valid after the step refreshes the rows it writes
-        self.center_optimizer.step(self.centers, grad, index, lr, inv_norms)
+        self.center_optimizer.step(self.center_rows, grad, index, lr, inv_norms)
         self._inv_norms_key = self._centers_key()
         self._pending.clear()
         self.last_optimizer_ms = (time.perf_counter() - started) * 1e3
@@ -290,9 +303,9 @@ class PartialFCHead(torch.nn.Module):
         if len(self._pending) == 1:
             return self._pending[0]
         grads = [(index, center_grad.full()) for index, center_grad in self._pending]
-        work_dtype = torch.promote_types(self.centers.dtype, torch.float32)
+        work_dtype = torch.promote_types(self.center_rows.dtype, torch.float32)
         if any(index is None for index, _ in grads):
-            total = torch.zeros_like(self.centers, dtype=work_dtype)
+            total = torch.zeros_like(self.center_rows, dtype=work_dtype)
             for index, grad in grads:
                 if index is None:
                     total.add_(grad)
@@ -301,7 +314,8 @@ class PartialFCHead(torch.nn.Module):
             return None, total
         all_rows = torch.cat([index for index, _ in grads])
         merged, position = torch.unique(all_rows, sorted=True, return_inverse=True)
-        total = torch.zeros(len(merged), self.embedding_size, dtype=work_dtype, device=self.centers.device)
+        device = self.center_rows.device
+        total = torch.zeros(len(merged), self.embedding_size, dtype=work_dtype, device=device)
         total.index_add_(0, position, torch.cat([grad.to(work_dtype) for _, grad in grads]))
         return merged, total
 
@@ -335,7 +349,7 @@ class PartialFCHead(torch.nn.Module):
                     f"head checkpoint has {key}={meta.get(key)} but this rank needs {value} "
                     f"(rank {self.rank} of {self.world_size}); {fix}"
                 )
-        self.centers.copy_(state_dict["centers"])
+        self.center_rows.copy_(state_dict["centers"])
         self.center_optimizer.load_state_tensors(state_dict.get("optimizer", {}))
         self._pending.clear()
         return None

@@ -7,6 +7,10 @@
 //   m  = mu m + wd w + g ;  w -= lr m      (torch.optim.SGD; mu = 0: w = w - lr (g + wd w))
 //   inv_norm[row] = 1 / max(||stored w||, eps)
 // Dense calls also stream every other row of [row_begin, row_end) with g = 0 (ghost momentum/decay).
+// Deferred dense updates (facescale_center_catch_up): a row that was not sampled need not be streamed every
+// step; it records how many steps it has seen, and before it is next read its missed zero-gradient steps are
+// replayed one by one with those steps' learning rates, through the same update_row as above, so the result
+// is bit for bit what the every-step dense pass would have produced (update_row is one non-inlined function).
 // Built and loaded by facescale/heads/native.py (plain C ABI, no torch headers: compiles in ~1 s).
 #include <algorithm>
 #include <cmath>
@@ -159,7 +163,9 @@ inline void update_row_bf16_any(const Args& a, int64_t row, int64_t k, float* w,
   }
 }
 
-void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g) {
+// One compiled copy (not inlined per caller), so the every-step dense pass and the deferred catch-up run the same
+// instructions (the same FMA contractions) and agree bit for bit.
+__attribute__((noinline)) void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g) {
   if (!a.centers_bf16) {
     update_row_f32(a, row, k, g);  // the wrapper accepts only fp32 state and no residual with fp32 centers
   } else if (a.residual) {
@@ -249,6 +255,54 @@ int facescale_center_sgd(
       pool.emplace_back(run_range, std::cref(a), k0, k1, r0, r1);
     }
   }
+  for (auto& t : pool) t.join();
+  return 0;
+}
+
+// Bring rows up to `applied` steps: row r has seen row_steps[r] steps; step n (1-based) used lr_history[n % history].
+// rows: n shard rows (any order, unique) or null = all of [0, n). out (optional): each row's storage copied to
+// out[k] afterwards (the forward's gathered weight). inv_norms[row] is refreshed for every row brought forward.
+int facescale_center_catch_up(
+    int64_t dim, int64_t n, const int64_t* rows, int64_t* row_steps, int64_t applied, const float* lr_history,
+    int64_t history, void* centers, int32_t centers_bf16, uint16_t* residual, void* momentum, float* inv_norms,
+    float mu, float wd, float eps, void* out, int32_t threads) {
+  if (dim <= 0 || dim > 65536 || history <= 0) return 1;
+  if (residual && !centers_bf16) return 2;
+  const int64_t row_bytes = dim * (centers_bf16 ? 2 : 4);
+  auto body = [=](int64_t k0, int64_t k1) {
+    std::vector<float> w(dim), g(dim);
+    Args a{dim, 0, nullptr, 0, nullptr, 0, nullptr, 0, 0, centers, centers_bf16, residual, momentum,
+           centers_bf16, nullptr, 0.f, mu, wd, eps};
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t row = rows ? rows[k] : k;
+      if (k + 1 < k1 && rows) prefetch_row(a, rows[k + 1]);
+      const int64_t missed = applied - row_steps[row];
+      if (missed > 0) {
+        for (int64_t step = row_steps[row] + 1; step <= applied; ++step) {
+          a.lr = lr_history[step % history];
+          update_row(a, row, -1, w.data(), g.data());
+        }
+        row_steps[row] = applied;
+        if (inv_norms) {
+          if (centers_bf16) {
+            const uint16_t* h = static_cast<const uint16_t*>(centers) + row * dim;
+            for (int64_t j = 0; j < dim; ++j) w[j] = bf16_to_f32(h[j]);
+            inv_norms[row] = inv_norm(w.data(), dim, eps);
+          } else {
+            inv_norms[row] = inv_norm(static_cast<const float*>(centers) + row * dim, dim, eps);
+          }
+        }
+      }
+      if (out) {
+        std::memcpy(static_cast<char*>(out) + k * row_bytes, static_cast<const char*>(centers) + row * row_bytes,
+                    row_bytes);
+      }
+    }
+  };
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / 256));
+  std::vector<std::thread> pool;
+  for (int64_t p = 0; p + 1 < parts; ++p) pool.emplace_back(body, n * p / parts, n * (p + 1) / parts);
+  body(n * (parts - 1) / parts, n);
   for (auto& t : pool) t.join();
   return 0;
 }
