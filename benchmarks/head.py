@@ -592,10 +592,15 @@ def markdown(report: dict[str, Any]) -> str:
     if crossovers:
         lines += [
             "",
-            "Dense or sparse: a dense update streams the whole shard (rows + state, read and written), so "
-            "it is memory-bound, and slower than sparse by about that traffic, when B x rate < (bytes "
-            "per row element of centers + state) x GEMM rate / (3 x stream bandwidth); above it the step is "
-            "GEMM-bound either way. From this run's measured rates:",
+            "Dense or sparse: an every-step dense update (the torch path, e.g. on CUDA) streams the whole "
+            "shard (rows + state, read and written), so it is memory-bound, and slower than sparse by about "
+            "that traffic, when B x rate < (bytes per row element of centers + state) x GEMM rate / (3 x "
+            "stream bandwidth); above it the step is GEMM-bound either way. On the CPU kernels dense SGD "
+            "defers the unsampled rows' steps (each row replays the steps it missed when it is next read, "
+            "bit-identical; facescale/heads/deferred_dense.py), so it costs about a sparse step plus that "
+            "replay, and may beat the memory floor above, which still counts the whole shard. Every 1024 "
+            "steps and at each checkpoint all rows are brought up to date (not in the timed steps). From "
+            "this run's measured rates:",
             "",
             "| device | dtype | B | GEMM GFLOP/s | stream GB/s | dense memory-bound below B x rate (med) |",
             "|---|---|---|---|---|---|",
