@@ -24,7 +24,7 @@ class _Bucket:
     """Parameters reduced together: the flat buffer is filled when the last of them has its gradient."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params, self.waiting = params, len(params)
+        self.params, self.ready = params, set()
         self.flat: Tensor | None = None
         self.work: Any = None
 
@@ -59,10 +59,20 @@ class GradReduceOverlap:
         if not self.engine.is_gradient_accumulation_boundary():
             return  # earlier micro-steps only accumulate locally, as with DeepSpeed
         bucket = self.bucket_of[id(param)]
-        bucket.waiting -= 1
-        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].waiting == 0:
+        if id(param) in bucket.ready:  # a second accumulation: its gradient may already have been sent
+            raise RuntimeError(
+                f"a gradient of shape {tuple(param.shape)} was accumulated twice in one backward (a weight "
+                "used by two checkpointed segments?): the overlapped all-reduce cannot serve it; set "
+                "deepspeed.zero_stage: 1 for this backbone"
+            )
+        bucket.ready.add(id(param))
+        while self.next_launch < len(self.buckets) and self._complete(self.buckets[self.next_launch]):
             self._launch(self.buckets[self.next_launch])  # strictly in bucket order: ranks must agree
             self.next_launch += 1
+
+    @staticmethod
+    def _complete(bucket: _Bucket) -> bool:
+        return len(bucket.ready) == len(bucket.params)
 
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
@@ -87,7 +97,8 @@ class GradReduceOverlap:
                 else:
                     param.grad.copy_(part)
                 offset += count
-            bucket.flat, bucket.work, bucket.waiting = None, None, len(bucket.params)
+            bucket.flat, bucket.work = None, None
+            bucket.ready.clear()
         self.next_launch = 0
 
 
