@@ -361,9 +361,6 @@ def run_full_config(cfg: dict[str, Any]) -> dict[str, Any]:
         return (time.perf_counter() - t0) * 1e3
 
     warm = [step(i) for i in range(cfg["warmup"])]
-    settle = settling_steps(cfg["mode"], cfg["rate"]) if device.type == "cpu" else 0  # CUDA: not deferred
-    for i in range(settle):  # deferred dense: reach the steady replay length before timing (untimed)
-        step(cfg["warmup"] + i)
     peak_bytes = memory.peak()
     floor = GemmFloor(weight.detach() if dtype == torch.float32 else weight.detach().to(dtype), batch, dtype)
     steps, floors = [], []
