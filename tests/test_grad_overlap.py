@@ -112,3 +112,37 @@ def test_only_stage_zero_with_several_ranks_gets_it() -> None:
     assert run_ranks(_attached, 2, 0) == [True, True]
     assert run_ranks(_attached, 2, 1) == [False, False]
     assert run_ranks(_attached, 1, 0) == [False]
+
+
+def _double_accumulation(rank: int, world: int) -> str:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    from facescale.config.deepspeed import deepspeed_json
+    from facescale.config.schema import Config
+    from facescale.deepspeed_ops import skip_unused_ops
+    from facescale.models.registry import build_backbone
+    from facescale.parallel.grad_overlap import overlap_grad_reduce
+    from facescale.train.trainer import build_backbone_optimizer
+
+    skip_unused_ops()
+    cfg = Config()
+    cfg.model.name, cfg.model.embedding_size = "demo", EMB
+    cfg.schedule.global_batch_size, cfg.deepspeed.zero_stage = 2 * world, 0
+    backbone = build_backbone(cfg.model)
+    optimizer = build_backbone_optimizer(cfg, backbone.parameters())
+    config = deepspeed_json(cfg, world, "fp32")
+    engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
+    attached = overlap_grad_reduce(engine)
+    param = next(p for p in engine.module.parameters() if p.requires_grad)
+    attached._grad_ready(param)  # what a post-accumulate hook does; a second call = a second accumulation
+    try:
+        attached._grad_ready(param)
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_gradient_accumulated_twice_in_one_backward_is_refused_by_name() -> None:
+    messages = run_ranks(_double_accumulation, 2)
+    assert all("accumulated twice in one backward" in m and "zero_stage: 1" in m for m in messages), messages
