@@ -74,6 +74,7 @@ def test_imported_yaml_validates_and_resolves_to_the_same_recipe(tmp_path, data_
     assert cfg.head.sample_rate == 0.3 and cfg.optim.weight_decay == cfg.head.weight_decay == 5e-4
     assert (cfg.model.name, cfg.model.drop_path_rate, cfg.model.mask_ratio) == ("vit_b", 0.05, 0.05)
     assert cfg.deepspeed.precision == "bf16" and cfg.schedule.seed == 2048  # base.py's seed
+    assert cfg.deepspeed.zero_stage == 0  # arcface_torch trains with DDP
     assert cfg.logging.wandb.project == "faces"
 
 

@@ -167,7 +167,8 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
         "data": {"shards": shards, "reader": "dali" if values["dali"] else "auto",
                  "num_workers": int(values["num_workers"])},
         "head": head, "optim": optim, "schedule": schedule,
-        "deepspeed": {"precision": "bf16" if values["fp16"] else "fp32"},
+        # arcface_torch's DDP = ZeRO stage 0 (gradients all-reduced during backward, parallel/grad_overlap.py)
+        "deepspeed": {"zero_stage": 0, "precision": "bf16" if values["fp16"] else "fp32"},
         "checkpoint": {"resume": "auto"},
         "logging": {"run_dir": str(output), "every_steps": int(values["frequent"])},
         "eval": {"bins": list(values.get("val_targets") or []), "every_steps": int(values["verbose"])},
@@ -179,8 +180,9 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "mapping: margin_list -> head.margin (s=64 as arcface_torch), batch_size -> schedule."
              + ("global_batch_size (x --gpus)" if gpus else "batch_per_rank") + ", num_epoch/warmup_epoch -> "
              "schedule.epochs/warmup_epochs, optimizer/lr/momentum/weight_decay -> optim.* and head.* (same "
-             "settings for backbone and centers), fp16 -> deepspeed.precision bf16, val_targets -> eval.bins "
-             "(names in data.shards), verbose -> eval.every_steps, frequent -> logging.every_steps",
+             "settings for backbone and centers), fp16 -> deepspeed.precision bf16, DDP -> "
+             "deepspeed.zero_stage 0, val_targets -> eval.bins (names in data.shards), verbose -> "
+             "eval.every_steps, frequent -> logging.every_steps",
              f"convert the data first: facescale convert rec --rec {rec or 'RECDIR'}/train.rec "
              f"--out {shards}"]
     secret = {"wandb_key"}
