@@ -13,19 +13,19 @@ STAGES = (0, 1, 2, 3)
 GLOBAL_BATCH, NUM_CLASSES, EMB = 8, 11, 16
 
 
-def _config(world: int, stage: int, sample_rate: float):
+def _config(world: int, stage: int, sample_rate: float, grad_clip: float = 1e6):
     from facescale.config.schema import Config
 
     cfg = Config()
     cfg.model.name, cfg.model.embedding_size, cfg.model.norm = "demo", EMB, "group"
     cfg.schedule.global_batch_size = GLOBAL_BATCH
     cfg.deepspeed.zero_stage = stage
-    cfg.optim.grad_clip = 1e6  # never binds, but makes every stage compute the global gradient norm
+    cfg.optim.grad_clip = grad_clip  # 1e6 never binds, but makes every stage compute the global norm
     cfg.head.sample_rate = sample_rate
     return cfg
 
 
-def _one_step(rank: int, world: int, stage: int) -> dict:
+def _one_step(rank: int, world: int, stage: int, grad_clip: float = 1e6) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
@@ -42,7 +42,7 @@ def _one_step(rank: int, world: int, stage: int) -> dict:
     from facescale.train.step import train_step
     from facescale.train.trainer import build_backbone_optimizer, keep_clip_norm
 
-    cfg = _config(world, stage, 1.0)
+    cfg = _config(world, stage, 1.0, grad_clip)
     torch.manual_seed(0)
     images = torch.randn(GLOBAL_BATCH, 3, 112, 112)
     labels = torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,))
@@ -96,6 +96,21 @@ def test_w2_step_equals_w1_step_for_every_zero_stage():
         torch.testing.assert_close(merged, ref["centers"], rtol=1e-4, atol=1e-6)
         # the step really changed something (guards against a test that cannot fail)
         assert not torch.equal(ref["centers"], _initial_centers(ref["centers"].shape))
+
+
+def _stages_zero_and_one_clipped(rank: int, world: int) -> list[dict]:
+    return [_one_step(rank, world, stage, grad_clip=1e-3) for stage in (0, 1)]
+
+
+@pytest.mark.slow
+def test_stage_zero_clips_like_zero_one_when_the_clip_binds():
+    """Stage 0 clips with torch's clip_grad_norm_ (trainer.keep_clip_norm), ZeRO-1 with DeepSpeed's own:
+    with a clip that binds, the same step gives the same backbone and the same norm."""
+    stage0, stage1 = run_ranks(_stages_zero_and_one_clipped, 2)[0]
+    assert stage0["grad_norm"] > 1e-3  # the clip binds
+    assert stage0["grad_norm"] == pytest.approx(stage1["grad_norm"], rel=1e-5)
+    for name, value in stage1["backbone"].items():
+        torch.testing.assert_close(stage0["backbone"][name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def _initial_centers(shape) -> torch.Tensor:

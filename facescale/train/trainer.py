@@ -53,19 +53,27 @@ def build_backbone_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
 
 
 def keep_clip_norm(engine) -> None:
-    """Make ZeRO stage 0 report its gradient norm like stages 1-3 do (`engine.get_global_grad_norm()`).
+    """ZeRO stage 0: clip as torch's clip_grad_norm_ does and keep the norm for train/grad_norm.
 
-    Stage 0 clips with DeepSpeed's clip_grad_norm_, which returns the global norm, but the engine drops it;
-    this keeps it, so train/grad_norm is logged whatever the stage (no extra pass over the gradients)."""
+    DeepSpeed's stage-0 clip drops the global norm it computes (stages 1-3 keep it), loops over parameters one
+    by one and all-reduces a norm every rank already has (the gradients are averaged before the clip). This
+    clips with torch's foreach clip_grad_norm_ on the averaged gradients (same formula: coefficient
+    max_norm / (norm + 1e-6), at most 1) and keeps the norm, no collective. With model parallelism (an mpu)
+    DeepSpeed's own clip stays, its norm kept."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
     if engine.zero_optimization_stage() != 0:
         return
 
     def clip_and_keep() -> None:
-        engine._global_grad_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
-        )
+        if engine.mpu is not None:
+            engine._global_grad_norm = clip_grad_norm_(
+                parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+            )
+            return
+        grads = [p for p in engine.module.parameters() if p.grad is not None]
+        max_norm = engine.gradient_clipping()
+        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
 
     engine.clip_fp32_gradients = clip_and_keep
 
