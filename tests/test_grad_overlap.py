@@ -12,7 +12,10 @@ from tests.distributed import run_ranks
 GAS, MICRO, EMB = 2, 4, 16
 
 
-def _train(rank: int, world: int, overlap: bool, bucket_mb: float) -> dict:
+def _engine(
+    world: int, stage: int, grad_accumulation: int = 1, micro: int = 2, norm: str = "", grad_clip: float = -1
+):
+    """A DeepSpeed engine (fp32) of the demo net on this rank; `norm` / `grad_clip` override the config's."""
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
@@ -20,19 +23,27 @@ def _train(rank: int, world: int, overlap: bool, bucket_mb: float) -> dict:
     from facescale.config.schema import Config
     from facescale.deepspeed_ops import skip_unused_ops
     from facescale.models.registry import build_backbone
-    from facescale.parallel.grad_overlap import overlap_grad_reduce
     from facescale.train.trainer import build_backbone_optimizer
 
     skip_unused_ops()
     cfg = Config()
-    cfg.model.name, cfg.model.embedding_size, cfg.model.norm = "demo", EMB, "group"
-    cfg.schedule.global_batch_size, cfg.schedule.grad_accumulation = MICRO * world * GAS, GAS
-    cfg.deepspeed.zero_stage, cfg.optim.grad_clip = 0, 0.0
+    cfg.model.name, cfg.model.embedding_size = "demo", EMB
+    cfg.model.norm = norm or cfg.model.norm
+    cfg.optim.grad_clip = grad_clip if grad_clip >= 0 else cfg.optim.grad_clip
+    cfg.schedule.global_batch_size = micro * world * grad_accumulation
+    cfg.schedule.grad_accumulation, cfg.deepspeed.zero_stage = grad_accumulation, stage
     torch.manual_seed(1)
     backbone = build_backbone(cfg.model)
     optimizer = build_backbone_optimizer(cfg, backbone.parameters())
     config = deepspeed_json(cfg, world, "fp32")
     engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
+    return engine
+
+
+def _train(rank: int, world: int, overlap: bool, bucket_mb: float) -> dict:
+    from facescale.parallel.grad_overlap import overlap_grad_reduce
+
+    engine = _engine(world, 0, grad_accumulation=GAS, micro=MICRO, norm="group", grad_clip=0.0)
     attached = overlap_grad_reduce(engine, bucket_mb) if overlap else None
     launched_in_backward: list[int] = []  # buckets already sent when DeepSpeed reaches its reduction point
     if attached is not None:
@@ -87,25 +98,9 @@ def test_overlapped_reduce_equals_deepspeeds(world: int) -> None:
 
 
 def _attached(rank: int, world: int, stage: int) -> bool:
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-
-    from facescale.config.deepspeed import deepspeed_json
-    from facescale.config.schema import Config
-    from facescale.deepspeed_ops import skip_unused_ops
-    from facescale.models.registry import build_backbone
     from facescale.parallel.grad_overlap import overlap_grad_reduce
-    from facescale.train.trainer import build_backbone_optimizer
 
-    skip_unused_ops()
-    cfg = Config()
-    cfg.model.name, cfg.model.embedding_size = "demo", EMB
-    cfg.schedule.global_batch_size, cfg.deepspeed.zero_stage = 2 * world, stage
-    backbone = build_backbone(cfg.model)
-    optimizer = build_backbone_optimizer(cfg, backbone.parameters())
-    config = deepspeed_json(cfg, world, "fp32")
-    engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
-    return overlap_grad_reduce(engine) is not None
+    return overlap_grad_reduce(_engine(world, stage)) is not None
 
 
 def test_only_stage_zero_with_several_ranks_gets_it() -> None:
@@ -115,24 +110,9 @@ def test_only_stage_zero_with_several_ranks_gets_it() -> None:
 
 
 def _double_accumulation(rank: int, world: int) -> str:
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-
-    from facescale.config.deepspeed import deepspeed_json
-    from facescale.config.schema import Config
-    from facescale.deepspeed_ops import skip_unused_ops
-    from facescale.models.registry import build_backbone
     from facescale.parallel.grad_overlap import overlap_grad_reduce
-    from facescale.train.trainer import build_backbone_optimizer
 
-    skip_unused_ops()
-    cfg = Config()
-    cfg.model.name, cfg.model.embedding_size = "demo", EMB
-    cfg.schedule.global_batch_size, cfg.deepspeed.zero_stage = 2 * world, 0
-    backbone = build_backbone(cfg.model)
-    optimizer = build_backbone_optimizer(cfg, backbone.parameters())
-    config = deepspeed_json(cfg, world, "fp32")
-    engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
+    engine = _engine(world, 0)
     attached = overlap_grad_reduce(engine)
     param = next(p for p in engine.module.parameters() if p.requires_grad)
     attached._grad_ready(param)  # what a post-accumulate hook does; a second call = a second accumulation

@@ -30,15 +30,16 @@ class _Bucket:
 
 
 class GradReduceOverlap:
-    """The hooks and buckets attached to one engine (see the module docstring)."""
+    """The hooks and buckets attached to one engine for its trainable `params` (see the module docstring)."""
 
-    def __init__(self, engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
+    def __init__(
+        self, engine: Any, params: list[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB
+    ) -> None:
         from deepspeed.utils import groups
 
         self.engine = engine
         self.group = groups._get_sequence_data_parallel_group()  # the group DeepSpeed reduces over
         self.world = dist.get_world_size(self.group) / float(engine.sequence_parallel_size)
-        params = [p for p in engine.module.parameters() if p.requires_grad]
         self.buckets: list[_Bucket] = []
         limit, current, size = bucket_mb * 2**20, [], 0
         for param in reversed(params):
@@ -117,4 +118,4 @@ def overlap_grad_reduce(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> Gr
     sparse = getattr(engine, "sparse_gradients_enabled", lambda: False)()
     if sparse or any(p.dtype != comm_dtype for p in params):
         return None
-    return GradReduceOverlap(engine, bucket_mb)
+    return GradReduceOverlap(engine, params, bucket_mb)

@@ -220,6 +220,25 @@ int64_t first_grad_at_or_after(const Args& a, int64_t row) {  // binary search i
   return lo;
 }
 
+// body(i0, i1) over [0, n) cut into at most `threads` parts of at least `min_part` items; the last part runs on
+// the calling thread.
+template <class Body>
+void split_range(int64_t n, int32_t threads, int64_t min_part, const Body& body) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / min_part));
+  std::vector<std::thread> pool;
+  for (int64_t p = 0; p + 1 < parts; ++p) pool.emplace_back(body, n * p / parts, n * (p + 1) / parts);
+  body(n * (parts - 1) / parts, n);
+  for (auto& t : pool) t.join();
+}
+
+// 1 / max(||row||, eps) of a stored fp32 or bf16 row (bf16 widened into `scratch`, dim floats).
+inline float stored_inv_norm(const void* rows, bool bf16, int64_t row, int64_t dim, float* scratch, float eps) {
+  if (!bf16) return inv_norm(static_cast<const float*>(rows) + row * dim, dim, eps);
+  const uint16_t* h = static_cast<const uint16_t*>(rows) + row * dim;
+  for (int64_t j = 0; j < dim; ++j) scratch[j] = bf16_to_f32(h[j]);
+  return inv_norm(scratch, dim, eps);
+}
+
 }  // namespace
 
 extern "C" {
@@ -283,15 +302,7 @@ int facescale_center_catch_up(
           update_row(a, row, -1, w.data(), g.data());
         }
         row_steps[row] = applied;
-        if (inv_norms) {
-          if (centers_bf16) {
-            const uint16_t* h = static_cast<const uint16_t*>(centers) + row * dim;
-            for (int64_t j = 0; j < dim; ++j) w[j] = bf16_to_f32(h[j]);
-            inv_norms[row] = inv_norm(w.data(), dim, eps);
-          } else {
-            inv_norms[row] = inv_norm(static_cast<const float*>(centers) + row * dim, dim, eps);
-          }
-        }
+        if (inv_norms) inv_norms[row] = stored_inv_norm(centers, centers_bf16, row, dim, w.data(), eps);
       }
       if (out) {
         std::memcpy(static_cast<char*>(out) + k * row_bytes, static_cast<const char*>(centers) + row * row_bytes,
@@ -299,11 +310,7 @@ int facescale_center_catch_up(
       }
     }
   };
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / 256));
-  std::vector<std::thread> pool;
-  for (int64_t p = 0; p + 1 < parts; ++p) pool.emplace_back(body, n * p / parts, n * (p + 1) / parts);
-  body(n * (parts - 1) / parts, n);
-  for (auto& t : pool) t.join();
+  split_range(n, threads, 256, body);
   return 0;
 }
 
@@ -312,21 +319,9 @@ int facescale_inv_norms(const void* rows, int32_t bf16, int64_t n, int64_t dim, 
                         int32_t threads) {
   auto body = [=](int64_t i0, int64_t i1) {
     std::vector<float> w(dim);
-    for (int64_t i = i0; i < i1; ++i) {
-      if (bf16) {
-        const uint16_t* row = static_cast<const uint16_t*>(rows) + i * dim;
-        for (int64_t j = 0; j < dim; ++j) w[j] = bf16_to_f32(row[j]);
-        out[i] = inv_norm(w.data(), dim, eps);
-      } else {
-        out[i] = inv_norm(static_cast<const float*>(rows) + i * dim, dim, eps);
-      }
-    }
+    for (int64_t i = i0; i < i1; ++i) out[i] = stored_inv_norm(rows, bf16, i, dim, w.data(), eps);
   };
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / 1024));
-  std::vector<std::thread> pool;
-  for (int64_t p = 0; p + 1 < parts; ++p) pool.emplace_back(body, n * p / parts, n * (p + 1) / parts);
-  body(n * (parts - 1) / parts, n);
-  for (auto& t : pool) t.join();
+  split_range(n, threads, 1024, body);
   return 0;
 }
 
@@ -371,11 +366,7 @@ int facescale_gather_rows(const char* src, const int64_t* index, int64_t n, int6
   auto body = [=](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) std::memcpy(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes);
   };
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / 256));
-  std::vector<std::thread> pool;
-  for (int64_t p = 0; p + 1 < parts; ++p) pool.emplace_back(body, n * p / parts, n * (p + 1) / parts);
-  body(n * (parts - 1) / parts, n);
-  for (auto& t : pool) t.join();
+  split_range(n, threads, 256, body);
   return 0;
 }
 
