@@ -231,10 +231,15 @@ def _allreduce_hook(case: PlainCase, bucket):
 # -------------------------------------------------------------------------------------------- one rank
 
 
+def _is_iresnet(model: str) -> bool:
+    """iresnets take --batch-r18 and --rounds; the other (small) nets --batch-demo and --demo-rounds."""
+    return model.startswith("r")
+
+
 def _config(args, data_dir: str, model: str, precision: str, compile_: bool, run_dir: str, sets: list):
     from facescale.config.load import load_config
 
-    batch = args.batch_r18 if model.startswith("r") else args.batch_demo
+    batch = args.batch_r18 if _is_iresnet(model) else args.batch_demo
     sets = [
         *args.set, *sets,
         f"data.shards={data_dir}", "eval.bins=[]", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
@@ -281,7 +286,7 @@ def _group(args, data_dir: str, model: str, classes: int, env, runtime, work: Pa
             if i == 0:
                 first_step[name] = time.perf_counter() - started
     times: dict[str, list[float]] = {name: [] for name in cases}
-    rounds = args.rounds if model.startswith(("r", "mbf", "vit")) else args.demo_rounds
+    rounds = args.rounds if _is_iresnet(model) else args.demo_rounds
     for _ in range(rounds):
         for name, case in cases.items():
             dist.barrier()
@@ -437,8 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-demo", type=int, default=64, help="micro-batch per rank for the demo nets")
     p.add_argument("--embedding", type=int, default=512)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=8, help="timed rounds for iresnet/mbf/ViT backbones")
-    p.add_argument("--demo-rounds", type=int, default=20, help="timed rounds for the (fast) demo net")
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds for iresnets")
+    p.add_argument("--demo-rounds", type=int, default=20, help="timed rounds for the other (fast) nets")
     p.add_argument("--breakdown-steps", type=int, default=2)
     p.add_argument("--memory-batches", type=int, default=4, help="batches the plain loop cycles from memory")
     p.add_argument("--compile", nargs="*", default=[], metavar="MODEL", help="also time model.compile: true")

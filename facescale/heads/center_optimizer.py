@@ -71,8 +71,9 @@ class CenterOptimizer(torch.nn.Module):
             raise ValueError(f"head.optimizer = {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
         if mode not in UPDATE_MODES:
             raise ValueError(f"head.update = {mode!r}: choose one of {', '.join(UPDATE_MODES)}")
+        device_type = torch.device(device or "cpu").type
         if block_rows is None:  # cache-sized blocks on the CPU; on a GPU, few launches matter more
-            block_rows = 65536 if torch.device(device or "cpu").type == "cuda" else 2048
+            block_rows = 65536 if device_type == "cuda" else 2048
         self.kind, self.mode, self.block_rows = kind, mode, block_rows
         self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
         shape = (num_rows, dim)
@@ -89,7 +90,9 @@ class CenterOptimizer(torch.nn.Module):
         self._product: Tensor | None = None  # reused [block_rows, D] buffer for CenterGrad products
         # `defer_dense`: dense SGD on the CPU kernels defers the unsampled rows' steps (deferred_dense.py),
         # for a caller that reads the centers only after `materialize()` (the head's `centers` does)
-        self.deferred = DeferredDense(num_rows) if defer_dense and kind == "sgd" and mode == "dense" else None
+        # the kernels that defer are CPU ones
+        deferrable = defer_dense and device_type == "cpu" and kind == "sgd" and mode == "dense"
+        self.deferred = DeferredDense(num_rows) if deferrable else None
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Row-aligned state ([rows, ...] each), for checkpoints; resharding is row slicing. Deferred dense

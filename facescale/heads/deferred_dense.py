@@ -33,7 +33,8 @@ class DeferredDense:
 
     def reset(self) -> None:
         """Every row is current (after a load or an every-step pass): forget the counts."""
-        self.row_steps.zero_()
+        if self.applied:  # else they are all zero already (no pass over the counts on every eager step)
+            self.row_steps.zero_()
         self.applied = self.oldest = 0
         self.lagging, self._rows = False, None
 
