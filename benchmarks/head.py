@@ -186,11 +186,11 @@ def warm_libraries(device: torch.device, dtype: torch.dtype) -> None:
     synchronize(device)
 
 
-def settling_steps(mode: str, rate: float) -> int:
-    """Untimed steps before timing a dense head: with deferred updates a sampled row replays the steps it
-    missed since it was last sampled (about 1/rate of them in the steady state), which a fresh head has not
-    yet accumulated; 3/rate steps get the replay to ~95% of its steady length."""
-    return math.ceil(3 / rate) if mode == "dense" and 0 < rate < 1 else 0
+def settling_steps(head: Any, rate: float) -> int:
+    """Untimed steps before timing a head that defers dense updates (heads/deferred_dense.py): a sampled row
+    replays the steps it missed since it was last sampled (about 1/rate in the steady state), which a fresh
+    head has not yet accumulated; 3/rate steps get the replay to ~95% of its steady length."""
+    return math.ceil(3 / rate) if head.center_optimizer.deferred is not None and 0 < rate < 1 else 0
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -249,7 +249,7 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
         }
 
     warm = [step(i) for i in range(cfg["warmup"])]
-    settle = settling_steps(cfg["mode"], cfg["rate"]) if device.type == "cpu" else 0  # CUDA: not deferred
+    settle = settling_steps(head, cfg["rate"])
     for i in range(settle):  # deferred dense: reach the steady replay length before timing (untimed)
         step(cfg["warmup"] + i)
     peak_bytes = memory.peak()
