@@ -7,7 +7,7 @@ and the steps it missed are replayed - one by one, with their own learning rates
 the every-step pass - just before the row is read again: when a forward samples it, or when anything reads
 the whole shard (a checkpoint, an export, `head.centers`). Every `history` steps all rows are brought up to
 date, so no row misses more steps than the learning-rate history holds. The values are bit for bit those of
-the every-step pass (tests/test_center_kernels.py).
+the every-step pass (tests/test_deferred_dense.py).
 """
 
 from __future__ import annotations
