@@ -107,6 +107,9 @@ class GemmFloor:
     """The three matmuls of one step at one shape, into preallocated outputs (no allocation, no faults)."""
 
     def __init__(self, weight: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
+        from facescale.heads.norm_linear import cosine_gemm
+
+        self.cosine_gemm = cosine_gemm
         gen = torch.Generator().manual_seed(7)
         device = weight.device
         self.weight = weight  # [C', D], read only
@@ -120,7 +123,7 @@ class GemmFloor:
     def run_ms(self) -> float:
         synchronize(self.weight.device)
         t0 = time.perf_counter()
-        torch.mm(self.x, self.weight.t(), out=self.logits)  # forward
+        self.cosine_gemm(self.x, self.weight, self.logits)  # forward, as the head runs it
         torch.mm(self.grad, self.weight, out=self.grad_x)  # d-embeddings
         torch.mm(self.grad.t(), self.x, out=self.grad_w)  # d-centers
         synchronize(self.weight.device)
@@ -175,14 +178,36 @@ class PeakMemory:
         return used - self.base
 
 
-def warm_libraries(device: torch.device, dtype: torch.dtype) -> None:
-    """Load what any process pays for once (the fused-kernel library, the GEMM library's code for this dtype)
-    before the memory baseline, so peak - baseline is the head's own memory."""
-    from facescale.heads.native import center_kernels
+def build_head(cfg: dict[str, Any], classes: int, device: torch.device) -> Any:
+    """The benchmarked Partial FC head (ArcFace margin) for one configuration, at `classes` classes."""
+    from facescale.config.schema import MarginConfig
+    from facescale.heads.margins import build_margin
+    from facescale.heads.partial_fc import PartialFCHead
 
-    center_kernels()
-    small = torch.ones(64, 64, device=device, dtype=dtype)
-    torch.mm(small, small.t())
+    return PartialFCHead(
+        classes,
+        DIM,
+        build_margin(MarginConfig(type="arcface", s=SCALE, m2=MARGIN)),
+        seed=0,
+        sample_rate=cfg["rate"],
+        update=cfg["mode"],
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        storage_dtype=DTYPES[cfg["dtype"]],
+        device=device,
+    )
+
+
+def warm_libraries(cfg: dict[str, Any], device: torch.device) -> None:
+    """Pay what any process pays once before the memory baseline, so peak - baseline is the head's own
+    memory: one step of a tiny head of the same kind loads the fused-kernel library and pages in the code of
+    every op the step runs (a few MB of libtorch), and its margin backward's autograd.grad imports sympy
+    (~33 MB of modules, on the first call with grad_outputs)."""
+    tiny = build_head(cfg, 4096, device)
+    x = torch.randn(8, DIM, device=device, dtype=DTYPES[cfg["dtype"]], requires_grad=True)
+    loss, _ = tiny(x, torch.arange(8, device=device), 0)
+    loss.backward()
+    tiny.optimizer_step(LR)
     synchronize(device)
 
 
@@ -197,10 +222,6 @@ def settling_steps(head: Any, rate: float) -> int:
 def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """One head configuration: warm-up (peak memory measured there), then timed steps alternating with the
     GEMM floor and the stream-bandwidth probe, so the ratios see the same machine load."""
-    from facescale.config.schema import MarginConfig
-    from facescale.heads.margins import build_margin
-    from facescale.heads.partial_fc import PartialFCHead
-
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg.get("device", "cpu"))
     dtype = DTYPES[cfg["dtype"]]
@@ -208,20 +229,9 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     embeddings = [torch.randn(batch, DIM, generator=gen).to(device=device, dtype=dtype) for _ in range(4)]
     labels = [torch.randint(0, classes, (batch,), generator=gen).to(device) for _ in range(4)]
-    warm_libraries(device, dtype)
+    warm_libraries(cfg, device)
     memory = PeakMemory(device)
-    head = PartialFCHead(
-        classes,
-        DIM,
-        build_margin(MarginConfig(type="arcface", s=SCALE, m2=MARGIN)),
-        seed=0,
-        sample_rate=cfg["rate"],
-        update=cfg["mode"],
-        momentum=MOMENTUM,
-        weight_decay=WEIGHT_DECAY,
-        storage_dtype=dtype,
-        device=device,
-    )
+    head = build_head(cfg, classes, device)
     state = head.center_optimizer.state_tensors()
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     residual_bytes = sum(t.numel() * t.element_size() for n, t in state.items() if n == "center_residual")

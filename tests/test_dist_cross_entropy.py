@@ -169,3 +169,16 @@ def test_norm_linear_into_a_buffer_without_a_sink_gives_exact_gradients(overwrit
     (logits.sin() * target.float()).sum().backward()
     torch.testing.assert_close(w.grad.double(), ref_w.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cosines_into_a_buffer_wider_than_one_gemm_block_match_float64() -> None:
+    """fp32 cosines into a reused buffer run as several column-block GEMMs (2500 centers: two full blocks and
+    a ragged one); every column equals normalize-then-linear in float64."""
+    g = torch.Generator().manual_seed(4)
+    x64 = torch.randn(7, 16, generator=g, dtype=torch.float64)
+    w64 = torch.randn(2500, 16, generator=g, dtype=torch.float64)
+    expected = F.normalize(x64, dim=1) @ F.normalize(w64, dim=1).t()
+    buffer = torch.full((7, 2500), float("nan"))
+    got = norm_linear(x64.float(), w64.float(), out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
