@@ -26,6 +26,7 @@ from torch import Tensor
 
 from facescale.config.schema import OptimizerKind, UpdateKind, choices
 from facescale.heads.deferred_dense import DeferredDense
+from facescale.heads.huge_pages import zeros_rows
 from facescale.heads.native import CenterKernels, center_kernels
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
 
@@ -79,14 +80,14 @@ class CenterOptimizer(torch.nn.Module):
         shape = (num_rows, dim)
         if kind == "sgd" and momentum > 0:
             self.register_buffer(
-                "momentum_buffer", torch.zeros(shape, dtype=state_dtype, device=device), False
+                "momentum_buffer", zeros_rows(shape, state_dtype, device), False
             )
         if kind == "adamw":
-            self.register_buffer("exp_avg", torch.zeros(shape, dtype=state_dtype, device=device), False)
-            self.register_buffer("exp_avg_sq", torch.zeros(shape, dtype=state_dtype, device=device), False)
+            self.register_buffer("exp_avg", zeros_rows(shape, state_dtype, device), False)
+            self.register_buffer("exp_avg_sq", zeros_rows(shape, state_dtype, device), False)
             self.register_buffer("row_steps", torch.zeros(num_rows, dtype=torch.int64, device=device), False)
         if state_dtype in _HALF:  # centers are stored in the state dtype (PartialFCHead)
-            self.register_buffer(RESIDUAL, torch.zeros(shape, dtype=state_dtype, device=device), False)
+            self.register_buffer(RESIDUAL, zeros_rows(shape, state_dtype, device), False)
         self._product: Tensor | None = None  # reused [block_rows, D] buffer for CenterGrad products
         # `defer_dense`: dense SGD on the CPU kernels defers the unsampled rows' steps (deferred_dense.py),
         # for a caller that reads the centers only after `materialize()` (the head's `centers` does)

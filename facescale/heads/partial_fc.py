@@ -22,6 +22,7 @@ from torch import Tensor
 
 from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
+from facescale.heads.huge_pages import empty_rows
 from facescale.heads.margins import MarginSoftmaxSpec
 from facescale.heads.native import native_kernels_for
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
@@ -50,7 +51,7 @@ def init_center_rows(
     Each fixed global block is drawn in fp32 straight into its rows when it lies whole in an fp32 shard,
     otherwise into one reused block buffer: no temporary per block, which the C allocator would keep
     resident (tens of MB of RSS above the shard for the whole run)."""
-    out = torch.empty(count, dim, dtype=dtype)
+    out = empty_rows((count, dim), dtype)  # huge pages on the CPU (heads/huge_pages.py)
     first_block, stop = start // INIT_BLOCK_ROWS, start + count
     scratch: Tensor | None = None
     for block in range(first_block, (stop + INIT_BLOCK_ROWS - 1) // INIT_BLOCK_ROWS):
