@@ -6,10 +6,13 @@ Per backbone (r18 at 112 px, the demo net) and class count (10k, 200k), every ra
     `clip_grad_norm_` 5, the same torch optimizer, batches taken beforehand from the facescale loader and
     cycled from memory;
   - `plain bf16`: the same under `torch.autocast(bfloat16)` around the backbone forward;
-  - `facescale fp32` / `facescale auto`: a real `Trainer` (DeepSpeed ZeRO-1 engine, loader on the shards,
-    loss guard, surrogate backward, hand-off) with deepspeed.precision fp32 / auto (auto = bf16 where the
-    device has it natively, the default); its head swapped for one of C classes; steps run through the
-    trainer's own step function;
+  - `facescale fp32` / `facescale auto`: a real `Trainer` (the DeepSpeed engine at configs/synthetic.yaml's
+    ZeRO stage 0 with the overlapped bucketed all-reduce, loss guard, surrogate backward, hand-off) with
+    deepspeed.precision fp32 / auto (auto = bf16 where the device has it natively, the default); its head
+    swapped for one of C classes; fed the plain loop's in-memory batches, so the difference is the engine's,
+    the surrogate's and the hand-off's; steps run through the trainer's own step function;
+  - `facescale auto + loader`: the default step reading its shards through its own loader;
+  - `facescale auto ZeRO-1`: the default step with deepspeed.zero_stage=1 (what the r100/r200 recipes use);
   - `facescale compile` (with --compile MODEL): precision auto plus `model.compile: true`; its first step
     (the compile) is reported apart.
 Cases run interleaved, one step each per round, so load lands on all of them; ratios are of medians in the
