@@ -56,6 +56,7 @@ def _train(rank: int, world: int, overlap: bool, bucket_mb: float) -> dict:
 
         engine.allreduce_gradients = recording_finish
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    bucket_memory = []  # where each step's flat buckets lie: reused, not reallocated
     for _step in range(2):
         for _micro in range(GAS):
             images = torch.randn(MICRO, 3, 112, 112, generator=generator)
@@ -63,10 +64,14 @@ def _train(rank: int, world: int, overlap: bool, bucket_mb: float) -> dict:
             loss = ((engine(images) - target) ** 2).mean()
             engine.backward(loss)
             engine.step()
+        if attached is not None:
+            bucket_memory.append([bucket.flat.data_ptr() for bucket in attached.buckets])
     return {
         "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
         "buckets": 0 if attached is None else len(attached.buckets),
         "launched_in_backward": launched_in_backward,
+        "bucket_memory": bucket_memory,
+        "reduce": getattr(engine.allreduce_gradients, "__name__", ""),
     }
 
 
@@ -84,6 +89,8 @@ def test_overlapped_reduce_equals_deepspeeds(world: int) -> None:
     # DeepSpeed's reduction point is reached once per step (the last micro-step), with buckets already sent
     launched = overlapped[0]["launched_in_backward"]
     assert len(launched) == 2 and all(count > 0 for count in launched), launched
+    first_step, second_step = overlapped[0]["bucket_memory"]
+    assert first_step == second_step  # the flat buckets persist across steps, as DDP's
     # ranks agree, and the step moved the weights (a test that could not fail would not)
     first = reference[0]["params"]
     assert all(torch.equal(first[n], reference[1]["params"][n]) for n in first)
@@ -95,6 +102,16 @@ def test_overlapped_reduce_equals_deepspeeds(world: int) -> None:
     cfg.model.name, cfg.model.embedding_size, cfg.model.norm = "demo", EMB, "group"
     initial = dict(build_backbone(cfg.model).named_parameters())
     assert any(not torch.equal(initial[n].detach(), first[n]) for n in first)
+
+
+def test_one_rank_skips_deepspeeds_self_reduction_with_the_same_result() -> None:
+    """A single rank has nothing to reduce: DeepSpeed's flatten / all-reduce / copy-back is dropped and the
+    weights after two accumulated steps are bitwise those of DeepSpeed's own path."""
+    (reference,) = run_ranks(_train, 1, False, 0.0)
+    (skipped,) = run_ranks(_train, 1, True, 0.0)
+    assert skipped["reduce"] == "_nothing_to_reduce" and reference["reduce"] != "_nothing_to_reduce"
+    for name, value in reference["params"].items():
+        assert torch.equal(skipped["params"][name], value), name
 
 
 def _attached(rank: int, world: int, stage: int) -> bool:

@@ -25,7 +25,7 @@ class _Bucket:
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
         self.params, self.ready = params, set()
-        self.flat: Tensor | None = None
+        self.flat: Tensor | None = None  # the bucket's gradients, flat; reused every step
         self.work: Any = None
 
 
@@ -77,8 +77,14 @@ class GradReduceOverlap:
 
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.flat = torch.cat([g.reshape(-1) for g in grads])
-        bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+        flat = bucket.flat
+        if flat is None or flat.dtype != grads[0].dtype or flat.device != grads[0].device:
+            # kept across steps, as DDP keeps its buckets: a fresh 25 MB buffer per bucket and step would
+            # page-fault its way in on the CPU
+            flat = bucket.flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype,
+                                             device=grads[0].device)
+        torch.cat([g.reshape(-1) for g in grads], out=flat)
+        bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
 
     def finish(self, *args: Any, **kwargs: Any) -> None:
         """Launch what backward did not complete (unused parameters), wait, average, copy back; reset."""
@@ -98,24 +104,33 @@ class GradReduceOverlap:
                 else:
                     param.grad.copy_(part)
                 offset += count
-            bucket.flat, bucket.work = None, None
+            bucket.work = None
             bucket.ready.clear()
         self.next_launch = 0
 
 
 def overlap_grad_reduce(engine: Any, bucket_mb: float = DEFAULT_BUCKET_MB) -> GradReduceOverlap | None:
     """Attach the overlapped reduction to a ZeRO stage 0 engine of several ranks; None where it does not
-    apply (other stages reduce in their own optimizer; a different communication dtype, sparse gradients or
-    one rank keep DeepSpeed's path)."""
+    apply (other stages reduce in their own optimizer; a different communication dtype, sparse gradients
+    keep DeepSpeed's path). With one rank there is nothing to reduce: DeepSpeed's stage-0 path would still
+    flatten every gradient, all-reduce it with itself and copy it back each step (~75 ms for r18 on one CPU
+    thread), so that call is dropped; the gradients are bitwise what it would leave."""
     if engine.zero_optimization_stage() != 0 or not dist.is_initialized():
         return None
     if engine.pipeline_parallelism or engine.has_moe_layers:
         return None
-    if dist.get_world_size() == 1 or not getattr(engine, "enable_backward_allreduce", True):
+    if not getattr(engine, "enable_backward_allreduce", True):
         return None
     params = [p for p in engine.module.parameters() if p.requires_grad]
     comm_dtype = getattr(engine, "communication_data_type", None)
     sparse = getattr(engine, "sparse_gradients_enabled", lambda: False)()
     if sparse or any(p.dtype != comm_dtype for p in params):
         return None
+    if dist.get_world_size() == 1:
+        engine.allreduce_gradients = _nothing_to_reduce
+        return None
     return GradReduceOverlap(engine, params, bucket_mb)
+
+
+def _nothing_to_reduce(*args: Any, **kwargs: Any) -> None:
+    """DeepSpeed's gradient all-reduce on a single rank: the identity."""
