@@ -15,11 +15,12 @@ Per backbone (r18 at 112 px, the demo net) and class count (10k, 200k), every ra
   - `facescale auto ZeRO-1`: the default step with deepspeed.zero_stage=1 (what the r100/r200 recipes use);
   - `facescale compile` (with --compile MODEL): precision auto plus `model.compile: true`; its first step
     (the compile) is reported apart.
-Cases run interleaved, one step each per round, so load lands on all of them; ratios are of medians in the
-same run. Then a few instrumented steps per case say where the time goes (collectives timed synchronously, so
-the breakdown is a little slower than the headline): data wait, backbone forward, head (forward, backward and
-its optimizer, with its own collectives), backbone backward, all-reduce (backbone gradients, ZeRO's
-all-gather), backbone optimizer, other (surrogate, loss guard, hand-off, bookkeeping). Writes OUT.json/.md.
+Cases run interleaved, one step each per round in a shuffled order, so load lands on all of them; ratios are
+of medians in the same run. Then a few instrumented steps per case say where the time goes (collectives timed
+synchronously, so the breakdown is a little slower than the headline): data wait, backbone forward, head
+(forward, backward and its optimizer, with its own collectives), backbone backward, all-reduce (backbone
+gradients, ZeRO's all-gather), backbone optimizer, other (surrogate, loss guard, hand-off, bookkeeping).
+Writes OUT.json/.md.
 
     PYTHONPATH=. .venv/bin/python benchmarks/step.py --out benchmarks/results/step_cpu
 """
@@ -30,6 +31,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -290,8 +292,12 @@ def _group(args, data_dir: str, model: str, classes: int, env, runtime, work: Pa
                 first_step[name] = time.perf_counter() - started
     times: dict[str, list[float]] = {name: [] for name in cases}
     rounds = args.rounds if _is_iresnet(model) else args.demo_rounds
-    for _ in range(rounds):
-        for name, case in cases.items():
+    for round_index in range(rounds):
+        # a fresh order each round (the same on every rank): no case always follows the same neighbour
+        # (e.g. a bf16 case right after an fp32 one whose freed activations the allocator has just returned)
+        order = list(cases.items())
+        random.Random(round_index).shuffle(order)
+        for name, case in order:
             dist.barrier()
             started = time.perf_counter()
             case.step()
