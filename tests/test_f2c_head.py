@@ -123,7 +123,7 @@ def _dcp_config(tmp_path, **dcp) -> Config:
 def test_config_refuses_zero3_small_pools_and_odd_batches(tmp_path):
     cfg = _dcp_config(tmp_path, queue_size=1000)
     cfg.deepspeed.zero_stage = 3
-    with pytest.raises(ConfigError, match="zero_stage 1 or 2"):
+    with pytest.raises(ConfigError, match="zero_stage 0, 1 or 2"):
         validate(cfg, "x.yaml", world_size=2)
     cfg = _dcp_config(tmp_path, queue_size=100, identities_per_rank=64)
     cfg.schedule.global_batch_size = 128  # 64 per rank: 2 x (64 + 32) = 192 labels per pass

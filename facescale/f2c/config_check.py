@@ -29,7 +29,7 @@ def check_f2c_config(cfg: Config, source: str, world_size: int | None) -> None:
         source,
         "deepspeed.zero_stage",
         "head.type f2c keeps a full EMA copy of the backbone (G-Net) on every rank, which ZeRO-3's "
-        "parameter partitioning cannot feed; use zero_stage 1 or 2",
+        "parameter partitioning cannot feed; use zero_stage 0, 1 or 2",
     )
     if world_size is None:
         return

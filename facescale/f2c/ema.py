@@ -36,7 +36,7 @@ class GalleryNet(nn.Module):
         if any(hasattr(p, "ds_id") for p in pnet.parameters()):
             raise ValueError(
                 "the backbone's parameters are ZeRO-3 partitions; head.type f2c needs "
-                "deepspeed.zero_stage 1 or 2 (G-Net is a full replica on every rank)"
+                "deepspeed.zero_stage 0, 1 or 2 (G-Net is a full replica on every rank)"
             )
         net = copy.deepcopy(pnet) if blank is None else blank
         if blank is not None:

@@ -62,7 +62,7 @@ class F2CMode(TrainingMode):
               precision: str, device: torch.device) -> F2CRun:
         if engine.zero_optimization_stage() == 3:
             raise ValueError(
-                "head.type f2c needs deepspeed.zero_stage 1 or 2: G-Net is a full EMA replica of "
+                "head.type f2c needs deepspeed.zero_stage 0, 1 or 2: G-Net is a full EMA replica of "
                 "the backbone on every rank, which ZeRO-3's partitioned parameters cannot feed"
             )
         f2c = cfg.head.f2c
