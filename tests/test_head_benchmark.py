@@ -18,8 +18,8 @@ from facescale.heads.partial_fc import PartialFCHead
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("head_benchmark", REPO / "benchmarks" / "head.py")
+def _benchmark_module(name: str = "head"):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -47,6 +47,20 @@ def test_benchmark_script_runs_a_tiny_grid_and_writes_json_and_markdown(tmp_path
     markdown = out.with_suffix(".md").read_text()
     assert "benchmarks/head.py --classes 2000" in markdown
     assert "| 2,000 | 16 | fp32 | 0.1 | sparse |" in markdown
+
+
+def test_head_parts_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
+    bench = _benchmark_module("head_parts")
+    out = tmp_path / "parts"
+    bench.main(["--classes", "6000", "--sampled", "2500", "--batch", "8", "--rounds", "1", "--threads", "1",
+                "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    parts = [case["part"] for case in report["cases"]]
+    assert parts == ["rows", "rows", "sort", "cosine GEMM"]
+    rows = report["cases"][0]["ms"]
+    assert set(rows) == {"update huge", "update 4k", "gather huge", "gather 4k",
+                         "gradient block copies (in update)"} and min(rows.values()) > 0
+    assert "| cosine GEMM | B 8, C' 2,500 |" in out.with_suffix(".md").read_text()
 
 
 def test_plan_skips_what_cannot_fit_and_parses_counts() -> None:

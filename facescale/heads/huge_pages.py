@@ -3,9 +3,9 @@
 The optimizer and the forward's gather touch a few thousand scattered 1-2 KB rows of a shard that spans
 hundreds of MB: with 4 KB pages nearly every row costs a TLB miss, which dominates the row's time. Advising
 the shard's memory as huge before its first touch (MADV_HUGEPAGE; honoured when
-/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`) made the scattered update ~10-30%
-and the gather ~25% faster on the benchmark machine (benchmarks/results/head_cpu.md). Elsewhere, or when the
-call fails, the tensor is an ordinary one.
+/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`) made the row gather 15-27% and the
+scattered update 0-12% faster at C = 100k (benchmarks/results/head_parts_cpu.md). Elsewhere, or when the call
+fails, the tensor is an ordinary one.
 """
 
 from __future__ import annotations

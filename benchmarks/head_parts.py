@@ -1,0 +1,187 @@
+"""Parts of the head's CPU step measured apart, each against its alternative in the same process, in
+alternating rounds (so both see the same machine load); the figures the head's code comments cite.
+
+  rows        the fused update kernel and the row gather on C' of C scattered sorted rows (a new sample each
+              round) of a [C, D] shard whose
+              memory is advised to huge pages (heads/huge_pages.py) vs plain 4 KB pages; caches are flushed
+              before each call (a 64 MB pass), as the step's GEMMs leave them
+  sort        the sampled ids in ascending order: mark-and-scan (heads/sampling.py) vs torch.sort
+  cosine GEMM the fp32 forward GEMM [B, D] x [D, C'] into the logits buffer: in 1024-center blocks
+              (heads/norm_linear.cosine_gemm) vs one torch.mm
+
+    PYTHONPATH=. .venv/bin/python benchmarks/head_parts.py --out benchmarks/results/head_parts_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DIM = 512
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def _alternate(
+    cases: dict[str, Callable[[], None]],
+    rounds: int,
+    before: Callable[[], None],
+    each_round: Callable[[], None] = lambda: None,
+) -> dict:
+    """Median ms per case over `rounds` rounds: `each_round()` opens a round, then the cases run in turn,
+    each after `before()`."""
+    for run in cases.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        each_round()
+        for name, run in cases.items():
+            before()
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: _median_ms(t) for name, t in times.items()}
+
+
+def rows_case(classes: int, sampled: int, dtype: torch.dtype, rounds: int) -> dict:
+    """Update kernel (2048-row blocks, fp32 gradient block warm in cache) and gather, huge vs 4 KB pages."""
+    from facescale.heads.huge_pages import empty_rows
+    from facescale.heads.native import center_kernels
+
+    kernels = center_kernels()
+    if kernels is None:
+        return {"skipped": "no C++ compiler: the fused kernels are not built"}
+    flush = torch.zeros(16 * 1024 * 1024)
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(sampled, DIM, generator=gen)
+    product = torch.empty(2048, DIM)
+    inv = torch.ones(classes)
+    proj = torch.ones(sampled)
+    gathered = torch.empty(sampled, DIM, dtype=dtype)
+    rows = torch.empty(sampled, dtype=torch.int64)
+
+    def draw_rows() -> None:  # a new sample each round, as each step draws its own
+        rows.copy_(torch.randperm(classes, generator=gen)[:sampled].sort().values)
+
+    draw_rows()
+
+    def storage(huge: bool) -> dict:
+        make = empty_rows if huge else (lambda shape, dt: torch.empty(shape, dtype=dt))
+        centers = make((classes, DIM), dtype)
+        centers.copy_(torch.randn(classes, DIM, generator=gen))
+        state = {"centers": centers, "momentum": make((classes, DIM), dtype).zero_()}
+        state["residual"] = make((classes, DIM), dtype).zero_() if dtype == torch.bfloat16 else None
+        return state
+
+    def update(s: dict) -> Callable[[], None]:
+        def run() -> None:
+            for lo in range(0, sampled, 2048):
+                hi = min(sampled, lo + 2048)
+                product[: hi - lo].copy_(grad[lo:hi])
+                kernels.sgd(s["centers"], product[: hi - lo], rows[lo:hi], proj_inv=proj[lo:hi],
+                            residual=s["residual"], momentum=s["momentum"], inv_norms=inv, lr=0.1, mu=0.9,
+                            wd=5e-4, eps=1e-12)
+        return run
+
+    def gather(s: dict) -> Callable[[], None]:
+        return lambda: kernels.gather_rows(s["centers"], rows, gathered)
+
+    huge, small = storage(True), storage(False)
+    result = _alternate({"update huge": update(huge), "update 4k": update(small), "gather huge": gather(huge),
+                         "gather 4k": gather(small)}, rounds, lambda: flush.add_(1.0), draw_rows)
+    copy_ms = _alternate({"copy": lambda: [product[: min(sampled, lo + 2048) - lo].copy_(
+        grad[lo : min(sampled, lo + 2048)]) for lo in range(0, sampled, 2048)]}, rounds, lambda: None)["copy"]
+    return {**result, "gradient block copies (in update)": copy_ms}
+
+
+def sort_case(classes: int, sampled: int, rounds: int) -> dict:
+    from facescale.heads.sampling import _sorted
+
+    ids = torch.randperm(classes, generator=torch.Generator().manual_seed(1))[:sampled]
+    assert torch.equal(_sorted(ids, classes), ids.sort().values)
+    return _alternate({"mark-and-scan": lambda: _sorted(ids, classes), "torch.sort": lambda: ids.sort()},
+                      rounds, lambda: None)
+
+
+def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
+    from facescale.heads.norm_linear import cosine_gemm
+
+    gen = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(batch, DIM, generator=gen), torch.randn(sampled, DIM, generator=gen)
+    out = torch.zeros(batch, sampled)
+    return _alternate({"1024-center blocks": lambda: cosine_gemm(x, weight, out),
+                       "one torch.mm": lambda: torch.mm(x, weight.t(), out=out)}, rounds, lambda: None)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, default=100_000)
+    p.add_argument("--sampled", type=int, nargs="+", default=[10_000, 30_000])
+    p.add_argument("--batch", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    result: dict = {
+        "command": "PYTHONPATH=. .venv/bin/python benchmarks/head_parts.py " + " ".join(argv or sys.argv[1:]),
+        "threads": args.threads, "torch": torch.__version__, "load_start": list(os.getloadavg()),
+        "transparent_hugepage": thp.read_text().strip() if thp.exists() else "n/a", "cases": [],
+    }
+    for sampled in args.sampled:
+        for dtype in (torch.float32, torch.bfloat16):
+            result["cases"].append({"part": "rows", "C": args.classes, "C'": sampled, "dtype": str(dtype),
+                                    "ms": rows_case(args.classes, sampled, dtype, args.rounds)})
+        result["cases"].append({"part": "sort", "C": args.classes, "C'": sampled,
+                                "ms": sort_case(args.classes, sampled, args.rounds * 4)})
+        for batch in args.batch:
+            result["cases"].append({"part": "cosine GEMM", "B": batch, "C'": sampled,
+                                    "ms": gemm_case(batch, sampled, args.rounds)})
+    result["load_end"] = list(os.getloadavg())
+    text = markdown(result)
+    print(text)
+    if args.out:
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        Path(f"{args.out}.md").write_text(text)
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Parts of the head's CPU step, each against its alternative (medians, alternating rounds)", "",
+        f"Command: `{result['command']}`  ",
+        f"{result['threads']} threads, torch {result['torch']}, transparent_hugepage: "
+        f"`{result['transparent_hugepage']}`; load average at start / end: {result['load_start'][0]:.1f} / "
+        f"{result['load_end'][0]:.1f}.", "",
+        "| part | shape | ms (median) |", "|---|---|---|",
+    ]
+    for case in result["cases"]:
+        shape = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{v}" for k, v in case.items()
+                          if k not in ("part", "ms"))
+        timings = "; ".join(f"{name} {ms:.2f}" if isinstance(ms, float) else f"{name}: {ms}"
+                            for name, ms in case["ms"].items())
+        lines.append(f"| {case['part']} | {shape} | {timings} |")
+    lines += [
+        "",
+        "rows: the update kernel and the gather over C' sorted random rows of the shard (a new sample each "
+        "round, the same for both page sizes), after a 64 MB pass "
+        "that evicts the caches; `update` includes copying each 2048-row gradient block into the reused "
+        "product buffer (as the step's GEMM writes it), timed alone in the last column.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
