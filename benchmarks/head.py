@@ -408,6 +408,7 @@ def estimate_full_gib(classes: int, batch: int) -> float:
 def run_worker(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one config in a fresh Python process; a crash or timeout becomes an error record."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every facescale process runs (facescale/__init__.py)
     t0 = time.time()
     try:
         done = subprocess.run(
@@ -508,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if pick_device(args.device).type == "cuda"
             else platform.processor() or platform.machine(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_"))},
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # what run_config gives workers
         },
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_average_start": load_average(),
@@ -573,7 +575,8 @@ def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines += [
         f"Device {machine.get('device', 'cpu')} ({machine.get('device_name', '?')}), "
-        f"{machine['cpu_count']} CPUs, {machine['threads']} torch threads, torch {machine['torch']}. "
+        f"{machine['cpu_count']} CPUs, {machine['threads']} torch threads, torch {machine['torch']}, "
+        f"OMP_WAIT_POLICY={machine.get('omp_wait_policy', 'unset')} (as facescale's processes run). "
         "Ratios are taken within one process, the head's steps alternating with the GEMM floor and the "
         "stream-bandwidth probe. floor = max(GEMM floor, memory floor); memory floor = the bytes the step "
         "must move (the sampled rows read by the forward, plus rows, optimizer state and bf16 residual read "

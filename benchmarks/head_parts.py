@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP, as facescale's processes run
+
+import torch  # noqa: E402
 
 DIM = 512
 
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/head_parts.py " + " ".join(argv or sys.argv[1:]),
         "threads": args.threads, "torch": torch.__version__, "load_start": list(os.getloadavg()),
-        "transparent_hugepage": thp.read_text().strip() if thp.exists() else "n/a", "cases": [],
+        "transparent_hugepage": thp.read_text().strip() if thp.exists() else "n/a",
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "cases": [],
     }
     for sampled in args.sampled:
         for dtype in (torch.float32, torch.bfloat16):
@@ -162,8 +165,8 @@ def markdown(result: dict) -> str:
         "# Parts of the head's CPU step, each against its alternative (medians, alternating rounds)", "",
         f"Command: `{result['command']}`  ",
         f"{result['threads']} threads, torch {result['torch']}, transparent_hugepage: "
-        f"`{result['transparent_hugepage']}`; load average at start / end: {result['load_start'][0]:.1f} / "
-        f"{result['load_end'][0]:.1f}.", "",
+        f"`{result['transparent_hugepage']}`, OMP_WAIT_POLICY={result['omp_wait_policy']}; load average at "
+        f"start / end: {result['load_start'][0]:.1f} / {result['load_end'][0]:.1f}.", "",
         "| part | shape | ms (median) |", "|---|---|---|",
     ]
     for case in result["cases"]:

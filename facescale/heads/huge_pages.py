@@ -3,8 +3,8 @@
 The optimizer and the forward's gather touch a few thousand scattered 1-2 KB rows of a shard that spans
 hundreds of MB: with 4 KB pages nearly every row costs a TLB miss, which dominates the row's time. Advising
 the shard's memory as huge before its first touch (MADV_HUGEPAGE; honoured when
-/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`) made the row gather 15-27% and the
-scattered update 0-12% faster at C = 100k (benchmarks/results/head_parts_cpu.md). Elsewhere, or when the call
+/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`) made the row gather 8-16% and the
+scattered update 5-22% faster at C = 100k (benchmarks/results/head_parts_cpu.md). Elsewhere, or when the call
 fails, the tensor is an ordinary one.
 """
 

@@ -37,8 +37,9 @@ _GEMM_BLOCK_ROWS = 1024  # fp32 cosine GEMM on the CPU, a block of centers at a 
 
 def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     """out = x_hat @ weight.t() ([N, D] x [C', D] -> [N, C']). fp32 on the CPU runs it per block of 1024
-    center rows: MKL's one-call product keeps ~10 MB of workspace beside the [N, C'] output and is 4-8%
-    slower at N = 128-512 (benchmarks/results/head_parts_cpu.md; the head benchmark's GEMM floor uses it)."""
+    center rows: MKL's one-call product keeps ~10 MB of workspace beside the [N, C'] output, the blocks ~2 MB,
+    at about the same speed (-6% to +15% at N = 128-512, C' = 10k-30k: benchmarks/results/head_parts_cpu.md).
+    The head benchmark's GEMM floor runs it the same way."""
     if out.device.type != "cpu" or out.dtype != torch.float32 or weight.shape[0] <= _GEMM_BLOCK_ROWS:
         return torch.mm(x_hat, weight.t(), out=out)
     for lo in range(0, weight.shape[0], _GEMM_BLOCK_ROWS):
