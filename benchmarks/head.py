@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import facescale  # noqa: F401 - sets OMP_WAIT_POLICY (facescale/__init__.py); the config workers inherit it
+
 DIM, LR, MOMENTUM, WEIGHT_DECAY, SCALE, MARGIN = 512, 0.1, 0.9, 5e-4, 64.0, 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GIB = 1024**3
@@ -408,7 +410,6 @@ def estimate_full_gib(classes: int, batch: int) -> float:
 def run_worker(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one config in a fresh Python process; a crash or timeout becomes an error record."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every facescale process runs (facescale/__init__.py)
     t0 = time.time()
     try:
         done = subprocess.run(
@@ -509,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if pick_device(args.device).type == "cuda"
             else platform.processor() or platform.machine(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_"))},
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # what run_config gives workers
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],  # the workers inherit it
         },
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_average_start": load_average(),
