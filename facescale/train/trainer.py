@@ -71,9 +71,9 @@ def keep_clip_norm(engine) -> None:
                 parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
             )
             return
-        grads = [p for p in engine.module.parameters() if p.grad is not None]
+        with_grads = [p for p in engine.module.parameters() if p.grad is not None]
         max_norm = engine.gradient_clipping()
-        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(with_grads, max_norm, foreach=True)
 
     engine.clip_fp32_gradients = clip_and_keep
 
