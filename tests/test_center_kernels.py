@@ -3,6 +3,11 @@ smaller than their ulp (fp32 trajectory within 1e-3); plan reports the residual'
 
 from __future__ import annotations
 
+import platform
+import re
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -167,3 +172,21 @@ def test_plan_reports_the_bf16_residual() -> None:
     fp32 = head_shard(HeadConfig(storage_dtype="fp32"), rows, 64, 1, 0)
     assert bf16.residual_bytes == rows * 64 * 2 and fp32.residual_bytes == 0
     assert bf16.optimizer_bytes == 2 * rows * 64 * 2  # momentum + residual
+
+
+@needs_kernels
+def test_the_built_kernels_prefetch_their_scattered_rows() -> None:
+    """The update, the catch-up and the gather walk scattered rows and ask for the next ones ahead; a
+    compiler may silently drop prefetches (GCC deleted calls to a helper made only of them): read the code."""
+    opcode = {"x86_64": r"\tprefetch", "aarch64": r"\tprfm"}.get(platform.machine())
+    if opcode is None or shutil.which("objdump") is None:
+        pytest.skip("needs objdump and an x86-64 or arm64 machine to read the kernels' instructions")
+    listing = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", str(center_kernels().path)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    functions = re.split(r"\n(?=[0-9a-f]+ <)", listing)
+    for caller in ("run_range", "facescale_center_catch_up", "facescale_gather_rows"):
+        bodies = [f for f in functions if caller in f.split("\n", 1)[0]]
+        assert bodies, f"no function named like {caller} in the kernels' library"
+        assert any(re.search(opcode, body) for body in bodies), f"{caller} issues no prefetch"

@@ -60,7 +60,8 @@ def _build(compiler: str) -> Path:
 class CenterKernels:
     """ctypes bindings of the two kernels; arguments are checked by the callers in center_optimizer.py."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, path: Path | None = None) -> None:
+        self.path = path  # the built shared library (tests inspect its machine code)
         self._sgd = library.facescale_center_sgd
         self._sgd.restype = ctypes.c_int
         self._sgd.argtypes = [_I64, _I64, _P, _I64, _P, _I32, _P, _I64, _I64, _P, _I32, _P, _P, _I32, _P]
@@ -225,7 +226,8 @@ def center_kernels() -> CenterKernels | None:
         warnings.warn("no C++ compiler found: the center optimizer uses its slower torch path", stacklevel=2)
         return None
     try:
-        return CenterKernels(ctypes.CDLL(str(_build(compiler))))
+        built = _build(compiler)
+        return CenterKernels(ctypes.CDLL(str(built)), built)
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", b"") or b""
         warnings.warn(
