@@ -101,7 +101,7 @@ def test_float32_cosines_give_float32_loss_matching_float64() -> None:
 
 def _sharded_loss_worker(rank: int, world: int) -> dict:
     """Each rank owns a column block; compares loss and its column grads with the single-process result."""
-    out: dict = {"loss": [], "grad_err": [], "ref_loss": []}
+    out: dict = {"loss": [], "grad_err": [], "ref_loss": [], "loss32": [], "grad32_err": []}
     cos, labels = _problem(rows=8, classes=7, seed=4)  # 7 columns over 3 ranks: 3, 2, 2
     start, count = class_partition(cos.shape[1], world, rank)
     mine_cols = (labels >= start) & (labels < start + count)
@@ -117,6 +117,13 @@ def _sharded_loss_worker(rank: int, world: int) -> dict:
         out["loss"].append(loss.item())
         out["ref_loss"].append(ref_loss.item())
         out["grad_err"].append((local.grad - ref.grad[:, start : start + count]).abs().max().item())
+        if spec.filter_threshold == 0:  # fp32 in the head's buffer, in place (native passes on the CPU)
+            cos32 = cos[:, start : start + count].float().requires_grad_()
+            loss32 = margin_cross_entropy(cos32.clone(), target_col, spec, in_place=True)
+            loss32.backward()
+            out["loss32"].append((loss32.item(), ref_loss.item()))
+            err = (cos32.grad.double() - ref.grad[:, start : start + count]).abs().max()
+            out["grad32_err"].append(err.item())
 
     # collectives: reduce-scatter (native and fallback) and the all-gather's gradient
     full = torch.arange(world * 2 * 3, dtype=torch.float64).reshape(world * 2, 3) * (rank + 1)
@@ -147,6 +154,9 @@ def test_sharded_loss_matches_single_process_on_three_ranks() -> None:
         assert res["loss"] == pytest.approx(results[0]["loss"], rel=1e-14)  # same value on every rank
         assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-12)
         assert max(res["grad_err"]) < 1e-12
+        for loss32, ref_loss in res["loss32"]:  # fp32 logits up to s = 64: a few fp32 ulps of 64 in each
+            assert loss32 == pytest.approx(ref_loss, rel=1e-5)
+        assert len(res["grad32_err"]) == 2 and max(res["grad32_err"]) < 4e-6  # |grad| <= s / N = 8
         assert res["rs_native_ok"] and res["rs_fallback_ok"]
         assert res["gather_ok"] and res["gather_grad_ok"]
         assert res["size_error"] is not None and "[5, 4, 5]" in res["size_error"]

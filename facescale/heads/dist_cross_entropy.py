@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from facescale.heads.margins import MarginSoftmaxSpec
+from facescale.heads.native import native_kernels_for
 from facescale.parallel.collectives import all_reduce_
 
 
@@ -50,19 +51,34 @@ class _MarginCrossEntropy(torch.autograd.Function):
         target_logit_value = torch.where(has_target, target_logit.detach(), 0.0)
 
         in_place = in_place and spec.filter_threshold == 0 and cos.dtype == acc_dtype
-        logits = cos.mul_(spec.scale) if in_place else cos * spec.scale
+        # in place on the CPU: the native passes scale + row max, then shift + exp + row sum, one pass each
+        kernels = native_kernels_for(cos) if in_place and cos.shape[1] and cos.is_contiguous() else None
+        if kernels is not None:
+            logits = cos
+            row_max = torch.empty_like(target_logit_value)
+            kernels.scale_row_max_(logits, spec.scale, target_col, row_max)
+        else:
+            logits = cos.mul_(spec.scale) if in_place else cos * spec.scale
         if spec.filter_threshold > 0:
             logits.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
         if cos.shape[1]:
             current = logits.gather(1, safe_col).squeeze(1)
             logits.scatter_(1, safe_col, torch.where(has_target, target_logit_value, current)[:, None])
-            row_max = logits.amax(dim=1)
+            if kernels is None:
+                row_max = logits.amax(dim=1)
+            else:  # the max without the target column, then with its margin logit
+                row_max = torch.maximum(row_max, target_logit_value.masked_fill(~has_target, float("-inf")))
         else:
             row_max = torch.full((num_rows,), float("-inf"), dtype=acc_dtype, device=cos.device)
         all_reduce_(row_max, dist.ReduceOp.MAX, group)
 
-        probs = logits.sub_(row_max[:, None]).exp_()
-        sums = torch.stack([probs.sum(dim=1), target_logit_value])  # [2, N]: sum-exp, target logit
+        if kernels is None:
+            probs = logits.sub_(row_max[:, None]).exp_()
+            sum_exp_local = probs.sum(dim=1)
+        else:
+            probs = logits
+            sum_exp_local = kernels.exp_row_sums_(probs, row_max, torch.empty_like(row_max))
+        sums = torch.stack([sum_exp_local, target_logit_value])  # [2, N]: sum-exp, target logit
         all_reduce_(sums, dist.ReduceOp.SUM, group)
         sum_exp, global_target_logit = sums[0], sums[1]
         probs.div_(sum_exp[:, None])
@@ -111,4 +127,4 @@ def margin_cross_entropy(
         raise ValueError(
             f"cos must be [N, C] and target_col [N]; got {tuple(cos.shape)}, {tuple(target_col.shape)}"
         )
-    return _MarginCrossEntropy.apply(cos, target_col.long(), spec, group, in_place)
+    return _MarginCrossEntropy.apply(cos, target_col.long().contiguous(), spec, group, in_place)

@@ -1,6 +1,7 @@
-"""The fused CPU kernels of the center optimizer (kernels/center_sgd.cpp), built once per machine, via ctypes.
+"""The fused CPU kernels of the head (kernels/: the center optimizer's center_sgd.cpp, the logits buffer's
+logit_passes.cpp), built once per machine into one library, loaded via ctypes.
 
-The source has a plain C ABI and no torch headers, so it compiles with the system C++ compiler in about a
+The sources have a plain C ABI and no torch headers, so it compiles with the system C++ compiler in about a
 second (a torch.utils.cpp_extension build takes minutes on a 2-core CI machine). The library is cached under
 $FACESCALE_CACHE/kernels (default ~/.cache/facescale/kernels), keyed by source, compiler and CPU flags, so
 a cache shared by different nodes never loads a binary built for another CPU. Without a compiler, or with
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("kernels") / "center_sgd.cpp"
+_KERNELS = Path(__file__).with_name("kernels")
+_SOURCES = (_KERNELS / "center_sgd.cpp", _KERNELS / "logit_passes.cpp")
+_HEADERS = (_KERNELS / "common.h",)
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -43,7 +46,7 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
     cache = Path(os.environ.get("FACESCALE_CACHE") or Path.home() / ".cache" / "facescale") / "kernels"
     target = cache / f"center_sgd_{key.hexdigest()[:16]}.so"
@@ -52,7 +55,8 @@ def _build(compiler: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then an atomic rename (ranks race)
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True)
+        command = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built)]
+        subprocess.run(command, check=True, capture_output=True)
         os.replace(built, target)
     return target
 
@@ -69,11 +73,18 @@ class CenterKernels:
         self._inv_norms = library.facescale_inv_norms
         self._inv_norms.restype = ctypes.c_int
         self._inv_norms.argtypes = [_P, _I32, _I64, _I64, _P, _F32, _I32]
-        self._to_f32 = library.facescale_bf16_scaled_to_f32
+        self._to_f32 = library.facescale_bf16_cosines_to_f32
         self._to_bf16 = library.facescale_f32_scaled_to_bf16
+        self._scale_clamp = library.facescale_scale_clamp
+        self._scale_clamp.argtypes = [_P, _I64, _I64, _P, _I32]
+        self._row_max = library.facescale_scale_row_max
+        self._row_max.argtypes = [_P, _I64, _I64, _F32, _P, _P, _I32]
+        self._exp_sums = library.facescale_exp_row_sums
+        self._exp_sums.argtypes = [_P, _I64, _I64, _P, _P, _I32]
         for function in (self._to_f32, self._to_bf16):
+            function.argtypes = [_P, _P, _I64, _I64, _P, _I32]
+        for function in (self._to_f32, self._to_bf16, self._scale_clamp, self._row_max, self._exp_sums):
             function.restype = ctypes.c_int
-            function.argtypes = [_P, _P, _I64, _I64, _P]
         self._catch_up = library.facescale_center_catch_up
         self._catch_up.restype = ctypes.c_int
         self._catch_up.argtypes = [_I64, _I64, _P, _P, _I64, _P, _I64, _P, _I32, _P, _P, _P]
@@ -182,12 +193,33 @@ class CenterKernels:
         return out
 
     def bf16_cosines_in_place(self, x_hat: Tensor, weight: Tensor, scale: Tensor, out: Tensor) -> Tensor:
-        """out = (x_hat @ weight.t()) * scale in fp32 for bf16 x_hat/weight: the bf16 GEMM writes into the
-        upper half of `out`'s bytes and one ascending pass widens and scales it (no [N, C'] bf16 tensor)."""
+        """out = clamp((x_hat @ weight.t()) * scale, -1, 1) in fp32 for bf16 x_hat/weight: the bf16 GEMM
+        writes into the upper half of `out`'s bytes and one pass widens, scales and clamps it (no [N, C'] bf16
+        tensor; in waves that keep each write off unread input, so all threads take part)."""
         rows, cols = out.shape
         raw = out.view(-1).view(torch.bfloat16)[rows * cols :].view(rows, cols)
         torch.mm(x_hat, weight.t(), out=raw)
-        self._to_f32(raw.data_ptr(), scale.data_ptr(), rows, cols, out.data_ptr())
+        self._to_f32(raw.data_ptr(), scale.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def scale_clamp_(self, cos: Tensor, scale: Tensor) -> Tensor:
+        """cos = clamp(cos * scale[None, :], -1, 1) in one pass (fp32 [N, C'], fp32 [C'])."""
+        rows, cols = cos.shape
+        self._scale_clamp(cos.data_ptr(), rows, cols, scale.data_ptr(), torch.get_num_threads())
+        return cos
+
+    def scale_row_max_(self, x: Tensor, scale: float, skip_col: Tensor, out: Tensor) -> Tensor:
+        """x *= scale, and out[r] = the max of row r without column skip_col[r] (< 0: whole row), in one pass;
+        -inf for a row with nothing left, NaN for a row holding a NaN."""
+        rows, cols = x.shape
+        self._row_max(x.data_ptr(), rows, cols, scale, skip_col.data_ptr(), out.data_ptr(),
+                      torch.get_num_threads())
+        return out
+
+    def exp_row_sums_(self, x: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+        """x = exp(x - shift[:, None]) and out = its row sums, in one pass (fp32; exp within ~1 ulp)."""
+        rows, cols = x.shape
+        self._exp_sums(x.data_ptr(), rows, cols, shift.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
 
     def scaled_bf16_in_place(self, grad: Tensor, scale: Tensor) -> Tensor:
@@ -195,7 +227,7 @@ class CenterKernels:
         consumed); returns that [N, C'] bf16 view."""
         rows, cols = grad.shape
         half = grad.view(-1).view(torch.bfloat16)[: rows * cols].view(rows, cols)
-        self._to_bf16(grad.data_ptr(), scale.data_ptr(), rows, cols, half.data_ptr())
+        self._to_bf16(grad.data_ptr(), scale.data_ptr(), rows, cols, half.data_ptr(), torch.get_num_threads())
         return half
 
     def gather_rows(self, source: Tensor, index: Tensor, out: Tensor) -> Tensor:

@@ -123,17 +123,22 @@ class _NormLinear(torch.autograd.Function):
         w_inv = inverse_row_norms(weight, acc_dtype) if w_inv is None else w_inv.to(acc_dtype)
         (out,) = out_holder  # in a tuple so autograd does not treat the returned buffer as a view of an input
         reuse = out is not None and out.dtype == acc_dtype and out.shape == (x.shape[0], weight.shape[0])
+        clamped = False  # the native passes scale and clamp in one go
         if gemm_dtype == acc_dtype:
             w_gemm = weight.to(gemm_dtype)  # a copy only for mixed inputs (fp32 x, bf16 centers)
             cos = cosine_gemm(x_hat, w_gemm, out) if reuse else x_hat @ w_gemm.t()
-            cos.mul_(w_inv[None, :])
+            kernels = native_kernels_for(cos, w_inv)
+            clamped = kernels is not None
+            kernels.scale_clamp_(cos, w_inv) if clamped else cos.mul_(w_inv[None, :])
         elif reuse and native_kernels_for(x_hat, weight.detach(), w_inv, out) is not None:  # GEMM inside out
             cos = center_kernels().bf16_cosines_in_place(x_hat, weight.detach(), w_inv, out)
+            clamped = True
         else:  # one pass: up-cast and scale together
             raw = x_hat @ weight.to(gemm_dtype).t()
             cos = torch.mul(raw, w_inv[None, :], out=out) if reuse else torch.mul(raw, w_inv[None, :])
             del raw
-        cos.clamp_(-1.0, 1.0)
+        if not clamped:
+            cos.clamp_(-1.0, 1.0)
         ctx.grad_in_place = reuse
         # without a sink, backward needs the cosines; a caller's buffer may be overwritten after forward
         # (the head turns it into probabilities in place), so then they are recomputed instead of saved

@@ -12,29 +12,14 @@
 // replayed one by one with those steps' learning rates, through the same update_row as above, so the result
 // is bit for bit what the every-step dense pass would have produced (update_row is one non-inlined function).
 // Built and loaded by facescale/heads/native.py (plain C ABI, no torch headers: compiles in ~1 s).
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <thread>
-#include <vector>
+
+#include "common.h"
 
 namespace {
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN (branch-free: vectorises)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet = (u >> 16) | 0x40u;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
-}
+using facescale::bf16_to_f32;
+using facescale::f32_to_bf16;
 
 struct Args {
   int64_t dim;
@@ -222,17 +207,6 @@ int64_t first_grad_at_or_after(const Args& a, int64_t row) {  // binary search i
   return lo;
 }
 
-// body(i0, i1) over [0, n) cut into at most `threads` parts of at least `min_part` items; the last part runs on
-// the calling thread.
-template <class Body>
-void split_range(int64_t n, int32_t threads, int64_t min_part, const Body& body) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / min_part));
-  std::vector<std::thread> pool;
-  for (int64_t p = 0; p + 1 < parts; ++p) pool.emplace_back(body, n * p / parts, n * (p + 1) / parts);
-  body(n * (parts - 1) / parts, n);
-  for (auto& t : pool) t.join();
-}
-
 // 1 / max(||row||, eps) of a stored fp32 or bf16 row (bf16 widened into `scratch`, dim floats).
 inline float stored_inv_norm(const void* rows, bool bf16, int64_t row, int64_t dim, float* scratch, float eps) {
   if (!bf16) return inv_norm(static_cast<const float*>(rows) + row * dim, dim, eps);
@@ -312,7 +286,7 @@ int facescale_center_catch_up(
       }
     }
   };
-  split_range(n, threads, 256, body);
+  facescale::split_range(0, n, threads, 256, body);
   return 0;
 }
 
@@ -323,42 +297,7 @@ int facescale_inv_norms(const void* rows, int32_t bf16, int64_t n, int64_t dim, 
     std::vector<float> w(dim);
     for (int64_t i = i0; i < i1; ++i) out[i] = stored_inv_norm(rows, bf16, i, dim, w.data(), eps);
   };
-  split_range(n, threads, 1024, body);
-  return 0;
-}
-
-// The bf16 cosine GEMM's two element-wise passes, done inside the head's fp32 [rows, cols] logits buffer so no
-// bf16 [rows, cols] tensor is allocated: elements go in ascending order through a small local block, so
-// every write lands on bytes whose input was already read (the bf16 input may sit in the fp32 buffer's
-// upper half, the bf16 output in its lower half). Single-threaded: a parallel split would break that order.
-constexpr int64_t kBlock = 64;
-
-// out[r, c] = float(raw[r, c]) * scale[c]
-int facescale_bf16_scaled_to_f32(const uint16_t* raw, const float* scale, int64_t rows, int64_t cols, float* out) {
-  float tmp[kBlock];
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-      const int64_t n = std::min(kBlock, cols - c0);
-      const uint16_t* src = raw + r * cols + c0;
-      for (int64_t j = 0; j < n; ++j) tmp[j] = bf16_to_f32(src[j]) * scale[c0 + j];
-      std::memcpy(out + r * cols + c0, tmp, n * sizeof(float));
-    }
-  }
-  return 0;
-}
-
-// out[r, c] = bf16(in[r, c] * scale[c])
-int facescale_f32_scaled_to_bf16(const float* in, const float* scale, int64_t rows, int64_t cols, uint16_t* out) {
-  float tmp[kBlock];
-  uint16_t half[kBlock];
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-      const int64_t n = std::min(kBlock, cols - c0);
-      std::memcpy(tmp, in + r * cols + c0, n * sizeof(float));
-      for (int64_t j = 0; j < n; ++j) half[j] = f32_to_bf16(tmp[j] * scale[c0 + j]);
-      std::memcpy(out + r * cols + c0, half, n * sizeof(uint16_t));
-    }
-  }
+  facescale::split_range(0, n, threads, 1024, body);
   return 0;
 }
 
@@ -374,7 +313,7 @@ int facescale_gather_rows(const char* src, const int64_t* index, int64_t n, int6
       std::memcpy(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes);
     }
   };
-  split_range(n, threads, 256, body);
+  facescale::split_range(0, n, threads, 256, body);
   return 0;
 }
 

@@ -1,0 +1,193 @@
+// Element-wise passes over the head's [rows, cols] fp32 logits buffer, where cosines become logits, then
+// probabilities, then the gradient (heads/norm_linear.py, heads/dist_cross_entropy.py). Each kernel is one
+// pass over memory on all threads where torch would run two to four (scale, clamp, max; shift, exp, sum), so
+// at B = 512 x C' = 30k (61 MB, far beyond the caches) the passes stop costing a GEMM's worth of time.
+//
+// The bf16 GEMM's in-place widening and narrowing change the element size inside one buffer: an element's
+// write may land on bytes that hold another element's input. A single ascending pass is safe; in parallel,
+// the range is cut into waves such that every write of a wave lands only on inputs of finished waves and no
+// wave reads bytes it writes (proofs beside each kernel), and each wave is split over the threads.
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+
+namespace {
+
+using facescale::bf16_to_f32;
+using facescale::f32_to_bf16;
+using facescale::split_range;
+
+constexpr int64_t kMinWave = 1 << 14;  // smaller waves run on the calling thread
+constexpr int64_t kBlock = 64;  // elements converted through a local block (read whole before it is written)
+
+// exp(x) in fp32 within ~1 ulp for x <= 88 (the softmax passes x - max <= 0), as plain arithmetic the compiler
+// vectorises (no libm call in the loop): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial
+// (truncation < 1e-8 relative), times 2^n built in the exponent bits. Results below the smallest normal float
+// (x < -87.3365) are 0, x > 88 gives +inf; NaN stays NaN.
+inline float exp_f32(float x) {
+  const float clamped = std::min(std::max(x, -87.3365f), 88.0f);  // NaN passes through both comparisons
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // Cody-Waite ln2 split
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  const float value = p * two_n;
+  return x < -87.3365f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : value);
+}
+
+}  // namespace
+
+extern "C" {
+
+// x[r, c] = clamp(x[r, c] * scale[c], -1, 1): the cosines from the fp32 GEMM (NaN stays NaN).
+int facescale_scale_clamp(float* x, int64_t rows, int64_t cols, const float* scale, int32_t threads) {
+  split_range(0, rows, threads, 8, [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = x + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = row[c] * scale[c];
+        row[c] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+      }
+    }
+  });
+  return 0;
+}
+
+// out[i] = clamp(float(raw[i]) * scale[i % cols], -1, 1) for the n = rows * cols elements, where raw (bf16)
+// is the upper half of out's bytes: raw[j] sits at out byte 2n + 2j. Writing out[i] (bytes 4i..4i+3)
+// overwrites raw[2i - n] and raw[2i - n + 1] only (indices below i). Waves [a, b) with b = (a + n) / 2 from
+// a = 0: a wave's writes reach raw below 2b - n = a (inputs of finished waves); its reads raw[a, b) sit at out
+// indices [n/2 + a/2, n/2 + b/2) = [b, ...), written only by later waves.
+int facescale_bf16_cosines_to_f32(const uint16_t* raw, const float* scale, int64_t rows, int64_t cols,
+                                  float* out, int32_t threads) {
+  const int64_t n = rows * cols;
+  auto body = [=](int64_t i0, int64_t i1) {  // blocks within one row: read whole, then written
+    float block[kBlock];
+    for (int64_t i = i0; i < i1;) {
+      const int64_t c = i % cols, len = std::min({kBlock, i1 - i, cols - c});
+      for (int64_t j = 0; j < len; ++j) {
+        const float v = bf16_to_f32(raw[i + j]) * scale[c + j];
+        block[j] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+      }
+      std::memcpy(out + i, block, len * sizeof(float));
+      i += len;
+    }
+  };
+  int64_t a = 0;
+  while (n - a >= 2 * kMinWave) {
+    const int64_t b = (a + n) / 2;
+    split_range(a, b, threads, kMinWave, body);
+    a = b;
+  }
+  body(a, n);  // the tail, in one ascending pass
+  return 0;
+}
+
+// out[i] = bf16(in[i] * scale[i % cols]) for n = rows * cols elements, out (bf16) over the lower half of in's
+// bytes: writing out[i] (bytes 2i, 2i+1) overwrites in[i / 2] only. Waves [a, 2a) after a first ascending
+// [0, kMinWave): a wave's writes reach in below a (finished), and it reads in[a, 2a), which no write of it
+// reaches.
+int facescale_f32_scaled_to_bf16(const float* in, const float* scale, int64_t rows, int64_t cols,
+                                 uint16_t* out, int32_t threads) {
+  const int64_t n = rows * cols;
+  auto body = [=](int64_t i0, int64_t i1) {  // blocks within one row: read whole, then written
+    float block[kBlock];
+    uint16_t half[kBlock];
+    for (int64_t i = i0; i < i1;) {
+      const int64_t c = i % cols, len = std::min({kBlock, i1 - i, cols - c});
+      std::memcpy(block, in + i, len * sizeof(float));
+      for (int64_t j = 0; j < len; ++j) half[j] = f32_to_bf16(block[j] * scale[c + j]);
+      std::memcpy(out + i, half, len * sizeof(uint16_t));
+      i += len;
+    }
+  };
+  int64_t a = std::min<int64_t>(n, kMinWave);
+  body(0, a);
+  while (a < n) {
+    const int64_t b = std::min<int64_t>(n, 2 * a);
+    split_range(a, b, threads, kMinWave, body);
+    a = b;
+  }
+  return 0;
+}
+
+// x[r, :] *= scale; row_max[r] = max over columns c != skip[r] (skip < 0: all), -inf for none, NaN if any
+// NaN: the margin softmax's logits before the target column is replaced by its margin logit.
+int facescale_scale_row_max(float* x, int64_t rows, int64_t cols, float scale, const int64_t* skip,
+                            float* row_max, int32_t threads) {
+  split_range(0, rows, threads, 8, [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = x + r * cols;
+      const int64_t s = skip ? skip[r] : -1;
+      const bool skipping = s >= 0 && s < cols;
+      const float skipped = skipping ? row[s] : 0.0f;
+      if (skipping) row[s] = -std::numeric_limits<float>::infinity();  // out of the max, restored below
+      float lanes[16];
+      bool nan = skipped != skipped;
+      for (float& lane : lanes) lane = -std::numeric_limits<float>::infinity();
+      int64_t c = 0;
+      for (; c + 16 <= cols; c += 16) {
+        for (int l = 0; l < 16; ++l) {
+          const float v = row[c + l] * scale;
+          row[c + l] = v;
+          nan |= v != v;
+          lanes[l] = v > lanes[l] ? v : lanes[l];
+        }
+      }
+      for (; c < cols; ++c) {
+        const float v = row[c] * scale;
+        row[c] = v;
+        nan |= v != v;
+        lanes[0] = v > lanes[0] ? v : lanes[0];
+      }
+      float best = -std::numeric_limits<float>::infinity();
+      for (const float lane : lanes) best = lane > best ? lane : best;
+      if (skipping) row[s] = skipped * scale;
+      row_max[r] = nan ? std::numeric_limits<float>::quiet_NaN() : best;
+    }
+  });
+  return 0;
+}
+
+// x[r, c] = exp(x[r, c] - shift[r]); sums[r] = sum over the row (fp32 lanes per 1024 columns, then double).
+int facescale_exp_row_sums(float* x, int64_t rows, int64_t cols, const float* shift, float* sums,
+                           int32_t threads) {
+  split_range(0, rows, threads, 8, [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = x + r * cols;
+      const float m = shift[r];
+      double total = 0.0;
+      for (int64_t c0 = 0; c0 < cols; c0 += 1024) {
+        const int64_t c1 = std::min(cols, c0 + 1024);
+        float lanes[16] = {0.f};
+        int64_t c = c0;
+        for (; c + 16 <= c1; c += 16) {
+          for (int l = 0; l < 16; ++l) {
+            const float e = exp_f32(row[c + l] - m);
+            row[c + l] = e;
+            lanes[l] += e;
+          }
+        }
+        for (; c < c1; ++c) {
+          const float e = exp_f32(row[c] - m);
+          row[c] = e;
+          lanes[0] += e;
+        }
+        for (const float lane : lanes) total += lane;
+      }
+      sums[r] = static_cast<float>(total);
+    }
+  });
+  return 0;
+}
+
+}  // extern "C"
