@@ -8,6 +8,8 @@ alternating rounds (so both see the same machine load); the figures the head's c
   sort        the sampled ids in ascending order: mark-and-scan (heads/sampling.py) vs torch.sort
   cosine GEMM the fp32 forward GEMM [B, D] x [D, C'] into the logits buffer: in 1024-center blocks
               (heads/norm_linear.cosine_gemm) vs one torch.mm
+  logits passes the margin softmax's passes over the [B, C'] buffer and the bf16 cosines' widening, native
+              (heads/kernels/logit_passes.cpp) vs the torch ops they replace
 
     PYTHONPATH=. .venv/bin/python benchmarks/head_parts.py --out benchmarks/results/head_parts_cpu
 """
@@ -125,6 +127,47 @@ def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
                        "one torch.mm": lambda: torch.mm(x, weight.t(), out=out)}, rounds, lambda: None)
 
 
+def softmax_case(batch: int, sampled: int, rounds: int) -> dict:
+    """The in-place margin softmax's passes over an fp32 [B, C'] logits buffer (heads/dist_cross_entropy.py):
+    native scale + row max, then shift + exp + row sum, vs the torch ops they replace; and the bf16 cosines'
+    widening + scale + clamp in place (native, all threads) vs torch into a separate fp32 tensor."""
+    from facescale.heads.native import center_kernels
+
+    kernels = center_kernels()
+    if kernels is None:
+        return {"skipped": "no C++ compiler: the native passes are not built"}
+    gen = torch.Generator().manual_seed(3)
+    cos = (torch.randn(batch, sampled, generator=gen) * 0.1).clamp_(-1, 1)  # as in a head: no exp underflow
+    target = torch.randint(0, sampled, (batch,), generator=gen)
+    buffer, row_max, sums = torch.empty_like(cos), torch.empty(batch), torch.empty(batch)
+
+    def native() -> None:
+        buffer.copy_(cos)
+        kernels.scale_row_max_(buffer, 64.0, target, row_max)
+        kernels.exp_row_sums_(buffer, row_max, sums)
+
+    def torch_ops() -> None:
+        buffer.copy_(cos)
+        logits = buffer.mul_(64.0)
+        peak = logits.amax(dim=1)
+        logits.sub_(peak[:, None]).exp_().sum(dim=1)
+
+    x_hat, weight = torch.randn(batch, DIM, generator=gen).bfloat16(), torch.randn(sampled, DIM).bfloat16()
+    scale = torch.rand(sampled, generator=gen)
+
+    def torch_cosines() -> None:
+        torch.mul(torch.mm(x_hat, weight.t()), scale, out=buffer).clamp_(-1.0, 1.0)
+
+    copy_ms = _alternate({"copy": lambda: buffer.copy_(cos)}, rounds, lambda: None)["copy"]
+    def native_cosines() -> None:
+        kernels.bf16_cosines_in_place(x_hat, weight, scale, buffer)
+
+    result = _alternate({"softmax native": native, "softmax torch ops": torch_ops,
+                         "bf16 cosines native": native_cosines, "bf16 cosines torch": torch_cosines},
+                        rounds, lambda: None)
+    return {**result, "buffer copy (in both softmax figures)": copy_ms}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, default=100_000)
@@ -151,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in args.batch:
             result["cases"].append({"part": "cosine GEMM", "B": batch, "C'": sampled,
                                     "ms": gemm_case(batch, sampled, args.rounds)})
+            result["cases"].append({"part": "logits passes", "B": batch, "C'": sampled,
+                                    "ms": softmax_case(batch, sampled, args.rounds)})
     result["load_end"] = list(os.getloadavg())
     text = markdown(result)
     print(text)
