@@ -3,9 +3,9 @@
 The optimizer and the forward's gather touch a few thousand scattered 1-2 KB rows of a shard that spans
 hundreds of MB: with 4 KB pages nearly every row costs a TLB miss, which dominates the row's time. Advising
 the shard's memory as huge before its first touch (MADV_HUGEPAGE; honoured when
-/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`) made the row gather 8-16% and the
-scattered update 5-22% faster at C = 100k (benchmarks/results/head_parts_cpu.md). Elsewhere, or when the call
-fails, the tensor is an ordinary one.
+/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`) made the row gather 5-9% and the
+scattered update 3-16% faster at C = 100k, with the kernels prefetching rows ahead (they hide much of the
+miss; benchmarks/results/head_parts_cpu.md). Elsewhere, or when the call fails, the tensor is an ordinary one.
 """
 
 from __future__ import annotations
