@@ -1,8 +1,8 @@
 """The fused CPU kernels of the head (kernels/: the center optimizer's center_sgd.cpp, the logits buffer's
 logit_passes.cpp), built once per machine into one library, loaded via ctypes.
 
-The sources have a plain C ABI and no torch headers, so it compiles with the system C++ compiler in about a
-second (a torch.utils.cpp_extension build takes minutes on a 2-core CI machine). The library is cached under
+The sources have a plain C ABI and no torch headers, so they compile with the system C++ compiler in a few
+seconds (a torch.utils.cpp_extension build takes minutes on a 2-core CI machine). The library is cached under
 $FACESCALE_CACHE/kernels (default ~/.cache/facescale/kernels), keyed by source, compiler and CPU flags, so
 a cache shared by different nodes never loads a binary built for another CPU. Without a compiler, or with
 FACESCALE_NATIVE_KERNELS=0, `center_kernels()` returns None and callers use their torch path, which has the
