@@ -27,7 +27,9 @@ from torch import Tensor
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = (_KERNELS / "center_sgd.cpp", _KERNELS / "logit_passes.cpp")
 _HEADERS = (_KERNELS / "common.h",)
-_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# -ffp-contract=off: no multiply-add is fused unless the source says so (std::fma), so code inlined or
+# vectorised differently computes the same bits (the deferred dense replay relies on it: center_sgd.cpp)
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 

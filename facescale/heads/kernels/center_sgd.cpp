@@ -9,9 +9,9 @@
 // Dense calls also stream every other row of [row_begin, row_end) with g = 0 (ghost momentum/decay).
 // Deferred dense updates (facescale_center_catch_up): a row that was not sampled need not be streamed every
 // step; it records how many steps it has seen, and before it is next read its missed zero-gradient steps are
-// replayed one by one with those steps' learning rates, through the same update_row as above, so the result
-// is bit for bit what the every-step dense pass would have produced (update_row is one non-inlined function).
-// Built and loaded by facescale/heads/native.py (plain C ABI, no torch headers: compiles in ~1 s).
+// replayed with those steps' learning rates by the same replay_row the every-step pass runs for one step, so the
+// result is bit for bit what the every-step dense pass would have produced (see replay_row).
+// Built and loaded by facescale/heads/native.py (plain C ABI, no torch headers, -ffp-contract=off).
 #include <cmath>
 
 #include "common.h"
@@ -45,7 +45,7 @@ inline float dot(const float* a, const float* b, int64_t d) {
   float acc[16] = {0.f};
   int64_t j = 0;
   for (; j + 16 <= d; j += 16) {
-    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];
+    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];  // (an explicit fma here: 25% slower update)
   }
   float tail = 0.f;
   for (; j < d; ++j) tail += a[j] * b[j];
@@ -57,78 +57,134 @@ inline float dot(const float* a, const float* b, int64_t d) {
 
 inline float inv_norm(const float* w, int64_t d, float eps) { return 1.f / std::max(std::sqrt(dot(w, w, d)), eps); }
 
-// fp32 storage, no residual: the row and its momentum are updated where they lie (one read, one write).
-void update_row_f32(const Args& a, int64_t row, int64_t k, float* __restrict g) {
-  const int64_t d = a.dim, off = row * d;
-  const float lr = a.lr, mu = a.mu, wd = a.wd, decay = 1.f - a.lr * a.wd;
-  float* __restrict w = static_cast<float*>(a.centers) + off;
-  const float* p = nullptr;
-  float coef = 0.f;
-  if (k >= 0) {
-    if (a.grad_bf16) {
-      const uint16_t* src = static_cast<const uint16_t*>(a.grad) + k * d;
-      for (int64_t j = 0; j < d; ++j) g[j] = bf16_to_f32(src[j]);
-      p = g;
-    } else {
-      p = static_cast<const float*>(a.grad) + k * d;
-    }
-    if (a.proj_inv) coef = dot(w, p, d) * a.proj_inv[k] * a.proj_inv[k];
-  }
-  if (a.momentum) {
-    float* __restrict m = static_cast<float*>(a.momentum) + off;
-    if (p) {
+// Zero-gradient steps ("ghost" momentum and decay) of a row a dense step did not sample: the every-step dense
+// pass runs one such step, the deferred catch-up all the steps a row missed, both through replay_row below. The
+// library is built with -ffp-contract=off (native.py) and every fused multiply-add is written out, so each
+// element sees the same IEEE operations in the same order however the compiler inlines or vectorises, and the
+// two paths agree bit for bit. A row (2-4 KB with its state) stays in L1 across its steps.
+struct LrSteps {  // step s of a replay uses lr[(first + s) % history]
+  const float* lr;
+  int64_t history, first, count;
+  float at(int64_t s) const { return lr[(first + s) % history]; }
+};
+
+void replay_row_f32(const Args& a, int64_t row, const LrSteps& steps) {
+  const int64_t d = a.dim;
+  const float mu = a.mu, wd = a.wd;
+  float* __restrict w = static_cast<float*>(a.centers) + row * d;
+  float* __restrict m = a.momentum ? static_cast<float*>(a.momentum) + row * d : nullptr;
+  for (int64_t s = 0; s < steps.count; ++s) {
+    const float lr = steps.at(s);
+    if (m) {
       for (int64_t j = 0; j < d; ++j) {
-        const float mj = mu * m[j] + wd * w[j] + (p[j] - coef * w[j]);
+        const float mj = std::fma(mu, m[j], wd * w[j]);
         m[j] = mj;
-        w[j] -= lr * mj;
+        w[j] = std::fma(-lr, mj, w[j]);
       }
     } else {
-      for (int64_t j = 0; j < d; ++j) {
-        const float mj = mu * m[j] + wd * w[j];
-        m[j] = mj;
-        w[j] -= lr * mj;
-      }
-    }
-  } else {
-    if (p) {
-      for (int64_t j = 0; j < d; ++j) w[j] = w[j] * decay - lr * (p[j] - coef * w[j]);
-    } else {
+      const float decay = std::fma(-lr, wd, 1.f);
       for (int64_t j = 0; j < d; ++j) w[j] *= decay;
     }
+  }
+}
+
+// bf16 storage: the value is hi (+ lo with a residual); each step stores the momentum, hi and lo rounded to
+// bf16, exactly as a sampled row's update does.
+template <bool kResidual, bool kMomentum>
+void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
+  const int64_t d = a.dim, off = row * d;
+  const float mu = a.mu, wd = a.wd;
+  uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
+  uint16_t* __restrict lo = kResidual ? a.residual + off : nullptr;
+  uint16_t* __restrict m = kMomentum ? static_cast<uint16_t*>(a.momentum) + off : nullptr;
+  for (int64_t s = 0; s < steps.count; ++s) {
+    const float lr = steps.at(s), decay = std::fma(-lr, wd, 1.f);
+    for (int64_t j = 0; j < d; ++j) {
+      float value = kResidual ? bf16_to_f32(ch[j]) + bf16_to_f32(lo[j]) : bf16_to_f32(ch[j]);
+      if (kMomentum) {
+        const float mj = std::fma(mu, bf16_to_f32(m[j]), wd * value);
+        m[j] = f32_to_bf16(mj);
+        value = std::fma(-lr, mj, value);
+      } else {
+        value *= decay;
+      }
+      const uint16_t h = f32_to_bf16(value);
+      ch[j] = h;
+      if (kResidual) lo[j] = f32_to_bf16(value - bf16_to_f32(h));
+    }
+  }
+}
+
+void replay_row(const Args& a, int64_t row, const LrSteps& steps) {
+  if (!a.centers_bf16) {
+    replay_row_f32(a, row, steps);
+  } else if (a.residual) {
+    if (a.momentum) replay_row_bf16<true, true>(a, row, steps); else replay_row_bf16<true, false>(a, row, steps);
+  } else {
+    if (a.momentum) replay_row_bf16<false, true>(a, row, steps); else replay_row_bf16<false, false>(a, row, steps);
+  }
+}
+
+// 1 / max(||row||, eps) of a stored fp32 or bf16 row (bf16 widened into `scratch`, dim floats).
+inline float stored_inv_norm(const void* rows, bool bf16, int64_t row, int64_t dim, float* scratch, float eps) {
+  if (!bf16) return inv_norm(static_cast<const float*>(rows) + row * dim, dim, eps);
+  const uint16_t* h = static_cast<const uint16_t*>(rows) + row * dim;
+  for (int64_t j = 0; j < dim; ++j) scratch[j] = bf16_to_f32(h[j]);
+  return inv_norm(scratch, dim, eps);
+}
+
+// fp32 storage, no residual: a sampled row and its momentum are updated where they lie (one read, one write).
+void update_row_f32(const Args& a, int64_t row, int64_t k, float* __restrict g) {
+  const int64_t d = a.dim, off = row * d;
+  const float lr = a.lr, mu = a.mu, wd = a.wd, decay = std::fma(-a.lr, a.wd, 1.f);
+  float* __restrict w = static_cast<float*>(a.centers) + off;
+  const float* p = static_cast<const float*>(a.grad) + k * d;
+  if (a.grad_bf16) {
+    const uint16_t* src = static_cast<const uint16_t*>(a.grad) + k * d;
+    for (int64_t j = 0; j < d; ++j) g[j] = bf16_to_f32(src[j]);
+    p = g;
+  }
+  const float coef = a.proj_inv ? dot(w, p, d) * a.proj_inv[k] * a.proj_inv[k] : 0.f;
+  if (a.momentum) {
+    float* __restrict m = static_cast<float*>(a.momentum) + off;
+    for (int64_t j = 0; j < d; ++j) {
+      const float mj = std::fma(mu, m[j], std::fma(wd, w[j], std::fma(-coef, w[j], p[j])));
+      m[j] = mj;
+      w[j] = std::fma(-lr, mj, w[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < d; ++j) w[j] = std::fma(w[j], decay, -lr * std::fma(-coef, w[j], p[j]));
   }
   if (a.inv_norms) a.inv_norms[row] = inv_norm(w, d, a.eps);
 }
 
 // Half-precision storage: hi (and the momentum) are bf16; the value is hi + lo when a residual is kept. The
 // gradient is projected with hi (the row the forward used); the update, rounding and residual run in one loop.
-template <bool kResidual, bool kMomentum, bool kGrad>
+template <bool kResidual, bool kMomentum>
 void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w, float* __restrict g) {
   const int64_t d = a.dim, off = row * d;
-  const float lr = a.lr, mu = a.mu, wd = a.wd, decay = 1.f - a.lr * a.wd;
+  const float lr = a.lr, mu = a.mu, wd = a.wd, decay = std::fma(-a.lr, a.wd, 1.f);
   uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
   uint16_t* __restrict lo = kResidual ? a.residual + off : nullptr;
   uint16_t* __restrict m = kMomentum ? static_cast<uint16_t*>(a.momentum) + off : nullptr;
   for (int64_t j = 0; j < d; ++j) w[j] = bf16_to_f32(ch[j]);
-  float coef = 0.f;
-  if (kGrad) {
-    if (a.grad_bf16) {
-      const uint16_t* __restrict p = static_cast<const uint16_t*>(a.grad) + k * d;
-      for (int64_t j = 0; j < d; ++j) g[j] = bf16_to_f32(p[j]);
-    } else {
-      std::memcpy(g, static_cast<const float*>(a.grad) + k * d, d * sizeof(float));
-    }
-    if (a.proj_inv) coef = dot(w, g, d) * a.proj_inv[k] * a.proj_inv[k];
+  if (a.grad_bf16) {
+    const uint16_t* __restrict p = static_cast<const uint16_t*>(a.grad) + k * d;
+    for (int64_t j = 0; j < d; ++j) g[j] = bf16_to_f32(p[j]);
+  } else {
+    std::memcpy(g, static_cast<const float*>(a.grad) + k * d, d * sizeof(float));
   }
+  const float coef = a.proj_inv ? dot(w, g, d) * a.proj_inv[k] * a.proj_inv[k] : 0.f;
   for (int64_t j = 0; j < d; ++j) {
     const float hi = w[j];
     float value = kResidual ? hi + bf16_to_f32(lo[j]) : hi;
-    const float grad = kGrad ? g[j] - coef * hi : 0.f;
+    const float grad = std::fma(-coef, hi, g[j]);
     if (kMomentum) {
-      const float mj = mu * bf16_to_f32(m[j]) + wd * value + grad;
+      const float mj = std::fma(mu, bf16_to_f32(m[j]), std::fma(wd, value, grad));
       m[j] = f32_to_bf16(mj);
-      value -= lr * mj;
+      value = std::fma(-lr, mj, value);
     } else {
-      value = value * decay - lr * grad;
+      value = std::fma(value, decay, -lr * grad);
     }
     const uint16_t h = f32_to_bf16(value);
     const float stored = bf16_to_f32(h);
@@ -139,24 +195,18 @@ void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w,
   if (a.inv_norms) a.inv_norms[row] = inv_norm(w, d, a.eps);
 }
 
-template <bool kResidual, bool kMomentum>
-inline void update_row_bf16_any(const Args& a, int64_t row, int64_t k, float* w, float* g) {
-  if (k >= 0) {
-    update_row_bf16<kResidual, kMomentum, true>(a, row, k, w, g);
-  } else {
-    update_row_bf16<kResidual, kMomentum, false>(a, row, k, w, g);
-  }
-}
-
-// One compiled copy (not inlined per caller), so the every-step dense pass and the deferred catch-up run the same
-// instructions (the same FMA contractions) and agree bit for bit.
-__attribute__((noinline)) void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g) {
-  if (!a.centers_bf16) {
+// Row `row` of a step: with its gradient row k (k >= 0), or a zero-gradient step (k < 0, a dense pass's
+// unsampled row), after which its cached inverse norm is refreshed like a sampled row's.
+void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g) {
+  if (k < 0) {
+    replay_row(a, row, LrSteps{&a.lr, 1, 0, 1});
+    if (a.inv_norms) a.inv_norms[row] = stored_inv_norm(a.centers, a.centers_bf16, row, a.dim, w, a.eps);
+  } else if (!a.centers_bf16) {
     update_row_f32(a, row, k, g);  // the wrapper accepts only fp32 state and no residual with fp32 centers
   } else if (a.residual) {
-    if (a.momentum) update_row_bf16_any<true, true>(a, row, k, w, g); else update_row_bf16_any<true, false>(a, row, k, w, g);
+    if (a.momentum) update_row_bf16<true, true>(a, row, k, w, g); else update_row_bf16<true, false>(a, row, k, w, g);
   } else {
-    if (a.momentum) update_row_bf16_any<false, true>(a, row, k, w, g); else update_row_bf16_any<false, false>(a, row, k, w, g);
+    if (a.momentum) update_row_bf16<false, true>(a, row, k, w, g); else update_row_bf16<false, false>(a, row, k, w, g);
   }
 }
 
@@ -205,14 +255,6 @@ int64_t first_grad_at_or_after(const Args& a, int64_t row) {  // binary search i
     if (grad_row(a, mid) < row) lo = mid + 1; else hi = mid;
   }
   return lo;
-}
-
-// 1 / max(||row||, eps) of a stored fp32 or bf16 row (bf16 widened into `scratch`, dim floats).
-inline float stored_inv_norm(const void* rows, bool bf16, int64_t row, int64_t dim, float* scratch, float eps) {
-  if (!bf16) return inv_norm(static_cast<const float*>(rows) + row * dim, dim, eps);
-  const uint16_t* h = static_cast<const uint16_t*>(rows) + row * dim;
-  for (int64_t j = 0; j < dim; ++j) scratch[j] = bf16_to_f32(h[j]);
-  return inv_norm(scratch, dim, eps);
 }
 
 }  // namespace
@@ -265,7 +307,7 @@ int facescale_center_catch_up(
   if (residual && !centers_bf16) return 2;
   const int64_t row_bytes = dim * (centers_bf16 ? 2 : 4);
   auto body = [=](int64_t k0, int64_t k1) {
-    std::vector<float> w(dim), g(dim);
+    std::vector<float> w(dim);
     Args a{dim, 0, nullptr, 0, nullptr, 0, nullptr, 0, 0, centers, centers_bf16, residual, momentum,
            centers_bf16, nullptr, 0.f, mu, wd, eps};
     for (int64_t k = k0; k < k1; ++k) {
@@ -273,10 +315,7 @@ int facescale_center_catch_up(
       if (k + 1 < k1 && rows) prefetch_row(a, rows[k + 1]);
       const int64_t missed = applied - row_steps[row];
       if (missed > 0) {
-        for (int64_t step = row_steps[row] + 1; step <= applied; ++step) {
-          a.lr = lr_history[step % history];
-          update_row(a, row, -1, w.data(), g.data());
-        }
+        replay_row(a, row, LrSteps{lr_history, history, row_steps[row] + 1, missed});
         row_steps[row] = applied;
         if (inv_norms) inv_norms[row] = stored_inv_norm(centers, centers_bf16, row, dim, w.data(), eps);
       }

@@ -19,6 +19,12 @@ using facescale::bf16_to_f32;
 using facescale::f32_to_bf16;
 using facescale::split_range;
 
+// 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or split for narrower units)
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 splat(float x) { return f32x16{} + x; }
+
 constexpr int64_t kMinWave = 1 << 14;  // smaller waves run on the calling thread
 constexpr int64_t kBlock = 64;  // elements converted through a local block (read whole before it is written)
 
@@ -28,16 +34,15 @@ constexpr int64_t kBlock = 64;  // elements converted through a local block (rea
 // (x < -87.3365) are 0, x > 88 gives +inf; NaN stays NaN.
 inline float exp_f32(float x) {
   const float clamped = std::min(std::max(x, -87.3365f), 88.0f);  // NaN passes through both comparisons
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // Cody-Waite ln2 split
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float n = std::fma(clamped, 1.44269504088896341f, 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = std::fma(-n, 1.428606765330187e-06f, std::fma(-n, 0.693145751953125f, clamped));  // ln2 split
+  float p = std::fma(1.0f / 5040.0f, r, 1.0f / 720.0f);  // Horner, one rounding per term
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, 4);
@@ -132,28 +137,31 @@ int facescale_scale_row_max(float* x, int64_t rows, int64_t cols, float scale, c
       const bool skipping = s >= 0 && s < cols;
       const float skipped = skipping ? row[s] : 0.0f;
       if (skipping) row[s] = -std::numeric_limits<float>::infinity();  // out of the max, restored below
-      float lanes[16];
-      bool nan = skipped != skipped;
-      for (float& lane : lanes) lane = -std::numeric_limits<float>::infinity();
+      f32x16 best = splat(-std::numeric_limits<float>::infinity());
+      i32x16 nan = {};  // lanes that saw a NaN (the max itself would skip it)
       int64_t c = 0;
       for (; c + 16 <= cols; c += 16) {
-        for (int l = 0; l < 16; ++l) {
-          const float v = row[c + l] * scale;
-          row[c + l] = v;
-          nan |= v != v;
-          lanes[l] = v > lanes[l] ? v : lanes[l];
-        }
+        f32x16 v;
+        std::memcpy(&v, row + c, sizeof v);
+        v *= scale;
+        std::memcpy(row + c, &v, sizeof v);
+        best = v > best ? v : best;
+        nan |= v != v;
+      }
+      float top = -std::numeric_limits<float>::infinity();
+      bool any_nan = skipped != skipped;
+      for (int l = 0; l < 16; ++l) {
+        top = best[l] > top ? best[l] : top;
+        any_nan |= nan[l] != 0;
       }
       for (; c < cols; ++c) {
         const float v = row[c] * scale;
         row[c] = v;
-        nan |= v != v;
-        lanes[0] = v > lanes[0] ? v : lanes[0];
+        top = v > top ? v : top;
+        any_nan |= v != v;
       }
-      float best = -std::numeric_limits<float>::infinity();
-      for (const float lane : lanes) best = lane > best ? lane : best;
       if (skipping) row[s] = skipped * scale;
-      row_max[r] = nan ? std::numeric_limits<float>::quiet_NaN() : best;
+      row_max[r] = any_nan ? std::numeric_limits<float>::quiet_NaN() : top;
     }
   });
   return 0;
