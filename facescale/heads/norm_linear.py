@@ -128,8 +128,10 @@ class _NormLinear(torch.autograd.Function):
             w_gemm = weight.to(gemm_dtype)  # a copy only for mixed inputs (fp32 x, bf16 centers)
             cos = cosine_gemm(x_hat, w_gemm, out) if reuse else x_hat @ w_gemm.t()
             kernels = native_kernels_for(cos, w_inv)
-            clamped = kernels is not None
-            kernels.scale_clamp_(cos, w_inv) if clamped else cos.mul_(w_inv[None, :])
+            if kernels is not None:
+                cos, clamped = kernels.scale_clamp_(cos, w_inv), True
+            else:
+                cos.mul_(w_inv[None, :])
         elif reuse and native_kernels_for(x_hat, weight.detach(), w_inv, out) is not None:  # GEMM inside out
             cos = center_kernels().bf16_cosines_in_place(x_hat, weight.detach(), w_inv, out)
             clamped = True
