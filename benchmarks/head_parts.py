@@ -5,7 +5,8 @@ alternating rounds (so both see the same machine load); the figures the head's c
               round) of a [C, D] shard whose
               memory is advised to huge pages (heads/huge_pages.py) vs plain 4 KB pages; caches are flushed
               before each call (a 64 MB pass), as the step's GEMMs leave them
-  sort        the sampled ids in ascending order: mark-and-scan (heads/sampling.py) vs torch.sort
+  sort        the sampled ids in ascending order from the shard's scores: a native radix select (heads/
+              sampling.py) vs torch.topk + mark-and-scan; mark-and-scan vs torch.sort of the ids alone
   cosine GEMM the fp32 forward GEMM [B, D] x [D, C'] into the logits buffer: in 1024-center blocks
               (heads/norm_linear.cosine_gemm) vs one torch.mm
   logits passes the margin softmax's passes over the [B, C'] buffer and the bf16 cosines' widening, native
@@ -109,12 +110,25 @@ def rows_case(classes: int, sampled: int, dtype: torch.dtype, rounds: int) -> di
 
 
 def sort_case(classes: int, sampled: int, rounds: int) -> dict:
+    """The sampler's choice of C' ids from [0, C) scores, ascending: the native radix select + ordered scan
+    (heads/sampling._top_k_sorted) vs torch.topk then mark-and-scan, and mark-and-scan vs torch.sort alone."""
+    from facescale.heads.native import center_kernels
     from facescale.heads.sampling import _sorted
 
-    ids = torch.randperm(classes, generator=torch.Generator().manual_seed(1))[:sampled]
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(classes, generator=gen)
+    ids = torch.topk(scores, sampled, sorted=False).indices
     assert torch.equal(_sorted(ids, classes), ids.sort().values)
-    return _alternate({"mark-and-scan": lambda: _sorted(ids, classes), "torch.sort": lambda: ids.sort()},
-                      rounds, lambda: None)
+    def topk_then_scan() -> torch.Tensor:
+        return _sorted(torch.topk(scores, sampled, sorted=False).indices, classes)
+
+    cases = {"topk + mark-and-scan": topk_then_scan, "mark-and-scan": lambda: _sorted(ids, classes),
+             "torch.sort": lambda: ids.sort()}
+    kernels = center_kernels()
+    if kernels is not None:
+        assert torch.equal(kernels.top_k_sorted(scores, sampled), ids.sort().values)
+        cases = {"native select": lambda: kernels.top_k_sorted(scores, sampled), **cases}
+    return _alternate(cases, rounds, lambda: None)
 
 
 def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
@@ -196,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
                                     "ms": gemm_case(batch, sampled, args.rounds)})
             result["cases"].append({"part": "logits passes", "B": batch, "C'": sampled,
                                     "ms": softmax_case(batch, sampled, args.rounds)})
+    big, big_sampled = 10 * args.classes, 10 * max(args.sampled)  # the sampler at a 10x larger shard
+    result["cases"].append({"part": "sort", "C": big, "C'": big_sampled,
+                            "ms": sort_case(big, big_sampled, args.rounds)})
     result["load_end"] = list(os.getloadavg())
     text = markdown(result)
     print(text)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import facescale.heads.sampling as sampling
+from facescale.heads.native import center_kernels
 from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
 
 START, COUNT = 100, 50  # the shard holds global classes [100, 150)
@@ -115,3 +117,33 @@ def test_micro_steps_of_one_step_draw_independent_negatives_and_a_resume_draws_t
         # independent draws of 96 of 996 share ~9; the same generator would share all 96
         assert len(first[a] & first[b]) < 30
     assert draws(3) == first
+
+
+@pytest.mark.skipif(center_kernels() is None, reason="no C++ compiler: sampling uses torch.topk")
+@pytest.mark.parametrize("n", [1, 7, 1000, 100_000])
+def test_native_top_k_picks_the_same_ids_as_torch_topk(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.rand(n, generator=gen)
+    scores[torch.randint(0, n, (n // 20,), generator=gen)] = 2.0  # positives, as sample_centers marks them
+    positives = int((scores == 2.0).sum())
+    for k in sorted({0, positives, min(positives + 1, n), max(n // 10, positives), max(n - 1, positives), n}):
+        # budgets hold every positive (sample_centers' case); rand's floats do not tie
+        expected = torch.topk(scores, k).indices.sort().values
+        assert torch.equal(center_kernels().top_k_sorted(scores, k), expected), (n, k)
+
+
+@pytest.mark.skipif(center_kernels() is None, reason="no C++ compiler: sampling uses torch.topk")
+def test_native_top_k_takes_ties_lowest_id_first_and_refuses_negative_scores() -> None:
+    scores = torch.tensor([0.5, 0.7, 0.5, 0.5, 0.9, 0.5])
+    assert center_kernels().top_k_sorted(scores, 3).tolist() == [0, 1, 4]
+    assert center_kernels().top_k_sorted(scores, 5).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="non-negative"):
+        center_kernels().top_k_sorted(torch.tensor([0.1, -0.2, 0.3]), 1)
+
+
+def test_the_native_and_the_torch_draw_agree(monkeypatch) -> None:
+    labels = _labels(seed=3, rows=64)
+    native = _draw(labels, num_sample=30, step=5)
+    monkeypatch.setattr(sampling, "native_kernels_for", lambda *tensors: None)
+    fallback = _draw(labels, num_sample=30, step=5)
+    assert torch.equal(native.index, fallback.index) and torch.equal(native.target_col, fallback.target_col)

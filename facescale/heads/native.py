@@ -1,5 +1,5 @@
 """The fused CPU kernels of the head (kernels/: the center optimizer's center_sgd.cpp, the logits buffer's
-logit_passes.cpp), built once per machine into one library, loaded via ctypes.
+logit_passes.cpp, the sampler's top_k.cpp), built once per machine into one library, loaded via ctypes.
 
 The sources have a plain C ABI and no torch headers, so they compile with the system C++ compiler in a few
 seconds (a torch.utils.cpp_extension build takes minutes on a 2-core CI machine). The library is cached under
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 _KERNELS = Path(__file__).with_name("kernels")
-_SOURCES = (_KERNELS / "center_sgd.cpp", _KERNELS / "logit_passes.cpp")
+_SOURCES = (_KERNELS / "center_sgd.cpp", _KERNELS / "logit_passes.cpp", _KERNELS / "top_k.cpp")
 _HEADERS = (_KERNELS / "common.h",)
 # -ffp-contract=off: no multiply-add is fused unless the source says so (std::fma), so code inlined or
 # vectorised differently computes the same bits (the deferred dense replay relies on it: center_sgd.cpp)
@@ -91,6 +91,9 @@ class CenterKernels:
         self._catch_up.restype = ctypes.c_int
         self._catch_up.argtypes = [_I64, _I64, _P, _P, _I64, _P, _I64, _P, _I32, _P, _P, _P]
         self._catch_up.argtypes += [_F32, _F32, _F32, _P, _I32]
+        self._top_k = library.facescale_top_k_sorted
+        self._top_k.restype = ctypes.c_int
+        self._top_k.argtypes = [_P, _I64, _I64, _P]
         self._gather = library.facescale_gather_rows
         self._gather.restype = ctypes.c_int
         self._gather.argtypes = [_P, _P, _I64, _I64, _P, _I32]
@@ -231,6 +234,13 @@ class CenterKernels:
         half = grad.view(-1).view(torch.bfloat16)[: rows * cols].view(rows, cols)
         self._to_bf16(grad.data_ptr(), scale.data_ptr(), rows, cols, half.data_ptr(), torch.get_num_threads())
         return half
+
+    def top_k_sorted(self, scores: Tensor, k: int) -> Tensor:
+        """Ids of the k largest of the non-negative fp32 `scores`, ascending (ties: lowest ids first)."""
+        out = torch.empty(max(0, min(k, scores.numel())), dtype=torch.int64)
+        if self._top_k(scores.data_ptr(), scores.numel(), k, out.data_ptr()):
+            raise ValueError("top_k_sorted needs non-negative, non-NaN scores")
+        return out
 
     def gather_rows(self, source: Tensor, index: Tensor, out: Tensor) -> Tensor:
         """out[k] = source[index[k]] (contiguous rows, same dtype)."""
