@@ -1,8 +1,8 @@
 // Element-wise passes over the head's [rows, cols] fp32 logits buffer, where cosines become logits, then
 // probabilities, then the gradient (heads/norm_linear.py, heads/dist_cross_entropy.py). Each kernel is one
 // pass over memory on all threads where torch would run two to four (scale, clamp, max; shift, exp, sum). At
-// B = 512 x C' = 30k (61 MB, beyond the caches) the softmax passes take 5.4 ms instead of 12 and the bf16
-// cosines 22 ms instead of 45 (GEMM included; benchmarks/results/head_parts_cpu.md, 2 threads).
+// B = 512 x C' = 30k (61 MB, beyond the caches) the softmax passes take ~7 ms instead of ~17 and the bf16
+// cosines ~25 ms instead of ~53 (GEMM included; benchmarks/results/head_parts_cpu.md, 2 threads).
 //
 // The bf16 GEMM's in-place widening and narrowing change the element size inside one buffer: an element's
 // write may land on bytes that hold another element's input. A single ascending pass is safe; in parallel,

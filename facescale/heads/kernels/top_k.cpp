@@ -1,6 +1,6 @@
 // The ids of the k largest of n non-negative fp32 scores, in ascending id order: Partial FC's draw of negatives
 // (uniform scores, positives scored 2.0; heads/sampling.py). torch.topk plus a sort of the ids costs ~13 ms at
-// n = 1M, k = 300k on 2 cores; a radix select on the scores' bits and one ordered scan ~3.5 ms, on one core.
+// n = 1M, k = 300k on 2 cores; a radix select on the scores' bits and one ordered scan ~4 ms, on one core.
 // Ties at the k-th value are taken lowest id first (torch.topk leaves them to its implementation).
 #include <cstdint>
 #include <cstring>
