@@ -28,6 +28,17 @@ inline f32x16 splat(float x) { return f32x16{} + x; }
 constexpr int64_t kMinWave = 1 << 14;  // smaller waves run on the calling thread
 constexpr int64_t kBlock = 64;  // elements converted through a local block (read whole before it is written)
 
+// block(i, c, len) over elements [i0, i1) of a [rows, cols] buffer, in ascending blocks of at most kBlock that
+// never cross a row (c: the column of element i), so each block reads its whole input before writing.
+template <class Block>
+inline void for_row_blocks(int64_t i0, int64_t i1, int64_t cols, const Block& block) {
+  for (int64_t i = i0; i < i1;) {
+    const int64_t c = i % cols, len = std::min({kBlock, i1 - i, cols - c});
+    block(i, c, len);
+    i += len;
+  }
+}
+
 // exp(x) in fp32 within ~1 ulp for x <= 88 (the softmax passes x - max <= 0), as plain arithmetic the compiler
 // vectorises (no libm call in the loop): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-7 Taylor polynomial
 // (truncation < 1e-8 relative), times 2^n built in the exponent bits. Results below the smallest normal float
@@ -76,17 +87,15 @@ int facescale_scale_clamp(float* x, int64_t rows, int64_t cols, const float* sca
 int facescale_bf16_cosines_to_f32(const uint16_t* raw, const float* scale, int64_t rows, int64_t cols,
                                   float* out, int32_t threads) {
   const int64_t n = rows * cols;
-  auto body = [=](int64_t i0, int64_t i1) {  // blocks within one row: read whole, then written
-    float block[kBlock];
-    for (int64_t i = i0; i < i1;) {
-      const int64_t c = i % cols, len = std::min({kBlock, i1 - i, cols - c});
+  auto body = [=](int64_t i0, int64_t i1) {
+    for_row_blocks(i0, i1, cols, [=](int64_t i, int64_t c, int64_t len) {
+      float block[kBlock];
       for (int64_t j = 0; j < len; ++j) {
         const float v = bf16_to_f32(raw[i + j]) * scale[c + j];
         block[j] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
       }
       std::memcpy(out + i, block, len * sizeof(float));
-      i += len;
-    }
+    });
   };
   int64_t a = 0;
   while (n - a >= 2 * kMinWave) {
@@ -105,16 +114,14 @@ int facescale_bf16_cosines_to_f32(const uint16_t* raw, const float* scale, int64
 int facescale_f32_scaled_to_bf16(const float* in, const float* scale, int64_t rows, int64_t cols,
                                  uint16_t* out, int32_t threads) {
   const int64_t n = rows * cols;
-  auto body = [=](int64_t i0, int64_t i1) {  // blocks within one row: read whole, then written
-    float block[kBlock];
-    uint16_t half[kBlock];
-    for (int64_t i = i0; i < i1;) {
-      const int64_t c = i % cols, len = std::min({kBlock, i1 - i, cols - c});
+  auto body = [=](int64_t i0, int64_t i1) {
+    for_row_blocks(i0, i1, cols, [=](int64_t i, int64_t c, int64_t len) {
+      float block[kBlock];
+      uint16_t half[kBlock];
       std::memcpy(block, in + i, len * sizeof(float));
       for (int64_t j = 0; j < len; ++j) half[j] = f32_to_bf16(block[j] * scale[c + j]);
       std::memcpy(out + i, half, len * sizeof(uint16_t));
-      i += len;
-    }
+    });
   };
   int64_t a = std::min<int64_t>(n, kMinWave);
   body(0, a);
