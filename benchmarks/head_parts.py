@@ -119,6 +119,7 @@ def sort_case(classes: int, sampled: int, rounds: int) -> dict:
     scores = torch.rand(classes, generator=gen)
     ids = torch.topk(scores, sampled, sorted=False).indices
     assert torch.equal(_sorted(ids, classes), ids.sort().values)
+
     def topk_then_scan() -> torch.Tensor:
         return _sorted(torch.topk(scores, sampled, sorted=False).indices, classes)
 
@@ -172,10 +173,10 @@ def softmax_case(batch: int, sampled: int, rounds: int) -> dict:
     def torch_cosines() -> None:
         torch.mul(torch.mm(x_hat, weight.t()), scale, out=buffer).clamp_(-1.0, 1.0)
 
-    copy_ms = _alternate({"copy": lambda: buffer.copy_(cos)}, rounds, lambda: None)["copy"]
     def native_cosines() -> None:
         kernels.bf16_cosines_in_place(x_hat, weight, scale, buffer)
 
+    copy_ms = _alternate({"copy": lambda: buffer.copy_(cos)}, rounds, lambda: None)["copy"]
     result = _alternate({"softmax native": native, "softmax torch ops": torch_ops,
                          "bf16 cosines native": native_cosines, "bf16 cosines torch": torch_cosines},
                         rounds, lambda: None)

@@ -20,6 +20,7 @@ namespace {
 
 using facescale::bf16_to_f32;
 using facescale::f32_to_bf16;
+using facescale::split_range;
 
 struct Args {
   int64_t dim;
@@ -325,7 +326,7 @@ int facescale_center_catch_up(
       }
     }
   };
-  facescale::split_range(0, n, threads, 256, body);
+  split_range(0, n, threads, 256, body);
   return 0;
 }
 
@@ -336,7 +337,7 @@ int facescale_inv_norms(const void* rows, int32_t bf16, int64_t n, int64_t dim, 
     std::vector<float> w(dim);
     for (int64_t i = i0; i < i1; ++i) out[i] = stored_inv_norm(rows, bf16, i, dim, w.data(), eps);
   };
-  facescale::split_range(0, n, threads, 1024, body);
+  split_range(0, n, threads, 1024, body);
   return 0;
 }
 
@@ -352,7 +353,7 @@ int facescale_gather_rows(const char* src, const int64_t* index, int64_t n, int6
       std::memcpy(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes);
     }
   };
-  facescale::split_range(0, n, threads, 256, body);
+  split_range(0, n, threads, 256, body);
   return 0;
 }
 
