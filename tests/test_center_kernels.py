@@ -13,6 +13,7 @@ import torch
 
 import facescale.heads.center_optimizer as center_optimizer
 from facescale.config.schema import HeadConfig, MarginConfig
+from facescale.heads import native
 from facescale.heads.center_optimizer import RESIDUAL, CenterOptimizer
 from facescale.heads.margins import build_margin
 from facescale.heads.native import center_kernels
@@ -190,3 +191,30 @@ def test_the_built_kernels_prefetch_their_scattered_rows() -> None:
         bodies = [f for f in functions if caller in f.split("\n", 1)[0]]
         assert bodies, f"no function named like {caller} in the kernels' library"
         assert any(re.search(opcode, body) for body in bodies), f"{caller} issues no prefetch"
+
+
+@needs_kernels
+def test_the_kernels_hot_loops_compile_to_simd(tmp_path) -> None:
+    """Every loop marked `// simd` in the kernels' sources is vectorised, and no explicit vector type is
+    wider than the target's registers (GCC expands those element by element), with the library's own flags
+    on this machine: on an AVX2-only CPU a select inside exp's loop once left the softmax pass scalar."""
+    cxx = native.compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in version:
+        pytest.skip(f"the vectorisation report is read from GCC's -fopt-info; {cxx} is not GCC")
+    for source in native.SOURCES:
+        report = subprocess.run(
+            native.compile_command(
+                cxx, "-c", str(source), "-o", str(tmp_path / "kernel.o"),
+                "-fopt-info-vec-optimized", "-Wvector-operation-performance",
+            ),
+            check=True, capture_output=True, text=True,
+        ).stderr
+        expanded = [line for line in report.splitlines() if "-Wvector-operation-performance" in line]
+        assert not expanded, f"{source.name}: vector operations expanded piecewise:\n" + "\n".join(expanded)
+        pattern = rf"{re.escape(source.name)}:(\d+):\d+: optimized: .*vectorized"
+        vectorised = {int(n) for n in re.findall(pattern, report)}
+        lines = source.read_text().splitlines()
+        marked = [n for n, text in enumerate(lines, 1) if text.endswith("// simd")]
+        missed = [n for n in marked if not {n, n + 1} & vectorised]  # GCC names the loop or its 1st statement
+        assert not missed, f"{source.name}: loops marked `// simd` left scalar at lines {missed}"

@@ -25,11 +25,15 @@ import torch
 from torch import Tensor
 
 _KERNELS = Path(__file__).with_name("kernels")
-_SOURCES = (_KERNELS / "center_sgd.cpp", _KERNELS / "logit_passes.cpp", _KERNELS / "top_k.cpp")
+SOURCES = (_KERNELS / "center_sgd.cpp", _KERNELS / "logit_passes.cpp", _KERNELS / "top_k.cpp")
 _HEADERS = (_KERNELS / "common.h",)
 # -ffp-contract=off: no multiply-add is fused unless the source says so (std::fma), so code inlined or
-# vectorised differently computes the same bits (the deferred dense replay relies on it: center_sgd.cpp)
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# vectorised differently computes the same bits (the deferred dense replay relies on it: center_sgd.cpp).
+# -fno-trapping-math: FP exception flags are not observable, so GCC may if-convert a loop's selects (clamps,
+# exp's range checks) into blends; without it, on AVX2, it left those loops scalar (exp 6x slower). Same
+# values either way. tests/test_center_kernels.py checks that the loops marked `// simd` are vectorised.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-std=c++17", "-fPIC"]
+_FLAGS += ["-pthread"]
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
@@ -43,13 +47,20 @@ def _cpu_signature() -> str:
     return os.uname().machine + "\n".join(sorted(set(keep)))
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler the kernels are built with ($CXX, else c++, g++ or clang++ on PATH)."""
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _build(compiler: str) -> Path:
-    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
-    key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
+def compile_command(cxx: str, *arguments: str) -> list[str]:
+    """The compiler invocation with the library's flags (the build adds -shared, sources and -o; tests ask
+    the compiler for its vectorisation report with the same flags)."""
+    return [cxx, *_FLAGS, *arguments]
+
+
+def _build(cxx: str) -> Path:
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *_HEADERS))
+    key = hashlib.sha256(source + cxx.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
     cache = Path(os.environ.get("FACESCALE_CACHE") or Path.home() / ".cache" / "facescale") / "kernels"
     target = cache / f"center_sgd_{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -57,7 +68,7 @@ def _build(compiler: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then an atomic rename (ranks race)
         built = Path(tmp) / target.name
-        command = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built)]
+        command = compile_command(cxx, "-shared", *map(str, SOURCES), "-o", str(built))
         subprocess.run(command, check=True, capture_output=True)
         os.replace(built, target)
     return target
@@ -265,12 +276,12 @@ def center_kernels() -> CenterKernels | None:
     """The loaded kernels, or None (no compiler, build failure, or FACESCALE_NATIVE_KERNELS=0)."""
     if os.environ.get("FACESCALE_NATIVE_KERNELS", "1") == "0":
         return None
-    compiler = _compiler()
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         warnings.warn("no C++ compiler found: the center optimizer uses its slower torch path", stacklevel=2)
         return None
     try:
-        built = _build(compiler)
+        built = _build(cxx)
         return CenterKernels(ctypes.CDLL(str(built)), built)
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", b"") or b""

@@ -19,11 +19,19 @@ using facescale::bf16_to_f32;
 using facescale::f32_to_bf16;
 using facescale::split_range;
 
-// 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or split for narrower units)
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+// One vector register of floats (GCC/Clang vector extension) at the width the target has: a wider type would
+// be split, and GCC lowers its compare-selects to scalar code (6x slower on an AVX2-only CPU).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float f32v __attribute__((vector_size(4 * kLanes)));
+typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
 
-inline f32x16 splat(float x) { return f32x16{} + x; }
+inline f32v splat(float x) { return f32v{} + x; }
 
 constexpr int64_t kMinWave = 1 << 14;  // smaller waves run on the calling thread
 constexpr int64_t kBlock = 64;  // elements converted through a local block (read whole before it is written)
@@ -70,7 +78,7 @@ int facescale_scale_clamp(float* x, int64_t rows, int64_t cols, const float* sca
   split_range(0, rows, threads, 8, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = x + r * cols;
-      for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t c = 0; c < cols; ++c) {  // simd
         const float v = row[c] * scale[c];
         row[c] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
       }
@@ -90,7 +98,7 @@ int facescale_bf16_cosines_to_f32(const uint16_t* raw, const float* scale, int64
   auto body = [=](int64_t i0, int64_t i1) {
     for_row_blocks(i0, i1, cols, [=](int64_t i, int64_t c, int64_t len) {
       float block[kBlock];
-      for (int64_t j = 0; j < len; ++j) {
+      for (int64_t j = 0; j < len; ++j) {  // simd
         const float v = bf16_to_f32(raw[i + j]) * scale[c + j];
         block[j] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
       }
@@ -119,7 +127,7 @@ int facescale_f32_scaled_to_bf16(const float* in, const float* scale, int64_t ro
       float block[kBlock];
       uint16_t half[kBlock];
       std::memcpy(block, in + i, len * sizeof(float));
-      for (int64_t j = 0; j < len; ++j) half[j] = f32_to_bf16(block[j] * scale[c + j]);
+      for (int64_t j = 0; j < len; ++j) half[j] = f32_to_bf16(block[j] * scale[c + j]);  // simd
       std::memcpy(out + i, half, len * sizeof(uint16_t));
     });
   };
@@ -144,11 +152,11 @@ int facescale_scale_row_max(float* x, int64_t rows, int64_t cols, float scale, c
       const bool skipping = s >= 0 && s < cols;
       const float skipped = skipping ? row[s] : 0.0f;
       if (skipping) row[s] = -std::numeric_limits<float>::infinity();  // out of the max, restored below
-      f32x16 best = splat(-std::numeric_limits<float>::infinity());
-      i32x16 nan = {};  // lanes that saw a NaN (the max itself would skip it)
+      f32v best = splat(-std::numeric_limits<float>::infinity());
+      i32v nan = {};  // lanes that saw a NaN (the max itself would skip it)
       int64_t c = 0;
-      for (; c + 16 <= cols; c += 16) {
-        f32x16 v;
+      for (; c + kLanes <= cols; c += kLanes) {
+        f32v v;
         std::memcpy(&v, row + c, sizeof v);
         v *= scale;
         std::memcpy(row + c, &v, sizeof v);
@@ -157,7 +165,7 @@ int facescale_scale_row_max(float* x, int64_t rows, int64_t cols, float scale, c
       }
       float top = -std::numeric_limits<float>::infinity();
       bool any_nan = skipped != skipped;
-      for (int l = 0; l < 16; ++l) {
+      for (int l = 0; l < kLanes; ++l) {
         top = best[l] > top ? best[l] : top;
         any_nan |= nan[l] != 0;
       }
@@ -187,7 +195,7 @@ int facescale_exp_row_sums(float* x, int64_t rows, int64_t cols, const float* sh
         float lanes[16] = {0.f};
         int64_t c = c0;
         for (; c + 16 <= c1; c += 16) {
-          for (int l = 0; l < 16; ++l) {
+          for (int l = 0; l < 16; ++l) {  // simd
             const float e = exp_f32(row[c + l] - m);
             row[c + l] = e;
             lanes[l] += e;
