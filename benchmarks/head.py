@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import facescale  # noqa: F401 - sets OMP_WAIT_POLICY (facescale/__init__.py); the config workers inherit it
+from facescale.runtime import bf16_supported
 
 DIM, LR, MOMENTUM, WEIGHT_DECAY, SCALE, MARGIN = 512, 0.1, 0.9, 5e-4, 64.0, 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -509,6 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device_name": torch.cuda.get_device_name(pick_device(args.device))
             if pick_device(args.device).type == "cuda"
             else platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD torch's kernels use
+            "bf16_native": bf16_supported(pick_device(args.device)),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_"))},
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],  # the workers inherit it
         },
@@ -577,6 +580,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"Device {machine.get('device', 'cpu')} ({machine.get('device_name', '?')}), "
         f"{machine['cpu_count']} CPUs, {machine['threads']} torch threads, torch {machine['torch']}, "
+        f"SIMD {machine.get('cpu_capability', '?')}, native bf16 GEMM {_yes(machine.get('bf16_native'))}, "
         f"OMP_WAIT_POLICY={machine.get('omp_wait_policy', 'unset')} (as facescale's processes run). "
         "Ratios are taken within one process, the head's steps alternating with the GEMM floor and the "
         "stream-bandwidth probe. floor = max(GEMM floor, memory floor); memory floor = the bytes the step "
@@ -698,6 +702,10 @@ CROSSOVER_FIELDS = ("gemm_gflops", "stream_gbs", "dense_memory_bound_below_batch
 def _value(r: dict[str, Any], name: str) -> float:
     value = r[name]
     return value["med"] if isinstance(value, dict) else value
+
+
+def _yes(flag: bool | None) -> str:
+    return "?" if flag is None else ("yes" if flag else "no (emulated: the bf16 floor is that slow GEMM)")
 
 
 def _loads(values: list[float]) -> str:
