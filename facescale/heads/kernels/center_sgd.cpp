@@ -21,6 +21,8 @@ namespace {
 using facescale::bf16_to_f32;
 using facescale::f32_to_bf16;
 using facescale::split_range;
+using facescale::copy_row_streaming;
+using facescale::streaming_done;
 
 struct Args {
   int64_t dim;
@@ -321,10 +323,11 @@ int facescale_center_catch_up(
         if (inv_norms) inv_norms[row] = stored_inv_norm(centers, centers_bf16, row, dim, w.data(), eps);
       }
       if (out) {
-        std::memcpy(static_cast<char*>(out) + k * row_bytes, static_cast<const char*>(centers) + row * row_bytes,
-                    row_bytes);
+        copy_row_streaming(static_cast<char*>(out) + k * row_bytes,
+                           static_cast<const char*>(centers) + row * row_bytes, row_bytes);
       }
     }
+    streaming_done();
   };
   split_range(0, n, threads, 256, body);
   return 0;
@@ -350,8 +353,9 @@ int facescale_gather_rows(const char* src, const int64_t* index, int64_t n, int6
         const char* ahead = src + index[k + 2] * row_bytes;
         for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
       }
-      std::memcpy(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes);
+      copy_row_streaming(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes);
     }
+    streaming_done();
   };
   split_range(0, n, threads, 256, body);
   return 0;

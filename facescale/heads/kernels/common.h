@@ -7,6 +7,9 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace facescale {
 
@@ -23,6 +26,29 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN 
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t quiet = (u >> 16) | 0x40u;
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+// dst[0, bytes) = src[0, bytes) for a destination read only later (the forward's gathered rows): x86's
+// non-temporal stores skip fetching dst's lines into the cache before overwriting them (write-allocate), 25-30%
+// faster gathers here (benchmarks/results/head_parts_cpu_avx2.md); memcpy elsewhere or when unaligned. A thread
+// that streamed calls streaming_done() before its writes are handed to another thread.
+inline void copy_row_streaming(char* dst, const char* src, int64_t bytes) {
+#if defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(bytes)) % 16 == 0) {
+    for (int64_t j = 0; j < bytes; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + j), v);
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+inline void streaming_done() {  // non-temporal stores are weakly ordered: fence them
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // body(i0, i1) over [begin, end) cut into at most `threads` parts of at least `min_part` items; the last part
