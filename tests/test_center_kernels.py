@@ -94,21 +94,22 @@ def test_bf16_head_tracks_the_fp32_head_through_small_updates(path: str) -> None
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_sgd_matches_torch_optim_and_leaves_unsampled_rows_alone(mode, momentum, threads) -> None:
+@pytest.mark.parametrize("dim", [DIM, 136])  # 136: whole register-held replay chunks (64 or 128) + a tail
+def test_fused_sgd_matches_torch_optim_and_leaves_unsampled_rows_alone(mode, momentum, threads, dim) -> None:
     gen = torch.Generator().manual_seed(3)
-    init = torch.randn(ROWS * 40, DIM, generator=gen)  # > 64 rows per thread, so the split is exercised
+    init = torch.randn(ROWS * 40, dim, generator=gen)  # > 64 rows per thread, so the split is exercised
     centers, rows = init.clone(), init.shape[0]
-    opt = CenterOptimizer(rows, DIM, mode=mode, momentum=momentum, weight_decay=0.01, block_rows=64)
+    opt = CenterOptimizer(rows, dim, mode=mode, momentum=momentum, weight_decay=0.01, block_rows=64)
     inv_norms = 1 / init.norm(dim=1)  # rows never written keep theirs
     full_grads, previous = [], torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for _ in range(4):
             index = torch.randperm(rows, generator=gen)[: rows // 3].sort().values
-            grad = torch.randn(len(index), DIM, generator=gen)
+            grad = torch.randn(len(index), dim, generator=gen)
             before = centers.clone()
             opt.step(centers, grad, index, 0.05, inv_norms)
-            full_grads.append(torch.zeros(rows, DIM).index_copy_(0, index, grad))
+            full_grads.append(torch.zeros(rows, dim).index_copy_(0, index, grad))
             if mode == "sparse":
                 untouched = torch.ones(rows, dtype=torch.bool)
                 untouched[index] = False

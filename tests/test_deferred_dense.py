@@ -17,8 +17,8 @@ needs_kernels = pytest.mark.skipif(center_kernels() is None, reason="needs a C++
 ROWS, DIM, BATCH = 600, 32, 12
 
 
-def _head(dtype: torch.dtype, momentum: float, deferred: bool, history: int) -> PartialFCHead:
-    head = PartialFCHead(ROWS, DIM, build_margin(MarginConfig()), seed=4, sample_rate=0.05, update="dense",
+def _head(dtype: torch.dtype, momentum: float, deferred: bool, history: int, dim: int = DIM) -> PartialFCHead:
+    head = PartialFCHead(ROWS, dim, build_margin(MarginConfig()), seed=4, sample_rate=0.05, update="dense",
                          momentum=momentum, weight_decay=0.01, storage_dtype=dtype)
     optimizer = head.center_optimizer
     optimizer.block_rows = 16
@@ -27,10 +27,11 @@ def _head(dtype: torch.dtype, momentum: float, deferred: bool, history: int) -> 
 
 
 def _train(head: PartialFCHead, steps: range, dtype: torch.dtype, accumulate: int = 1) -> None:
+    dim = head.embedding_size
     for step in steps:
         gen = torch.Generator().manual_seed(1000 + step)
         for micro in range(accumulate):
-            x = torch.randn(BATCH, DIM, generator=gen).to(dtype).requires_grad_()
+            x = torch.randn(BATCH, dim, generator=gen).to(dtype).requires_grad_()
             y = torch.randint(0, ROWS, (BATCH,), generator=gen)
             loss, _ = head(x, y, step, micro)
             loss.backward()
@@ -50,8 +51,9 @@ def _assert_same(a: PartialFCHead, b: PartialFCHead) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_deferred_dense_equals_the_every_step_pass_bit_for_bit(dtype, momentum, accumulate) -> None:
-    every_step, deferred = (_head(dtype, momentum, d, history=8) for d in (False, True))
+@pytest.mark.parametrize("dim", [DIM, 136])  # 136: whole register-held replay chunks (64 or 128) + a tail
+def test_deferred_dense_equals_the_every_step_pass_bit_for_bit(dtype, momentum, accumulate, dim) -> None:
+    every_step, deferred = (_head(dtype, momentum, d, history=8, dim=dim) for d in (False, True))
     _train(every_step, range(20), dtype, accumulate)
     _train(deferred, range(20), dtype, accumulate)
     # it really deferred: some rows have not been written since long before the last step

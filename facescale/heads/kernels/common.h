@@ -13,6 +13,15 @@
 
 namespace facescale {
 
+// floats in one vector register of the target (AVX-512, AVX/AVX2, else 128-bit SSE/NEON)
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;

@@ -17,17 +17,11 @@ namespace {
 
 using facescale::bf16_to_f32;
 using facescale::f32_to_bf16;
+using facescale::kLanes;
 using facescale::split_range;
 
 // One vector register of floats (GCC/Clang vector extension) at the width the target has: a wider type would
 // be split, and GCC lowers its compare-selects to scalar code (6x slower on an AVX2-only CPU).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
 typedef float f32v __attribute__((vector_size(4 * kLanes)));
 typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
 
