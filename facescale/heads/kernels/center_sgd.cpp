@@ -118,8 +118,42 @@ void replay_row_f32(const Args& a, int64_t row, const LrSteps& steps) {
   }
 }
 
-// bf16 storage: the value is hi (+ lo with a residual); each step stores the momentum, hi and lo rounded to
-// bf16, exactly as a sampled row's update does.
+// bf16 storage: the value is hi (+ lo with a residual); each step rounds the momentum, hi and lo to bf16, exactly
+// as a sampled row's update stores them. A chunk of kLen elements stays in registers as the floats those bf16
+// values stand for (a round trip through bf16 is exact for them), stored back as bf16 after the last step.
+template <bool kResidual, bool kMomentum, int64_t kLen>
+inline void replay_chunk_bf16(uint16_t* __restrict ch, uint16_t* __restrict lo, uint16_t* __restrict m,
+                              const float* lrs, int64_t n, float mu, float wd) {
+  float hr[kLen], lr_[kLen], mr[kLen];
+  for (int64_t j = 0; j < kLen; ++j) {
+    hr[j] = bf16_to_f32(ch[j]);
+    lr_[j] = kResidual ? bf16_to_f32(lo[j]) : 0.f;
+    mr[j] = kMomentum ? bf16_to_f32(m[j]) : 0.f;
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const float lr = lrs[s], decay = std::fma(-lr, wd, 1.f);
+    for (int64_t j = 0; j < kLen; ++j) {  // simd
+      float value = kResidual ? hr[j] + lr_[j] : hr[j];
+      if (kMomentum) {
+        const float mj = std::fma(mu, mr[j], wd * value);
+        mr[j] = bf16_to_f32(f32_to_bf16(mj));
+        value = std::fma(-lr, mj, value);
+      } else {
+        value *= decay;
+      }
+      hr[j] = bf16_to_f32(f32_to_bf16(value));
+      if (kResidual) lr_[j] = bf16_to_f32(f32_to_bf16(value - hr[j]));
+    }
+  }
+  for (int64_t j = 0; j < kLen; ++j) {
+    ch[j] = f32_to_bf16(hr[j]);
+    if (kResidual) lo[j] = f32_to_bf16(lr_[j]);
+    if (kMomentum) m[j] = f32_to_bf16(mr[j]);
+  }
+}
+
+constexpr int64_t kReplayChunkBf16 = 4 * facescale::kLanes;  // three arrays: 12 registers
+
 template <bool kResidual, bool kMomentum>
 void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
   const int64_t d = a.dim, off = row * d;
@@ -127,20 +161,18 @@ void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
   uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
   uint16_t* __restrict lo = kResidual ? a.residual + off : nullptr;
   uint16_t* __restrict m = kMomentum ? static_cast<uint16_t*>(a.momentum) + off : nullptr;
-  for (int64_t s = 0; s < steps.count; ++s) {
-    const float lr = steps.at(s), decay = std::fma(-lr, wd, 1.f);
-    for (int64_t j = 0; j < d; ++j) {  // simd
-      float value = kResidual ? bf16_to_f32(ch[j]) + bf16_to_f32(lo[j]) : bf16_to_f32(ch[j]);
-      if (kMomentum) {
-        const float mj = std::fma(mu, bf16_to_f32(m[j]), wd * value);
-        m[j] = f32_to_bf16(mj);
-        value = std::fma(-lr, mj, value);
-      } else {
-        value *= decay;
-      }
-      const uint16_t h = f32_to_bf16(value);
-      ch[j] = h;
-      if (kResidual) lo[j] = f32_to_bf16(value - bf16_to_f32(h));
+  float lrs[kLrBatch];
+  for (int64_t s0 = 0; s0 < steps.count; s0 += kLrBatch) {
+    const int64_t n = std::min(kLrBatch, steps.count - s0);
+    for (int64_t s = 0; s < n; ++s) lrs[s] = steps.at(s0 + s);
+    int64_t j = 0;
+    for (; j + kReplayChunkBf16 <= d; j += kReplayChunkBf16) {
+      replay_chunk_bf16<kResidual, kMomentum, kReplayChunkBf16>(ch + j, kResidual ? lo + j : nullptr,
+                                                                  kMomentum ? m + j : nullptr, lrs, n, mu, wd);
+    }
+    for (; j < d; ++j) {  // the tail, element by element
+      replay_chunk_bf16<kResidual, kMomentum, 1>(ch + j, kResidual ? lo + j : nullptr, kMomentum ? m + j : nullptr,
+                                                 lrs, n, mu, wd);
     }
   }
 }
