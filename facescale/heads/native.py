@@ -32,8 +32,9 @@ _HEADERS = (_KERNELS / "common.h",)
 # -fno-trapping-math: FP exception flags are not observable, so GCC may if-convert a loop's selects (clamps,
 # exp's range checks) into blends; without it, on AVX2, it left those loops scalar (exp 6x slower). Same
 # values either way. tests/test_center_kernels.py checks that the loops marked `// simd` are vectorised.
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-std=c++17", "-fPIC"]
-_FLAGS += ["-pthread"]
+_FLAGS = [
+    "-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-std=c++17", "-fPIC", "-pthread",
+]  # fmt: skip
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
