@@ -94,28 +94,36 @@ inline void replay_chunk_f32(float* __restrict w, float* __restrict m, const flo
 constexpr int64_t kReplayChunk = 8 * facescale::kLanes;
 constexpr int64_t kLrBatch = 256;  // learning rates looked up once per row, this many steps at a time
 
+// body(lrs, n) for the replay's steps in order, kLrBatch at a time, with their learning rates in lrs[0, n).
+template <class Body>
+inline void for_lr_batches(const LrSteps& steps, const Body& body) {
+  float lrs[kLrBatch];
+  for (int64_t s0 = 0; s0 < steps.count; s0 += kLrBatch) {
+    const int64_t n = std::min(kLrBatch, steps.count - s0);
+    for (int64_t s = 0; s < n; ++s) lrs[s] = steps.at(s0 + s);
+    body(lrs, n);
+  }
+}
+
 void replay_row_f32(const Args& a, int64_t row, const LrSteps& steps) {
   const int64_t d = a.dim;
   const float mu = a.mu, wd = a.wd;
   float* __restrict w = static_cast<float*>(a.centers) + row * d;
   float* __restrict m = a.momentum ? static_cast<float*>(a.momentum) + row * d : nullptr;
-  float lrs[kLrBatch];
-  for (int64_t s0 = 0; s0 < steps.count; s0 += kLrBatch) {
-    const int64_t n = std::min(kLrBatch, steps.count - s0);
-    for (int64_t s = 0; s < n; ++s) lrs[s] = steps.at(s0 + s);
+  for_lr_batches(steps, [&](const float* lrs, int64_t n) {
     if (!m) {
       for (int64_t s = 0; s < n; ++s) {
         const float decay = std::fma(-lrs[s], wd, 1.f);
         for (int64_t j = 0; j < d; ++j) w[j] *= decay;  // simd
       }
-      continue;
+      return;
     }
     int64_t j0 = 0;
     for (; j0 + kReplayChunk <= d; j0 += kReplayChunk) {
       replay_chunk_f32<kReplayChunk>(w + j0, m + j0, lrs, n, mu, wd);
     }
     for (; j0 < d; ++j0) replay_chunk_f32<1>(w + j0, m + j0, lrs, n, mu, wd);  // the tail, element by element
-  }
+  });
 }
 
 // bf16 storage: the value is hi (+ lo with a residual); each step rounds the momentum, hi and lo to bf16, exactly
@@ -161,10 +169,7 @@ void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
   uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
   uint16_t* __restrict lo = kResidual ? a.residual + off : nullptr;
   uint16_t* __restrict m = kMomentum ? static_cast<uint16_t*>(a.momentum) + off : nullptr;
-  float lrs[kLrBatch];
-  for (int64_t s0 = 0; s0 < steps.count; s0 += kLrBatch) {
-    const int64_t n = std::min(kLrBatch, steps.count - s0);
-    for (int64_t s = 0; s < n; ++s) lrs[s] = steps.at(s0 + s);
+  for_lr_batches(steps, [&](const float* lrs, int64_t n) {
     int64_t j = 0;
     for (; j + kReplayChunkBf16 <= d; j += kReplayChunkBf16) {
       replay_chunk_bf16<kResidual, kMomentum, kReplayChunkBf16>(ch + j, kResidual ? lo + j : nullptr,
@@ -174,7 +179,7 @@ void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
       replay_chunk_bf16<kResidual, kMomentum, 1>(ch + j, kResidual ? lo + j : nullptr, kMomentum ? m + j : nullptr,
                                                  lrs, n, mu, wd);
     }
-  }
+  });
 }
 
 void replay_row(const Args& a, int64_t row, const LrSteps& steps) {
@@ -328,17 +333,8 @@ inline int64_t grad_row(const Args& a, int64_t k) { return a.rows ? a.rows[k] : 
 // separate function made only of prefetches free of effects and deletes its calls (it did here until
 // 2026-12: the sampled-row update ran 1.4-1.7x slower; tests/test_center_kernels.py now checks the binary).
 __attribute__((always_inline)) inline void prefetch_row(const Args& a, int64_t row) {
-  const int64_t center_bytes = a.dim * (a.centers_bf16 ? 2 : 4);
-  const char* c = static_cast<const char*>(a.centers) + row * center_bytes;
-  const char* m = a.momentum ? static_cast<const char*>(a.momentum) + row * center_bytes : nullptr;
-  const char* lo = a.residual ? reinterpret_cast<const char*>(a.residual + row * a.dim) : nullptr;
-  for (int64_t off = 0; off < center_bytes; off += 64) {
-    __builtin_prefetch(c + off, 1);
-    if (m) __builtin_prefetch(m + off, 1);
-  }
-  if (lo) {
-    for (int64_t off = 0; off < a.dim * 2; off += 64) __builtin_prefetch(lo + off, 1);
-  }
+  const Ahead ahead = ahead_of(a, row);  // a row's arrays share one element size: one line of each per step
+  for (int64_t j = 0; j < a.dim; j += 64 / ahead.element_bytes[0]) prefetch_ahead(ahead, j);
 }
 
 // Gradient rows [k0, k1) and, for dense calls, shard rows [r0, r1).
