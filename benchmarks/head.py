@@ -181,6 +181,15 @@ class PeakMemory:
         return used - self.base
 
 
+def gemm_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """The embeddings' (so the GEMMs') dtype: the storage dtype, except that under `--gemm auto` bf16 storage
+    on a device without native bf16 GEMMs gets fp32 embeddings, as `precision: auto` gives it there (the head
+    widens its sampled rows once; an emulated bf16 GEMM is ~8x slower than fp32)."""
+    storage = DTYPES[cfg["dtype"]]
+    native = storage != torch.bfloat16 or bf16_supported(pick_device(cfg.get("device", "cpu")))
+    return storage if native or cfg.get("gemm", "auto") == "storage" else torch.float32
+
+
 def build_head(cfg: dict[str, Any], classes: int, device: torch.device) -> Any:
     """The benchmarked Partial FC head (ArcFace margin) for one configuration, at `classes` classes."""
     from facescale.config.schema import MarginConfig
@@ -207,7 +216,7 @@ def warm_libraries(cfg: dict[str, Any], device: torch.device) -> None:
     every op the step runs (a few MB of libtorch), and its margin backward's autograd.grad imports sympy
     (~33 MB of modules, on the first call with grad_outputs)."""
     tiny = build_head(cfg, 4096, device)
-    x = torch.randn(8, DIM, device=device, dtype=DTYPES[cfg["dtype"]], requires_grad=True)
+    x = torch.randn(8, DIM, device=device, dtype=gemm_dtype(cfg), requires_grad=True)
     loss, _ = tiny(x, torch.arange(8, device=device), 0)
     loss.backward()
     tiny.optimizer_step(LR)
@@ -227,7 +236,7 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
     GEMM floor and the stream-bandwidth probe, so the ratios see the same machine load."""
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg.get("device", "cpu"))
-    dtype = DTYPES[cfg["dtype"]]
+    dtype = gemm_dtype(cfg)
     classes, batch = cfg["classes"], cfg["batch"]
     gen = torch.Generator().manual_seed(1)
     embeddings = [torch.randn(batch, DIM, generator=gen).to(device=device, dtype=dtype) for _ in range(4)]
@@ -298,6 +307,7 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
         **cfg,
         "kind": "head",
         "device": str(device),
+        "gemm_dtype": str(dtype).removeprefix("torch."),
         "num_sampled": width,
         "step_ms": step_ms,
         "phase_ms": {p: statistics.median(s[p] for s in steps) for p in ("fwd", "bwd", "opt")},
@@ -357,7 +367,7 @@ def run_full_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The obvious full-FC step for one (C, B, dtype), alternating with its own full-size GEMM floor."""
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg.get("device", "cpu"))
-    dtype = DTYPES[cfg["dtype"]]
+    dtype = gemm_dtype(cfg)
     classes, batch = cfg["classes"], cfg["batch"]
     gen = torch.Generator().manual_seed(1)
     memory = PeakMemory(device)
@@ -436,6 +446,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         for batch in args.batch:
             for dtype in args.dtypes:
                 common = {"classes": classes, "batch": batch, "dtype": dtype, "threads": args.threads}
+                common["gemm"] = getattr(args, "gemm", "auto")
                 common["device"] = getattr(args, "device", "cpu")
                 large = classes >= args.large_from
                 if args.baseline_steps > 0:
@@ -484,6 +495,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--baseline-steps", type=int, default=2, help="timed full-FC steps; 0 = no baseline")
     parser.add_argument("--baseline-steps-large", type=int, default=1)
     parser.add_argument("--large-from", type=parse_count, default=1_000_000)
+    parser.add_argument(
+        "--gemm",
+        choices=("auto", "storage"),
+        default="auto",
+        help="embeddings/GEMM dtype: auto = the storage dtype where it runs natively, else fp32 (what "
+        "precision: auto runs); storage = always the storage dtype (bf16 emulated where not native)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     parser.add_argument("--max-gib", type=float, default=14.0, help="skip configs estimated above this")
@@ -587,7 +605,9 @@ def markdown(report: dict[str, Any]) -> str:
         "must move (the sampled rows read by the forward, plus rows, optimizer state and bf16 residual read "
         "and written by the update: sampled rows for sparse, the whole shard for dense) / stream bandwidth "
         "(in-place a += s*b, measured in the same run). bf16 theory includes the bf16 residual that "
-        "keeps bf16 centers on the fp32 trajectory.",
+        'keeps bf16 centers on the fp32 trajectory. dtype: the centers\' storage; "(fp32 GEMM)": fp32 '
+        "embeddings and fp32 GEMMs and floor, as `precision: auto` runs bf16 storage on a device without "
+        "native bf16 (`--gemm auto`).",
         "",
         "| C | B | dtype | rate | mode | C' | step ms min/med/max | GEMM floor ms med | traffic GB "
         "| stream GB/s | memory floor ms | bound | **step/floor** | fwd / bwd / opt ms | peak GiB "
@@ -597,7 +617,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         if r.get("kind") != "head":
             continue
-        head = f"| {r['classes']:,} | {r['batch']} | {r['dtype']} | {r['rate']} | {r['mode']} "
+        head = f"| {r['classes']:,} | {r['batch']} | {_dtypes(r)} | {r['rate']} | {r['mode']} "
         if "skipped" in r or "error" in r:
             lines.append(head + f"| {r.get('skipped') or r.get('error')} |" + " |" * 13)
             continue
@@ -705,7 +725,13 @@ def _value(r: dict[str, Any], name: str) -> float:
 
 
 def _yes(flag: bool | None) -> str:
-    return "?" if flag is None else ("yes" if flag else "no (emulated: the bf16 floor is that slow GEMM)")
+    return "?" if flag is None else ("yes" if flag else "no (emulated; --gemm auto runs fp32 GEMMs)")
+
+
+def _dtypes(r: dict[str, Any]) -> str:
+    """The storage dtype, and the GEMM dtype after it when they differ (bf16 storage, fp32 GEMMs)."""
+    gemm = {"float32": "fp32", "bfloat16": "bf16"}.get(r.get("gemm_dtype", ""), r["dtype"])
+    return r["dtype"] if gemm == r["dtype"] else f"{r['dtype']} ({gemm} GEMM)"
 
 
 def _loads(values: list[float]) -> str:

@@ -269,3 +269,45 @@ def test_sampled_step_allocates_nothing_of_shard_by_dim_or_batch_by_shard(update
     assert stats["num_sampled"] == 6000
     assert tracker.largest <= 6000 * dim  # the sampled rows; C x D would be 10x that
     assert tracker.largest < batch * num_classes
+
+
+@pytest.mark.parametrize("update", ["dense", "sparse"])
+def test_bf16_centers_with_fp32_embeddings_run_the_fp32_forward_and_backward(update: str) -> None:
+    """bf16 storage fed fp32 embeddings (autocast off, e.g. a CPU without native bf16): the head widens its
+    sampled rows once for fp32 GEMMs. Loss and embedding gradient must then be those of an fp32-storage
+    head holding the same values, bit for bit, step after step (its buffers are reused across steps)."""
+    num_classes, dim, batch = 3000, 40, 24
+    half = PartialFCHead(
+        num_classes,
+        dim,
+        build_margin(MARGINS[0]),
+        seed=1,
+        sample_rate=0.2,
+        update=update,
+        storage_dtype=torch.bfloat16,
+    )
+    full = PartialFCHead(
+        num_classes,
+        dim,
+        build_margin(MARGINS[0]),
+        seed=1,
+        sample_rate=0.2,
+        update=update,
+        storage_dtype=torch.float32,
+    )
+    gen = torch.Generator().manual_seed(5)
+    for step in range(3):
+        full.centers.copy_(half.centers.float())  # (both brought up to date) the bf16 values, exactly
+        emb = torch.randn(batch, dim, generator=gen)
+        labels = torch.randint(0, num_classes, (batch,), generator=gen)
+        grads, losses = [], []
+        for head in (half, full):
+            x = emb.clone().requires_grad_()
+            loss, _ = head(x, labels, step)
+            loss.backward()
+            head.optimizer_step(0.1)
+            grads.append(x.grad)
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1]), step
+        assert torch.equal(grads[0], grads[1]), step
+        assert half.last_sampled_classes.equal(full.last_sampled_classes)
