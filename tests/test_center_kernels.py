@@ -164,6 +164,25 @@ def test_fused_head_step_equals_the_torch_path(dtype, dim, update, monkeypatch) 
     )
 
 
+@needs_kernels
+@pytest.mark.parametrize("dim", [DIM, 37, 512])  # 37: rows that are not whole 16-byte lines
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_rows_copies_the_rows_asked_for(dim: int, threads: int, monkeypatch) -> None:
+    """The forward's gather (streaming stores): rows in any order, repeats allowed, fp32 and bf16, also into a
+    buffer that is not 16-byte aligned (the plain-copy path)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(3)
+    index = torch.cat([torch.randperm(3000, generator=gen)[:700], torch.tensor([5, 5, 2999])])
+    n = len(index)
+    for dtype in (torch.float32, torch.bfloat16):
+        source = torch.randn(3000, dim, generator=gen).to(dtype)
+        expected = source.index_select(0, index)
+        aligned = torch.full((n, dim), float("nan"), dtype=dtype)
+        offset = torch.full((n * dim + 1,), float("nan"), dtype=dtype)[1:].view(n, dim)
+        for out in (aligned, offset):
+            assert torch.equal(center_kernels().gather_rows(source, index, out), expected)
+
+
 def test_old_bf16_checkpoints_load_with_a_zero_residual() -> None:
     opt = CenterOptimizer(ROWS, DIM, state_dtype=torch.bfloat16)
     opt.state_tensors()[RESIDUAL].fill_(1.0)

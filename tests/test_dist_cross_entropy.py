@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from facescale.config.schema import MarginConfig
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.margins import build_margin
-from facescale.heads.norm_linear import norm_linear
+from facescale.heads.norm_linear import CenterGrad, norm_linear
 from facescale.parallel.collectives import (
     all_gather_rows_with_grad,
     check_equal_batch_sizes,
@@ -17,6 +17,7 @@ from facescale.parallel.collectives import (
     reduce_scatter_rows_by_all_reduce,
 )
 from facescale.parallel.partition import class_partition
+from tests.allocations import LargestAllocation
 from tests.distributed import run_ranks
 from tests.pfc_reference import reference_logits_from_cos
 
@@ -192,3 +193,27 @@ def test_cosines_into_a_buffer_wider_than_one_gemm_block_match_float64() -> None
     got = norm_linear(x64.float(), w64.float(), out=buffer)
     assert got.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sink", [False, True])
+@pytest.mark.parametrize("buffer", [False, True])
+def test_bf16_centers_with_fp32_embeddings_match_float64_with_no_fp32_copy(sink: bool, buffer: bool) -> None:
+    """bf16 rows met by fp32 x (bf16 storage where autocast is off): fp32 GEMMs on the rows widened 1024 at a
+    time (2500 rows: two whole blocks and a ragged one). Cosines and d/dx equal float64 normalize-then-linear
+    of the same bf16 values, and no op allocates a [2500, D] tensor (an up-cast copy of the rows)."""
+    g = torch.Generator().manual_seed(6)
+    x64 = torch.randn(7, 16, generator=g, dtype=torch.float64)
+    w16 = torch.randn(2500, 16, generator=g).to(torch.bfloat16)
+    target = torch.randn(7, 2500, generator=g, dtype=torch.float64)
+    ref_x = x64.clone().requires_grad_()
+    expected = F.normalize(ref_x, dim=1) @ F.normalize(w16.double(), dim=1).t()
+    (expected * target).sum().backward()
+    x = x64.float().requires_grad_()
+    out = torch.empty(7, 2500) if buffer else None
+    with LargestAllocation() as tracker:
+        cos = norm_linear(x, w16, CenterGrad() if sink else None, out=out)
+        got = cos.detach().clone()
+        (cos * target.float()).sum().backward()
+    assert tracker.largest < 2500 * 16
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-5, atol=1e-5)

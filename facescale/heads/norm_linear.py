@@ -4,7 +4,8 @@ cos = (xn @ W.t()) * r with xn = x/||x|| and r_c = 1/||w_c||. Normalising W expl
 C x D temporaries in forward and backward (the dominant cost at a million classes); here the only C-sized
 extras are the row-norm vector and the C x D gradient itself:
     dxn = (G*r) @ W,    dW = (G*r).t() @ xn - (r^2 * sum_b G*cos)[:, None] * W
-The GEMMs run in the promoted dtype of (x, W) (bf16 x bf16 stays bf16); cosines come out in fp32 (or
+The GEMMs run in the promoted dtype of (x, W) (bf16 x bf16 stays bf16; bf16 W met by fp32 x is widened a block
+of rows at a time on the CPU, see cosine_gemm); cosines come out in fp32 (or
 float64 for float64 inputs), clamped to [-1, 1]. The clamp is treated as identity in backward: it only
 trims rounding excursions and keeps arccos-based margins defined.
 
@@ -16,6 +17,7 @@ sum_b G*cos = r * (w . P) with P = (G*r).t() @ xn, a block is P - r^2 (w . P) w.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,16 +37,50 @@ _NORM_BLOCK_ROWS = 4096  # half-precision rows are up-cast a cache-sized block a
 _GEMM_BLOCK_ROWS = 1024  # fp32 cosine GEMM on the CPU, a block of centers at a time (see cosine_gemm)
 
 
-def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor) -> Tensor:
-    """out = x_hat @ weight.t() ([N, D] x [C', D] -> [N, C']). fp32 on the CPU runs it per block of 1024
-    center rows: MKL's one-call product keeps ~10 MB of workspace beside the [N, C'] output, the blocks ~2 MB,
-    at about the same speed (-6% to +15% at N = 128-512, C' = 10k-30k: benchmarks/results/head_parts_cpu.md).
-    The head benchmark's GEMM floor runs it the same way."""
-    if out.device.type != "cpu" or out.dtype != torch.float32 or weight.shape[0] <= _GEMM_BLOCK_ROWS:
-        return torch.mm(x_hat, weight.t(), out=out)
+def _row_blocks(weight: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+    """(lo, hi, weight[lo:hi] in `dtype`) per block of 1024 rows; rows of another dtype (bf16 centers met by
+    fp32 embeddings) are widened into one reused block, never into a C' x D copy."""
+    scratch: Tensor | None = None
     for lo in range(0, weight.shape[0], _GEMM_BLOCK_ROWS):
         hi = min(lo + _GEMM_BLOCK_ROWS, weight.shape[0])
-        torch.mm(x_hat, weight[lo:hi].t(), out=out[:, lo:hi])
+        block = weight[lo:hi]
+        if block.dtype != dtype:
+            if scratch is None:
+                scratch = torch.empty(min(_GEMM_BLOCK_ROWS, len(weight)), weight.shape[1], dtype=dtype)
+            block = scratch[: hi - lo].copy_(block)
+        yield lo, hi, block
+
+
+def _blocks_on_cpu(x: Tensor, weight: Tensor) -> bool:
+    """fp32 products with bf16 rows on the CPU run block by block (see cosine_gemm)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.bfloat16
+
+
+def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """x_hat @ weight.t() ([N, D] x [C', D] -> [N, C']) in x_hat's dtype, into `out` if given. fp32 on the CPU
+    runs per block of 1024 center rows: into `out`, because MKL's one-call product keeps ~10 MB of workspace
+    beside the [N, C'] output, the blocks ~2 MB, at about the same speed (-6% to +15% at N = 128-512,
+    C' = 10k-30k: benchmarks/results/head_parts_cpu.md; the head benchmark's GEMM floor runs it the same way);
+    and for bf16 rows (bf16 centers, fp32 embeddings), each block widened on the way (exact), so that no
+    C' x D fp32 copy of the rows is made."""
+    cpu_fp32 = x_hat.device.type == "cpu" and x_hat.dtype == torch.float32
+    if _blocks_on_cpu(x_hat, weight) or (cpu_fp32 and out is not None and len(weight) > _GEMM_BLOCK_ROWS):
+        out = x_hat.new_empty(x_hat.shape[0], weight.shape[0]) if out is None else out
+        for lo, hi, block in _row_blocks(weight, x_hat.dtype):
+            torch.mm(x_hat, block.t(), out=out[:, lo:hi])
+        return out
+    weight = weight.to(x_hat.dtype)
+    return x_hat @ weight.t() if out is None else torch.mm(x_hat, weight.t(), out=out)
+
+
+def combine_rows(coeffs: Tensor, weight: Tensor) -> Tensor:
+    """coeffs @ weight ([N, C'] x [C', D] -> [N, D]) in coeffs' dtype; bf16 rows with fp32 coeffs on the CPU
+    are widened a block at a time and accumulated (no C' x D fp32 copy, as in cosine_gemm)."""
+    if not _blocks_on_cpu(coeffs, weight):
+        return coeffs @ weight.to(coeffs.dtype)
+    out = coeffs.new_zeros(coeffs.shape[0], weight.shape[1])
+    for lo, hi, block in _row_blocks(weight, coeffs.dtype):
+        out.addmm_(coeffs[:, lo:hi], block)
     return out
 
 
@@ -124,9 +160,8 @@ class _NormLinear(torch.autograd.Function):
         (out,) = out_holder  # in a tuple so autograd does not treat the returned buffer as a view of an input
         reuse = out is not None and out.dtype == acc_dtype and out.shape == (x.shape[0], weight.shape[0])
         clamped = False  # the native passes scale and clamp in one go
-        if gemm_dtype == acc_dtype:
-            w_gemm = weight.to(gemm_dtype)  # a copy only for mixed inputs (fp32 x, bf16 centers)
-            cos = cosine_gemm(x_hat, w_gemm, out) if reuse else x_hat @ w_gemm.t()
+        if gemm_dtype == acc_dtype:  # fp32 GEMMs, also for bf16 centers met by fp32 embeddings
+            cos = cosine_gemm(x_hat, weight, out if reuse else None)
             kernels = native_kernels_for(cos, w_inv)
             if kernels is not None:
                 cos, clamped = kernels.scale_clamp_(cos, w_inv), True
@@ -167,7 +202,7 @@ class _NormLinear(torch.autograd.Function):
             grad_scaled = torch.empty(grad_cos.shape, dtype=gemm_dtype, device=grad_cos.device)
             torch.mul(grad_cos, w_inv[None, :], out=grad_scaled)  # G * r, N x C', in the GEMM dtype
         if ctx.needs_input_grad[0]:
-            grad_x_hat = (grad_scaled @ weight.to(gemm_dtype)).to(acc_dtype)
+            grad_x_hat = combine_rows(grad_scaled, weight).to(acc_dtype)
             x_hat_acc = x_hat.to(acc_dtype)
             radial = (grad_x_hat * x_hat_acc).sum(dim=1, keepdim=True)
             grad_x = ((grad_x_hat - radial * x_hat_acc) * x_inv[:, None]).to(ctx.x_dtype)
@@ -175,7 +210,7 @@ class _NormLinear(torch.autograd.Function):
             ctx.sink.grad_scaled, ctx.sink.x_hat = grad_scaled, x_hat
         elif ctx.needs_input_grad[1]:
             if cos is None:  # forward wrote the cosines to the caller's buffer: recompute them
-                cos = (x_hat @ weight.to(gemm_dtype).t()).to(acc_dtype).mul_(w_inv[None, :]).clamp_(-1.0, 1.0)
+                cos = cosine_gemm(x_hat, weight).to(acc_dtype).mul_(w_inv[None, :]).clamp_(-1.0, 1.0)
             grad_w = (grad_scaled.t() @ x_hat).to(acc_dtype)
             # r^2 sum_b G*cos, from G*r when G itself was overwritten in place
             radial_w = (grad_scaled.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv)

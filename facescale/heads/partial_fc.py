@@ -164,8 +164,7 @@ class PartialFCHead(torch.nn.Module):
         if sample.index is None:
             weight = self.centers.detach().requires_grad_()
         else:
-            weight = self._gather_rows(sample.index, reuse)
-            weight = self._widen_for_gemm(weight, embeddings.dtype, reuse).requires_grad_()
+            weight = self._gather_rows(sample.index, reuse).requires_grad_()
             inv_norms = inv_norms.index_select(0, sample.index)
         logits_buffer = self._buffer("logits", (embeddings.shape[0], weight.shape[0]), reuse)
         center_grad = CenterGrad()
@@ -194,8 +193,7 @@ class PartialFCHead(torch.nn.Module):
 
     def _buffer(self, name: str, shape: tuple[int, int], reuse: bool) -> Tensor | None:
         """A per-step [rows, cols] buffer kept across steps (fresh big tensors pay page faults each step);
-        None when it may not be reused (another forward's tensors still point at it). "weight" holds rows in
-        the storage dtype, the others are in its accumulate dtype (fp32 for bf16 storage)."""
+        None when it may not be reused (another forward's tensors still point at it)."""
         if not reuse:
             return None
         dtype = self.center_rows.dtype
@@ -222,15 +220,6 @@ class PartialFCHead(torch.nn.Module):
         if kernels is not None and index.is_contiguous():  # row memcpy: ~2x index_select's speed
             return kernels.gather_rows(rows, index, buffer)
         return torch.index_select(rows, 0, index, out=buffer)
-
-    def _widen_for_gemm(self, rows: Tensor, embedding_dtype: torch.dtype, reuse: bool) -> Tensor:
-        """bf16 rows met by fp32 embeddings (bf16 storage where autocast is off, e.g. a CPU without native
-        bf16) widened once into a reused fp32 buffer: otherwise the forward's and the backward's GEMMs would
-        each up-cast them into a fresh C' x D tensor. Widening is exact, so the values are the same."""
-        if rows.dtype != torch.bfloat16 or torch.promote_types(rows.dtype, embedding_dtype) != torch.float32:
-            return rows
-        buffer = self._buffer("weight_fp32", tuple(rows.shape), reuse)
-        return rows.float() if buffer is None else buffer.requires_grad_(False).copy_(rows)
 
     @property
     def centers(self) -> Tensor:
