@@ -76,3 +76,26 @@ def test_in_place_bf16_widening_and_narrowing_equal_torch(shape: tuple[int, int]
 
     cos = torch.randn(rows, cols, generator=gen)
     assert torch.equal(center_kernels().scale_clamp_(cos.clone(), scale), (cos * scale).clamp(-1.0, 1.0))
+
+
+def test_bf16_rounding_of_every_kind_of_float_equals_torch() -> None:
+    """The kernels' rounding to bf16 (shared by the narrowing pass and the bf16 update and replay) against
+    torch's on ties to even, carries into the exponent, overflow to inf, subnormals, signed zeros, infinities
+    and 1M random bit patterns; NaN stays NaN (its payload bits are not compared: torch's scalar and vector
+    paths disagree there)."""
+    special = [
+        0x3F808000, 0x3F818000, 0x3F80_7FFF, 0x3F80_8001, 0xBF808000, 0xBF818000,  # ties and their neighbours
+        0x3FFF_FFFF, 0x7F7F_FFFF, 0xFF7F_FFFF, 0x7F7F_7FFF,  # carry into the exponent, overflow to +-inf
+        0x0000_0001, 0x0000_8000, 0x0001_8000, 0x807F_FFFF, 0x0080_0000,  # subnormals, smallest normal
+        0x0000_0000, 0x8000_0000, 0x7F80_0000, 0xFF80_0000,  # zeros and infinities
+        0x7F80_0001, 0xFF80_0001, 0x7FC0_0000, 0xFFFF_FFFF, 0x7FFF_8000,  # NaNs, signalling and quiet
+    ]
+    gen = torch.Generator().manual_seed(11)
+    random_bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=gen, dtype=torch.int64)
+    bits = torch.cat([torch.tensor(special, dtype=torch.int64), random_bits])
+    x = ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32).reshape(1, -1)
+    got = center_kernels().scaled_bf16_in_place(x.clone(), torch.ones(x.shape[1]))
+    expected = x.bfloat16()
+    nan = x.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])

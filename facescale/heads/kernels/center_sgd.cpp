@@ -18,8 +18,10 @@
 
 namespace {
 
+using facescale::bf16_bits;
 using facescale::bf16_to_f32;
 using facescale::f32_to_bf16;
+using facescale::round_to_bf16;
 using facescale::split_range;
 using facescale::copy_row_streaming;
 using facescale::streaming_done;
@@ -144,19 +146,19 @@ inline void replay_chunk_bf16(uint16_t* __restrict ch, uint16_t* __restrict lo, 
       float value = kResidual ? hr[j] + lr_[j] : hr[j];
       if (kMomentum) {
         const float mj = std::fma(mu, mr[j], wd * value);
-        mr[j] = bf16_to_f32(f32_to_bf16(mj));
+        mr[j] = round_to_bf16(mj);
         value = std::fma(-lr, mj, value);
       } else {
         value *= decay;
       }
-      hr[j] = bf16_to_f32(f32_to_bf16(value));
-      if (kResidual) lr_[j] = bf16_to_f32(f32_to_bf16(value - hr[j]));
+      hr[j] = round_to_bf16(value);
+      if (kResidual) lr_[j] = round_to_bf16(value - hr[j]);
     }
   }
   for (int64_t j = 0; j < kLen; ++j) {
-    ch[j] = f32_to_bf16(hr[j]);
-    if (kResidual) lo[j] = f32_to_bf16(lr_[j]);
-    if (kMomentum) m[j] = f32_to_bf16(mr[j]);
+    ch[j] = bf16_bits(hr[j]);
+    if (kResidual) lo[j] = bf16_bits(lr_[j]);
+    if (kMomentum) m[j] = bf16_bits(mr[j]);
   }
 }
 
@@ -281,9 +283,8 @@ void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w,
       } else {
         value = std::fma(value, decay, -lr * grad);
       }
-      const uint16_t h = f32_to_bf16(value);
-      const float stored = bf16_to_f32(h);
-      ch[j] = h;
+      const float stored = round_to_bf16(value);
+      ch[j] = bf16_bits(stored);
       if (kResidual) lo[j] = f32_to_bf16(value - stored);
       w[j] = stored;
     }
