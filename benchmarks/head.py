@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import facescale  # noqa: F401 - sets OMP_WAIT_POLICY (facescale/__init__.py); the config workers inherit it
+from facescale.heads.allocations import LargestAllocation
 from facescale.runtime import bf16_supported
 
 DIM, LR, MOMENTUM, WEIGHT_DECAY, SCALE, MARGIN = 512, 0.1, 0.9, 5e-4, 64.0, 0.5
@@ -69,24 +69,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor an op allocates (outputs that are not views or in-place inputs)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest, self.largest_op = 0, ""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-        storages = {a.untyped_storage().data_ptr() for a in inputs}
-        for value in result if isinstance(result, tuple | list) else (result,):
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in storages:
-                if value.numel() > self.largest:
-                    self.largest, self.largest_op = value.numel(), str(func)
-        return result
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -184,7 +166,7 @@ class PeakMemory:
 def gemm_dtype(cfg: dict[str, Any]) -> torch.dtype:
     """The embeddings' (so the GEMMs') dtype: the storage dtype, except that under `--gemm auto` bf16 storage
     on a device without native bf16 GEMMs gets fp32 embeddings, as `precision: auto` gives it there (the head
-    widens its sampled rows once; an emulated bf16 GEMM is ~8x slower than fp32)."""
+    widens its sampled rows 1024 at a time for fp32 GEMMs; an emulated bf16 GEMM is ~8x slower than fp32)."""
     storage = DTYPES[cfg["dtype"]]
     native = storage != torch.bfloat16 or bf16_supported(pick_device(cfg.get("device", "cpu")))
     return storage if native or cfg.get("gemm", "auto") == "storage" else torch.float32

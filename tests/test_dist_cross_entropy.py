@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from facescale.config.schema import MarginConfig
+from facescale.heads.allocations import LargestAllocation
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.margins import build_margin
 from facescale.heads.norm_linear import CenterGrad, norm_linear
@@ -17,7 +18,6 @@ from facescale.parallel.collectives import (
     reduce_scatter_rows_by_all_reduce,
 )
 from facescale.parallel.partition import class_partition
-from tests.allocations import LargestAllocation
 from tests.distributed import run_ranks
 from tests.pfc_reference import reference_logits_from_cos
 

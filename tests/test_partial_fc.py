@@ -8,10 +8,10 @@ import torch.distributed as dist
 
 from facescale.config.schema import HeadConfig, MarginConfig
 from facescale.heads import build_head
+from facescale.heads.allocations import LargestAllocation
 from facescale.heads.margins import build_margin
 from facescale.heads.partial_fc import PartialFCHead, init_center_rows
 from facescale.parallel.collectives import rank_and_world
-from tests.allocations import LargestAllocation
 from tests.distributed import run_ranks
 from tests.pfc_reference import reference_loss
 

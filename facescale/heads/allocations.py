@@ -1,4 +1,5 @@
-"""A dispatch mode that records the largest tensor any op allocates: tests that a step makes no C x D copy."""
+"""The largest tensor any op allocates while it is active: the head promises no C x D temporary per step, and
+benchmarks/head.py reports this figure while the tests assert it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any op allocates (forward, backward and optimizer alike)."""
+    """Records the largest tensor an op allocates (forward, backward and optimizer alike) and that op."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.largest = 0
+        self.largest, self.largest_op = 0, ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
@@ -20,5 +21,6 @@ class LargestAllocation(TorchDispatchMode):
         for value in result if isinstance(result, tuple | list) else (result,):
             # in-place ops and views hand back (part of) an input: not an allocation
             if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in input_storages:
-                self.largest = max(self.largest, value.numel())
+                if value.numel() > self.largest:
+                    self.largest, self.largest_op = value.numel(), str(func)
         return result
