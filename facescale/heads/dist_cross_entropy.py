@@ -73,32 +73,33 @@ class _MarginCrossEntropy(torch.autograd.Function):
         all_reduce_(row_max, dist.ReduceOp.MAX, group)
 
         if kernels is None:
-            probs = logits.sub_(row_max[:, None]).exp_()
-            sum_exp_local = probs.sum(dim=1)
+            exps = logits.sub_(row_max[:, None]).exp_()
+            sum_exp_local = exps.sum(dim=1)
         else:
-            probs = logits
-            sum_exp_local = kernels.exp_row_sums_(probs, row_max, torch.empty_like(row_max))
+            exps = logits
+            sum_exp_local = kernels.exp_row_sums_(exps, row_max, torch.empty_like(row_max))
         sums = torch.stack([sum_exp_local, target_logit_value])  # [2, N]: sum-exp, target logit
         all_reduce_(sums, dist.ReduceOp.SUM, group)
         sum_exp, global_target_logit = sums[0], sums[1]
-        probs.div_(sum_exp[:, None])
         loss = (sum_exp.log() + row_max - global_target_logit).mean()
 
         ctx.spec, ctx.num_rows, ctx.in_place = spec, num_rows, in_place
-        ctx.save_for_backward(probs, cos if spec.filter_threshold > 0 else None, target_col)
+        # exp(logit - max) is kept unnormalised: backward divides by sum_exp in the pass that scales it
+        ctx.save_for_backward(exps, cos if spec.filter_threshold > 0 else None, target_col, sum_exp)
         ctx.margin_graph = (target_cos, target_logit)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        probs, cos, target_col = ctx.saved_tensors
+        exps, cos, target_col, sum_exp = ctx.saved_tensors
         spec = ctx.spec
         target_cos, target_logit = ctx.margin_graph
         has_target = target_col >= 0
         safe_col = target_col.clamp_min(0)[:, None]
-        grad_logit_scale = grad_loss.to(probs.dtype) / ctx.num_rows
-        factor = grad_logit_scale * spec.scale  # d loss/d cos for non-target, unfiltered columns:
-        grad = probs.mul_(factor) if ctx.in_place else probs * factor
+        grad_logit_scale = grad_loss.to(exps.dtype) / ctx.num_rows
+        # d loss/d cos = softmax * upstream * s / N for non-target, unfiltered columns: one pass over exps
+        row_factor = (grad_logit_scale * spec.scale / sum_exp)[:, None]
+        grad = exps.mul_(row_factor) if ctx.in_place else exps * row_factor
         if spec.filter_threshold > 0:
             grad.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
         if grad.shape[1]:
@@ -120,7 +121,7 @@ def margin_cross_entropy(
     Every global row must have its target column on exactly one rank. The result is the same scalar on
     every rank; backward gives d loss/d cos for the local columns only (no collective needed).
     `in_place` (used by the head with its reused buffer): `cos` is overwritten by the logits, then the
-    probabilities, then the gradient, instead of allocating three more [N, C_local] tensors (ignored with the
+    exponentials, then the gradient, instead of allocating three more [N, C_local] tensors (ignored with the
     inter-class filter, which needs the cosines in backward).
     """
     if cos.dim() != 2 or target_col.shape != (cos.shape[0],):

@@ -178,7 +178,7 @@ class _NormLinear(torch.autograd.Function):
             cos.clamp_(-1.0, 1.0)
         ctx.grad_in_place = reuse
         # without a sink, backward needs the cosines; a caller's buffer may be overwritten after forward
-        # (the head turns it into probabilities in place), so then they are recomputed instead of saved
+        # (the head turns it into exponentials in place), so then they are recomputed instead of saved
         ctx.save_for_backward(x_hat, x_inv, weight, w_inv, None if sink is not None or reuse else cos)
         ctx.x_dtype, ctx.sink = x.dtype, sink
         if sink is not None:
@@ -231,7 +231,7 @@ def norm_linear(
     `weight_inv_norms` ([C'], accumulate dtype, no grad): 1/||w|| when the caller keeps them up to date.
     `out` ([N, C'], accumulate dtype): a reused buffer for the cosines, which the caller may overwrite after
     forward; passing it also lets backward overwrite the incoming gradient with G*r in place, so only pass
-    it when that gradient is yours to consume (the head's chain: cosines -> logits -> probabilities ->
+    it when that gradient is yours to consume (the head's chain: cosines -> logits -> exponentials ->
     gradient, all in one buffer). Without `center_grad`, backward then recomputes the cosines for dW.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:

@@ -83,21 +83,32 @@ def sample_centers(
     is_local = (labels >= start) & (labels < start + count)
     local_ids = torch.where(is_local, labels - start, 0)
     slots = torch.where(is_local, local_ids, count)  # rows of other shards mark a spare slot
-    is_positive = torch.zeros(count + 1, dtype=torch.bool, device=labels.device).index_fill_(0, slots, True)
-    is_positive = is_positive[:count]
-    positive_count = is_positive.sum()
+    positive_count = _distinct_below(slots, count)
     if num_sample >= count:
         return ShardSample(
             index=None, target_col=torch.where(is_local, local_ids, -1), positive_count=positive_count
         )
     if num_sample < labels.numel() and num_sample <= int(positive_count):
-        index = torch.nonzero(is_positive).squeeze(1)
+        marks = torch.zeros(count + 1, dtype=torch.bool, device=labels.device).index_fill_(0, slots, True)
+        index = torch.nonzero(marks[:count]).squeeze(1)  # the positives alone, sorted
     else:
-        scores = torch.rand(count, generator=generator, device=labels.device)
-        scores.masked_fill_(is_positive, 2.0)  # rand < 1, so every positive ranks above every negative
-        index = _top_k_sorted(scores, num_sample)
+        # rand < 1 for the shard's slots (the stream torch.rand(count) draws), then every positive's slot and
+        # the spare one set to 2.0 so that positives rank above every negative: batch-sized writes, no
+        # shard-sized mask
+        scores = torch.empty(count + 1, device=labels.device)
+        scores[:count].uniform_(generator=generator)
+        index = _top_k_sorted(scores.index_fill_(0, slots, 2.0)[:count], num_sample)
     target_col = torch.where(is_local, torch.searchsorted(index, local_ids), -1)
     return ShardSample(index=index, target_col=target_col, positive_count=positive_count)
+
+
+def _distinct_below(slots: Tensor, count: int) -> Tensor:
+    """0-d count of the distinct values below `count` in `slots` (the batch's local positives), from the
+    batch alone: a sort of N ids rather than a pass over a shard-sized mask."""
+    ordered = slots.sort().values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return (first & (ordered < count)).sum()
 
 
 def _top_k_sorted(scores: Tensor, k: int) -> Tensor:
