@@ -28,6 +28,7 @@ Writes OUT.json/.md.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -172,7 +173,13 @@ class PlainCase:
 
         torch.manual_seed(cfg.schedule.seed)
         backbone = build_backbone(cfg.model)
-        self.ddp = DistributedDataParallel(backbone, broadcast_buffers=False, bucket_cap_mb=16)
+        # buffers not re-sent every forward, as arcface_torch runs it; torch 2.13 renamed the keyword
+        no_buffer_sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers"
+        )
+        self.ddp = DistributedDataParallel(backbone, bucket_cap_mb=16, **{no_buffer_sync: False})
         self.timing: PhaseClock | None = None
         self.ddp.register_comm_hook(self, _allreduce_hook)
         self.optimizer = build_backbone_optimizer(cfg, backbone.parameters())
