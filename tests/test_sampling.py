@@ -41,6 +41,22 @@ def test_positives_kept_width_exact_and_labels_remapped() -> None:
     assert torch.equal(sample.index[sample.target_col[local]] + START, labels[local])
 
 
+def test_negatives_are_the_highest_uniform_scores_of_the_step_stream() -> None:
+    """The draw, rebuilt in plain Python: score every local class with torch.rand(COUNT) from the step's
+    generator and keep the positives plus the highest-scoring other classes (a resumed run of any version
+    that keeps this stream draws the same negatives)."""
+    for seed in range(6):
+        labels = _labels(seed, rows=8 + 8 * seed)
+        positives = {int(v) - START for v in labels.tolist() if START <= v < START + COUNT}
+        for num_sample in (len(positives) + 1, 20, COUNT - 1):
+            scores = torch.rand(COUNT, generator=sampling_generator(7, 0, seed)).tolist()
+            others = sorted((c for c in range(COUNT) if c not in positives), key=lambda c: -scores[c])
+            expected = sorted(positives | set(others[: num_sample - len(positives)]))
+            sample = sample_centers(labels, START, COUNT, num_sample, sampling_generator(7, 0, seed))
+            assert sample.index.tolist() == expected, (seed, num_sample)
+            assert sample.num_positive == len(positives)
+
+
 def test_positives_only_when_they_exceed_the_budget_or_rate_is_zero() -> None:
     labels = _labels()
     num_positive = _draw(labels, 20).num_positive
