@@ -202,8 +202,9 @@ def test_plan_reports_the_bf16_residual() -> None:
 
 @needs_kernels
 def test_the_built_kernels_prefetch_their_scattered_rows() -> None:
-    """The update, the catch-up and the gather walk scattered rows and ask for the next ones ahead; a
-    compiler may silently drop prefetches (GCC deleted calls to a helper made only of them): read the code."""
+    """The update, the catch-up (and its replay) and the gather walk scattered rows and ask for the next ones
+    ahead; a compiler may silently drop prefetches (GCC deleted calls to a helper made only of them): read the
+    code."""
     opcode = {"x86_64": r"\tprefetch", "aarch64": r"\tprfm"}.get(platform.machine())
     if opcode is None or shutil.which("objdump") is None:
         pytest.skip("needs objdump and an x86-64 or arm64 machine to read the kernels' instructions")
@@ -217,6 +218,9 @@ def test_the_built_kernels_prefetch_their_scattered_rows() -> None:
         bodies = [f for f in functions if any(c in f.split("\n", 1)[0] for c in callers)]
         assert bodies, f"no function named like {callers} in the kernels' library"
         assert any(re.search(opcode, body) for body in bodies), f"{callers} issue no prefetch"
+    # the catch-up's replay fetches the row after next a line per chunk (where GCC keeps it out of line)
+    replays = [f for f in functions if "replay_row" in f.split("\n", 1)[0]]
+    assert not replays or any(re.search(opcode, body) for body in replays), "the replay issues no prefetch"
 
 
 @needs_kernels

@@ -62,6 +62,23 @@ inline float dot(const float* a, const float* b, int64_t d) {
 
 inline float inv_norm(const float* w, int64_t d, float eps) { return 1.f / std::max(std::sqrt(dot(w, w, d)), eps); }
 
+// The row a sparse update or a catch-up will reach a few rows later (its centers, momentum and residual rows; null:
+// none), fetched a line at a time from inside this row's loop: issuing all 32-64 lines of a row at once (prefetch_row)
+// fills the core's miss buffers and stalls, spread over the loop they arrive in time (10k of 100k rows on AVX2:
+// fp32 11.1 -> 9.0 ms on 2 threads, 18.2 -> 14.5 on 1; bf16 14.1 -> 13.4). prefetch_ahead(ahead, j) asks for
+// what matches this row's elements [j, j+16).
+struct Ahead {
+  const char* rows[3] = {nullptr, nullptr, nullptr};
+  int64_t element_bytes[3] = {0, 0, 0};
+};
+constexpr int64_t kLineFloats = 16;  // fp32 elements per 64-byte cache line
+
+__attribute__((always_inline)) inline void prefetch_ahead(const Ahead& ahead, int64_t j) {
+  for (int i = 0; i < 3; ++i) {
+    if (ahead.rows[i]) __builtin_prefetch(ahead.rows[i] + j * ahead.element_bytes[i], 1);
+  }
+}
+
 // Zero-gradient steps ("ghost" momentum and decay) of a row a dense step did not sample: the every-step dense
 // pass runs one such step, the deferred catch-up all the steps a row missed, both through replay_row below. The
 // library is built with -ffp-contract=off (native.py) and every fused multiply-add is written out, so each
@@ -107,7 +124,7 @@ inline void for_lr_batches(const LrSteps& steps, const Body& body) {
   }
 }
 
-void replay_row_f32(const Args& a, int64_t row, const LrSteps& steps) {
+void replay_row_f32(const Args& a, int64_t row, const LrSteps& steps, const Ahead& ahead) {
   const int64_t d = a.dim;
   const float mu = a.mu, wd = a.wd;
   float* __restrict w = static_cast<float*>(a.centers) + row * d;
@@ -122,6 +139,7 @@ void replay_row_f32(const Args& a, int64_t row, const LrSteps& steps) {
     }
     int64_t j0 = 0;
     for (; j0 + kReplayChunk <= d; j0 += kReplayChunk) {
+      for (int64_t j = j0; j < j0 + kReplayChunk; j += kLineFloats) prefetch_ahead(ahead, j);
       replay_chunk_f32<kReplayChunk>(w + j0, m + j0, lrs, n, mu, wd);
     }
     for (; j0 < d; ++j0) replay_chunk_f32<1>(w + j0, m + j0, lrs, n, mu, wd);  // the tail, element by element
@@ -165,7 +183,7 @@ inline void replay_chunk_bf16(uint16_t* __restrict ch, uint16_t* __restrict lo, 
 constexpr int64_t kReplayChunkBf16 = 4 * facescale::kLanes;  // three arrays: 12 registers
 
 template <bool kResidual, bool kMomentum>
-void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
+void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps, const Ahead& ahead) {
   const int64_t d = a.dim, off = row * d;
   const float mu = a.mu, wd = a.wd;
   uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
@@ -174,6 +192,7 @@ void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
   for_lr_batches(steps, [&](const float* lrs, int64_t n) {
     int64_t j = 0;
     for (; j + kReplayChunkBf16 <= d; j += kReplayChunkBf16) {
+      for (int64_t i = j; i < j + kReplayChunkBf16; i += 2 * kLineFloats) prefetch_ahead(ahead, i);
       replay_chunk_bf16<kResidual, kMomentum, kReplayChunkBf16>(ch + j, kResidual ? lo + j : nullptr,
                                                                   kMomentum ? m + j : nullptr, lrs, n, mu, wd);
     }
@@ -184,13 +203,16 @@ void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps) {
   });
 }
 
-void replay_row(const Args& a, int64_t row, const LrSteps& steps) {
+// `ahead`: a row a catch-up will replay next, fetched a line at a time as this row's chunks are replayed.
+void replay_row(const Args& a, int64_t row, const LrSteps& steps, const Ahead& ahead = Ahead{}) {
   if (!a.centers_bf16) {
-    replay_row_f32(a, row, steps);
+    replay_row_f32(a, row, steps, ahead);
   } else if (a.residual) {
-    if (a.momentum) replay_row_bf16<true, true>(a, row, steps); else replay_row_bf16<true, false>(a, row, steps);
+    if (a.momentum) replay_row_bf16<true, true>(a, row, steps, ahead);
+    else replay_row_bf16<true, false>(a, row, steps, ahead);
   } else {
-    if (a.momentum) replay_row_bf16<false, true>(a, row, steps); else replay_row_bf16<false, false>(a, row, steps);
+    if (a.momentum) replay_row_bf16<false, true>(a, row, steps, ahead);
+    else replay_row_bf16<false, false>(a, row, steps, ahead);
   }
 }
 
@@ -200,23 +222,6 @@ inline float stored_inv_norm(const void* rows, bool bf16, int64_t row, int64_t d
   const uint16_t* h = static_cast<const uint16_t*>(rows) + row * dim;
   for (int64_t j = 0; j < dim; ++j) scratch[j] = bf16_to_f32(h[j]);
   return inv_norm(scratch, dim, eps);
-}
-
-// The row a sparse update will reach a few rows later (its centers, momentum and residual rows; null: none),
-// fetched a line at a time from inside this row's loop: issuing all 32-64 lines of a row at once (prefetch_row)
-// fills the core's miss buffers and stalls, spread over the loop they arrive in time (10k of 100k rows on AVX2:
-// fp32 11.1 -> 9.0 ms on 2 threads, 18.2 -> 14.5 on 1; bf16 14.1 -> 13.4). prefetch_ahead(ahead, j) asks for
-// what matches this row's elements [j, j+16).
-struct Ahead {
-  const char* rows[3] = {nullptr, nullptr, nullptr};
-  int64_t element_bytes[3] = {0, 0, 0};
-};
-constexpr int64_t kLineFloats = 16;  // fp32 elements per 64-byte cache line
-
-__attribute__((always_inline)) inline void prefetch_ahead(const Ahead& ahead, int64_t j) {
-  for (int i = 0; i < 3; ++i) {
-    if (ahead.rows[i]) __builtin_prefetch(ahead.rows[i] + j * ahead.element_bytes[i], 1);
-  }
 }
 
 // fp32 storage, no residual: a sampled row and its momentum are updated where they lie (one read, one write).
@@ -420,11 +425,14 @@ int facescale_center_catch_up(
            centers_bf16, nullptr, 0.f, mu, wd, eps};
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t row = rows ? rows[k] : k;
-      // the next row, if it will be read: a second call for rows already current only checks their counts
-      if (k + 1 < k1 && rows && (out || row_steps[rows[k + 1]] < applied)) prefetch_row(a, rows[k + 1]);
+      // the row after next, if it will be read (a second call for rows already current only checks their
+      // counts): fetched a line at a time during this row's replay, or at once when this row has none
+      const bool fetch = k + kAheadRows < k1 && rows && (out || row_steps[rows[k + kAheadRows]] < applied);
+      const Ahead ahead = fetch ? ahead_of(a, rows[k + kAheadRows]) : Ahead{};
       const int64_t missed = applied - row_steps[row];
+      if (missed <= 0 && fetch) prefetch_row(a, rows[k + kAheadRows]);
       if (missed > 0) {
-        replay_row(a, row, LrSteps{lr_history, history, row_steps[row] + 1, missed});
+        replay_row(a, row, LrSteps{lr_history, history, row_steps[row] + 1, missed}, ahead);
         row_steps[row] = applied;
         if (inv_norms) inv_norms[row] = stored_inv_norm(centers, centers_bf16, row, dim, w.data(), eps);
       }
