@@ -463,11 +463,9 @@ int facescale_gather_rows(const char* src, const int64_t* index, int64_t n, int6
                           int32_t threads) {
   auto body = [=](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      if (k + 2 < k1) {  // scattered rows: request the row after next while this one is copied
-        const char* ahead = src + index[k + 2] * row_bytes;
-        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
-      }
-      copy_row_streaming(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes);
+      // scattered rows: the row after next is requested a line at a time while this one is copied
+      const char* ahead = k + 2 < k1 ? src + index[k + 2] * row_bytes : nullptr;
+      copy_row_streaming(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes, ahead);
     }
     streaming_done();
   };
