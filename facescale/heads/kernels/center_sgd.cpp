@@ -314,7 +314,7 @@ void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g, const
   }
 }
 
-constexpr int64_t kAheadRows = 2;  // how far ahead a sparse update fetches (1-4: within noise)
+constexpr int64_t kAheadRows = 2;  // how far ahead the update, the catch-up and the gather fetch (1-4: within noise)
 
 Ahead ahead_of(const Args& a, int64_t row) {
   const int64_t center_bytes = a.centers_bf16 ? 2 : 4;
@@ -464,7 +464,7 @@ int facescale_gather_rows(const char* src, const int64_t* index, int64_t n, int6
   auto body = [=](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       // scattered rows: the row after next is requested a line at a time while this one is copied
-      const char* ahead = k + 2 < k1 ? src + index[k + 2] * row_bytes : nullptr;
+      const char* ahead = k + kAheadRows < k1 ? src + index[k + kAheadRows] * row_bytes : nullptr;
       copy_row_streaming(dst + k * row_bytes, src + index[k] * row_bytes, row_bytes, ahead);
     }
     streaming_done();
