@@ -20,6 +20,12 @@ namespace {
 
 using facescale::bf16_bits;
 using facescale::bf16_to_f32;
+#if defined(__AVX512BF16__)
+using facescale::bf16x16_to_f32;
+using facescale::f32x16_to_bf16;
+using facescale::load_bf16x16;
+using facescale::store_bf16x16;
+#endif
 using facescale::f32_to_bf16;
 using facescale::round_to_bf16;
 using facescale::split_range;
@@ -160,7 +166,7 @@ inline void replay_chunk_bf16(uint16_t* __restrict ch, uint16_t* __restrict lo, 
   }
   for (int64_t s = 0; s < n; ++s) {
     const float lr = lrs[s], decay = std::fma(-lr, wd, 1.f);
-    for (int64_t j = 0; j < kLen; ++j) {  // simd
+    for (int64_t j = 0; j < kLen; ++j) {  // simd without AVX512-BF16 (there, only tails of kLen 1 run here)
       float value = kResidual ? hr[j] + lr_[j] : hr[j];
       if (kMomentum) {
         const float mj = std::fma(mu, mr[j], wd * value);
@@ -180,6 +186,41 @@ inline void replay_chunk_bf16(uint16_t* __restrict ch, uint16_t* __restrict lo, 
   }
 }
 
+#if defined(__AVX512BF16__)
+// replay_chunk_bf16 for kVectors x 16 elements with the CPU's bf16 conversion: the same operations in the same order
+template <bool kResidual, bool kMomentum, int kVectors>
+inline void replay_chunk_bf16_x16(uint16_t* __restrict ch, uint16_t* __restrict lo, uint16_t* __restrict m,
+                                  const float* lrs, int64_t n, float mu, float wd) {
+  __m512 hr[kVectors], lr_[kVectors], mr[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    hr[v] = load_bf16x16(ch + 16 * v);
+    lr_[v] = kResidual ? load_bf16x16(lo + 16 * v) : _mm512_setzero_ps();
+    mr[v] = kMomentum ? load_bf16x16(m + 16 * v) : _mm512_setzero_ps();
+  }
+  const __m512 mu_v = _mm512_set1_ps(mu), wd_v = _mm512_set1_ps(wd);
+  for (int64_t s = 0; s < n; ++s) {
+    const __m512 neg_lr = _mm512_set1_ps(-lrs[s]), decay = _mm512_set1_ps(std::fma(-lrs[s], wd, 1.f));
+    for (int v = 0; v < kVectors; ++v) {
+      __m512 value = kResidual ? _mm512_add_ps(hr[v], lr_[v]) : hr[v];
+      if (kMomentum) {
+        const __m512 mj = _mm512_fmadd_ps(mu_v, mr[v], _mm512_mul_ps(wd_v, value));
+        mr[v] = round_to_bf16(mj);
+        value = _mm512_fmadd_ps(neg_lr, mj, value);
+      } else {
+        value = _mm512_mul_ps(value, decay);
+      }
+      hr[v] = round_to_bf16(value);
+      if (kResidual) lr_[v] = round_to_bf16(_mm512_sub_ps(value, hr[v]));
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {  // the registers hold bf16 values: these conversions are exact
+    store_bf16x16(ch + 16 * v, f32x16_to_bf16(hr[v]));
+    if (kResidual) store_bf16x16(lo + 16 * v, f32x16_to_bf16(lr_[v]));
+    if (kMomentum) store_bf16x16(m + 16 * v, f32x16_to_bf16(mr[v]));
+  }
+}
+#endif
+
 constexpr int64_t kReplayChunkBf16 = 4 * facescale::kLanes;  // three arrays: 12 registers
 
 template <bool kResidual, bool kMomentum>
@@ -193,8 +234,13 @@ void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps, const Ahe
     int64_t j = 0;
     for (; j + kReplayChunkBf16 <= d; j += kReplayChunkBf16) {
       for (int64_t i = j; i < j + kReplayChunkBf16; i += 2 * kLineFloats) prefetch_ahead(ahead, i);
+#if defined(__AVX512BF16__)
+      replay_chunk_bf16_x16<kResidual, kMomentum, kReplayChunkBf16 / 16>(
+          ch + j, kResidual ? lo + j : nullptr, kMomentum ? m + j : nullptr, lrs, n, mu, wd);
+#else
       replay_chunk_bf16<kResidual, kMomentum, kReplayChunkBf16>(ch + j, kResidual ? lo + j : nullptr,
                                                                   kMomentum ? m + j : nullptr, lrs, n, mu, wd);
+#endif
     }
     for (; j < d; ++j) {  // the tail, element by element
       replay_chunk_bf16<kResidual, kMomentum, 1>(ch + j, kResidual ? lo + j : nullptr, kMomentum ? m + j : nullptr,
@@ -275,7 +321,31 @@ void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w,
     std::memcpy(g, static_cast<const float*>(a.grad) + k * d, d * sizeof(float));
   }
   const float coef = a.proj_inv ? dot(w, g, d) * a.proj_inv[k] * a.proj_inv[k] : 0.f;
-  for (int64_t j0 = 0; j0 < d; j0 += kLineFloats) {
+  int64_t done = 0;  // elements updated 16 at a time with the CPU's bf16 conversion (the same operations)
+#if defined(__AVX512BF16__)
+  const __m512 neg_coef = _mm512_set1_ps(-coef), mu_v = _mm512_set1_ps(mu), wd_v = _mm512_set1_ps(wd);
+  const __m512 neg_lr = _mm512_set1_ps(-lr), decay_v = _mm512_set1_ps(decay);
+  for (; done + kLineFloats <= d; done += kLineFloats) {
+    const int64_t j = done;
+    prefetch_ahead(ahead, j);
+    const __m512 hi = _mm512_loadu_ps(w + j);
+    __m512 value = kResidual ? _mm512_add_ps(hi, load_bf16x16(lo + j)) : hi;
+    const __m512 grad = _mm512_fmadd_ps(neg_coef, hi, _mm512_loadu_ps(g + j));
+    if (kMomentum) {
+      const __m512 mj = _mm512_fmadd_ps(mu_v, load_bf16x16(m + j), _mm512_fmadd_ps(wd_v, value, grad));
+      store_bf16x16(m + j, f32x16_to_bf16(mj));
+      value = _mm512_fmadd_ps(neg_lr, mj, value);
+    } else {
+      value = _mm512_fmadd_ps(value, decay_v, _mm512_mul_ps(neg_lr, grad));
+    }
+    const __m256i stored_bits = f32x16_to_bf16(value);
+    const __m512 stored = bf16x16_to_f32(stored_bits);
+    store_bf16x16(ch + j, stored_bits);
+    if (kResidual) store_bf16x16(lo + j, f32x16_to_bf16(_mm512_sub_ps(value, stored)));
+    _mm512_storeu_ps(w + j, stored);
+  }
+#endif
+  for (int64_t j0 = done; j0 < d; j0 += kLineFloats) {
     prefetch_ahead(ahead, j0);
     for (int64_t j = j0; j < std::min(d, j0 + kLineFloats); ++j) {  // simd
       const float hi = w[j];

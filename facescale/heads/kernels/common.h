@@ -7,7 +7,9 @@
 #include <cstring>
 #include <thread>
 #include <vector>
-#if defined(__SSE2__)
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#elif defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
@@ -49,6 +51,34 @@ inline uint16_t bf16_bits(float exact) {  // the bf16 that holds `exact`, a floa
 }
 
 inline uint16_t f32_to_bf16(float f) { return bf16_bits(round_to_bf16(f)); }  // torch's rounding to bf16
+
+#if defined(__AVX512BF16__)
+// 16 lanes at a time on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids): VCVTNEPS2BF16 rounds to nearest even and
+// quiets NaN exactly as f32_to_bf16 does, in one instruction instead of ~6, but flushes subnormal inputs to zero;
+// a vector holding one (|x| < 1.2e-38, rare in training) takes f32_to_bf16 lane by lane, so results are the same.
+inline __m256i f32x16_to_bf16(__m512 v) {
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0)) {  // 0x20: subnormal lanes
+    alignas(64) float f[16];
+    alignas(32) uint16_t h[16];
+    _mm512_store_ps(f, v);
+    for (int i = 0; i < 16; ++i) h[i] = f32_to_bf16(f[i]);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(h));
+  }
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
+
+inline __m512 bf16x16_to_f32(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+  return bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline void store_bf16x16(uint16_t* p, __m256i h) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h); }
+
+inline __m512 round_to_bf16(__m512 v) { return bf16x16_to_f32(f32x16_to_bf16(v)); }  // the floats they stand for
+#endif
 
 // dst[0, bytes) = src[0, bytes) for a destination read only later (the forward's gathered rows): x86's
 // non-temporal stores skip fetching dst's lines into the cache before overwriting them (write-allocate): gathering
