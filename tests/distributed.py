@@ -13,10 +13,14 @@ import torch.multiprocessing as mp
 from launcher.ports import free_port
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+def _worker(
+    rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any, environ: dict[str, str]
+) -> None:
     import torch
     import torch.distributed as dist
 
+    os.environ.clear()  # the caller's environment now, not the fork server's from when it started
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -37,15 +41,26 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: 
             dist.destroy_process_group()
 
 
+def _context() -> Any:
+    """A fork server that imported torch once: each rank forks from it (~2 s of imports saved per process)
+    instead of starting a fresh interpreter; it is single-threaded and runs no torch op, so a fork is safe."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["facescale", "torch", "torch.distributed"])  # facescale first: OpenMP policy
+    return ctx
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """Call `fn(rank, world, *args)` on `world` gloo ranks; return the per-rank results in rank order.
 
     `fn` must be a module-level function (it is pickled). A failure on any rank raises with its traceback.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    environ = dict(os.environ)
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, environ)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
