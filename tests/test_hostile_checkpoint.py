@@ -123,17 +123,17 @@ def _attack(name: str, command: str, source: Path, root: Path, data: Path) -> di
 
 def drive(data: str, out: str) -> None:
     """Subprocess body: train one step, then attack every file with every reader; results as JSON. The cases
-    that start a `facescale train` process run two at a time beside the in-process commands (one thread
-    redirects stderr, so those stay on this one)."""
-    root = Path(out)
-    print(_train(Path(data), root / "source", 1), flush=True)
+    that start a `facescale train` process run two at a time in worker threads; the in-process commands stay
+    on this thread, since `_cli` redirects the process-wide stderr."""
+    root, data_dir = Path(out), Path(data)
+    print(_train(data_dir, root / "source", 1), flush=True)
     source = root / "source" / "checkpoints" / "step_00000001"
     files = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
     cases = [(name, command) for name, commands in READERS.items() for command in commands]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        started = [pool.submit(_attack, *case, source, root, Path(data)) for case in cases
+        started = [pool.submit(_attack, *case, source, root, data_dir) for case in cases
                    if case[1] in TRAIN_COMMANDS]
-        in_process = [_attack(*case, source, root, Path(data)) for case in cases
+        in_process = [_attack(*case, source, root, data_dir) for case in cases
                       if case[1] not in TRAIN_COMMANDS]
         results = {"files": files, "cases": [future.result() for future in started] + in_process}
     (root / "results.json").write_text(json.dumps(results, indent=1))
