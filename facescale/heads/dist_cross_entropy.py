@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from facescale.heads.cpu_threads import all_threads, small_ops_serial
 from facescale.heads.margins import MarginSoftmaxSpec
 from facescale.heads.native import native_kernels_for
 from facescale.parallel.collectives import all_reduce_
@@ -57,15 +58,17 @@ class _MarginCrossEntropy(torch.autograd.Function):
             logits = cos
             row_max = torch.empty_like(target_logit_value)
             kernels.scale_row_max_(logits, spec.scale, target_col, row_max)
-        else:
-            logits = cos.mul_(spec.scale) if in_place else cos * spec.scale
-        if spec.filter_threshold > 0:
-            logits.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
+        else:  # torch's [N, C'] passes: all threads, also inside the head's small_ops_serial (cpu_threads.py)
+            with all_threads():
+                logits = cos.mul_(spec.scale) if in_place else cos * spec.scale
+                if spec.filter_threshold > 0:  # (never in place, so never with the native passes)
+                    logits.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
         if cos.shape[1]:
             current = logits.gather(1, safe_col).squeeze(1)
             logits.scatter_(1, safe_col, torch.where(has_target, target_logit_value, current)[:, None])
             if kernels is None:
-                row_max = logits.amax(dim=1)
+                with all_threads():
+                    row_max = logits.amax(dim=1)
             else:  # the max without the target column, then with its margin logit
                 row_max = torch.maximum(row_max, target_logit_value.masked_fill(~has_target, float("-inf")))
         else:
@@ -73,8 +76,9 @@ class _MarginCrossEntropy(torch.autograd.Function):
         all_reduce_(row_max, dist.ReduceOp.MAX, group)
 
         if kernels is None:
-            exps = logits.sub_(row_max[:, None]).exp_()
-            sum_exp_local = exps.sum(dim=1)
+            with all_threads():
+                exps = logits.sub_(row_max[:, None]).exp_()
+                sum_exp_local = exps.sum(dim=1)
         else:
             exps = logits
             sum_exp_local = kernels.exp_row_sums_(exps, row_max, torch.empty_like(row_max))
@@ -91,6 +95,13 @@ class _MarginCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        if not ctx.in_place:  # not the head's buffer chain: leave torch's threading alone
+            return _MarginCrossEntropy._backward(ctx, grad_loss)
+        with small_ops_serial(grad_loss.device):  # small ops on this thread, [N, C'] passes on all
+            return _MarginCrossEntropy._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         exps, cos, target_col, sum_exp = ctx.saved_tensors
         spec = ctx.spec
         target_cos, target_logit = ctx.margin_graph
@@ -99,7 +110,8 @@ class _MarginCrossEntropy(torch.autograd.Function):
         grad_logit_scale = grad_loss.to(exps.dtype) / ctx.num_rows
         # d loss/d cos = softmax * upstream * s / N for non-target, unfiltered columns: one pass over exps
         row_factor = (grad_logit_scale * spec.scale / sum_exp)[:, None]
-        grad = exps.mul_(row_factor) if ctx.in_place else exps * row_factor
+        with all_threads():
+            grad = exps.mul_(row_factor) if ctx.in_place else exps * row_factor
         if spec.filter_threshold > 0:
             grad.masked_fill_(_filtered_negatives(cos, target_col, spec.filter_threshold), 0.0)
         if grad.shape[1]:

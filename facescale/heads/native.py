@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from facescale.heads.cpu_threads import all_threads, thread_budget
+
 _KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (_KERNELS / "center_sgd.cpp", _KERNELS / "logit_passes.cpp", _KERNELS / "top_k.cpp")
 _HEADERS = (_KERNELS / "common.h",)
@@ -148,7 +150,7 @@ class CenterKernels:
             mu,
             wd,
             eps,
-            torch.get_num_threads(),
+            thread_budget(),
         )
         if status:
             raise RuntimeError(
@@ -191,7 +193,7 @@ class CenterKernels:
             wd,
             eps,
             _ptr(out),
-            torch.get_num_threads(),
+            thread_budget(),
         )
         if status:
             raise RuntimeError(f"center catch-up kernel refused dim {centers.shape[1]} / {centers.dtype}")
@@ -205,7 +207,7 @@ class CenterKernels:
             rows.shape[1],
             out.data_ptr(),
             eps,
-            torch.get_num_threads(),
+            thread_budget(),
         )
         return out
 
@@ -215,14 +217,15 @@ class CenterKernels:
         tensor; in waves that keep each write off unread input, so all threads take part)."""
         rows, cols = out.shape
         raw = out.view(-1).view(torch.bfloat16)[rows * cols :].view(rows, cols)
-        torch.mm(x_hat, weight.t(), out=raw)
-        self._to_f32(raw.data_ptr(), scale.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
+        with all_threads():
+            torch.mm(x_hat, weight.t(), out=raw)
+        self._to_f32(raw.data_ptr(), scale.data_ptr(), rows, cols, out.data_ptr(), thread_budget())
         return out
 
     def scale_clamp_(self, cos: Tensor, scale: Tensor) -> Tensor:
         """cos = clamp(cos * scale[None, :], -1, 1) in one pass (fp32 [N, C'], fp32 [C'])."""
         rows, cols = cos.shape
-        self._scale_clamp(cos.data_ptr(), rows, cols, scale.data_ptr(), torch.get_num_threads())
+        self._scale_clamp(cos.data_ptr(), rows, cols, scale.data_ptr(), thread_budget())
         return cos
 
     def scale_row_max_(self, x: Tensor, scale: float, skip_col: Tensor, out: Tensor) -> Tensor:
@@ -230,13 +233,13 @@ class CenterKernels:
         -inf for a row with nothing left, NaN for a row holding a NaN."""
         rows, cols = x.shape
         self._row_max(x.data_ptr(), rows, cols, scale, skip_col.data_ptr(), out.data_ptr(),
-                      torch.get_num_threads())
+                      thread_budget())
         return out
 
     def exp_row_sums_(self, x: Tensor, shift: Tensor, out: Tensor) -> Tensor:
         """x = exp(x - shift[:, None]) and out = its row sums, in one pass (fp32; exp within ~1 ulp)."""
         rows, cols = x.shape
-        self._exp_sums(x.data_ptr(), rows, cols, shift.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        self._exp_sums(x.data_ptr(), rows, cols, shift.data_ptr(), out.data_ptr(), thread_budget())
         return out
 
     def scaled_bf16_in_place(self, grad: Tensor, scale: Tensor) -> Tensor:
@@ -244,7 +247,7 @@ class CenterKernels:
         consumed); returns that [N, C'] bf16 view."""
         rows, cols = grad.shape
         half = grad.view(-1).view(torch.bfloat16)[: rows * cols].view(rows, cols)
-        self._to_bf16(grad.data_ptr(), scale.data_ptr(), rows, cols, half.data_ptr(), torch.get_num_threads())
+        self._to_bf16(grad.data_ptr(), scale.data_ptr(), rows, cols, half.data_ptr(), thread_budget())
         return half
 
     def top_k_sorted(self, scores: Tensor, k: int) -> Tensor:
@@ -263,7 +266,7 @@ class CenterKernels:
             index.numel(),
             row_bytes,
             out.data_ptr(),
-            torch.get_num_threads(),
+            thread_budget(),
         )
         return out
 

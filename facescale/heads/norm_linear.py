@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from facescale.heads.cpu_threads import all_threads, small_ops_serial
 from facescale.heads.native import center_kernels, native_kernels_for
 
 _NORM_EPS = 1e-12  # like F.normalize: divide by max(||v||, eps)
@@ -64,24 +65,26 @@ def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor | None = None) -> Ten
     and for bf16 rows (bf16 centers, fp32 embeddings), each block widened on the way (exact), so that no
     C' x D fp32 copy of the rows is made."""
     cpu_fp32 = x_hat.device.type == "cpu" and x_hat.dtype == torch.float32
-    if _blocks_on_cpu(x_hat, weight) or (cpu_fp32 and out is not None and len(weight) > _GEMM_BLOCK_ROWS):
-        out = x_hat.new_empty(x_hat.shape[0], weight.shape[0]) if out is None else out
-        for lo, hi, block in _row_blocks(weight, x_hat.dtype):
-            torch.mm(x_hat, block.t(), out=out[:, lo:hi])
-        return out
-    weight = weight.to(x_hat.dtype)
-    return x_hat @ weight.t() if out is None else torch.mm(x_hat, weight.t(), out=out)
+    with all_threads():
+        if _blocks_on_cpu(x_hat, weight) or (cpu_fp32 and out is not None and len(weight) > _GEMM_BLOCK_ROWS):
+            out = x_hat.new_empty(x_hat.shape[0], weight.shape[0]) if out is None else out
+            for lo, hi, block in _row_blocks(weight, x_hat.dtype):
+                torch.mm(x_hat, block.t(), out=out[:, lo:hi])
+            return out
+        weight = weight.to(x_hat.dtype)
+        return x_hat @ weight.t() if out is None else torch.mm(x_hat, weight.t(), out=out)
 
 
 def combine_rows(coeffs: Tensor, weight: Tensor) -> Tensor:
     """coeffs @ weight ([N, C'] x [C', D] -> [N, D]) in coeffs' dtype; bf16 rows with fp32 coeffs on the CPU
     are widened a block at a time and accumulated (no C' x D fp32 copy, as in cosine_gemm)."""
-    if not _blocks_on_cpu(coeffs, weight):
-        return coeffs @ weight.to(coeffs.dtype)
-    out = coeffs.new_zeros(coeffs.shape[0], weight.shape[1])
-    for lo, hi, block in _row_blocks(weight, coeffs.dtype):
-        out.addmm_(coeffs[:, lo:hi], block)
-    return out
+    with all_threads():
+        if not _blocks_on_cpu(coeffs, weight):
+            return coeffs @ weight.to(coeffs.dtype)
+        out = coeffs.new_zeros(coeffs.shape[0], weight.shape[1])
+        for lo, hi, block in _row_blocks(weight, coeffs.dtype):
+            out.addmm_(coeffs[:, lo:hi], block)
+        return out
 
 
 def inverse_row_norms(rows: Tensor, out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
@@ -130,10 +133,11 @@ class CenterGrad:
         cols = slice(start, stop)
         acc_dtype = self.w_inv.dtype
         weight = self.weight[cols].to(acc_dtype) if weight is None else weight
-        block = (self.grad_scaled[:, cols].t() @ self.x_hat).to(acc_dtype)  # P = (G*r).t() @ x-hat
         w_inv = self.w_inv[cols]
-        radial = (block * weight).sum(dim=1).mul_(w_inv).mul_(w_inv)  # r^2 (w . P) = r^2 sum_b G*cos
-        return block.addcmul_(weight, radial[:, None], value=-1.0)
+        with all_threads():  # [rows, D] work
+            block = (self.grad_scaled[:, cols].t() @ self.x_hat).to(acc_dtype)  # P = (G*r).t() @ x-hat
+            radial = (block * weight).sum(dim=1).mul_(w_inv).mul_(w_inv)  # r^2 (w . P) = r^2 sum_b G*cos
+            return block.addcmul_(weight, radial[:, None], value=-1.0)
 
     def full(self) -> Tensor:
         """The whole [C', D] gradient (for callers that need it materialised, e.g. grad accumulation)."""
@@ -171,7 +175,8 @@ class _NormLinear(torch.autograd.Function):
             cos = center_kernels().bf16_cosines_in_place(x_hat, weight.detach(), w_inv, out)
             clamped = True
         else:  # one pass: up-cast and scale together
-            raw = x_hat @ weight.to(gemm_dtype).t()
+            with all_threads():
+                raw = x_hat @ weight.to(gemm_dtype).t()
             cos = torch.mul(raw, w_inv[None, :], out=out) if reuse else torch.mul(raw, w_inv[None, :])
             del raw
         if not clamped:
@@ -187,20 +192,29 @@ class _NormLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_cos: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        if not ctx.grad_in_place:  # not the head's buffer chain: leave torch's threading alone
+            return _NormLinear._backward(ctx, grad_cos)
+        with small_ops_serial(grad_cos.device):  # small ops on this thread, GEMMs on all (cpu_threads.py)
+            return _NormLinear._backward(ctx, grad_cos)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_cos: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         x_hat, x_inv, weight, w_inv, cos = ctx.saved_tensors
         gemm_dtype = x_hat.dtype
         acc_dtype = w_inv.dtype
         grad_x = grad_w = None
         half_in_place = ctx.grad_in_place and ctx.sink is not None and gemm_dtype == torch.bfloat16
         if ctx.grad_in_place and grad_cos.dtype == gemm_dtype and grad_cos.is_contiguous():
-            grad_scaled = grad_cos.mul_(w_inv[None, :])  # G * r in the caller's buffer (see norm_linear)
+            with all_threads():  # G * r in the caller's buffer (see norm_linear)
+                grad_scaled = grad_cos.mul_(w_inv[None, :])
         elif (
             half_in_place and native_kernels_for(grad_cos, w_inv) is not None
         ):  # G * r as bf16 in that buffer
             grad_scaled = center_kernels().scaled_bf16_in_place(grad_cos, w_inv)
         else:
             grad_scaled = torch.empty(grad_cos.shape, dtype=gemm_dtype, device=grad_cos.device)
-            torch.mul(grad_cos, w_inv[None, :], out=grad_scaled)  # G * r, N x C', in the GEMM dtype
+            with all_threads():
+                torch.mul(grad_cos, w_inv[None, :], out=grad_scaled)  # G * r, N x C', in the GEMM dtype
         if ctx.needs_input_grad[0]:
             grad_x_hat = combine_rows(grad_scaled, weight).to(acc_dtype)
             x_hat_acc = x_hat.to(acc_dtype)
@@ -209,12 +223,13 @@ class _NormLinear(torch.autograd.Function):
         if ctx.sink is not None:
             ctx.sink.grad_scaled, ctx.sink.x_hat = grad_scaled, x_hat
         elif ctx.needs_input_grad[1]:
-            if cos is None:  # forward wrote the cosines to the caller's buffer: recompute them
-                cos = cosine_gemm(x_hat, weight).to(acc_dtype).mul_(w_inv[None, :]).clamp_(-1.0, 1.0)
-            grad_w = (grad_scaled.t() @ x_hat).to(acc_dtype)
-            # r^2 sum_b G*cos, from G*r when G itself was overwritten in place
-            radial_w = (grad_scaled.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv)
-            grad_w.addcmul_(weight, radial_w[:, None], value=-1.0)
+            with all_threads():  # [N, C'] and [C', D] work
+                if cos is None:  # forward wrote the cosines to the caller's buffer: recompute them
+                    cos = cosine_gemm(x_hat, weight).to(acc_dtype).mul_(w_inv[None, :]).clamp_(-1.0, 1.0)
+                grad_w = (grad_scaled.t() @ x_hat).to(acc_dtype)
+                # r^2 sum_b G*cos, from G*r when G itself was overwritten in place
+                radial_w = (grad_scaled.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv)
+                grad_w.addcmul_(weight, radial_w[:, None], value=-1.0)
         return grad_x, grad_w, None, None, None
 
 

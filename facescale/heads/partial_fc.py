@@ -21,10 +21,11 @@ import torch
 from torch import Tensor
 
 from facescale.heads.center_optimizer import CenterOptimizer
+from facescale.heads.cpu_threads import small_ops_serial
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.huge_pages import empty_rows
 from facescale.heads.margins import MarginSoftmaxSpec
-from facescale.heads.native import native_kernels_for
+from facescale.heads.native import center_kernels, native_kernels_for
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
 from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
 from facescale.parallel.collectives import (
@@ -137,6 +138,14 @@ class PartialFCHead(torch.nn.Module):
     ) -> tuple[Tensor, dict[str, Any]]:
         """Global mean margin softmax loss (same on every rank) and stats for this step's sample; `micro`, the
         micro-step within a gradient-accumulation step, gives each micro-step its own negatives."""
+        if center_kernels() is None:  # the torch fallback's [N, C'] passes want every thread
+            return self._forward(local_embeddings, local_labels, step, micro)
+        with small_ops_serial(self.center_rows.device):  # small ops on this thread (heads/cpu_threads.py)
+            return self._forward(local_embeddings, local_labels, step, micro)
+
+    def _forward(
+        self, local_embeddings: Tensor, local_labels: Tensor, step: int, micro: int
+    ) -> tuple[Tensor, dict[str, Any]]:
         if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings must be [B, {self.embedding_size}], got {tuple(local_embeddings.shape)}"
