@@ -19,6 +19,7 @@ using facescale::bf16_to_f32;
 using facescale::f32_to_bf16;
 using facescale::kLanes;
 using facescale::split_range;
+using facescale::split_waves;
 
 // One vector register of floats (GCC/Clang vector extension) at the width the target has: a wider type would
 // be split, and GCC lowers its compare-selects to scalar code (6x slower on an AVX2-only CPU).
@@ -99,13 +100,10 @@ int facescale_bf16_cosines_to_f32(const uint16_t* raw, const float* scale, int64
       std::memcpy(out + i, block, len * sizeof(float));
     });
   };
-  int64_t a = 0;
-  while (n - a >= 2 * kMinWave) {
-    const int64_t b = (a + n) / 2;
-    split_range(a, b, threads, kMinWave, body);
-    a = b;
-  }
-  body(a, n);  // the tail, in one ascending pass
+  std::vector<int64_t> bounds{0};
+  while (n - bounds.back() >= 2 * kMinWave) bounds.push_back((bounds.back() + n) / 2);
+  bounds.push_back(n);  // the tail, below 2 kMinWave: one part, in one ascending pass
+  split_waves(bounds, threads, kMinWave, body);
   return 0;
 }
 
@@ -125,13 +123,9 @@ int facescale_f32_scaled_to_bf16(const float* in, const float* scale, int64_t ro
       std::memcpy(out + i, half, len * sizeof(uint16_t));
     });
   };
-  int64_t a = std::min<int64_t>(n, kMinWave);
-  body(0, a);
-  while (a < n) {
-    const int64_t b = std::min<int64_t>(n, 2 * a);
-    split_range(a, b, threads, kMinWave, body);
-    a = b;
-  }
+  std::vector<int64_t> bounds{0, std::min<int64_t>(n, kMinWave)};  // the first: one part, ascending
+  while (bounds.back() < n) bounds.push_back(std::min<int64_t>(n, 2 * bounds.back()));
+  split_waves(bounds, threads, kMinWave, body);
   return 0;
 }
 
