@@ -12,7 +12,7 @@ state may be bf16; all update math runs in fp32. A bf16 center cannot take an up
 ulp (2^-9 relative: lr*wd = 5e-5 per step is lost entirely), so bf16 storage keeps a bf16 residual per
 element (`center_residual`, Kahan-style compensation): the center is hi + lo (~16 significant bits), the
 forward uses hi, and 2 bytes per element (half an fp32 master copy) keep the bf16 run on the fp32 one.
-Both modes work in blocks of `block_rows` rows; the gradient may be a tensor or a `CenterGrad` whose
+Both modes work in blocks of at most `block_rows` rows; the gradient may be a tensor or a `CenterGrad` whose
 blocks are formed on demand (one small GEMM per block), so the head never materialises a [rows, D]
 gradient. On the CPU, SGD runs each block's update as one fused pass per row (heads/native.py: gradient
 projection, momentum, decay, write-back, residual and 1/||w|| in place, several threads); otherwise (CUDA,
@@ -36,6 +36,7 @@ UPDATE_MODES = choices(UpdateKind)
 RESIDUAL = "center_residual"  # the low part of half-precision centers (see module docstring)
 _HALF = (torch.bfloat16, torch.float16)
 _NORM_EPS = 1e-12  # as inverse_row_norms
+_CPU_BLOCK_ROWS, _BF16_BLOCK_ROWS = 2048, 10240  # rows per block on the CPU (see _rows_per_block)
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -74,8 +75,9 @@ class CenterOptimizer(torch.nn.Module):
         if mode not in UPDATE_MODES:
             raise ValueError(f"head.update = {mode!r}: choose one of {', '.join(UPDATE_MODES)}")
         device_type = torch.device(device or "cpu").type
-        if block_rows is None:  # cache-sized blocks on the CPU; on a GPU, few launches matter more
-            block_rows = 65536 if device_type == "cuda" else 2048
+        if block_rows is None and device_type == "cuda":  # on a GPU, few launches matter more
+            block_rows = 65536
+        # None (the CPU's default): cache-sized blocks by the dtype of the work, see `_rows_per_block`
         self.kind, self.mode, self.block_rows = kind, mode, block_rows
         self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
         shape = (num_rows, dim)
@@ -89,7 +91,7 @@ class CenterOptimizer(torch.nn.Module):
             self.register_buffer("row_steps", torch.zeros(num_rows, dtype=torch.int64, device=device), False)
         if state_dtype in _HALF:  # centers are stored in the state dtype (PartialFCHead)
             self.register_buffer(RESIDUAL, zeros_rows(shape, state_dtype, device), False)
-        self._product: Tensor | None = None  # reused [block_rows, D] buffer for CenterGrad products
+        self._product: Tensor | None = None  # reused [rows, D] buffer for one block's CenterGrad product
         # `defer_dense`: dense SGD on the CPU kernels defers the unsampled rows' steps (deferred_dense.py),
         # for a caller that reads the centers only after `materialize()` (the head's `centers` does)
         # the kernels that defer are CPU ones
@@ -247,16 +249,20 @@ class CenterOptimizer(torch.nn.Module):
         inv_norms: Tensor | None,
         stream_unsampled: bool = True,
     ) -> None:
-        """One fused pass per block of `block_rows` gradient rows; dense calls also stream the shard rows
-        between this block's first row and the next block's (ghost momentum and decay)."""
+        """One fused pass per block of gradient rows (equal blocks of at most `_rows_per_block`); dense calls
+        also stream the shard rows between this block's first row and the next block's (ghost momentum and
+        decay)."""
         state = self._state()
         total = centers.shape[0] if index is None else len(index)
         dense = self.mode == "dense" and index is not None and stream_unsampled
         if index is not None:
             index = index.to(torch.int64).contiguous()
-        for lo in range(0, max(total, 1), self.block_rows):
-            hi = min(lo + self.block_rows, total)
-            block, proj = self._block_gradient(grad, lo, hi)
+        work_dtype = grad.dtype if isinstance(grad, Tensor) else grad.x_hat.dtype
+        cap = self._rows_per_block(work_dtype)
+        size = -(-total // max(1, -(-total // cap)))  # ceil(total / number of blocks): equal blocks
+        for lo in range(0, max(total, 1), max(size, 1)):
+            hi = min(lo + size, total)
+            block, proj = self._block_gradient(grad, lo, hi, size)
             rows = None if index is None else index[lo:hi]
             span = (0, 0)
             if dense:
@@ -278,7 +284,18 @@ class CenterOptimizer(torch.nn.Module):
                 eps=_NORM_EPS,
             )
 
-    def _block_gradient(self, grad: Tensor | CenterGrad, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
+    def _rows_per_block(self, dtype: torch.dtype) -> int:
+        """`block_rows` if set, else on the CPU 2048 rows, or 10240 for bf16 CenterGrad products: oneDNN's
+        bf16 GEMM [rows, B] x [B, D] runs faster in larger blocks, MKL's fp32 one does not (C' = 10k,
+        B = 128, 2 threads: bf16 4.7 / 4.25 / 3.9 ms in blocks of 2048 / 5000 / 10000 rows, fp32
+        10.9 / 12.5 / 12.6), and a 10240-row bf16 block (10 MB at D = 512) is a few percent of the shard."""
+        if self.block_rows is not None:
+            return self.block_rows
+        return _BF16_BLOCK_ROWS if dtype == torch.bfloat16 else _CPU_BLOCK_ROWS
+
+    def _block_gradient(
+        self, grad: Tensor | CenterGrad, lo: int, hi: int, size: int
+    ) -> tuple[Tensor, Tensor | None]:
         """Rows [lo, hi) as (tensor, None), or a CenterGrad's product P = (G*r).t() @ x-hat for them and the
         forward's 1/||w|| (the kernel applies the tangent projection P - r^2 (w . P) w itself)."""
         if isinstance(grad, Tensor):
@@ -288,7 +305,7 @@ class CenterOptimizer(torch.nn.Module):
             raise RuntimeError(
                 "no center gradient: call loss.backward() between forward() and optimizer_step()"
             )
-        shape = (self.block_rows, x_hat.shape[1])
+        shape = (size, x_hat.shape[1])
         if self._product is None or tuple(self._product.shape) != shape or self._product.dtype != x_hat.dtype:
             self._product = torch.empty(shape, dtype=x_hat.dtype)
         with all_threads():
@@ -306,8 +323,9 @@ class CenterOptimizer(torch.nn.Module):
         buffers = self._state()
         residual = buffers.get(RESIDUAL)
         rule_state = self._rule_state(buffers)
-        for lo in range(0, len(index), self.block_rows):
-            hi = min(lo + self.block_rows, len(index))
+        block_rows = self._rows_per_block(torch.float32)  # the torch path works on fp32 blocks
+        for lo in range(0, len(index), block_rows):
+            hi = min(lo + block_rows, len(index))
             rows = index[lo:hi]
             stored = _upcast(centers.index_select(0, rows))  # the rows the forward (and gradient) saw
             block_grad = _grad_rows(grad, lo, hi, stored).to(stored.dtype)
@@ -335,14 +353,15 @@ class CenterOptimizer(torch.nn.Module):
         inv_norms: Tensor | None,
     ) -> None:
         """Dense mode: every row moves; rows absent from `index` see a zero gradient. Row-blocked."""
-        starts = list(range(0, centers.shape[0], self.block_rows))
+        block_rows = self._rows_per_block(torch.float32)  # the torch path works on fp32 blocks
+        starts = list(range(0, centers.shape[0], block_rows))
         if index is not None:  # where each block's slice of the sorted index begins and ends
             bounds = torch.tensor(starts + [centers.shape[0]], device=index.device)
             cuts = torch.searchsorted(index, bounds).tolist()
         buffers = self._state()
         residual = buffers.get(RESIDUAL)
         for block, first in enumerate(starts):
-            last = min(first + self.block_rows, centers.shape[0])
+            last = min(first + block_rows, centers.shape[0])
             stored = _upcast(centers[first:last])
             if index is None:
                 rows, block_grad = None, _grad_rows(grad, first, last, stored)
