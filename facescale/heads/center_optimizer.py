@@ -162,37 +162,22 @@ class CenterOptimizer(torch.nn.Module):
                 f"and index of length {None if index is None else len(index)}"
             )
         kernels = self._fused_kernels(centers, grad, inv_norms)
-        if kernels is not None:  # small torch ops on this thread, GEMMs and kernels on all (cpu_threads.py)
-            with small_ops_serial(centers.device):
-                self._step_fused(kernels, centers, grad, index, lr, inv_norms)
+        if kernels is not None and self.deferred is not None and index is not None:
+            with small_ops_serial(centers.device):  # small torch ops on this thread (cpu_threads.py)
+                self._update_deferred(kernels, centers, grad, index, lr, inv_norms)
             return
         self.materialize()  # the other paths read every row as current
         if self.deferred is not None:
             self.deferred.reset()  # and leave every row current
-        if self.mode == "sparse" and index is not None:
+        if kernels is not None:
+            with small_ops_serial(centers.device):
+                self._update_fused(kernels, centers, grad, index, lr, inv_norms)
+        elif self.mode == "sparse" and index is not None:
             self._update_rows(centers, grad, index, lr, inv_norms)
         else:
             self._update_dense(centers, grad, index, lr, inv_norms)
 
     # ------------------------------------------------------------------------------ fused CPU SGD path
-    def _step_fused(
-        self,
-        kernels: CenterKernels,
-        centers: Tensor,
-        grad: Tensor | CenterGrad,
-        index: Tensor | None,
-        lr: float,
-        inv_norms: Tensor | None,
-    ) -> None:
-        """`step` with the native kernels: deferred dense steps where they apply, else one fused pass."""
-        if self.deferred is not None and index is not None:
-            self._update_deferred(kernels, centers, grad, index, lr, inv_norms)
-            return
-        self.materialize()  # the other paths read every row as current
-        if self.deferred is not None:
-            self.deferred.reset()  # and leave every row current
-        self._update_fused(kernels, centers, grad, index, lr, inv_norms)
-
     def _fused_kernels(
         self, centers: Tensor, grad: Tensor | CenterGrad, inv_norms: Tensor | None
     ) -> CenterKernels | None:
