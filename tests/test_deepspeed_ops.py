@@ -21,6 +21,8 @@ SCRIPT = textwrap.dedent("""
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                       config={"train_batch_size": 1, "zero_allow_untested_optimizer": True})
     print("shm_comm_op", deepspeed.comm.comm.cdb.shm_comm_op)
+    # as the trainer does (parallel/init.py): gloo's threads left running at exit can abort the interpreter
+    torch.distributed.destroy_process_group()
 """)
 
 

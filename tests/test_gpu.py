@@ -37,6 +37,16 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _nccl_torn_down():
+    """The NCCL world some tests start is destroyed before pytest exits (a live group can abort at exit)."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _batch(device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(B, D, generator=g)
