@@ -10,7 +10,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = textwrap.dedent("""
+# a hang in the child prints every thread's stack and exits, well before the test's own timeout
+WATCHDOG = "import faulthandler; faulthandler.dump_traceback_later(240, exit=True)\n"
+# as the trainer does (parallel/init.py): gloo threads left running at exit can abort or hang the interpreter
+TEARDOWN = textwrap.dedent("""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+""")
+
+SCRIPT = WATCHDOG + textwrap.dedent("""
     import os
     import torch
     import deepspeed
@@ -21,9 +29,7 @@ SCRIPT = textwrap.dedent("""
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                       config={"train_batch_size": 1, "zero_allow_untested_optimizer": True})
     print("shm_comm_op", deepspeed.comm.comm.cdb.shm_comm_op)
-    # as the trainer does (parallel/init.py): gloo's threads left running at exit can abort the interpreter
-    torch.distributed.destroy_process_group()
-""")
+""") + TEARDOWN
 
 
 def test_engine_starts_without_building_the_shm_op(tmp_path):
@@ -33,7 +39,7 @@ def test_engine_starts_without_building_the_shm_op(tmp_path):
            "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shm_comm_op None" in proc.stdout
     built = [p.name for p in extensions.rglob("*")] if extensions.exists() else []
@@ -46,7 +52,7 @@ def _free_port() -> int:
     return free_port()
 
 
-WAIT_SCRIPT = textwrap.dedent("""
+WAIT_SCRIPT = WATCHDOG + textwrap.dedent("""
     import torch
     import deepspeed
     from facescale.deepspeed_ops import JitLockError, jit_lock_watchdog
@@ -58,7 +64,7 @@ WAIT_SCRIPT = textwrap.dedent("""
                                  config={"train_batch_size": 1, "zero_allow_untested_optimizer": True})
     except JitLockError as exc:
         print("LINE", exc.line())
-""")
+""") + TEARDOWN
 
 
 def test_a_stale_build_lock_ends_in_an_error_naming_it(tmp_path):
@@ -71,7 +77,7 @@ def test_a_stale_build_lock_ends_in_an_error_naming_it(tmp_path):
            "TORCH_EXTENSIONS_DIR": str(extensions), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     proc = subprocess.run([sys.executable, "-c", WAIT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"waiting 1 s on the JIT build lock {lock}" in proc.stderr
     line = next(text for text in proc.stdout.splitlines() if text.startswith("LINE "))
