@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from facescale.errors import InputError
 
@@ -58,6 +60,34 @@ def _waited_lock(thread_id: int) -> str | None:
 
 
 @contextmanager
+def _interruptible_main(expired: list) -> Iterator[None]:
+    """Make the watchdog's `_thread.interrupt_main` raise KeyboardInterrupt once `expired` is set, whatever
+    SIGINT's disposition. A process started in the background (`&`, nohup) inherits SIGINT ignored; Python
+    then installs no handler and interrupt_main does nothing, so the wait would go on forever. A real
+    SIGINT meanwhile does what it did before (raise, call the handler, be ignored or end the process)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # not ours to change: another thread, or a handler installed outside Python
+        return
+
+    def on_sigint(signum: int, frame: Any) -> Any:
+        if expired:
+            raise KeyboardInterrupt
+        if callable(previous):
+            return previous(signum, frame)
+        if previous == signal.SIG_DFL:  # the default action: end the process by SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None  # SIG_IGN
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def jit_lock_watchdog(timeout_s: float | None = None, warn_after_s: float = 30.0) -> Iterator[None]:
     """Bound the start-up's wait on a torch/DeepSpeed JIT build lock (torch waits on it without end).
 
@@ -82,9 +112,10 @@ def jit_lock_watchdog(timeout_s: float | None = None, warn_after_s: float = 30.0
                 return
 
     watcher = threading.Thread(target=watch, name="facescale-jit-lock-watchdog", daemon=True)
-    watcher.start()
     try:
-        yield
+        with _interruptible_main(expired):
+            watcher.start()
+            yield
     except KeyboardInterrupt:
         if not expired:
             raise

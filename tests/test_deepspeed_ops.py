@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +57,8 @@ def _free_port() -> int:
 
 
 WAIT_SCRIPT = WATCHDOG + textwrap.dedent("""
+    import signal
+
     import torch
     import deepspeed
     from facescale.deepspeed_ops import JitLockError, jit_lock_watchdog
@@ -64,11 +70,16 @@ WAIT_SCRIPT = WATCHDOG + textwrap.dedent("""
                                  config={"train_batch_size": 1, "zero_allow_untested_optimizer": True})
     except JitLockError as exc:
         print("LINE", exc.line())
+    handler = signal.getsignal(signal.SIGINT)  # as it was before the watchdog
+    names = {signal.SIG_IGN: "ignored", signal.SIG_DFL: "default"}
+    print("SIGINT", names.get(handler) or getattr(handler, "__name__", handler))
 """) + TEARDOWN
 
 
-def test_a_stale_build_lock_ends_in_an_error_naming_it(tmp_path):
-    """A lock left by a killed build: torch waits forever; the watchdog names the file and how to clear it."""
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_stale_build_lock_ends_in_an_error_naming_it(tmp_path, sigint):
+    """A lock left by a killed build: torch waits forever; the watchdog names the file and how to clear it.
+    "ignored": started as `cmd &` or under nohup, where the process inherits SIGINT ignored."""
     extensions = tmp_path / "torch_extensions"
     lock = extensions / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
@@ -76,10 +87,33 @@ def test_a_stale_build_lock_ends_in_an_error_naming_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(extensions), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    disposition = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL  # DFL: Python handles it
     proc = subprocess.run([sys.executable, "-c", WAIT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"waiting 1 s on the JIT build lock {lock}" in proc.stderr
     line = next(text for text in proc.stdout.splitlines() if text.startswith("LINE "))
     assert f"{lock}: waited 3 s on the JIT build lock of op 'deepspeed_shm_comm'" in line
     assert f"rm {lock}" in line
+    before = "ignored" if sigint == "ignored" else "default_int_handler"
+    assert f"SIGINT {before}" in proc.stdout  # the watchdog put SIGINT's handling back as it found it
+
+
+def test_a_real_sigint_under_the_watchdog_does_what_it_did_before():
+    """The watchdog's SIGINT handler passes a real Ctrl-C on: ignored stays ignored, handled still raises."""
+    from facescale.deepspeed_ops import jit_lock_watchdog
+
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with jit_lock_watchdog(timeout_s=60):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # a Python handler runs at the next bytecode; nothing may happen
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt), jit_lock_watchdog(timeout_s=60):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, saved)
