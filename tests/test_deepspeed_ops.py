@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # a hang in the child prints every thread's stack and exits, well before the test's own timeout
 WATCHDOG = "import faulthandler; faulthandler.dump_traceback_later(240, exit=True)\n"
-# as the trainer does (parallel/init.py): gloo threads left running at exit can abort or hang the interpreter
+# as the trainer does: gloo threads left running at exit can abort or hang the interpreter
 TEARDOWN = textwrap.dedent("""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from facescale.parallel.init import shutdown_distributed
+
+    shutdown_distributed()
 """)
 
 SCRIPT = WATCHDOG + textwrap.dedent("""

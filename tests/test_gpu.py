@@ -41,10 +41,9 @@ def _no_tf32():
 def _nccl_torn_down():
     """The NCCL world some tests start is destroyed before pytest exits (a live group can abort at exit)."""
     yield
-    import torch.distributed as dist
+    from facescale.parallel.init import shutdown_distributed
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _batch(device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
