@@ -6,7 +6,9 @@ seconds (a torch.utils.cpp_extension build takes minutes on a 2-core CI machine)
 $FACESCALE_CACHE/kernels (default ~/.cache/facescale/kernels), keyed by source, compiler and CPU flags, so
 a cache shared by different nodes never loads a binary built for another CPU. Without a compiler, or with
 FACESCALE_NATIVE_KERNELS=0, `center_kernels()` returns None and callers use their torch path, which has the
-same semantics (tests/test_center_kernels.py checks the two against each other).
+same semantics (tests/test_center_kernels.py checks the two against each other). A call splits its work over
+the caller and a team of worker threads kept across calls (kernels/common.h: a thread started per call
+cost more than a B = 128 pass).
 """
 
 from __future__ import annotations

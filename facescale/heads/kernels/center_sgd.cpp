@@ -456,9 +456,9 @@ int facescale_center_sgd(
                centers_bf16, residual, momentum, momentum_bf16, inv_norms, lr, mu, wd, eps};
   const bool dense = row_end > row_begin;
   const int64_t work = dense ? row_end - row_begin : n_grad;
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, work / 64));
-  std::vector<std::thread> pool;
-  for (int64_t p = 0; p < parts; ++p) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, work / 64));
+  facescale::run_members(parts, [&](int64_t member) {
+    const int64_t p = parts - 1 - member;  // the caller takes the last part
     int64_t k0, k1, r0 = 0, r1 = 0;
     if (dense) {
       r0 = row_begin + work * p / parts;
@@ -469,13 +469,8 @@ int facescale_center_sgd(
       k0 = work * p / parts;
       k1 = work * (p + 1) / parts;
     }
-    if (p + 1 == parts) {
-      run_range(a, k0, k1, r0, r1);
-    } else {
-      pool.emplace_back(run_range, std::cref(a), k0, k1, r0, r1);
-    }
-  }
-  for (auto& t : pool) t.join();
+    run_range(a, k0, k1, r0, r1);
+  });
   return 0;
 }
 

@@ -1,11 +1,17 @@
 // Helpers shared by the fused CPU kernels (center_sgd.cpp, logit_passes.cpp): bf16 <-> fp32 with torch's
-// rounding, a fork-join split of a range over a few std::threads, and waves of splits on one fork.
+// rounding, a fork-join split of a range over a team of threads kept across calls, and waves of splits on one
+// fork.
 #pragma once
+
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 #if defined(__AVX512BF16__)
@@ -112,6 +118,126 @@ inline void streaming_done() {  // non-temporal stores are weakly ordered: fence
 #endif
 }
 
+// Threads kept across kernel calls. A step makes ~6-8 calls, and creating and joining a std::thread per call cost
+// 70-330 us on the 2-vCPU VM (a [128, 200] pass: 15 us on one thread, 335 us median on two), more than the
+// work of a call at B = 128. A worker spins ~20 us for the next job (the step's calls come tens of us apart),
+// then sleeps on a condition variable. One job at a time: a caller that finds the team busy (another thread, or
+// a kernel called from inside a job) forks std::threads as before. After fork() the child starts a fresh team
+// (the parent's threads do not exist there); the old one is left allocated, never destroyed (no destructor
+// runs at exit while workers wait).
+class WorkerTeam {
+ public:
+  static WorkerTeam* get() {
+    static std::once_flag registered;
+    std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, [] { current().store(nullptr); }); });
+    WorkerTeam* team = current().load(std::memory_order_acquire);
+    if (team != nullptr) return team;
+    WorkerTeam* fresh = new WorkerTeam();  // no thread yet: the first job starts them
+    if (current().compare_exchange_strong(team, fresh, std::memory_order_acq_rel)) return fresh;
+    delete fresh;  // another thread's came first
+    return team;
+  }
+
+  // job(member) for member in [0, members): member 0 on the calling thread, the others on workers. False if
+  // the team is busy (nothing ran; the caller forks its own threads).
+  template <class Job>
+  bool run(int64_t members, const Job& job) {
+    if (busy_.exchange(true, std::memory_order_acquire)) return false;
+    grow(members - 1);
+    job_ = &job;
+    call_ = [](const void* j, int64_t member) { (*static_cast<const Job*>(j))(member); };
+    remaining_.store(members - 1, std::memory_order_relaxed);
+    const uint64_t word = ((state_.load(std::memory_order_relaxed) >> 32) + 1) << 32 | uint64_t(members);
+    state_.store(word, std::memory_order_seq_cst);  // publishes job_ and call_ (release)
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lock(mutex_); }
+      wake_.notify_all();
+    }
+    job(0);
+    for (int spins = 0; remaining_.load(std::memory_order_acquire) > 0; ++spins) {
+      if (spins > 4096) std::this_thread::yield();
+    }
+    busy_.store(false, std::memory_order_release);
+    return true;
+  }
+
+ private:
+  // a worker's wait for the next job before it sleeps (0 and 20 us measured alike: -2 to -4% a B = 128 step
+  // either way); longer would hold a core that the GEMMs' OpenMP threads want
+  static constexpr int kSpinMicros = 20;
+
+  void grow(int64_t workers) {  // only the caller holding busy_ grows the team
+    while (static_cast<int64_t>(started_) < workers) {
+      const int64_t member = ++started_;
+      std::thread(&WorkerTeam::serve, this, member, state_.load(std::memory_order_relaxed)).detach();
+    }
+  }
+
+  void serve(int64_t member, uint64_t seen) {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "facescale-team");  // in top, perf and /proc/<pid>/task/*/comm
+#endif
+    for (;;) {
+      uint64_t word = state_.load(std::memory_order_acquire);
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      for (int spins = 1; word == seen; ++spins) {
+        pause();
+        word = state_.load(std::memory_order_acquire);
+        if (spins % 32 == 0 && std::chrono::steady_clock::now() > spin_until) break;
+      }
+      if (word == seen) {
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        std::unique_lock<std::mutex> lock(mutex_);
+        while ((word = state_.load(std::memory_order_seq_cst)) == seen) wake_.wait(lock);
+        lock.unlock();
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      }
+      seen = word;
+      // a job needs every one of its members to finish before the next is published, so job_ is this word's
+      if (member < static_cast<int64_t>(word & 0xffffffffu)) {
+        call_(job_, member);
+        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  static std::atomic<WorkerTeam*>& current() {
+    static std::atomic<WorkerTeam*> team{nullptr};
+    return team;
+  }
+
+  static void pause() {
+#if defined(__SSE2__)
+    _mm_pause();
+#endif
+  }
+
+  std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> state_{0};  // (job number << 32) | members of that job
+  std::atomic<int64_t> remaining_{0};  // workers of the current job still running it
+  std::atomic<int> sleepers_{0};
+  const void* job_ = nullptr;
+  void (*call_)(const void*, int64_t) = nullptr;
+  int64_t started_ = 0;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
+// run(member) for member in [0, members), concurrently (the members may wait for each other), on the worker team
+// when it is free, else on std::threads made for this call.
+template <class Run>
+void run_members(int64_t members, const Run& run) {
+  if (members <= 1) {
+    run(0);
+    return;
+  }
+  if (WorkerTeam::get()->run(members, run)) return;
+  std::vector<std::thread> pool;
+  for (int64_t member = 1; member < members; ++member) pool.emplace_back([&run, member] { run(member); });
+  run(0);
+  for (auto& t : pool) t.join();
+}
+
 // body(i0, i1) over [begin, end) cut into at most `threads` parts of at least `min_part` items; the last part
 // runs on the calling thread.
 template <class Body>
@@ -119,10 +245,10 @@ void split_range(int64_t begin, int64_t end, int32_t threads, int64_t min_part, 
   const int64_t n = end - begin;
   if (n <= 0) return;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(min_part, 1)));
-  std::vector<std::thread> pool;
-  for (int64_t p = 0; p + 1 < parts; ++p) pool.emplace_back(body, begin + n * p / parts, begin + n * (p + 1) / parts);
-  body(begin + n * (parts - 1) / parts, end);
-  for (auto& t : pool) t.join();
+  run_members(parts, [&](int64_t member) {
+    const int64_t p = parts - 1 - member;  // member 0 (the caller) takes the last part
+    body(begin + n * p / parts, begin + n * (p + 1) / parts);
+  });
 }
 
 // body(i0, i1) over consecutive waves [bounds[k], bounds[k+1]), each finished by every thread before the next
@@ -154,10 +280,7 @@ void split_waves(const std::vector<int64_t>& bounds, int32_t threads, int64_t mi
       }
     }
   };
-  std::vector<std::thread> pool;
-  for (int64_t member = 1; member < team; ++member) pool.emplace_back(run, member);
-  run(0);
-  for (auto& t : pool) t.join();
+  run_members(team, run);
 }
 
 }  // namespace facescale
