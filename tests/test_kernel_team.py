@@ -69,7 +69,7 @@ def test_a_forked_child_runs_threaded_kernels_with_a_team_of_its_own() -> None:
     """The parent's workers do not exist in a fork()ed child: its kernels must run, not wait for them."""
     script = textwrap.dedent(
         """
-        import os, torch
+        import os, signal, torch
         torch.set_num_threads(2)
         from facescale.heads.native import center_kernels
         source, index = torch.randn(5000, 64), torch.randperm(5000)
@@ -77,6 +77,7 @@ def test_a_forked_child_runs_threaded_kernels_with_a_team_of_its_own() -> None:
         center_kernels().gather_rows(source, index, out)  # the parent's team starts here
         pid = os.fork()
         if pid == 0:
+            signal.alarm(100)  # a hung child ends itself (the test's timeout only ends its parent)
             gather = center_kernels().gather_rows
             ok = all(torch.equal(gather(source, index, out), source[index]) for _ in range(5))
             os._exit(0 if ok else 3)

@@ -50,6 +50,14 @@ struct Args {
   float lr, mu, wd, eps;
 };
 
+// The sum of 16 lane sums (overwritten) in a fixed tree: dot() and the norms a row update sums as it goes.
+inline float lane_tree(float* acc) {
+  for (int half = 8; half > 0; half /= 2) {
+    for (int l = 0; l < half; ++l) acc[l] += acc[l + half];
+  }
+  return acc[0];
+}
+
 // a . b with 16 lane sums and a fixed tree: vectorisable, and the same order for every caller and thread
 // count, so norms from the update and from facescale_inv_norms agree bit for bit (cached vs recomputed).
 inline float dot(const float* a, const float* b, int64_t d) {
@@ -60,13 +68,15 @@ inline float dot(const float* a, const float* b, int64_t d) {
   }
   float tail = 0.f;
   for (; j < d; ++j) tail += a[j] * b[j];
-  for (int half = 8; half > 0; half /= 2) {
-    for (int l = 0; l < half; ++l) acc[l] += acc[l + half];
-  }
-  return acc[0] + tail;
+  return lane_tree(acc) + tail;
 }
 
 inline float inv_norm(const float* w, int64_t d, float eps) { return 1.f / std::max(std::sqrt(dot(w, w, d)), eps); }
+
+// inv_norm of a row of whole 16-lane vectors from its 16 lane sums of squares (dot()'s order; its tail is 0)
+inline float inv_norm_of_lanes(float* squares, float eps) {
+  return 1.f / std::max(std::sqrt(lane_tree(squares) + 0.f), eps);
+}
 
 // The row a sparse update or a catch-up will reach a few rows later (its centers, momentum and residual rows; null:
 // none), fetched a line at a time from inside this row's loop: issuing all 32-64 lines of a row at once (prefetch_row)
@@ -367,6 +377,62 @@ void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w,
   if (a.inv_norms) a.inv_norms[row] = inv_norm(w, d, a.eps);
 }
 
+#if defined(__AVX512BF16__)
+inline float inv_norm_of_lanes(__m512 squares, float eps) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, squares);
+  return inv_norm_of_lanes(lanes, eps);
+}
+
+inline float dot_of_lanes(__m512 products) {  // dot() of a row of whole vectors from its lane sums
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, products);
+  return lane_tree(lanes) + 0.f;
+}
+
+// update_row_bf16 for a row of whole 16-lane vectors: the same operations in the same order (so the same bits),
+// in two passes over the row instead of five: no fp32 copies of the row and its gradient, and the new row's norm
+// summed inside the update's loop.
+template <bool kResidual, bool kMomentum>
+void update_row_bf16_x16(const Args& a, int64_t row, int64_t k, const Ahead& ahead) {
+  const int64_t d = a.dim, off = row * d;
+  uint16_t* __restrict ch = static_cast<uint16_t*>(a.centers) + off;
+  uint16_t* __restrict lo = kResidual ? a.residual + off : nullptr;
+  uint16_t* __restrict m = kMomentum ? static_cast<uint16_t*>(a.momentum) + off : nullptr;
+  const uint16_t* grad_half = a.grad_bf16 ? static_cast<const uint16_t*>(a.grad) + k * d : nullptr;
+  const float* grad_full = a.grad_bf16 ? nullptr : static_cast<const float*>(a.grad) + k * d;
+  auto grad_at = [&](int64_t j) { return grad_half ? load_bf16x16(grad_half + j) : _mm512_loadu_ps(grad_full + j); };
+  float coef = 0.f;
+  if (a.proj_inv) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(load_bf16x16(ch + j), grad_at(j)));
+    coef = dot_of_lanes(acc) * a.proj_inv[k] * a.proj_inv[k];
+  }
+  const __m512 neg_coef = _mm512_set1_ps(-coef), mu_v = _mm512_set1_ps(a.mu), wd_v = _mm512_set1_ps(a.wd);
+  const __m512 neg_lr = _mm512_set1_ps(-a.lr), decay_v = _mm512_set1_ps(std::fma(-a.lr, a.wd, 1.f));
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += kLineFloats) {
+    prefetch_ahead(ahead, j);
+    const __m512 hi = load_bf16x16(ch + j);
+    __m512 value = kResidual ? _mm512_add_ps(hi, load_bf16x16(lo + j)) : hi;
+    const __m512 grad = _mm512_fmadd_ps(neg_coef, hi, grad_at(j));
+    if (kMomentum) {
+      const __m512 mj = _mm512_fmadd_ps(mu_v, load_bf16x16(m + j), _mm512_fmadd_ps(wd_v, value, grad));
+      store_bf16x16(m + j, f32x16_to_bf16(mj));
+      value = _mm512_fmadd_ps(neg_lr, mj, value);
+    } else {
+      value = _mm512_fmadd_ps(value, decay_v, _mm512_mul_ps(neg_lr, grad));
+    }
+    const __m256i stored_bits = f32x16_to_bf16(value);
+    const __m512 stored = bf16x16_to_f32(stored_bits);
+    store_bf16x16(ch + j, stored_bits);
+    if (kResidual) store_bf16x16(lo + j, f32x16_to_bf16(_mm512_sub_ps(value, stored)));
+    squares = _mm512_add_ps(squares, _mm512_mul_ps(stored, stored));
+  }
+  if (a.inv_norms) a.inv_norms[row] = inv_norm_of_lanes(squares, a.eps);
+}
+#endif
+
 // Row `row` of a step: with its gradient row k (k >= 0), or a zero-gradient step (k < 0, a dense pass's
 // unsampled row), after which its cached inverse norm is refreshed like a sampled row's.
 void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g, const Ahead& ahead = Ahead{}) {
@@ -375,6 +441,13 @@ void update_row(const Args& a, int64_t row, int64_t k, float* w, float* g, const
     if (a.inv_norms) a.inv_norms[row] = stored_inv_norm(a.centers, a.centers_bf16, row, a.dim, w, a.eps);
   } else if (!a.centers_bf16) {
     update_row_f32(a, row, k, g, ahead);  // the wrapper accepts only fp32 state and no residual with fp32 centers
+#if defined(__AVX512BF16__)
+  } else if (a.dim % 16 == 0) {
+    if (a.residual && a.momentum) update_row_bf16_x16<true, true>(a, row, k, ahead);
+    else if (a.residual) update_row_bf16_x16<true, false>(a, row, k, ahead);
+    else if (a.momentum) update_row_bf16_x16<false, true>(a, row, k, ahead);
+    else update_row_bf16_x16<false, false>(a, row, k, ahead);
+#endif
   } else if (a.residual) {
     if (a.momentum) update_row_bf16<true, true>(a, row, k, w, g, ahead);
     else update_row_bf16<true, false>(a, row, k, w, g, ahead);
