@@ -313,6 +313,35 @@ void update_row_f32(const Args& a, int64_t row, int64_t k, float* __restrict g, 
   if (a.inv_norms) a.inv_norms[row] = inv_norm(w, d, a.eps);
 }
 
+#if defined(__AVX512BF16__)
+// One 16-element step of a bf16 row update (both AVX512-BF16 loops below): from the row's hi values and the
+// gradient, writes the momentum, hi and lo at m, ch and lo, and returns the stored hi as floats.
+struct Bf16Step {
+  __m512 neg_coef, mu, wd, neg_lr, decay;
+  Bf16Step(const Args& a, float coef)
+      : neg_coef(_mm512_set1_ps(-coef)), mu(_mm512_set1_ps(a.mu)), wd(_mm512_set1_ps(a.wd)),
+        neg_lr(_mm512_set1_ps(-a.lr)), decay(_mm512_set1_ps(std::fma(-a.lr, a.wd, 1.f))) {}
+
+  template <bool kResidual, bool kMomentum>
+  __m512 update(__m512 hi, __m512 gradient, uint16_t* ch, uint16_t* lo, uint16_t* m) const {
+    __m512 value = kResidual ? _mm512_add_ps(hi, load_bf16x16(lo)) : hi;
+    const __m512 grad = _mm512_fmadd_ps(neg_coef, hi, gradient);
+    if (kMomentum) {
+      const __m512 mj = _mm512_fmadd_ps(mu, load_bf16x16(m), _mm512_fmadd_ps(wd, value, grad));
+      store_bf16x16(m, f32x16_to_bf16(mj));
+      value = _mm512_fmadd_ps(neg_lr, mj, value);
+    } else {
+      value = _mm512_fmadd_ps(value, decay, _mm512_mul_ps(neg_lr, grad));
+    }
+    const __m256i stored_bits = f32x16_to_bf16(value);
+    const __m512 stored = bf16x16_to_f32(stored_bits);
+    store_bf16x16(ch, stored_bits);
+    if (kResidual) store_bf16x16(lo, f32x16_to_bf16(_mm512_sub_ps(value, stored)));
+    return stored;
+  }
+};
+#endif
+
 // Half-precision storage: hi (and the momentum) are bf16; the value is hi + lo when a residual is kept. The
 // gradient is projected with hi (the row the forward used); the update, rounding and residual run in one loop.
 template <bool kResidual, bool kMomentum>
@@ -333,25 +362,12 @@ void update_row_bf16(const Args& a, int64_t row, int64_t k, float* __restrict w,
   const float coef = a.proj_inv ? dot(w, g, d) * a.proj_inv[k] * a.proj_inv[k] : 0.f;
   int64_t done = 0;  // elements updated 16 at a time with the CPU's bf16 conversion (the same operations)
 #if defined(__AVX512BF16__)
-  const __m512 neg_coef = _mm512_set1_ps(-coef), mu_v = _mm512_set1_ps(mu), wd_v = _mm512_set1_ps(wd);
-  const __m512 neg_lr = _mm512_set1_ps(-lr), decay_v = _mm512_set1_ps(decay);
+  const Bf16Step step(a, coef);
   for (; done + kLineFloats <= d; done += kLineFloats) {
     const int64_t j = done;
     prefetch_ahead(ahead, j);
-    const __m512 hi = _mm512_loadu_ps(w + j);
-    __m512 value = kResidual ? _mm512_add_ps(hi, load_bf16x16(lo + j)) : hi;
-    const __m512 grad = _mm512_fmadd_ps(neg_coef, hi, _mm512_loadu_ps(g + j));
-    if (kMomentum) {
-      const __m512 mj = _mm512_fmadd_ps(mu_v, load_bf16x16(m + j), _mm512_fmadd_ps(wd_v, value, grad));
-      store_bf16x16(m + j, f32x16_to_bf16(mj));
-      value = _mm512_fmadd_ps(neg_lr, mj, value);
-    } else {
-      value = _mm512_fmadd_ps(value, decay_v, _mm512_mul_ps(neg_lr, grad));
-    }
-    const __m256i stored_bits = f32x16_to_bf16(value);
-    const __m512 stored = bf16x16_to_f32(stored_bits);
-    store_bf16x16(ch + j, stored_bits);
-    if (kResidual) store_bf16x16(lo + j, f32x16_to_bf16(_mm512_sub_ps(value, stored)));
+    const __m512 stored = step.update<kResidual, kMomentum>(_mm512_loadu_ps(w + j), _mm512_loadu_ps(g + j), ch + j,
+                                                            kResidual ? lo + j : nullptr, kMomentum ? m + j : nullptr);
     _mm512_storeu_ps(w + j, stored);
   }
 #endif
@@ -408,25 +424,12 @@ void update_row_bf16_x16(const Args& a, int64_t row, int64_t k, const Ahead& ahe
     for (int64_t j = 0; j < d; j += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(load_bf16x16(ch + j), grad_at(j)));
     coef = dot_of_lanes(acc) * a.proj_inv[k] * a.proj_inv[k];
   }
-  const __m512 neg_coef = _mm512_set1_ps(-coef), mu_v = _mm512_set1_ps(a.mu), wd_v = _mm512_set1_ps(a.wd);
-  const __m512 neg_lr = _mm512_set1_ps(-a.lr), decay_v = _mm512_set1_ps(std::fma(-a.lr, a.wd, 1.f));
+  const Bf16Step step(a, coef);
   __m512 squares = _mm512_setzero_ps();
   for (int64_t j = 0; j < d; j += kLineFloats) {
     prefetch_ahead(ahead, j);
-    const __m512 hi = load_bf16x16(ch + j);
-    __m512 value = kResidual ? _mm512_add_ps(hi, load_bf16x16(lo + j)) : hi;
-    const __m512 grad = _mm512_fmadd_ps(neg_coef, hi, grad_at(j));
-    if (kMomentum) {
-      const __m512 mj = _mm512_fmadd_ps(mu_v, load_bf16x16(m + j), _mm512_fmadd_ps(wd_v, value, grad));
-      store_bf16x16(m + j, f32x16_to_bf16(mj));
-      value = _mm512_fmadd_ps(neg_lr, mj, value);
-    } else {
-      value = _mm512_fmadd_ps(value, decay_v, _mm512_mul_ps(neg_lr, grad));
-    }
-    const __m256i stored_bits = f32x16_to_bf16(value);
-    const __m512 stored = bf16x16_to_f32(stored_bits);
-    store_bf16x16(ch + j, stored_bits);
-    if (kResidual) store_bf16x16(lo + j, f32x16_to_bf16(_mm512_sub_ps(value, stored)));
+    const __m512 stored = step.update<kResidual, kMomentum>(load_bf16x16(ch + j), grad_at(j), ch + j,
+                                                            kResidual ? lo + j : nullptr, kMomentum ? m + j : nullptr);
     squares = _mm512_add_ps(squares, _mm512_mul_ps(stored, stored));
   }
   if (a.inv_norms) a.inv_norms[row] = inv_norm_of_lanes(squares, a.eps);
