@@ -7,6 +7,9 @@ alternating rounds (so both see the same machine load); the figures the head's c
               before each call (a 64 MB pass), as the step's GEMMs leave them
   sort        the sampled ids in ascending order from the shard's scores: a native radix select (heads/
               sampling.py) vs torch.topk + mark-and-scan; mark-and-scan vs torch.sort of the ids alone
+  draw        the whole sampler (heads/sampling.sample_centers, B = 128 labels) from a seed, the native
+              kernels drawing torch's stream and selecting in one call, vs from a torch.Generator (uniform_ +
+              select)
   cosine GEMM the fp32 forward GEMM [B, D] x [D, C'] into the logits buffer: in 1024-center blocks
               (heads/norm_linear.cosine_gemm) vs one torch.mm
   logits passes the margin softmax's passes over the [B, C'] buffer and the bf16 cosines' widening, native
@@ -31,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import torch  # noqa: E402
 
 DIM = 512
+PARTS = ("rows", "sort", "draw", "cosine GEMM", "logits passes")
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -132,6 +136,26 @@ def sort_case(classes: int, sampled: int, rounds: int) -> dict:
     return _alternate(cases, rounds, lambda: None)
 
 
+def draw_case(classes: int, sampled: int, rounds: int) -> dict:
+    """The sampler as the head calls it, from a seed (native draw) vs from a torch.Generator seeded alike."""
+    from facescale.heads.sampling import sample_centers, sampling_seed
+
+    labels = torch.randint(0, classes, (128,), generator=torch.Generator().manual_seed(4))
+    seeds = iter(range(10**9))
+
+    def from_seed(seed: int) -> torch.Tensor:
+        return sample_centers(labels, 0, classes, sampled, sampling_seed(1, 0, seed)).index
+
+    def from_generator(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(sampling_seed(1, 0, seed))
+        return sample_centers(labels, 0, classes, sampled, generator).index
+
+    assert torch.equal(from_seed(0), from_generator(0))
+    return _alternate({"from a seed (native draw)": lambda: from_seed(next(seeds)),
+                       "from a generator (uniform_ + select)": lambda: from_generator(next(seeds))},
+                      rounds, lambda: None)
+
+
 def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
     from facescale.heads.norm_linear import cosine_gemm
 
@@ -191,7 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to measure")
     args = p.parse_args(argv)
+    parts = set(args.parts)
     torch.set_num_threads(args.threads)
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     result: dict = {
@@ -201,19 +227,23 @@ def main(argv: list[str] | None = None) -> dict:
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "cases": [],
     }
     for sampled in args.sampled:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16) if "rows" in parts else ():
             result["cases"].append({"part": "rows", "C": args.classes, "C'": sampled, "dtype": str(dtype),
                                     "ms": rows_case(args.classes, sampled, dtype, args.rounds)})
-        result["cases"].append({"part": "sort", "C": args.classes, "C'": sampled,
-                                "ms": sort_case(args.classes, sampled, args.rounds * 4)})
+        for part, case in (("sort", sort_case), ("draw", draw_case)):
+            if part in parts:
+                result["cases"].append({"part": part, "C": args.classes, "C'": sampled,
+                                        "ms": case(args.classes, sampled, args.rounds * 4)})
         for batch in args.batch:
-            result["cases"].append({"part": "cosine GEMM", "B": batch, "C'": sampled,
-                                    "ms": gemm_case(batch, sampled, args.rounds)})
-            result["cases"].append({"part": "logits passes", "B": batch, "C'": sampled,
-                                    "ms": softmax_case(batch, sampled, args.rounds)})
+            for part, case in (("cosine GEMM", gemm_case), ("logits passes", softmax_case)):
+                if part in parts:
+                    result["cases"].append({"part": part, "B": batch, "C'": sampled,
+                                            "ms": case(batch, sampled, args.rounds)})
     big, big_sampled = 10 * args.classes, 10 * max(args.sampled)  # the sampler at a 10x larger shard
-    result["cases"].append({"part": "sort", "C": big, "C'": big_sampled,
-                            "ms": sort_case(big, big_sampled, args.rounds)})
+    for part, case in (("sort", sort_case), ("draw", draw_case)):
+        if part in parts:
+            result["cases"].append({"part": part, "C": big, "C'": big_sampled,
+                                    "ms": case(big, big_sampled, args.rounds)})
     result["load_end"] = list(os.getloadavg())
     text = markdown(result)
     print(text)
@@ -238,7 +268,7 @@ def markdown(result: dict) -> str:
         timings = "; ".join(f"{name} {ms:.2f}" if isinstance(ms, float) else f"{name}: {ms}"
                             for name, ms in case["ms"].items())
         lines.append(f"| {case['part']} | {shape} | {timings} |")
-    lines += [
+    lines += [] if not any(case["part"] == "rows" for case in result["cases"]) else [
         "",
         "rows: the update kernel and the gather over C' sorted random rows of the shard (a new sample each "
         "round, the same for both page sizes), after a 64 MB pass "

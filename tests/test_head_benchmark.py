@@ -56,9 +56,11 @@ def test_head_parts_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
                 "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     parts = [case["part"] for case in report["cases"]]
-    assert parts == ["rows", "rows", "sort", "cosine GEMM", "logits passes", "sort"]
+    assert parts == ["rows", "rows", "sort", "draw", "cosine GEMM", "logits passes", "sort", "draw"]
     assert "native select" in report["cases"][2]["ms"] and report["cases"][-1]["C"] == 60_000
-    passes = report["cases"][4]["ms"]
+    draws = set(report["cases"][3]["ms"])
+    assert draws == {"from a seed (native draw)", "from a generator (uniform_ + select)"}
+    passes = report["cases"][5]["ms"]
     assert {"softmax native", "softmax torch ops", "bf16 cosines native"} <= set(passes)
     rows = report["cases"][0]["ms"]
     assert set(rows) == {"update huge", "update 4k", "gather huge", "gather 4k",

@@ -163,3 +163,46 @@ def test_the_native_and_the_torch_draw_agree(monkeypatch) -> None:
     monkeypatch.setattr(sampling, "native_kernels_for", lambda *tensors: None)
     fallback = _draw(labels, num_sample=30, step=5)
     assert torch.equal(native.index, fallback.index) and torch.equal(native.target_col, fallback.target_col)
+
+
+@pytest.mark.parametrize("count", [1, 7, 5000, 100_000])
+def test_a_seed_draws_what_torch_rand_of_its_generator_scores(count: int) -> None:
+    """sample_centers given a seed (as the head passes it; on the CPU the native kernels draw the stream
+    themselves) keeps the positives plus the highest of torch.rand(count) from a generator seeded with it,
+    rebuilt here in plain Python; seeds above 2^32 included (torch's CPU generator keeps their low 32
+    bits)."""
+    gen = torch.Generator().manual_seed(count)
+    for seed in (0, 12345, 2**40 + 5, 2**63 - 1, sampling.sampling_seed(7, 3, 11)):
+        labels = torch.randint(0, 2 * count + 20, (64,), generator=gen)
+        positives = {int(v) - 10 for v in labels.tolist() if 10 <= v < 10 + count}
+        scores = torch.rand(count, generator=torch.Generator().manual_seed(seed)).tolist()
+        others = sorted((c for c in range(count) if c not in positives), key=lambda c: -scores[c])
+        for num_sample in sorted({len(positives), len(positives) + 1, max(count // 10, 64), count - 1}):
+            if num_sample >= count or num_sample < 0:
+                continue
+            expected = sorted(positives | set(others[: max(0, num_sample - len(positives))]))
+            sample = sample_centers(labels, 10, count, num_sample, seed)
+            assert sample.index.tolist() == expected, (count, seed, num_sample)
+            local = (labels >= 10) & (labels < 10 + count)
+            assert torch.equal(sample.index[sample.target_col[local]] + 10, labels[local])
+
+
+def test_a_seed_without_native_kernels_draws_the_same(monkeypatch) -> None:
+    labels = _labels(seed=4, rows=64)
+    seed = sampling.sampling_seed(7, 0, 5)
+    native = sample_centers(labels, START, COUNT, 30, seed)
+    monkeypatch.setattr(sampling, "center_kernels", lambda: None)
+    monkeypatch.setattr(sampling, "native_kernels_for", lambda *tensors: None)
+    fallback = sample_centers(labels, START, COUNT, 30, seed)
+    generator = sample_centers(labels, START, COUNT, 30, sampling_generator(7, 0, 5))
+    assert torch.equal(native.index, fallback.index) and torch.equal(native.index, generator.index)
+    assert torch.equal(native.target_col, fallback.target_col)
+
+
+@pytest.mark.skipif(center_kernels() is None, reason="no C++ compiler: sampling uses torch.topk")
+def test_native_draw_refuses_ids_outside_the_shard() -> None:
+    with pytest.raises(ValueError, match=r"positive ids in \[0, 10\]"):
+        center_kernels().draw_top_k(1, 10, torch.tensor([3, 11]), 5)
+    # the spare slot (id == count) is ignored; k >= count keeps every id
+    assert center_kernels().draw_top_k(1, 10, torch.tensor([10, 10]), 10).tolist() == list(range(10))
+    assert center_kernels().draw_top_k(1, 10, torch.tensor([2]), 0).tolist() == []

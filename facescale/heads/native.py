@@ -80,7 +80,7 @@ def _build(cxx: str) -> Path:
 
 
 class CenterKernels:
-    """ctypes bindings of the two kernels; arguments are checked by the callers in center_optimizer.py."""
+    """ctypes bindings of the kernels; arguments are checked by their callers (center_optimizer.py, ...)."""
 
     def __init__(self, library: ctypes.CDLL, path: Path | None = None) -> None:
         self.path = path  # the built shared library (tests inspect its machine code)
@@ -110,6 +110,9 @@ class CenterKernels:
         self._top_k = library.facescale_top_k_sorted
         self._top_k.restype = ctypes.c_int
         self._top_k.argtypes = [_P, _I64, _I64, _P]
+        self._draw = library.facescale_draw_top_k
+        self._draw.restype = ctypes.c_int
+        self._draw.argtypes = [ctypes.c_uint64, _I64, _P, _I64, _I64, _P]
         self._gather = library.facescale_gather_rows
         self._gather.restype = ctypes.c_int
         self._gather.argtypes = [_P, _P, _I64, _I64, _P, _I32]
@@ -257,6 +260,16 @@ class CenterKernels:
         out = torch.empty(max(0, min(k, scores.numel())), dtype=torch.int64)
         if self._top_k(scores.data_ptr(), scores.numel(), k, out.data_ptr()):
             raise ValueError("top_k_sorted needs non-negative, non-NaN scores")
+        return out
+
+    def draw_top_k(self, seed: int, count: int, positives: Tensor, k: int) -> Tensor:
+        """Ids of the k highest of the scores torch.rand(count) draws from a CPU generator seeded with `seed`,
+        the scores of `positives` (int64 ids in [0, count]; count: a spare slot, ignored) raised above them
+        all, ascending (ties: lowest ids first): uniform_, index_fill_ and top_k_sorted in one call."""
+        positives = positives.contiguous()
+        out = torch.empty(max(0, min(k, count)), dtype=torch.int64)
+        if self._draw(seed, count, positives.data_ptr(), positives.numel(), k, out.data_ptr()):
+            raise ValueError(f"draw_top_k needs positive ids in [0, {count}]")
         return out
 
     def gather_rows(self, source: Tensor, index: Tensor, out: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from facescale.heads.huge_pages import empty_rows
 from facescale.heads.margins import MarginSoftmaxSpec
 from facescale.heads.native import center_kernels, native_kernels_for
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
-from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_generator
+from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_seed
 from facescale.parallel.collectives import (
     all_gather_ints,
     all_gather_rows,
@@ -165,8 +165,8 @@ class PartialFCHead(torch.nn.Module):
         embeddings = all_gather_rows_with_grad(local, self.group)
         global_labels = all_gather_rows(labels, self.group)
 
-        generator = sampling_generator(self.seed, self.rank, step, device, micro=micro)
-        sample = sample_centers(global_labels, self.start, self.count, self.num_sample, generator)
+        seed = sampling_seed(self.seed, self.rank, step, micro)  # a generator on `device` seeded with it
+        sample = sample_centers(global_labels, self.start, self.count, self.num_sample, seed)
         inv_norms = self._center_inv_norms()
         # the first forward after an optimizer step may reuse last step's big buffers (nothing refers to them)
         reuse = torch.is_grad_enabled() and not self._pending
