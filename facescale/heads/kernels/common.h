@@ -78,6 +78,14 @@ inline __m512 bf16x16_to_f32(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// round_to_bf16 by VCVTNEPS2BF16 alone, for loops that cannot take f32x16_to_bf16's branch at every rounding (the
+// bf16 replay rounds three values per step): lanes it got wrong (subnormal inputs, flushed) are added to
+// `subnormal`, and a caller that finds any redoes its work with round_to_bf16.
+inline __m512 round_to_bf16_noting(__m512 v, __mmask16& subnormal) {
+  subnormal |= _mm512_fpclass_ps_mask(v, 0x20);
+  return bf16x16_to_f32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
 inline __m512 load_bf16x16(const uint16_t* p) {
   return bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
