@@ -6,6 +6,9 @@ are a few percent of a step, on a machine too noisy for two separate runs to com
   step    the head's step (benchmarks/head.py's head; C = 100k, B = 128, D = 512) with each build in turn
   update  the center update kernel alone on C' scattered rows of a bf16 or fp32 [C, D] shard with momentum
           (and the bf16 residual), caches flushed before each call; also checks the builds agree bit for bit
+  catch-up  the deferred dense catch-up alone (heads/deferred_dense.py): C' scattered rows of such a shard
+          replay --missed zero-gradient steps each into the forward's gathered copy, caches flushed; also
+          checks the builds agree bit for bit
 
     PYTHONPATH=. .venv/bin/python benchmarks/kernels_ab.py step --dtype bf16 --mode sparse --rate 0.1 \\
         --revs 4ab20aa e2af0ab
@@ -130,9 +133,51 @@ def update_calls(
     return calls, identical
 
 
+def catch_up_calls(
+    libs: list[native.CenterKernels], args: argparse.Namespace
+) -> tuple[Calls, Callable[[], bool]]:
+    """Each build brings a fresh copy of the same rows forward by `--missed` steps every round (a new sample
+    of rows per round, the same for every build); the check compares the builds' last results bit for bit."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    shard = (torch.randn(CLASSES, DIM, generator=gen) * 0.05).to(dtype)
+    momentum = (torch.randn(CLASSES, DIM, generator=gen) * 1e-3).to(dtype)
+    residual = (torch.randn(CLASSES, DIM, generator=gen) * 1e-5).to(dtype) if args.dtype == "bf16" else None
+    lr_history = torch.rand(1024, generator=gen) * 0.1
+    flush = torch.zeros(16 * 1024 * 1024), torch.ones(16 * 1024 * 1024)  # 64 MB: past the L3
+    width = int(args.rate * CLASSES)
+    samples = [torch.randperm(CLASSES, generator=gen)[:width].sort().values for _ in range(8)]
+    copies = [(shard.clone(), momentum.clone(), None if residual is None else residual.clone()) for _ in libs]
+    results: list[tuple] = [() for _ in libs]
+
+    def run(k: int, round_: int) -> float:
+        rows = samples[round_ % len(samples)]
+        centers, moment, low = copies[k]
+        for copy, original in zip(copies[k], (shard, momentum, residual), strict=True):
+            if copy is not None:  # the rows as they were before any round replayed them
+                copy.index_copy_(0, rows, original.index_select(0, rows))
+        steps_seen = torch.full((CLASSES,), 1000 - args.missed, dtype=torch.int64)
+        out, inv_norms = torch.empty(width, DIM, dtype=dtype), torch.empty(CLASSES)
+        flush[0].add_(flush[1], alpha=1e-6)
+        started = time.perf_counter()
+        libs[k].catch_up(centers, rows, steps_seen, 1000, lr_history, residual=low, momentum=moment,
+                         inv_norms=inv_norms, mu=0.9, wd=5e-4, eps=1e-12, out=out)  # fmt: skip
+        elapsed = (time.perf_counter() - started) * 1e3
+        results[k] = (centers[rows], moment[rows], None if low is None else low[rows], out, inv_norms[rows])
+        return elapsed
+
+    def identical() -> bool:
+        return all(
+            all(a is None or torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+            for other in results[1:]
+        )
+
+    return [lambda round_, k=k: run(k, round_) for k in range(len(libs))], identical
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["step", "update"])
+    parser.add_argument("what", choices=["step", "update", "catch-up"])
     parser.add_argument("--revs", nargs="+", required=True, help="git revisions; ratios are to the first")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--mode", choices=["dense", "sparse"], default="sparse")
@@ -140,19 +185,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--missed", type=int, default=10, help="catch-up: steps each row missed (~1/rate)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build_revision(rev, Path(tmp) / f"{k}-{rev}") for k, rev in enumerate(args.revs)]
-        calls, identical = (step_calls if args.what == "step" else update_calls)(libs, args)
+        make_calls = {"step": step_calls, "update": update_calls, "catch-up": catch_up_calls}[args.what]
+        calls, identical = make_calls(libs, args)
         times = alternate(calls, args.rounds)
     label = f"{args.what} {args.dtype}" + (f" {args.mode}" if args.what == "step" else "") + f" r={args.rate}"
+    label += f" missed={args.missed}" if args.what == "catch-up" else ""
     for rev, samples in zip(args.revs, times, strict=True):
         ratio = statistics.median(a / b for a, b in zip(samples, times[0], strict=True))
         print(f"{label} {rev}: median {statistics.median(samples):.2f} ms, min {min(samples):.2f}, "
               f"median of round ratios to {args.revs[0]} {ratio:.3f}")  # fmt: skip
     if identical is not None:
-        print(f"builds bit-identical after {args.rounds} updates: {identical()}")
+        print(f"builds bit-identical after {args.rounds} rounds: {identical()}")
 
 
 if __name__ == "__main__":
