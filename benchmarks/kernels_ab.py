@@ -103,6 +103,14 @@ def step_calls(libs: list[native.CenterKernels], args: argparse.Namespace) -> tu
     return [lambda _, lib=lib: run(lib) for lib in libs], None
 
 
+def builds_agree(outputs: list[tuple]) -> bool:
+    """Whether every build's tensors (None: absent) equal the first build's, bit for bit."""
+    return all(
+        all(a is None or torch.equal(a, b) for a, b in zip(outputs[0], other, strict=True))
+        for other in outputs[1:]
+    )
+
+
 def update_calls(
     libs: list[native.CenterKernels], args: argparse.Namespace
 ) -> tuple[Calls, Callable[[], bool]]:
@@ -120,12 +128,6 @@ def update_calls(
     low = [None if residual is None else residual.clone() for _ in libs]
     states = [(shard.clone(), momentum.clone(), low[k], torch.zeros(CLASSES)) for k in range(len(libs))]
 
-    def identical() -> bool:
-        return all(
-            all(a is None or torch.equal(a, b) for a, b in zip(states[0], other, strict=True))
-            for other in states[1:]
-        )
-
     def run(lib: native.CenterKernels, state: tuple) -> float:
         centers, moment, low, inv_norms = state
         flush[0].add_(flush[1], alpha=1e-6)
@@ -135,7 +137,7 @@ def update_calls(
         return (time.perf_counter() - started) * 1e3
 
     calls = [lambda _, lib=lib, state=state: run(lib, state) for lib, state in zip(libs, states, strict=True)]
-    return calls, identical
+    return calls, lambda: builds_agree(states)
 
 
 def catch_up_calls(
@@ -171,13 +173,7 @@ def catch_up_calls(
         results[k] = (centers[rows], moment[rows], None if low is None else low[rows], out, inv_norms[rows])
         return elapsed
 
-    def identical() -> bool:
-        return all(
-            all(a is None or torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
-            for other in results[1:]
-        )
-
-    return [lambda round_, k=k: run(k, round_) for k in range(len(libs))], identical
+    return [lambda round_, k=k: run(k, round_) for k in range(len(libs))], lambda: builds_agree(results)
 
 
 def main(argv: list[str] | None = None) -> None:
