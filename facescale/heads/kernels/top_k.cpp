@@ -91,6 +91,7 @@ class MersenneTwister {
 
 constexpr uint32_t kScoreBits = 24;                // torch.rand's fp32 uniform: (output & (2^24 - 1)) / 2^24
 constexpr uint32_t kPositiveKey = 1u << kScoreBits;  // above every drawn score, as sampling.py's 2.0
+constexpr int kDrawLowBits = 12;  // the draw's select splits its 25-bit keys into 13 high bits and 12 low
 
 }  // namespace
 
@@ -128,7 +129,7 @@ int facescale_draw_top_k(uint64_t seed, int64_t n, const int64_t* positives, int
     return 0;
   }
   std::vector<uint32_t> keys(n);
-  std::vector<int64_t> counts((kPositiveKey >> 12) + 1);  // high parts 0..2^12 (2^12: the positives)
+  std::vector<int64_t> counts((kPositiveKey >> kDrawLowBits) + 1);  // high parts; the last: the positives
   MersenneTwister twister(static_cast<uint32_t>(seed));
   uint32_t block[MersenneTwister::kN];
   for (int64_t lo = 0; lo < n; lo += MersenneTwister::kN) {
@@ -137,17 +138,17 @@ int facescale_draw_top_k(uint64_t seed, int64_t n, const int64_t* positives, int
     for (int64_t j = 0; j < size; ++j) {
       const uint32_t key = block[j] & (kPositiveKey - 1);
       keys[lo + j] = key;
-      ++counts[key >> 12];
+      ++counts[key >> kDrawLowBits];
     }
   }
   for (int64_t j = 0; j < m; ++j) {
     const int64_t id = positives[j];
     if (id == n || keys[id] == kPositiveKey) continue;
-    --counts[keys[id] >> 12];
-    ++counts[kPositiveKey >> 12];
+    --counts[keys[id] >> kDrawLowBits];
+    ++counts[kPositiveKey >> kDrawLowBits];
     keys[id] = kPositiveKey;
   }
-  select_top_k<12>(n, k, [&keys](int64_t i) { return keys[i]; }, counts, out);
+  select_top_k<kDrawLowBits>(n, k, [&keys](int64_t i) { return keys[i]; }, counts, out);
   return 0;
 }
 
