@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from facescale.errors import InputError
+from facescale.heads.block_init import fill_blocks
 from facescale.heads.sampling import derive_seed
 
 INIT_BLOCK_SLOTS = 4096  # the random init is drawn per block of global slots: identical for any sharding
@@ -41,12 +42,17 @@ def init_pool_rows(first_slot: int, count: int, dim: int, seed: int) -> Tensor:
     """[2, count, dim] rows of global slots [first_slot, first_slot + count): uniform [0, 1), normalised."""
     out = torch.empty(2, count, dim)
     stop = first_slot + count
-    for block in range(first_slot // INIT_BLOCK_SLOTS, -(-stop // INIT_BLOCK_SLOTS)):
+
+    def fill(block: int, scratch: dict) -> None:
+        if "block" not in scratch:
+            scratch["block"] = torch.empty(2, INIT_BLOCK_SLOTS, dim)
         generator = torch.Generator().manual_seed(derive_seed(seed, _INIT_SALT, block))
-        values = torch.rand(2, INIT_BLOCK_SLOTS, dim, generator=generator)
+        values = torch.rand(2, INIT_BLOCK_SLOTS, dim, generator=generator, out=scratch["block"])
         lo, hi = max(first_slot, block * INIT_BLOCK_SLOTS), min(stop, (block + 1) * INIT_BLOCK_SLOTS)
         base = block * INIT_BLOCK_SLOTS
         out[:, lo - first_slot : hi - first_slot] = values[:, lo - base : hi - base]
+
+    fill_blocks(range(first_slot // INIT_BLOCK_SLOTS, -(-stop // INIT_BLOCK_SLOTS)), fill)
     return torch.nn.functional.normalize(out, dim=2)
 
 

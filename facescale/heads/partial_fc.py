@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from facescale.heads.block_init import init_center_rows
 from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.heads.cpu_threads import small_ops_serial
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
-from facescale.heads.huge_pages import empty_rows
 from facescale.heads.margins import MarginSoftmaxSpec
 from facescale.heads.native import center_kernels, native_kernels_for
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
-from facescale.heads.sampling import derive_seed, num_samples_for, sample_centers, sampling_seed
+from facescale.heads.sampling import num_samples_for, sample_centers, sampling_seed
 from facescale.parallel.collectives import (
     all_gather_ints,
     all_gather_rows,
@@ -37,36 +37,6 @@ from facescale.parallel.collectives import (
     rank_and_world,
 )
 from facescale.parallel.partition import class_partition
-
-INIT_BLOCK_ROWS = (
-    4096  # centers are drawn in fixed global blocks so the full matrix is world-size independent
-)
-_INIT_SALT = 0x1C3A7
-
-
-def init_center_rows(
-    start: int, count: int, dim: int, std: float, seed: int, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """normal(0, std) rows [start, start+count) of the global [C, D] init; same values for any sharding.
-
-    Each fixed global block is drawn in fp32 straight into its rows when it lies whole in an fp32 shard,
-    otherwise into one reused block buffer: no temporary per block, which the C allocator would keep
-    resident (tens of MB of RSS above the shard for the whole run)."""
-    out = empty_rows((count, dim), dtype)  # huge pages on the CPU (heads/huge_pages.py)
-    first_block, stop = start // INIT_BLOCK_ROWS, start + count
-    scratch: Tensor | None = None
-    for block in range(first_block, (stop + INIT_BLOCK_ROWS - 1) // INIT_BLOCK_ROWS):
-        generator = torch.Generator().manual_seed(derive_seed(seed, _INIT_SALT, block))
-        lo, hi = max(start, block * INIT_BLOCK_ROWS), min(stop, (block + 1) * INIT_BLOCK_ROWS)
-        if dtype == torch.float32 and hi - lo == INIT_BLOCK_ROWS:
-            torch.randn(INIT_BLOCK_ROWS, dim, generator=generator, out=out[lo - start : hi - start]).mul_(std)
-            continue
-        if scratch is None:
-            scratch = torch.empty(INIT_BLOCK_ROWS, dim)
-        values = torch.randn(INIT_BLOCK_ROWS, dim, generator=generator, out=scratch).mul_(std)
-        out[lo - start : hi - start] = values[lo - block * INIT_BLOCK_ROWS : hi - block * INIT_BLOCK_ROWS]
-    return out
-
 
 _MISMATCH_FIX = {  # what to do when a saved shard does not fit, by the first metadata key that differs
     "num_classes": "the checkpoint was trained on another number of identities, so it cannot be resumed on "

@@ -1,0 +1,81 @@
+"""Seeded random init drawn per fixed global block, the blocks filled by several threads at once.
+
+Each block of rows has its own generator, seeded from its global index, so a shard's values do not depend on
+how the classes are sharded. That also makes the blocks independent: torch's CPU generator fills one tensor
+on one thread (~150k rows of 512 a second here, over a minute for a 10M-row shard), so the blocks are
+spread over threads instead. The values are the same for any thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from facescale.heads.huge_pages import empty_rows
+from facescale.heads.sampling import derive_seed
+
+INIT_BLOCK_ROWS = 4096  # fixed global blocks of centers: the full matrix is world-size independent
+_INIT_SALT = 0x1C3A7
+
+
+def fill_blocks(blocks: Sequence[int], fill: Callable[[int, dict], None], threads: int | None = None) -> None:
+    """fill(block, scratch) for every block, on up to `threads` threads (default: torch's thread count).
+
+    Each thread takes a contiguous run of blocks and its own `scratch` dict (for buffers it reuses across
+    its blocks). While they run, torch is held to one thread per caller, so the fills' own ops do not start
+    a nested OpenMP team each; the count is restored afterwards. A fill's first error is raised."""
+    budget = torch.get_num_threads()
+    workers = max(1, min(len(blocks), threads or budget))
+
+    def run(part: Sequence[int]) -> None:
+        scratch: dict = {}
+        for block in part:
+            fill(block, scratch)
+
+    if workers == 1:
+        run(blocks)
+        return
+    parts = [blocks[len(blocks) * i // workers : len(blocks) * (i + 1) // workers] for i in range(workers)]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="facescale-init") as pool:
+            for future in [pool.submit(run, part) for part in parts]:
+                future.result()
+    finally:
+        torch.set_num_threads(budget)
+
+
+def init_center_rows(
+    start: int,
+    count: int,
+    dim: int,
+    std: float,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+) -> Tensor:
+    """normal(0, std) rows [start, start+count) of the global [C, D] init; same values for any sharding and
+    any `threads` (default: torch's thread count).
+
+    A fixed global block is drawn in fp32 straight into its rows when it lies whole in an fp32 shard,
+    otherwise into one reused buffer per thread: no temporary per block, which the C allocator would keep
+    resident (tens of MB of RSS above the shard for the whole run)."""
+    out = empty_rows((count, dim), dtype)  # huge pages on the CPU (heads/huge_pages.py)
+    stop = start + count
+
+    def fill(block: int, scratch: dict) -> None:
+        generator = torch.Generator().manual_seed(derive_seed(seed, _INIT_SALT, block))
+        lo, hi = max(start, block * INIT_BLOCK_ROWS), min(stop, (block + 1) * INIT_BLOCK_ROWS)
+        if dtype == torch.float32 and hi - lo == INIT_BLOCK_ROWS:
+            torch.randn(INIT_BLOCK_ROWS, dim, generator=generator, out=out[lo - start : hi - start]).mul_(std)
+            return
+        if "block" not in scratch:
+            scratch["block"] = torch.empty(INIT_BLOCK_ROWS, dim)
+        values = torch.randn(INIT_BLOCK_ROWS, dim, generator=generator, out=scratch["block"]).mul_(std)
+        out[lo - start : hi - start] = values[lo - block * INIT_BLOCK_ROWS : hi - block * INIT_BLOCK_ROWS]
+
+    fill_blocks(range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)), fill, threads)
+    return out
