@@ -11,20 +11,12 @@ from facescale.f2c.pool import init_pool_rows
 from facescale.heads.block_init import INIT_BLOCK_ROWS, fill_blocks, init_center_rows
 
 
-@pytest.fixture
-def two_torch_threads():
-    budget = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(budget)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "start, count",
     [(0, 6 * INIT_BLOCK_ROWS), (1234, 4 * INIT_BLOCK_ROWS + 77), (3 * INIT_BLOCK_ROWS + 5, 9)],
 )
-def test_center_init_is_the_same_on_any_number_of_threads(dtype, start, count, two_torch_threads):
+def test_center_init_is_the_same_on_any_number_of_threads(dtype, start, count, two_threads):
     serial = init_center_rows(start, count, 48, 0.01, seed=3, dtype=dtype, threads=1)
     for threads in (2, 3, 16):
         rows = init_center_rows(start, count, 48, 0.01, seed=3, dtype=dtype, threads=threads)
@@ -47,13 +39,13 @@ def test_center_init_draws_each_block_from_its_own_seeded_normal():
         assert torch.equal(rows[lo:hi], picked)
 
 
-def test_pool_init_is_the_same_on_any_number_of_threads(two_torch_threads):
+def test_pool_init_is_the_same_on_any_number_of_threads(two_threads):
     parallel = init_pool_rows(100, 3 * 4096 + 11, 16, seed=4)
     torch.set_num_threads(1)
     assert torch.equal(init_pool_rows(100, 3 * 4096 + 11, 16, seed=4), parallel)
 
 
-def test_fill_blocks_runs_each_block_once_with_one_torch_thread_per_worker(two_torch_threads):
+def test_fill_blocks_runs_each_block_once_with_one_torch_thread_per_worker(two_threads):
     seen, threads_seen, lock = [], set(), threading.Lock()
 
     def fill(block: int, scratch: dict) -> None:
@@ -69,7 +61,7 @@ def test_fill_blocks_runs_each_block_once_with_one_torch_thread_per_worker(two_t
     assert torch.get_num_threads() == 2
 
 
-def test_fill_blocks_raises_a_fill_error_and_restores_the_thread_count(two_torch_threads):
+def test_fill_blocks_raises_a_fill_error_and_restores_the_thread_count(two_threads):
     def fill(block: int, scratch: dict) -> None:
         if block == 4:
             raise ValueError("block 4 is bad")

@@ -19,14 +19,6 @@ CLASSES, DIM, BATCH = 3000, 512, 128  # [128, 512] and [128, C'] ops fork at 2 t
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_brackets_narrow_torch_and_give_the_budget_back(two_threads):
     assert thread_budget() == 2
     with small_ops_serial(CPU):

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from facescale.heads.cpu_threads import small_ops_serial
 from facescale.heads.huge_pages import empty_rows
 from facescale.heads.sampling import derive_seed
 
@@ -25,10 +26,9 @@ def fill_blocks(blocks: Sequence[int], fill: Callable[[int, dict], None], thread
     """fill(block, scratch) for every block, on up to `threads` threads (default: torch's thread count).
 
     Each thread takes a contiguous run of blocks and its own `scratch` dict (for buffers it reuses across
-    its blocks). While they run, torch is held to one thread per caller, so the fills' own ops do not start
-    a nested OpenMP team each; the count is restored afterwards. A fill's first error is raised."""
-    budget = torch.get_num_threads()
-    workers = max(1, min(len(blocks), threads or budget))
+    its blocks). While they run, torch is held to one thread (`small_ops_serial`), so the fills' own ops do
+    not start a nested OpenMP team each; the count is restored afterwards. A fill's first error is raised."""
+    workers = max(1, min(len(blocks), threads or torch.get_num_threads()))
 
     def run(part: Sequence[int]) -> None:
         scratch: dict = {}
@@ -39,13 +39,10 @@ def fill_blocks(blocks: Sequence[int], fill: Callable[[int, dict], None], thread
         run(blocks)
         return
     parts = [blocks[len(blocks) * i // workers : len(blocks) * (i + 1) // workers] for i in range(workers)]
-    torch.set_num_threads(1)
-    try:
+    with small_ops_serial(torch.device("cpu")):  # the workers' torch ops: one thread each
         with ThreadPoolExecutor(workers, thread_name_prefix="facescale-init") as pool:
             for future in [pool.submit(run, part) for part in parts]:
                 future.result()
-    finally:
-        torch.set_num_threads(budget)
 
 
 def init_center_rows(
