@@ -26,17 +26,32 @@ def test_center_init_is_the_same_on_any_number_of_threads(dtype, start, count, t
     assert torch.get_num_threads() == 2
 
 
-def test_center_init_draws_each_block_from_its_own_seeded_normal():
-    """The definition the sharding independence rests on: block b is normal(0, std) from its own generator."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [8, 100, 512])
+def test_center_init_draws_each_block_from_its_own_seeded_normal(dtype, dim):
+    """The definition the sharding independence rests on: block b is normal(0, std) from its own generator,
+    drawn as one [INIT_BLOCK_ROWS, D] tensor (however the implementation splits the draw)."""
     from facescale.heads.block_init import _INIT_SALT
     from facescale.heads.sampling import derive_seed
 
-    rows = init_center_rows(INIT_BLOCK_ROWS - 10, 20, 8, 0.5, seed=9, threads=2)
-    for block, (lo, hi) in ((0, (0, 10)), (1, (10, 20))):
+    rows = init_center_rows(INIT_BLOCK_ROWS - 300, 600, dim, 0.5, seed=9, dtype=dtype, threads=2)
+    for block, (lo, hi) in ((0, (0, 300)), (1, (300, 600))):
         generator = torch.Generator().manual_seed(derive_seed(9, _INIT_SALT, block))
-        expected = torch.randn(INIT_BLOCK_ROWS, 8, generator=generator) * 0.5
-        picked = expected[-10:] if block == 0 else expected[:10]
-        assert torch.equal(rows[lo:hi], picked)
+        expected = torch.randn(INIT_BLOCK_ROWS, dim, generator=generator) * 0.5
+        picked = expected[-300:] if block == 0 else expected[:300]
+        assert torch.equal(rows[lo:hi], picked.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_center_init_allocates_no_block_sized_buffer(dtype):
+    """A worker's scratch is one chunk, not a whole block: a block-sized buffer per thread sits above the
+    shard at the process's peak memory (8 MB each at D = 512)."""
+    from facescale.heads.allocations import LargestAllocation
+
+    with LargestAllocation() as tracker:  # one thread: the mode sees the worker's ops
+        rows = init_center_rows(3 * INIT_BLOCK_ROWS + 1000, 9, 64, 0.1, seed=2, dtype=dtype, threads=1)
+    assert rows.shape == (9, 64)
+    assert 0 < tracker.largest <= INIT_BLOCK_ROWS * 64 // 8
 
 
 def test_pool_init_is_the_same_on_any_number_of_threads(two_threads):

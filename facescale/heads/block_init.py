@@ -20,6 +20,7 @@ from facescale.heads.sampling import derive_seed
 
 INIT_BLOCK_ROWS = 4096  # fixed global blocks of centers: the full matrix is world-size independent
 _INIT_SALT = 0x1C3A7
+INIT_CHUNK_ROWS = 256  # where a block is not drawn straight into its rows, it is drawn in chunks this size
 
 
 def fill_blocks(blocks: Sequence[int], fill: Callable[[int, dict], None], threads: int | None = None) -> None:
@@ -58,21 +59,27 @@ def init_center_rows(
     any `threads` (default: torch's thread count).
 
     A fixed global block is drawn in fp32 straight into its rows when it lies whole in an fp32 shard,
-    otherwise into one reused buffer per thread: no temporary per block, which the C allocator would keep
-    resident (tens of MB of RSS above the shard for the whole run)."""
+    otherwise chunk by chunk into one small buffer per thread (torch's normal draws a tensor's values in
+    order, so consecutive chunks of 256 rows give the block's values bit for bit; the tests pin it): no
+    temporary per block, which the C allocator would keep resident, and no block-sized buffer per thread
+    (8 MB each at D = 512, above the shard at the process's peak)."""
     out = empty_rows((count, dim), dtype)  # huge pages on the CPU (heads/huge_pages.py)
     stop = start + count
 
     def fill(block: int, scratch: dict) -> None:
         generator = torch.Generator().manual_seed(derive_seed(seed, _INIT_SALT, block))
-        lo, hi = max(start, block * INIT_BLOCK_ROWS), min(stop, (block + 1) * INIT_BLOCK_ROWS)
+        base = block * INIT_BLOCK_ROWS
+        lo, hi = max(start, base), min(stop, base + INIT_BLOCK_ROWS)
         if dtype == torch.float32 and hi - lo == INIT_BLOCK_ROWS:
             torch.randn(INIT_BLOCK_ROWS, dim, generator=generator, out=out[lo - start : hi - start]).mul_(std)
             return
-        if "block" not in scratch:
-            scratch["block"] = torch.empty(INIT_BLOCK_ROWS, dim)
-        values = torch.randn(INIT_BLOCK_ROWS, dim, generator=generator, out=scratch["block"]).mul_(std)
-        out[lo - start : hi - start] = values[lo - block * INIT_BLOCK_ROWS : hi - block * INIT_BLOCK_ROWS]
+        if "chunk" not in scratch:
+            scratch["chunk"] = torch.empty(INIT_CHUNK_ROWS, dim)
+        for first in range(base, hi, INIT_CHUNK_ROWS):  # the chunks before `lo` only advance the generator
+            values = torch.randn(INIT_CHUNK_ROWS, dim, generator=generator, out=scratch["chunk"])
+            a, b = max(lo, first), min(hi, first + INIT_CHUNK_ROWS)
+            if a < b:
+                out[a - start : b - start] = values[a - first : b - first].mul_(std)
 
     fill_blocks(range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)), fill, threads)
     return out
