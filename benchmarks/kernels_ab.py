@@ -9,6 +9,8 @@ are a few percent of a step, on a machine too noisy for two separate runs to com
   catch-up  the deferred dense catch-up alone (heads/deferred_dense.py): C' scattered rows of such a shard
           replay --missed zero-gradient steps each into the forward's gathered copy, caches flushed; also
           checks the builds agree bit for bit
+  gather  the forward's row gather alone: C' scattered rows of a [C, D] shard into a buffer, caches flushed;
+          also checks the builds agree bit for bit
 
     PYTHONPATH=. .venv/bin/python benchmarks/kernels_ab.py step --dtype bf16 --mode sparse --rate 0.1 \\
         --revs 4ab20aa e2af0ab
@@ -176,9 +178,35 @@ def catch_up_calls(
     return [lambda round_, k=k: run(k, round_) for k in range(len(libs))], lambda: builds_agree(results)
 
 
+def gather_calls(
+    libs: list[native.CenterKernels], args: argparse.Namespace
+) -> tuple[Calls, Callable[[], bool]]:
+    """Each build gathers the same C' scattered rows of a [C, D] shard on huge pages (as the head's) into its
+    own buffer, a new sample of rows per round, caches flushed; the check compares the builds' last copies."""
+    from facescale.heads.huge_pages import empty_rows
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    shard = empty_rows((CLASSES, DIM), dtype).copy_(torch.randn(CLASSES, DIM, generator=gen))
+    width = int(args.rate * CLASSES)
+    samples = [torch.randperm(CLASSES, generator=gen)[:width].sort().values for _ in range(8)]
+    flush = torch.zeros(16 * 1024 * 1024), torch.ones(16 * 1024 * 1024)  # 64 MB: past the L3
+    outs = [torch.empty(width, DIM, dtype=dtype) for _ in libs]
+
+    def run(k: int, round_: int) -> float:
+        flush[0].add_(flush[1], alpha=1e-6)
+        started = time.perf_counter()
+        libs[k].gather_rows(shard, samples[round_ % len(samples)], outs[k])
+        return (time.perf_counter() - started) * 1e3
+
+    return [lambda round_, k=k: run(k, round_) for k in range(len(libs))], lambda: builds_agree(
+        [(out,) for out in outs]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["step", "update", "catch-up"])
+    parser.add_argument("what", choices=["step", "update", "catch-up", "gather"])
     parser.add_argument("--revs", nargs="+", required=True, help="git revisions; ratios are to the first")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--mode", choices=["dense", "sparse"], default="sparse")
@@ -191,7 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build_revision(rev, Path(tmp) / f"{k}-{rev}") for k, rev in enumerate(args.revs)]
-        make_calls = {"step": step_calls, "update": update_calls, "catch-up": catch_up_calls}[args.what]
+        make_calls = {
+            "step": step_calls,
+            "update": update_calls,
+            "catch-up": catch_up_calls,
+            "gather": gather_calls,
+        }[args.what]
         calls, identical = make_calls(libs, args)
         times = alternate(calls, args.rounds)
     label = f"{args.what} {args.dtype}" + (f" {args.mode}" if args.what == "step" else "") + f" r={args.rate}"

@@ -229,11 +229,12 @@ def test_bf16_update_and_replay_round_subnormals_like_torch(with_momentum: bool,
 
 
 @needs_kernels
-@pytest.mark.parametrize("dim", [DIM, 37, 512])  # 37: rows that are not whole 16-byte lines
+# 37: rows that are not whole 16-byte chunks; 100 (fp32): whole 16-byte chunks, not whole 64-byte lines
+@pytest.mark.parametrize("dim", [DIM, 37, 100, 512])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_rows_copies_the_rows_asked_for(dim: int, threads: int, monkeypatch) -> None:
-    """The forward's gather (streaming stores): rows in any order, repeats allowed, fp32 and bf16, also into a
-    buffer that is not 16-byte aligned (the plain-copy path)."""
+    """The forward's gather (streaming stores, a line or 16 bytes at a time): rows in any order, repeats
+    allowed, fp32 and bf16, also into a buffer that is not 16-byte aligned (the plain-copy path)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     gen = torch.Generator().manual_seed(3)
     index = torch.cat([torch.randperm(3000, generator=gen)[:700], torch.tensor([5, 5, 2999])])

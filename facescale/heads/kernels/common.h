@@ -14,7 +14,7 @@
 #include <mutex>
 #include <thread>
 #include <vector>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #elif defined(__SSE2__)
 #include <emmintrin.h>
@@ -102,6 +102,17 @@ inline __m512 round_to_bf16(__m512 v) { return bf16x16_to_f32(f32x16_to_bf16(v))
 // `ahead` (optional): a row of `bytes` to be copied later, requested a line per line copied (all of a 2 KB row's
 // lines at once stall the copy: gathering 10k of 100k fp32 rows on 2 AVX-512 cores 2.5-2.9 -> 2.1-2.4 ms).
 inline void copy_row_streaming(char* dst, const char* src, int64_t bytes, const char* ahead = nullptr) {
+#if defined(__AVX512F__)
+  // a whole line per store where dst is line-aligned: gathering 10k of 100k fp32 rows (huge pages, 2 AVX-512
+  // threads) 1.36-1.40 -> 1.20-1.27 ms against 16-byte stores
+  if ((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(bytes)) % 64 == 0) {
+    for (int64_t line = 0; line < bytes; line += 64) {
+      if (ahead) __builtin_prefetch(ahead + line);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + line), _mm512_loadu_si512(src + line));
+    }
+    return;
+  }
+#endif
 #if defined(__SSE2__)
   if ((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(bytes)) % 16 == 0) {
     for (int64_t line = 0; line < bytes; line += 64) {
