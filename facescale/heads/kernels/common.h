@@ -103,8 +103,8 @@ inline __m512 round_to_bf16(__m512 v) { return bf16x16_to_f32(f32x16_to_bf16(v))
 // lines at once stall the copy: gathering 10k of 100k fp32 rows on 2 AVX-512 cores 2.5-2.9 -> 2.1-2.4 ms).
 inline void copy_row_streaming(char* dst, const char* src, int64_t bytes, const char* ahead = nullptr) {
 #if defined(__AVX512F__)
-  // a whole line per store where dst is line-aligned: gathering 10k of 100k fp32 rows (huge pages, 2 AVX-512
-  // threads) 1.36-1.40 -> 1.20-1.27 ms against 16-byte stores
+  // a whole line per store where dst is line-aligned: gathering 10k or 30k of 100k rows 0.87-0.88x the time of
+  // 16-byte stores, fp32 and bf16, 2 AVX-512 threads (benchmarks/results/head_kernels_ab.md, 2026-12-04)
   if ((reinterpret_cast<uintptr_t>(dst) | static_cast<uintptr_t>(bytes)) % 64 == 0) {
     for (int64_t line = 0; line < bytes; line += 64) {
       if (ahead) __builtin_prefetch(ahead + line);
