@@ -105,6 +105,21 @@ def step_calls(libs: list[native.CenterKernels], args: argparse.Namespace) -> tu
     return [lambda _, lib=lib: run(lib) for lib in libs], None
 
 
+def cache_flusher() -> Callable[[], None]:
+    """A call that streams two 64 MB arrays through the caches (past the L3): the next call starts cold."""
+    a, b = torch.zeros(16 * 1024 * 1024), torch.ones(16 * 1024 * 1024)
+
+    def flush() -> None:
+        a.add_(b, alpha=1e-6)
+
+    return flush
+
+
+def row_samples(gen: torch.Generator, width: int) -> list[torch.Tensor]:
+    """8 sorted samples of `width` distinct local rows, the rounds cycling through them."""
+    return [torch.randperm(CLASSES, generator=gen)[:width].sort().values for _ in range(8)]
+
+
 def builds_agree(outputs: list[tuple]) -> bool:
     """Whether every build's tensors (None: absent) equal the first build's, bit for bit."""
     return all(
@@ -126,13 +141,13 @@ def update_calls(
     shard = (torch.randn(CLASSES, DIM, generator=gen) * 0.05).to(dtype)
     momentum = (torch.randn(CLASSES, DIM, generator=gen) * 1e-3).to(dtype)
     residual = (torch.randn(CLASSES, DIM, generator=gen) * 1e-5).to(dtype) if args.dtype == "bf16" else None
-    flush = torch.zeros(16 * 1024 * 1024), torch.ones(16 * 1024 * 1024)  # 64 MB: past the L3
+    flush_caches = cache_flusher()
     low = [None if residual is None else residual.clone() for _ in libs]
     states = [(shard.clone(), momentum.clone(), low[k], torch.zeros(CLASSES)) for k in range(len(libs))]
 
     def run(lib: native.CenterKernels, state: tuple) -> float:
         centers, moment, low, inv_norms = state
-        flush[0].add_(flush[1], alpha=1e-6)
+        flush_caches()
         started = time.perf_counter()
         lib.sgd(centers, grad, rows, proj_inv=proj, residual=low, momentum=moment, inv_norms=inv_norms,
                 lr=0.1, mu=0.9, wd=5e-4, eps=1e-12)  # fmt: skip
@@ -153,9 +168,9 @@ def catch_up_calls(
     momentum = (torch.randn(CLASSES, DIM, generator=gen) * 1e-3).to(dtype)
     residual = (torch.randn(CLASSES, DIM, generator=gen) * 1e-5).to(dtype) if args.dtype == "bf16" else None
     lr_history = torch.rand(1024, generator=gen) * 0.1
-    flush = torch.zeros(16 * 1024 * 1024), torch.ones(16 * 1024 * 1024)  # 64 MB: past the L3
+    flush_caches = cache_flusher()
     width = int(args.rate * CLASSES)
-    samples = [torch.randperm(CLASSES, generator=gen)[:width].sort().values for _ in range(8)]
+    samples = row_samples(gen, width)
     copies = [(shard.clone(), momentum.clone(), None if residual is None else residual.clone()) for _ in libs]
     results: list[tuple] = [() for _ in libs]
 
@@ -167,7 +182,7 @@ def catch_up_calls(
                 copy.index_copy_(0, rows, original.index_select(0, rows))
         steps_seen = torch.full((CLASSES,), 1000 - args.missed, dtype=torch.int64)
         out, inv_norms = torch.empty(width, DIM, dtype=dtype), torch.empty(CLASSES)
-        flush[0].add_(flush[1], alpha=1e-6)
+        flush_caches()
         started = time.perf_counter()
         libs[k].catch_up(centers, rows, steps_seen, 1000, lr_history, residual=low, momentum=moment,
                          inv_norms=inv_norms, mu=0.9, wd=5e-4, eps=1e-12, out=out)  # fmt: skip
@@ -189,12 +204,12 @@ def gather_calls(
     gen = torch.Generator().manual_seed(0)
     shard = empty_rows((CLASSES, DIM), dtype).copy_(torch.randn(CLASSES, DIM, generator=gen))
     width = int(args.rate * CLASSES)
-    samples = [torch.randperm(CLASSES, generator=gen)[:width].sort().values for _ in range(8)]
-    flush = torch.zeros(16 * 1024 * 1024), torch.ones(16 * 1024 * 1024)  # 64 MB: past the L3
+    samples = row_samples(gen, width)
+    flush_caches = cache_flusher()
     outs = [torch.empty(width, DIM, dtype=dtype) for _ in libs]
 
     def run(k: int, round_: int) -> float:
-        flush[0].add_(flush[1], alpha=1e-6)
+        flush_caches()
         started = time.perf_counter()
         libs[k].gather_rows(shard, samples[round_ % len(samples)], outs[k])
         return (time.perf_counter() - started) * 1e3
