@@ -31,6 +31,9 @@ import facescale  # noqa: F401 - sets OMP_WAIT_POLICY (facescale/__init__.py); t
 from facescale.heads.allocations import LargestAllocation
 from facescale.runtime import bf16_supported
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling helpers, also when loaded by path
+from load_probe import PROBE_SHAPE, probe_ms, wait_until_quiet  # noqa: E402
+
 DIM, LR, MOMENTUM, WEIGHT_DECAY, SCALE, MARGIN = 512, 0.1, 0.9, 5e-4, 64.0, 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GIB = 1024**3
@@ -490,8 +493,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per config subprocess")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--append", action="store_true", help="add to an existing OUT.json instead")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on the CPU, start only after two load-probe readings in a row <= --quiet-below, probing every "
+        "30 s for at most this long (an error, nothing run, if the machine stays loaded); see "
+        "benchmarks/load_probe.py",
+    )
+    parser.add_argument("--quiet-below", type=float, default=None, metavar="MS", help="with --wait-quiet")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.wait_quiet > 0 and args.quiet_below is None:
+        parser.error("--wait-quiet needs --quiet-below MS (the probe's quiet reading here plus a margin)")
     if args.worker:
         cfg = json.loads(args.worker)
         result = run_head_config(cfg) if cfg["kind"] == "head" else run_full_config(cfg)
@@ -519,6 +534,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_start": load_average(),
         "results": [],
     }
+    probing = pick_device(args.device).type == "cpu"  # outside load matters on a shared CPU
+    if probing:
+        report["load_probe"] = wait_for_quiet(args)
+        report["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")  # when the grid starts, after any wait
+        report["load_average_start"] = load_average()
     for cfg in plan(args):
         if "skipped" in cfg:
             result = cfg
@@ -527,6 +547,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["results"].append(result)
         print(one_line(result), flush=True)
     report["load_average_end"] = load_average()
+    if probing:
+        report["load_probe"]["after_ms"] = round(probe_ms(args.threads), 3)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     add_speedups(report["results"])
     if args.out is not None and args.append and args.out.with_suffix(".json").exists():
@@ -540,9 +562,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def wait_for_quiet(args: argparse.Namespace) -> dict[str, Any]:
+    """The load probe's record for the report: its reading before the grid, after waiting for two quiet
+    readings when --wait-quiet asks (SystemExit if the machine stays loaded: nothing is measured)."""
+    record: dict[str, Any] = {"shape": list(PROBE_SHAPE), "threads": args.threads}
+    if args.wait_quiet <= 0:
+        return {**record, "before_ms": round(probe_ms(args.threads), 3)}
+    wait = wait_until_quiet(args.quiet_below, args.wait_quiet, lambda: probe_ms(args.threads))
+    if not wait["quiet"]:
+        raise SystemExit(
+            f"head.py: the machine stayed loaded for {wait['waited_s']:.0f} s (load probe readings "
+            f"{wait['readings_ms']} ms; wanted two in a row <= {args.quiet_below} ms), so nothing was run: "
+            "run it again later, or without --wait-quiet to measure anyway"
+        )
+    return {**record, "before_ms": wait["readings_ms"][-1], "wait": {**wait, "below_ms": args.quiet_below}}
+
+
 def _run_info(report: dict[str, Any]) -> dict[str, Any]:
     """The per-invocation fields of a report (kept per run when results are appended)."""
-    keys = ("command", "started", "finished", "load_average_start", "load_average_end")
+    keys = ("command", "started", "finished", "load_average_start", "load_average_end", "load_probe")
     return {key: report.get(key) for key in keys}
 
 
@@ -553,6 +591,27 @@ def add_speedups(results: list[dict[str, Any]]) -> None:
         base = full.get((r["classes"], r["batch"], r["dtype"]))
         if r.get("kind") == "head" and "step_ms" in r and base is not None and "step_ms" in base:
             r["speedup_vs_full_fc"] = base["step_ms"]["med"] / r["step_ms"]["med"]
+
+
+def _probe_lines(probe: dict[str, Any] | None) -> list[str]:
+    """The run's outside-load readings (benchmarks/load_probe.py), as a paragraph; none on a GPU."""
+    if not probe:
+        return []
+    rows, dim, cols = probe["shape"]
+    text = (
+        f"Load probe (median ms of an fp32 [{rows}, {dim}] x [{dim}, {cols}] GEMM on {probe['threads']} "
+        f"threads; higher = busier machine): {probe.get('before_ms', '?')} before the grid, "
+        f"{probe.get('after_ms', '?')} after"
+    )
+    wait = probe.get("wait")
+    if wait:
+        text += (
+            f"; the grid waited {wait['waited_s']:.0f} s for two readings in a row <= {wait['below_ms']} ms "
+            f"(readings {', '.join(f'{ms:.2f}' for ms in wait['readings_ms'][-4:])})"
+        )
+        if probe.get("after_ms", 0) > wait["below_ms"]:
+            text += ": **load came in during the run** (the reading after is above that)"
+    return [text + ".", ""]
 
 
 def _cell(r: dict[str, Any], key: str) -> str:
@@ -575,6 +634,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_loads(run['load_average_start'])} at start, "
             f"{_loads(run.get('load_average_end') or [])} at end)",
             "",
+            *_probe_lines(run.get("load_probe")),
         ]
     machine = report["machine"]
     lines += [

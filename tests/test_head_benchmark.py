@@ -3,6 +3,7 @@ lazily formed center gradients, cached center norms and the per-step timing the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -47,6 +48,88 @@ def test_benchmark_script_runs_a_tiny_grid_and_writes_json_and_markdown(tmp_path
     markdown = out.with_suffix(".md").read_text()
     assert "benchmarks/head.py --classes 2000" in markdown
     assert "| 2,000 | 16 | fp32 | 0.1 | sparse |" in markdown
+    probe = report["load_probe"]  # the outside-load readings around the grid (benchmarks/load_probe.py)
+    assert probe["before_ms"] > 0 and probe["after_ms"] > 0 and "wait" not in probe
+    assert "Load probe (median ms of an fp32 [128, 512] x [512, 10240] GEMM on 1 threads" in markdown
+
+
+def _scripted(readings: list[float]):
+    """A probe that returns `readings` in order (and records how often it was read)."""
+    remaining = list(readings)
+
+    def probe() -> float:
+        return remaining.pop(0)
+
+    return probe, remaining
+
+
+def test_wait_until_quiet_needs_two_quiet_readings_in_a_row() -> None:
+    load_probe = _benchmark_module("load_probe")
+    probe, remaining = _scripted([14.0, 9.0, 12.5, 9.5, 9.6, 99.0])
+    now, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    wait = load_probe.wait_until_quiet(9.7, 600, probe, interval_s=30, sleep=sleep, clock=lambda: now[0])
+    assert wait == {"quiet": True, "readings_ms": [14.0, 9.0, 12.5, 9.5, 9.6], "waited_s": 120.0}
+    assert slept == [30] * 4 and remaining == [99.0]  # stopped at the second quiet reading in a row
+
+
+def test_wait_until_quiet_gives_up_within_its_time() -> None:
+    load_probe = _benchmark_module("load_probe")
+    probe, _ = _scripted([12.0] * 100)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    wait = load_probe.wait_until_quiet(9.7, 100, probe, interval_s=30, sleep=sleep, clock=lambda: now[0])
+    assert wait == {"quiet": False, "readings_ms": [12.0] * 4, "waited_s": 90.0}  # at 0, 30, 60, 90 s
+
+
+def test_probe_reads_a_positive_time_and_restores_the_thread_count() -> None:
+    load_probe = _benchmark_module("load_probe")
+    threads = torch.get_num_threads()
+    assert load_probe.probe_ms(1, repeats=2, shape=(8, 16, 2048)) > 0
+    assert torch.get_num_threads() == threads
+
+
+def test_benchmark_waits_for_quiet_and_says_when_load_came_in(tmp_path: Path, monkeypatch) -> None:
+    bench = _benchmark_module()
+    probe, _ = _scripted([20.0, 5.0, 5.5, 7.0])  # loaded, then two quiet readings; 7 after the grid
+    monkeypatch.setattr(bench, "probe_ms", lambda threads: probe())
+    monkeypatch.setattr(bench, "wait_until_quiet", functools.partial(bench.wait_until_quiet, interval_s=0.0))
+    out = tmp_path / "head_wait"
+    bench.main(["--classes", "2000", "--batch", "16", "--rates", "0.1", "--modes", "sparse",
+                "--dtypes", "fp32", "--steps", "1", "--baseline-steps", "0", "--threads", "1",
+                "--wait-quiet", "60", "--quiet-below", "6", "--out", str(out)])  # fmt: skip
+    probe_record = json.loads(out.with_suffix(".json").read_text())["load_probe"]
+    assert probe_record["wait"]["readings_ms"] == [20.0, 5.0, 5.5] and probe_record["wait"]["quiet"]
+    assert probe_record["before_ms"] == 5.5 and probe_record["after_ms"] == 7.0
+    markdown = out.with_suffix(".md").read_text()
+    assert "5.5 before the grid, 7.0 after" in markdown and "load came in during the run" in markdown
+
+
+def test_benchmark_runs_nothing_when_the_machine_stays_loaded(tmp_path: Path, monkeypatch) -> None:
+    bench = _benchmark_module()
+    monkeypatch.setattr(bench, "probe_ms", lambda threads: 20.0)
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    quick = functools.partial(bench.wait_until_quiet, sleep=sleep, clock=lambda: now[0])
+    monkeypatch.setattr(bench, "wait_until_quiet", quick)
+    monkeypatch.setattr(bench, "run_worker", lambda *args: pytest.fail("a config ran on a loaded machine"))
+    out = tmp_path / "head_loaded"
+    with pytest.raises(SystemExit, match=r"stayed loaded for 90 s .* <= 6.0 ms"):
+        bench.main(["--classes", "2000", "--batch", "16", "--wait-quiet", "100", "--quiet-below", "6",
+                    "--out", str(out)])  # fmt: skip
+    assert not out.with_suffix(".json").exists()
+    with pytest.raises(SystemExit):  # --wait-quiet without a threshold is a usage error
+        bench.main(["--wait-quiet", "100"])
 
 
 def test_head_parts_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
