@@ -32,7 +32,7 @@ from facescale.heads.allocations import LargestAllocation
 from facescale.runtime import bf16_supported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling helpers, also when loaded by path
-from load_probe import PROBE_SHAPE, probe_ms, wait_until_quiet  # noqa: E402
+from load_probe import PROBE_SHAPE, QuietGate, probe_ms  # noqa: E402
 
 DIM, LR, MOMENTUM, WEIGHT_DECAY, SCALE, MARGIN = 512, 0.1, 0.9, 5e-4, 64.0, 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -498,9 +498,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="on the CPU, start only after two load-probe readings in a row <= --quiet-below, probing every "
-        "30 s for at most this long (an error, nothing run, if the machine stays loaded); see "
-        "benchmarks/load_probe.py",
+        help="on the CPU, start each case only after two load-probe readings in a row <= --quiet-below and "
+        "run it again (at most twice more) when the reading after it is above; wait at most this long in "
+        "all (nothing runs if the first case never gets quiet); see benchmarks/load_probe.py",
     )
     parser.add_argument("--quiet-below", type=float, default=None, metavar="MS", help="with --wait-quiet")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -535,20 +535,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [],
     }
     probing = pick_device(args.device).type == "cpu"  # outside load matters on a shared CPU
+    gate = None
     if probing:
-        report["load_probe"] = wait_for_quiet(args)
+        report["load_probe"] = {"shape": list(PROBE_SHAPE), "threads": args.threads}
+        if args.wait_quiet > 0:
+            gate = QuietGate(args.quiet_below, args.wait_quiet, lambda: probe_ms(args.threads))
+            if not gate.wait()[0]:
+                raise SystemExit(
+                    f"head.py: the machine stayed loaded for {gate.waited_s:.0f} s (load probe readings "
+                    f"{gate.readings} ms; wanted two in a row <= {args.quiet_below} ms), so nothing was run: "
+                    "run it again later, or without --wait-quiet to measure anyway"
+                )
+            report["load_probe"]["below_ms"] = args.quiet_below
         report["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")  # when the grid starts, after any wait
         report["load_average_start"] = load_average()
     for cfg in plan(args):
         if "skipped" in cfg:
             result = cfg
+        elif probing:
+            result = run_worker_probed(cfg, args, gate)
         else:
             result = run_worker(cfg, args.timeout)
         report["results"].append(result)
         print(one_line(result), flush=True)
     report["load_average_end"] = load_average()
-    if probing:
-        report["load_probe"]["after_ms"] = round(probe_ms(args.threads), 3)
+    if gate is not None:
+        report["load_probe"].update(waited_s=gate.waited_s, readings_ms=gate.readings)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     add_speedups(report["results"])
     if args.out is not None and args.append and args.out.with_suffix(".json").exists():
@@ -562,20 +574,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def wait_for_quiet(args: argparse.Namespace) -> dict[str, Any]:
-    """The load probe's record for the report: its reading before the grid, after waiting for two quiet
-    readings when --wait-quiet asks (SystemExit if the machine stays loaded: nothing is measured)."""
-    record: dict[str, Any] = {"shape": list(PROBE_SHAPE), "threads": args.threads}
-    if args.wait_quiet <= 0:
-        return {**record, "before_ms": round(probe_ms(args.threads), 3)}
-    wait = wait_until_quiet(args.quiet_below, args.wait_quiet, lambda: probe_ms(args.threads))
-    if not wait["quiet"]:
-        raise SystemExit(
-            f"head.py: the machine stayed loaded for {wait['waited_s']:.0f} s (load probe readings "
-            f"{wait['readings_ms']} ms; wanted two in a row <= {args.quiet_below} ms), so nothing was run: "
-            "run it again later, or without --wait-quiet to measure anyway"
-        )
-    return {**record, "before_ms": wait["readings_ms"][-1], "wait": {**wait, "below_ms": args.quiet_below}}
+RERUNS = 2  # with --wait-quiet, a case whose load reading after it is above the threshold runs again
+
+
+def run_worker_probed(
+    cfg: dict[str, Any], args: argparse.Namespace, gate: QuietGate | None
+) -> dict[str, Any]:
+    """`run_worker` with the load probe read before and after the case; with a gate, the case starts when
+    quiet and runs again (at most RERUNS more times, within the gate's budget) when the reading after it is
+    loaded. The result records both readings and the number of runs."""
+    for run in range(1, RERUNS + 2):
+        quiet, before = (True, probe_ms(args.threads)) if gate is None else gate.wait()
+        result = run_worker(cfg, args.timeout)
+        after = probe_ms(args.threads)
+        result["load_probe_ms"] = {"before": before, "after": after, "runs": run}
+        if gate is None or not quiet or gate.quiet(after) or not gate.time_left():
+            break
+    return result
 
 
 def _run_info(report: dict[str, Any]) -> dict[str, Any]:
@@ -594,24 +609,35 @@ def add_speedups(results: list[dict[str, Any]]) -> None:
 
 
 def _probe_lines(probe: dict[str, Any] | None) -> list[str]:
-    """The run's outside-load readings (benchmarks/load_probe.py), as a paragraph; none on a GPU."""
+    """How the run read outside load (benchmarks/load_probe.py), as a paragraph; none on a GPU."""
     if not probe:
         return []
     rows, dim, cols = probe["shape"]
     text = (
-        f"Load probe (median ms of an fp32 [{rows}, {dim}] x [{dim}, {cols}] GEMM on {probe['threads']} "
-        f"threads; higher = busier machine): {probe.get('before_ms', '?')} before the grid, "
-        f"{probe.get('after_ms', '?')} after"
+        f"Load probe: the median ms of an fp32 [{rows}, {dim}] x [{dim}, {cols}] GEMM on {probe['threads']} "
+        "threads, read before and after every case (column *load ms*; higher = busier machine)"
     )
-    wait = probe.get("wait")
-    if wait:
+    if "below_ms" in probe:
         text += (
-            f"; the grid waited {wait['waited_s']:.0f} s for two readings in a row <= {wait['below_ms']} ms "
-            f"(readings {', '.join(f'{ms:.2f}' for ms in wait['readings_ms'][-4:])})"
+            f". Each case started after two readings in a row <= {probe['below_ms']} ms and ran again (at "
+            f"most {RERUNS} more times) when the reading after it was above; the grid waited "
+            f"{probe.get('waited_s', 0):.0f} s for quiet in all. A † marks a case measured with a reading "
+            "above the threshold (the wait budget ran out): not one to cite"
         )
-        if probe.get("after_ms", 0) > wait["below_ms"]:
-            text += ": **load came in during the run** (the reading after is above that)"
     return [text + ".", ""]
+
+
+def _load_cell(r: dict[str, Any], below_ms: float | None) -> str:
+    """'before / after' load readings of a case, its number of runs when above one, † when loaded."""
+    probe = r.get("load_probe_ms")
+    if not probe:
+        return "n/a"
+    text = f"{probe['before']:.1f} / {probe['after']:.1f}"
+    if probe["runs"] > 1:
+        text += f" ({probe['runs']} runs)"
+    if below_ms is not None and max(probe["before"], probe["after"]) > below_ms:
+        text += " †"
+    return text
 
 
 def _cell(r: dict[str, Any], key: str) -> str:
@@ -653,15 +679,16 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| C | B | dtype | rate | mode | C' | step ms min/med/max | GEMM floor ms med | traffic GB "
         "| stream GB/s | memory floor ms | bound | **step/floor** | fwd / bwd / opt ms | peak GiB "
-        "| theory GiB (residual) | **peak/theory** | largest alloc / (C*D) | vs full FC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| theory GiB (residual) | **peak/theory** | largest alloc / (C*D) | vs full FC | load ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    below_ms = (report.get("load_probe") or {}).get("below_ms")  # the --quiet-below threshold, if any
     for r in report["results"]:
         if r.get("kind") != "head":
             continue
         head = f"| {r['classes']:,} | {r['batch']} | {_dtypes(r)} | {r['rate']} | {r['mode']} "
         if "skipped" in r or "error" in r:
-            lines.append(head + f"| {r.get('skipped') or r.get('error')} |" + " |" * 13)
+            lines.append(head + f"| {r.get('skipped') or r.get('error')} |" + " |" * 14)
             continue
         phases = " / ".join(f"{r['phase_ms'][p]:.0f}" for p in ("fwd", "bwd", "opt"))
         speedup = f"{r['speedup_vs_full_fc']:.1f}x" if "speedup_vs_full_fc" in r else "n/a"
@@ -671,7 +698,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['traffic_bytes'] / 1e9:.2f} | {r['stream_gbs']['med']:.1f} | {r['memory_floor_ms']:.1f} "
             f"| {r['bound']} | **{r['step_over_floor']:.2f}** | {phases} | {r['peak_bytes'] / GIB:.2f} "
             f"| {r['theory_bytes'] / GIB:.2f} ({residual:.2f}) | **{r['peak_over_theory']:.2f}** "
-            f"| {r['largest_alloc_elems'] / r['shard_elems']:.3f} | {speedup} |"
+            f"| {r['largest_alloc_elems'] / r['shard_elems']:.3f} | {speedup} | {_load_cell(r, below_ms)} |"
         )
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in report["results"]:

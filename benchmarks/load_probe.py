@@ -1,11 +1,12 @@
-"""Outside load on a shared CPU, read before and after a benchmark, and a wait for quiet minutes.
+"""Outside load on a shared CPU, read around each benchmark case, and waiting for quiet minutes.
 
 The 2-vCPU VMs the CPU benchmarks run on share their cores with other tenants. A burst of load inflates the
-GEMM floor and the step unevenly (the step's memory work and many short calls suffer more), so a run's
+GEMM floor and the step unevenly (the step's memory work and many short calls suffer more), so a case's
 ratios are only comparable when the machine was quiet. The probe is one fixed GEMM (fp32 [128, 512] x
 [512, 10240] in 1024-column blocks, the shape of the head's forward at B = 128, C' = 10k); its median time
-is the load reading that `benchmarks/head.py` records before and after a grid (`--wait-quiet` starts the
-grid only after two readings in a row at or below a threshold).
+is the load reading `benchmarks/head.py` takes before and after every case. With a threshold (`QuietGate`)
+a case starts only after two readings in a row at or below it, and runs again when the reading after it
+is above it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -36,29 +36,49 @@ def probe_ms(threads: int, repeats: int = 40, shape: tuple[int, int, int] = PROB
             for lo in range(0, cols, _PROBE_BLOCK):
                 torch.mm(x, w[lo : lo + _PROBE_BLOCK].t(), out=out[:, lo : lo + _PROBE_BLOCK])
             times.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(times[2:])
+        return round(statistics.median(times[2:]), 3)
     finally:
         torch.set_num_threads(before)
 
 
-def wait_until_quiet(
-    below_ms: float,
-    timeout_s: float,
-    probe: Callable[[], float],
-    interval_s: float = 30.0,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> dict[str, Any]:
-    """Probe every `interval_s` until two readings in a row are <= `below_ms`, or `timeout_s` has passed.
+class QuietGate:
+    """Waits, within one time budget for a whole grid, for two probe readings in a row <= `below_ms`.
 
-    Returns {"quiet": bool, "readings_ms": [...], "waited_s": float}; the caller decides what a timeout
-    means."""
-    started = clock()
-    readings: list[float] = []
-    while True:
-        readings.append(round(probe(), 3))
-        if len(readings) >= 2 and max(readings[-2:]) <= below_ms:
-            return {"quiet": True, "readings_ms": readings, "waited_s": round(clock() - started, 1)}
-        if clock() - started + interval_s > timeout_s:
-            return {"quiet": False, "readings_ms": readings, "waited_s": round(clock() - started, 1)}
-        sleep(interval_s)
+    Readings follow each other at once while they are quiet and `interval_s` apart while they are not, so
+    a quiet machine passes the gate in two probes."""
+
+    def __init__(
+        self,
+        below_ms: float,
+        budget_s: float,
+        probe: Callable[[], float],
+        interval_s: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.below_ms, self.probe, self.interval_s = below_ms, probe, interval_s
+        self.sleep, self.clock = sleep, clock
+        self.deadline = clock() + budget_s
+        self.readings: list[float] = []  # every reading taken, in order (for the report)
+        self.waited_s = 0.0  # time slept waiting for quiet
+
+    def quiet(self, reading: float) -> bool:
+        return reading <= self.below_ms
+
+    def time_left(self) -> bool:
+        return self.clock() < self.deadline
+
+    def wait(self) -> tuple[bool, float]:
+        """(whether two quiet readings in a row came before the budget ran out, the last reading)."""
+        previous_quiet = False
+        while True:
+            reading = self.probe()
+            self.readings.append(reading)
+            if self.quiet(reading) and previous_quiet:
+                return True, reading
+            previous_quiet = self.quiet(reading)
+            if not previous_quiet:
+                if self.clock() + self.interval_s > self.deadline:
+                    return False, reading
+                self.sleep(self.interval_s)
+                self.waited_s += self.interval_s

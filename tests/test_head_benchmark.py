@@ -48,45 +48,57 @@ def test_benchmark_script_runs_a_tiny_grid_and_writes_json_and_markdown(tmp_path
     markdown = out.with_suffix(".md").read_text()
     assert "benchmarks/head.py --classes 2000" in markdown
     assert "| 2,000 | 16 | fp32 | 0.1 | sparse |" in markdown
-    probe = report["load_probe"]  # the outside-load readings around the grid (benchmarks/load_probe.py)
-    assert probe["before_ms"] > 0 and probe["after_ms"] > 0 and "wait" not in probe
-    assert "Load probe (median ms of an fp32 [128, 512] x [512, 10240] GEMM on 1 threads" in markdown
+    assert "Load probe: the median ms of an fp32 [128, 512] x [512, 10240] GEMM on 1 threads" in markdown
+    for r in heads.values():  # outside load read around each case (benchmarks/load_probe.py)
+        assert r["load_probe_ms"]["before"] > 0 and r["load_probe_ms"]["after"] > 0
+        assert r["load_probe_ms"]["runs"] == 1
+    assert "below_ms" not in report["load_probe"]
 
 
-def _scripted(readings: list[float]):
-    """A probe that returns `readings` in order (and records how often it was read)."""
+def _scripted(readings: list[float], then: float | None = None):
+    """A probe that returns `readings` in order, then `then` for ever (None: no more readings allowed)."""
     remaining = list(readings)
 
     def probe() -> float:
+        if not remaining and then is not None:
+            return then
         return remaining.pop(0)
 
     return probe, remaining
 
 
-def test_wait_until_quiet_needs_two_quiet_readings_in_a_row() -> None:
+class _FakeTime:
+    """A clock that only moves when slept on."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 0.0, []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_quiet_gate_needs_two_quiet_readings_in_a_row() -> None:
     load_probe = _benchmark_module("load_probe")
     probe, remaining = _scripted([14.0, 9.0, 12.5, 9.5, 9.6, 99.0])
-    now, slept = [0.0], []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        now[0] += seconds
-
-    wait = load_probe.wait_until_quiet(9.7, 600, probe, interval_s=30, sleep=sleep, clock=lambda: now[0])
-    assert wait == {"quiet": True, "readings_ms": [14.0, 9.0, 12.5, 9.5, 9.6], "waited_s": 120.0}
-    assert slept == [30] * 4 and remaining == [99.0]  # stopped at the second quiet reading in a row
+    fake = _FakeTime()
+    gate = load_probe.QuietGate(9.7, 600, probe, interval_s=30, sleep=fake.sleep, clock=fake.clock)
+    assert gate.wait() == (True, 9.6)
+    assert gate.readings == [14.0, 9.0, 12.5, 9.5, 9.6] and remaining == [99.0]
+    assert fake.slept == [30, 30] and gate.waited_s == 60  # it sleeps only after a loaded reading
+    assert gate.time_left()
 
 
-def test_wait_until_quiet_gives_up_within_its_time() -> None:
+def test_quiet_gate_gives_up_within_its_budget() -> None:
     load_probe = _benchmark_module("load_probe")
-    probe, _ = _scripted([12.0] * 100)
-    now = [0.0]
-
-    def sleep(seconds: float) -> None:
-        now[0] += seconds
-
-    wait = load_probe.wait_until_quiet(9.7, 100, probe, interval_s=30, sleep=sleep, clock=lambda: now[0])
-    assert wait == {"quiet": False, "readings_ms": [12.0] * 4, "waited_s": 90.0}  # at 0, 30, 60, 90 s
+    probe, _ = _scripted([], then=12.0)
+    fake = _FakeTime()
+    gate = load_probe.QuietGate(9.7, 100, probe, interval_s=30, sleep=fake.sleep, clock=fake.clock)
+    assert gate.wait() == (False, 12.0)
+    assert gate.readings == [12.0] * 4 and fake.now == 90  # read at 0, 30, 60, 90 s; 120 is past the budget
 
 
 def test_probe_reads_a_positive_time_and_restores_the_thread_count() -> None:
@@ -96,37 +108,56 @@ def test_probe_reads_a_positive_time_and_restores_the_thread_count() -> None:
     assert torch.get_num_threads() == threads
 
 
-def test_benchmark_waits_for_quiet_and_says_when_load_came_in(tmp_path: Path, monkeypatch) -> None:
+_TINY_GRID = ["--classes", "2000", "--batch", "16", "--rates", "0.1", "--modes", "sparse", "--dtypes", "fp32",
+              "--steps", "1", "--baseline-steps", "0", "--threads", "1"]  # fmt: skip
+
+
+def test_benchmark_waits_for_quiet_and_reruns_a_case_that_load_came_into(tmp_path: Path, monkeypatch) -> None:
     bench = _benchmark_module()
-    probe, _ = _scripted([20.0, 5.0, 5.5, 7.0])  # loaded, then two quiet readings; 7 after the grid
+    # grid gate: loaded, quiet, quiet; the case: quiet, quiet, run, loaded after; again: quiet x2, run, quiet
+    probe, remaining = _scripted([20.0, 5.0, 5.5, 5.0, 5.2, 7.0, 5.1, 5.3, 5.4])
     monkeypatch.setattr(bench, "probe_ms", lambda threads: probe())
-    monkeypatch.setattr(bench, "wait_until_quiet", functools.partial(bench.wait_until_quiet, interval_s=0.0))
+    monkeypatch.setattr(bench, "QuietGate", functools.partial(bench.QuietGate, interval_s=0.0))
+    runs = []
+    real_run_worker = bench.run_worker
+    monkeypatch.setattr(bench, "run_worker", lambda *args: runs.append(1) or real_run_worker(*args))
     out = tmp_path / "head_wait"
-    bench.main(["--classes", "2000", "--batch", "16", "--rates", "0.1", "--modes", "sparse",
-                "--dtypes", "fp32", "--steps", "1", "--baseline-steps", "0", "--threads", "1",
-                "--wait-quiet", "60", "--quiet-below", "6", "--out", str(out)])  # fmt: skip
-    probe_record = json.loads(out.with_suffix(".json").read_text())["load_probe"]
-    assert probe_record["wait"]["readings_ms"] == [20.0, 5.0, 5.5] and probe_record["wait"]["quiet"]
-    assert probe_record["before_ms"] == 5.5 and probe_record["after_ms"] == 7.0
+    bench.main([*_TINY_GRID, "--wait-quiet", "60", "--quiet-below", "6", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    case = next(r for r in report["results"] if r["kind"] == "head")
+    assert len(runs) == 2 and not remaining
+    assert case["load_probe_ms"] == {"before": 5.3, "after": 5.4, "runs": 2}
+    assert report["load_probe"]["readings_ms"] == [20.0, 5.0, 5.5, 5.0, 5.2, 5.1, 5.3]  # the gate's own
     markdown = out.with_suffix(".md").read_text()
-    assert "5.5 before the grid, 7.0 after" in markdown and "load came in during the run" in markdown
+    assert "| 5.3 / 5.4 (2 runs) |" in markdown and "two readings in a row <= 6.0 ms" in markdown
+
+
+def test_benchmark_marks_a_case_measured_when_the_wait_ran_out(tmp_path: Path, monkeypatch) -> None:
+    bench = _benchmark_module()
+    probe, _ = _scripted([5.0, 5.0], then=20.0)  # quiet for the grid's gate, then loaded for good
+    fake = _FakeTime()
+    monkeypatch.setattr(bench, "probe_ms", lambda threads: probe())
+    monkeypatch.setattr(
+        bench, "QuietGate", functools.partial(bench.QuietGate, sleep=fake.sleep, clock=fake.clock)
+    )
+    out = tmp_path / "head_loaded_case"
+    bench.main([*_TINY_GRID, "--wait-quiet", "100", "--quiet-below", "6", "--out", str(out)])
+    case = next(r for r in json.loads(out.with_suffix(".json").read_text())["results"] if r["kind"] == "head")
+    assert case["load_probe_ms"] == {"before": 20.0, "after": 20.0, "runs": 1}  # measured once, not re-run
+    assert "| 20.0 / 20.0 † |" in out.with_suffix(".md").read_text()
 
 
 def test_benchmark_runs_nothing_when_the_machine_stays_loaded(tmp_path: Path, monkeypatch) -> None:
     bench = _benchmark_module()
+    fake = _FakeTime()
     monkeypatch.setattr(bench, "probe_ms", lambda threads: 20.0)
-    now = [0.0]
-
-    def sleep(seconds: float) -> None:
-        now[0] += seconds
-
-    quick = functools.partial(bench.wait_until_quiet, sleep=sleep, clock=lambda: now[0])
-    monkeypatch.setattr(bench, "wait_until_quiet", quick)
+    monkeypatch.setattr(
+        bench, "QuietGate", functools.partial(bench.QuietGate, sleep=fake.sleep, clock=fake.clock)
+    )
     monkeypatch.setattr(bench, "run_worker", lambda *args: pytest.fail("a config ran on a loaded machine"))
     out = tmp_path / "head_loaded"
     with pytest.raises(SystemExit, match=r"stayed loaded for 90 s .* <= 6.0 ms"):
-        bench.main(["--classes", "2000", "--batch", "16", "--wait-quiet", "100", "--quiet-below", "6",
-                    "--out", str(out)])  # fmt: skip
+        bench.main([*_TINY_GRID, "--wait-quiet", "100", "--quiet-below", "6", "--out", str(out)])
     assert not out.with_suffix(".json").exists()
     with pytest.raises(SystemExit):  # --wait-quiet without a threshold is a usage error
         bench.main(["--wait-quiet", "100"])
