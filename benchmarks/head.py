@@ -499,8 +499,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0.0,
         metavar="SECONDS",
         help="on the CPU, start each case only after two load-probe readings in a row <= --quiet-below and "
-        "run it again (at most twice more) when the reading after it is above; wait at most this long in "
-        "all (nothing runs if the first case never gets quiet); see benchmarks/load_probe.py",
+        "run it again (at most twice more) when load came in (reading after it above, or its GEMM floor's "
+        "median >10%% above its fastest round); wait at most this long in all (nothing runs if the first "
+        "case never gets quiet); see benchmarks/load_probe.py",
     )
     parser.add_argument("--quiet-below", type=float, default=None, metavar="MS", help="with --wait-quiet")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -574,7 +575,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-RERUNS = 2  # with --wait-quiet, a case whose load reading after it is above the threshold runs again
+RERUNS = 2  # with --wait-quiet, a case measured under load (see `loaded_inside`) runs again
+FLOOR_SPREAD = 1.10  # median / fastest GEMM floor of a case above this: load came and went inside the case
+
+
+def loaded_inside(result: dict[str, Any]) -> bool:
+    """Whether load hit the case between its probe readings: its GEMM floor, timed once per round, has a
+    median more than 10% above its fastest round (quiet cases of the committed runs: 1.01-1.09; cases with
+    load inside them: 1.17-1.82)."""
+    floor = result.get("floor_ms")
+    return bool(floor) and floor["med"] > FLOOR_SPREAD * floor["min"]
 
 
 def run_worker_probed(
@@ -588,7 +598,8 @@ def run_worker_probed(
         result = run_worker(cfg, args.timeout)
         after = probe_ms(args.threads)
         result["load_probe_ms"] = {"before": before, "after": after, "runs": run}
-        if gate is None or not quiet or gate.quiet(after) or not gate.time_left():
+        settled = gate is not None and gate.quiet(after) and not loaded_inside(result)
+        if gate is None or not quiet or settled or not gate.time_left():
             break
     return result
 
@@ -621,8 +632,9 @@ def _probe_lines(probe: dict[str, Any] | None) -> list[str]:
         text += (
             f". Each case started after two readings in a row <= {probe['below_ms']} ms and ran again (at "
             f"most {RERUNS} more times) when the reading after it was above; the grid waited "
-            f"{probe.get('waited_s', 0):.0f} s for quiet in all. A † marks a case measured with a reading "
-            "above the threshold (the wait budget ran out): not one to cite"
+            f"{probe.get('waited_s', 0):.0f} s for quiet in all. A case also ran again when its GEMM "
+            f"floor's median was more than {FLOOR_SPREAD - 1:.0%} above its fastest round (load inside the "
+            "case). A † marks a case still measured under load when the wait budget ran out: not one to cite"
         )
     return [text + ".", ""]
 
@@ -635,7 +647,7 @@ def _load_cell(r: dict[str, Any], below_ms: float | None) -> str:
     text = f"{probe['before']:.1f} / {probe['after']:.1f}"
     if probe["runs"] > 1:
         text += f" ({probe['runs']} runs)"
-    if below_ms is not None and max(probe["before"], probe["after"]) > below_ms:
+    if below_ms is not None and (max(probe["before"], probe["after"]) > below_ms or loaded_inside(r)):
         text += " †"
     return text
 
@@ -824,6 +836,9 @@ def one_line(r: dict[str, Any]) -> str:
     if r["kind"] == "head":
         text += f"  peak {r['peak_bytes'] / GIB:.2f} GiB ({r['peak_over_theory']:.2f}x)"
         text += f"  CxD {r['cxd_alloc_per_step']}"
+    if "load_probe_ms" in r:
+        text += f"  load {r['load_probe_ms']['before']:.1f}/{r['load_probe_ms']['after']:.1f} ms"
+        text += f" x{r['load_probe_ms']['runs']}"
     return text + f"  [{r.get('wall_s', 0):.0f} s]"
 
 

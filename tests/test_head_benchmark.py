@@ -3,6 +3,7 @@ lazily formed center gradients, cached center norms and the per-step timing the 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.util
 import json
@@ -130,6 +131,19 @@ def test_benchmark_waits_for_quiet_and_reruns_a_case_that_load_came_into(tmp_pat
     assert report["load_probe"]["readings_ms"] == [20.0, 5.0, 5.5, 5.0, 5.2, 5.1, 5.3]  # the gate's own
     markdown = out.with_suffix(".md").read_text()
     assert "| 5.3 / 5.4 (2 runs) |" in markdown and "two readings in a row <= 6.0 ms" in markdown
+
+
+def test_a_case_with_load_inside_it_runs_again(monkeypatch) -> None:
+    bench = _benchmark_module()
+    # quiet readings around both runs, but the first run's floor rounds say load came and went inside it
+    results = [{"floor_ms": {"min": 25.3, "med": 29.5}}, {"floor_ms": {"min": 25.0, "med": 27.2}}]
+    monkeypatch.setattr(bench, "run_worker", lambda cfg, timeout: dict(results.pop(0)))
+    monkeypatch.setattr(bench, "probe_ms", lambda threads: 5.0)
+    gate = bench.QuietGate(6.0, 60, lambda: 5.0)
+    result = bench.run_worker_probed({}, argparse.Namespace(threads=1, timeout=10.0), gate)
+    assert result["floor_ms"] == {"min": 25.0, "med": 27.2}  # the second run's (1.09: quiet enough)
+    assert result["load_probe_ms"] == {"before": 5.0, "after": 5.0, "runs": 2}
+    assert not results
 
 
 def test_benchmark_marks_a_case_measured_when_the_wait_ran_out(tmp_path: Path, monkeypatch) -> None:
