@@ -587,19 +587,26 @@ def loaded_inside(result: dict[str, Any]) -> bool:
     return bool(floor) and floor["med"] > FLOOR_SPREAD * floor["min"]
 
 
+def measured_under_load(result: dict[str, Any], below_ms: float) -> bool:
+    """A probed case's verdict: a reading before or after it above `below_ms`, or load inside it."""
+    probe = result["load_probe_ms"]
+    return max(probe["before"], probe["after"]) > below_ms or loaded_inside(result)
+
+
 def run_worker_probed(
     cfg: dict[str, Any], args: argparse.Namespace, gate: QuietGate | None
 ) -> dict[str, Any]:
     """`run_worker` with the load probe read before and after the case; with a gate, the case starts when
-    quiet and runs again (at most RERUNS more times, within the gate's budget) when the reading after it is
-    loaded. The result records both readings and the number of runs."""
+    quiet and runs again (at most RERUNS more times, within the gate's budget) when it was measured under
+    load. The result records both readings and the number of runs."""
     for run in range(1, RERUNS + 2):
         quiet, before = (True, probe_ms(args.threads)) if gate is None else gate.wait()
         result = run_worker(cfg, args.timeout)
         after = probe_ms(args.threads)
         result["load_probe_ms"] = {"before": before, "after": after, "runs": run}
-        settled = gate is not None and gate.quiet(after) and not loaded_inside(result)
-        if gate is None or not quiet or settled or not gate.time_left():
+        if gate is None or not quiet or not gate.time_left():
+            break  # no gate, or its budget is spent: this run stands (marked if loaded)
+        if not measured_under_load(result, gate.below_ms):
             break
     return result
 
@@ -647,7 +654,7 @@ def _load_cell(r: dict[str, Any], below_ms: float | None) -> str:
     text = f"{probe['before']:.1f} / {probe['after']:.1f}"
     if probe["runs"] > 1:
         text += f" ({probe['runs']} runs)"
-    if below_ms is not None and (max(probe["before"], probe["after"]) > below_ms or loaded_inside(r)):
+    if below_ms is not None and measured_under_load(r, below_ms):
         text += " †"
     return text
 
