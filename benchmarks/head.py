@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import facescale  # noqa: F401 - sets OMP_WAIT_POLICY (facescale/__init__.py); the config workers inherit it
 from facescale.heads.allocations import LargestAllocation
+from facescale.heads.gemm import fp32_backend
 from facescale.runtime import bf16_supported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling helpers, also when loaded by path
@@ -92,12 +93,14 @@ def synchronize(device: torch.device) -> None:
 
 
 class GemmFloor:
-    """The three matmuls of one step at one shape, into preallocated outputs (no allocation, no faults)."""
+    """The three matmuls of one step at one shape, on the head's GEMM backend (heads/gemm.py: oneDNN for fp32
+    on the CPU where torch has it), into preallocated outputs where the backend writes into buffers."""
 
     def __init__(self, weight: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
+        from facescale.heads.gemm import matmul
         from facescale.heads.norm_linear import cosine_gemm
 
-        self.cosine_gemm = cosine_gemm
+        self.cosine_gemm, self.matmul = cosine_gemm, matmul
         gen = torch.Generator().manual_seed(7)
         device = weight.device
         self.weight = weight  # [C', D], read only
@@ -112,8 +115,8 @@ class GemmFloor:
         synchronize(self.weight.device)
         t0 = time.perf_counter()
         self.cosine_gemm(self.x, self.weight, self.logits)  # forward, as the head runs it
-        torch.mm(self.grad, self.weight, out=self.grad_x)  # d-embeddings
-        torch.mm(self.grad.t(), self.x, out=self.grad_w)  # d-centers
+        self.matmul(self.grad, self.weight, out=self.grad_x)  # d-embeddings, on the head's backend
+        self.matmul(self.grad.t(), self.x, scratch=self.grad_w)  # d-centers
         synchronize(self.weight.device)
         return (time.perf_counter() - t0) * 1e3
 
@@ -462,6 +465,20 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     return configs
 
 
+def cpu_model() -> str:
+    """The host CPU as /proc/cpuinfo names it, with its family/model numbers (Linux; else platform's name)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", platform.machine())
+    return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+
+
 def load_average() -> list[float]:
     return list(os.getloadavg())
 
@@ -527,6 +544,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if pick_device(args.device).type == "cuda"
             else platform.processor() or platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD torch's kernels use
+            "cpu_model": cpu_model(),  # ratios move with the host: e.g. bf16 GEMMs ran 2x faster on Zen 5
+            "fp32_gemm": fp32_backend() if pick_device(args.device).type == "cpu" else "torch",
             "bf16_native": bf16_supported(pick_device(args.device)),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_"))},
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],  # the workers inherit it
@@ -685,7 +704,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"Device {machine.get('device', 'cpu')} ({machine.get('device_name', '?')}), "
         f"{machine['cpu_count']} CPUs, {machine['threads']} torch threads, torch {machine['torch']}, "
-        f"SIMD {machine.get('cpu_capability', '?')}, native bf16 GEMM {_yes(machine.get('bf16_native'))}, "
+        f"{machine.get('cpu_model', '?')}, SIMD {machine.get('cpu_capability', '?')}, "
+        f"native bf16 GEMM {_yes(machine.get('bf16_native'))}, "
+        f"fp32 GEMMs on {machine.get('fp32_gemm', 'torch')} (heads/gemm.py), "
         f"OMP_WAIT_POLICY={machine.get('omp_wait_policy', 'unset')} (as facescale's processes run). "
         "Ratios are taken within one process, the head's steps alternating with the GEMM floor and the "
         "stream-bandwidth probe. floor = max(GEMM floor, memory floor); memory floor = the bytes the step "

@@ -27,6 +27,7 @@ from torch import Tensor
 from facescale.config.schema import OptimizerKind, UpdateKind, choices
 from facescale.heads.cpu_threads import all_threads, small_ops_serial
 from facescale.heads.deferred_dense import DeferredDense
+from facescale.heads.gemm import matmul
 from facescale.heads.huge_pages import zeros_rows
 from facescale.heads.native import CenterKernels, center_kernels
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
@@ -271,9 +272,10 @@ class CenterOptimizer(torch.nn.Module):
 
     def _rows_per_block(self, dtype: torch.dtype) -> int:
         """`block_rows` if set, else on the CPU 2048 rows, or 10240 for bf16 CenterGrad products: oneDNN's
-        bf16 GEMM [rows, B] x [B, D] runs faster in larger blocks, MKL's fp32 one does not (C' = 10k,
-        B = 128, 2 threads: bf16 4.7 / 4.25 / 3.9 ms in blocks of 2048 / 5000 / 10000 rows, fp32
-        10.9 / 12.5 / 12.6), and a 10240-row bf16 block (10 MB at D = 512) is a few percent of the shard."""
+        bf16 GEMM [rows, B] x [B, D] runs faster in larger blocks, the fp32 one does not (C' = 10k,
+        B = 128, 2 threads: bf16 4.7 / 4.25 / 3.9 ms in blocks of 2048 / 5000 / 10000 rows; fp32 on MKL
+        10.9 / 12.5 / 12.6, on oneDNN (heads/gemm.py) 5.5 / 5.1 / 7.3 / 7.9 in blocks of 1024 / 2048 / 4096 /
+        10240), and a 10240-row bf16 block (10 MB at D = 512) is a few percent of the shard."""
         if self.block_rows is not None:
             return self.block_rows
         return _BF16_BLOCK_ROWS if dtype == torch.bfloat16 else _CPU_BLOCK_ROWS
@@ -294,7 +296,7 @@ class CenterOptimizer(torch.nn.Module):
         if self._product is None or tuple(self._product.shape) != shape or self._product.dtype != x_hat.dtype:
             self._product = torch.empty(shape, dtype=x_hat.dtype)
         with all_threads():
-            product = torch.mm(scaled[:, lo:hi].t(), x_hat, out=self._product[: hi - lo])
+            product = matmul(scaled[:, lo:hi].t(), x_hat, scratch=self._product[: hi - lo])
         return product, grad.w_inv[lo:hi].float().contiguous()
 
     # ------------------------------------------------------------------------------------ torch path

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from facescale.heads.cpu_threads import all_threads, small_ops_serial
+from facescale.heads.gemm import matmul
 from facescale.heads.native import center_kernels, native_kernels_for
 
 _NORM_EPS = 1e-12  # like F.normalize: divide by max(||v||, eps)
@@ -58,21 +59,21 @@ def _blocks_on_cpu(x: Tensor, weight: Tensor) -> bool:
 
 
 def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
-    """x_hat @ weight.t() ([N, D] x [C', D] -> [N, C']) in x_hat's dtype, into `out` if given. fp32 on the CPU
-    runs per block of 1024 center rows: into `out`, because MKL's one-call product keeps ~10 MB of workspace
-    beside the [N, C'] output, the blocks ~2 MB, at about the same speed (-6% to +15% at N = 128-512,
-    C' = 10k-30k: benchmarks/results/head_parts_cpu.md; the head benchmark's GEMM floor runs it the same way);
-    and for bf16 rows (bf16 centers, fp32 embeddings), each block widened on the way (exact), so that no
-    C' x D fp32 copy of the rows is made."""
+    """x_hat @ weight.t() ([N, D] x [C', D] -> [N, C']) in x_hat's dtype, into `out` if given. fp32 on the
+    CPU runs per block of 1024 center rows (heads/gemm.py's product: oneDNN where torch has it): into `out`,
+    because MKL's one-call product keeps ~10 MB of workspace beside the [N, C'] output, the blocks ~2 MB, at
+    about the same speed (benchmarks/results/head_parts_cpu.md; oneDNN, which returns fresh products, runs
+    1024-row blocks as fast as one call: 4.1 vs 4.0 ms at N = 128, C' = 10k; 46 vs 59 at N = 512, C' = 30k;
+    the head benchmark's GEMM floor runs it the same way); and for bf16 rows (bf16 centers, fp32 embeddings),
+    each block widened on the way (exact), so that no C' x D fp32 copy of the rows is made."""
     cpu_fp32 = x_hat.device.type == "cpu" and x_hat.dtype == torch.float32
     with all_threads():
         if _blocks_on_cpu(x_hat, weight) or (cpu_fp32 and out is not None and len(weight) > _GEMM_BLOCK_ROWS):
             out = x_hat.new_empty(x_hat.shape[0], weight.shape[0]) if out is None else out
             for lo, hi, block in _row_blocks(weight, x_hat.dtype):
-                torch.mm(x_hat, block.t(), out=out[:, lo:hi])
+                matmul(x_hat, block.t(), out=out[:, lo:hi])
             return out
-        weight = weight.to(x_hat.dtype)
-        return x_hat @ weight.t() if out is None else torch.mm(x_hat, weight.t(), out=out)
+        return matmul(x_hat, weight.to(x_hat.dtype).t(), out)
 
 
 def combine_rows(coeffs: Tensor, weight: Tensor) -> Tensor:
@@ -80,10 +81,10 @@ def combine_rows(coeffs: Tensor, weight: Tensor) -> Tensor:
     are widened a block at a time and accumulated (no C' x D fp32 copy, as in cosine_gemm)."""
     with all_threads():
         if not _blocks_on_cpu(coeffs, weight):
-            return coeffs @ weight.to(coeffs.dtype)
+            return matmul(coeffs, weight.to(coeffs.dtype))
         out = coeffs.new_zeros(coeffs.shape[0], weight.shape[1])
         for lo, hi, block in _row_blocks(weight, coeffs.dtype):
-            out.addmm_(coeffs[:, lo:hi], block)
+            out.add_(matmul(coeffs[:, lo:hi], block))
         return out
 
 
@@ -135,7 +136,7 @@ class CenterGrad:
         weight = self.weight[cols].to(acc_dtype) if weight is None else weight
         w_inv = self.w_inv[cols]
         with all_threads():  # [rows, D] work
-            block = (self.grad_scaled[:, cols].t() @ self.x_hat).to(acc_dtype)  # P = (G*r).t() @ x-hat
+            block = matmul(self.grad_scaled[:, cols].t(), self.x_hat).to(acc_dtype)  # P = (G*r).t() @ x-hat
             radial = (block * weight).sum(dim=1).mul_(w_inv).mul_(w_inv)  # r^2 (w . P) = r^2 sum_b G*cos
             return block.addcmul_(weight, radial[:, None], value=-1.0)
 
@@ -226,7 +227,7 @@ class _NormLinear(torch.autograd.Function):
             with all_threads():  # [N, C'] and [C', D] work
                 if cos is None:  # forward wrote the cosines to the caller's buffer: recompute them
                     cos = cosine_gemm(x_hat, weight).to(acc_dtype).mul_(w_inv[None, :]).clamp_(-1.0, 1.0)
-                grad_w = (grad_scaled.t() @ x_hat).to(acc_dtype)
+                grad_w = matmul(grad_scaled.t(), x_hat).to(acc_dtype)
                 # r^2 sum_b G*cos, from G*r when G itself was overwritten in place
                 radial_w = (grad_scaled.to(acc_dtype) * cos).sum(dim=0).mul_(w_inv)
                 grad_w.addcmul_(weight, radial_w[:, None], value=-1.0)

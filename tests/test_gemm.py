@@ -1,0 +1,95 @@
+"""heads/gemm.py: the head's products equal float64 ones on either backend; the backend choice is honest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facescale.heads import gemm
+
+
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch):
+    """Set FACESCALE_CPU_FP32_GEMM for one test (None: unset), with the cached choice forgotten around it."""
+
+    def use(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(gemm.ENV, raising=False)
+        else:
+            monkeypatch.setenv(gemm.ENV, value)
+        gemm.fp32_backend.cache_clear()
+
+    yield use
+    gemm.fp32_backend.cache_clear()
+
+
+def _operands(m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(m * 31 + n)
+    return torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+
+
+@pytest.mark.parametrize("choice", [None, "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "column slice"])
+def test_product_matches_float64(backend, choice: str | None, layout: str) -> None:
+    backend(choice)
+    a, b = _operands(96, 300, 1200)
+    if layout == "transposed":  # the head's d-centers product: (G*r).t() @ x-hat, both views
+        a, b = a.t().contiguous().t(), b.t().contiguous().t()
+    elif layout == "column slice":  # a block of columns of a wider buffer, as the optimizer reads it
+        wide = torch.randn(96, 500)
+        wide[:, 100:400] = a.t().contiguous().t()[:, :300]
+        a = wide[:, 100:400]
+    want = a.double() @ b.double()
+    got = gemm.matmul(a, b)
+    assert got.dtype == torch.float32 and got.shape == (96, 1200)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_out_receives_the_product_and_scratch_may(backend) -> None:
+    backend(None)
+    a, b = _operands(64, 128, 700)
+    wide = torch.full((64, 1000), 7.0)
+    result = gemm.matmul(a, b, out=wide[:, 200:900])  # into a strided block of a buffer, as cosine_gemm does
+    torch.testing.assert_close(wide[:, 200:900].double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+    assert result.data_ptr() == wide[:, 200:900].data_ptr()
+    assert torch.equal(wide[:, :200], torch.full((64, 200), 7.0))  # nothing outside the block is touched
+    scratch = torch.empty(64, 700)
+    product = gemm.matmul(a, b, scratch=scratch)
+    torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_torch_backend_is_torch_mm_bit_for_bit(backend) -> None:
+    backend("torch")
+    a, b = _operands(32, 64, 100)
+    assert gemm.fp32_backend() == "torch"
+    assert torch.equal(gemm.matmul(a, b), torch.mm(a, b))
+
+
+def test_default_runs_fp32_on_onednn_where_torch_has_it(backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch is built without oneDNN")
+    backend(None)
+    assert gemm.fp32_backend() == "onednn"
+    calls = []
+    real = gemm._onednn_linear()
+
+    def counting(*args):
+        calls.append(args[0].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(gemm, "_onednn_linear", lambda: counting)
+    a, b = _operands(16, 32, 48)
+    gemm.matmul(a, b)
+    gemm.matmul(a.double(), b.double())  # float64 (reference tests) stays on torch.mm
+    gemm.matmul(a.requires_grad_(), b)  # so does anything autograd must see: the op has no derivative
+    assert calls == [torch.float32]
+
+
+def test_unknown_or_unavailable_choice_is_an_error(backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend("mkl")
+    with pytest.raises(ValueError, match=f"{gemm.ENV}='mkl'.*onednn, torch"):
+        gemm.fp32_backend()
+    backend("onednn")
+    monkeypatch.setattr(gemm, "_onednn_linear", lambda: None)
+    with pytest.raises(ValueError, match="no working mkldnn._linear_pointwise"):
+        gemm.fp32_backend()
