@@ -94,13 +94,17 @@ def synchronize(device: torch.device) -> None:
 
 class GemmFloor:
     """The three matmuls of one step at one shape, on the head's GEMM backend (heads/gemm.py: oneDNN for fp32
-    on the CPU where torch has it), into preallocated outputs where the backend writes into buffers."""
+    on the CPU where torch has it) and in its forms (the forward as cosine_gemm runs it, d-centers in the
+    optimizer's row blocks), into preallocated outputs where the backend writes into buffers."""
 
-    def __init__(self, weight: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, weight: torch.Tensor, batch: int, dtype: torch.dtype, block_rows: int | None = None
+    ) -> None:
         from facescale.heads.gemm import matmul
         from facescale.heads.norm_linear import cosine_gemm
 
         self.cosine_gemm, self.matmul = cosine_gemm, matmul
+        self.block_rows = max(1, block_rows or len(weight))  # d-centers: one product unless blocks are given
         gen = torch.Generator().manual_seed(7)
         device = weight.device
         self.weight = weight  # [C', D], read only
@@ -116,7 +120,9 @@ class GemmFloor:
         t0 = time.perf_counter()
         self.cosine_gemm(self.x, self.weight, self.logits)  # forward, as the head runs it
         self.matmul(self.grad, self.weight, out=self.grad_x)  # d-embeddings, on the head's backend
-        self.matmul(self.grad.t(), self.x, scratch=self.grad_w)  # d-centers
+        for lo in range(0, len(self.weight), self.block_rows):  # d-centers, in the optimizer's blocks
+            hi = lo + self.block_rows
+            self.matmul(self.grad[:, lo:hi].t(), self.x, scratch=self.grad_w[lo:hi])
         synchronize(self.weight.device)
         return (time.perf_counter() - t0) * 1e3
 
@@ -265,7 +271,10 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
     peak_bytes = memory.peak()
     width = warm[-1]["width"]
     floor = GemmFloor(
-        head.centers[:width] if dtype == head.centers.dtype else head.centers[:width].to(dtype), batch, dtype
+        head.centers[:width] if dtype == head.centers.dtype else head.centers[:width].to(dtype),
+        batch,
+        dtype,
+        head.center_optimizer.block_size(width, dtype),
     )
     stream = StreamBandwidth(device, min(256 * 1024**2, max(64 * 1024**2, 2 * (centers_bytes + state_bytes))))
     steps, floors, bandwidths = [], [], []

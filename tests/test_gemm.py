@@ -142,3 +142,15 @@ def test_malloc_tuning_is_left_to_a_user_who_set_it(monkeypatch: pytest.MonkeyPa
         assert gemm.keep_products_in_heap() is False
     finally:
         gemm.keep_products_in_heap.cache_clear()
+
+
+def test_fresh_products_are_the_onednn_ones_the_heap_serves(backend) -> None:
+    a, b = _operands(8, 16, 8)
+    backend("torch")
+    assert not gemm.fresh_product(2048, 512, a, b)  # torch.mm writes into a caller's buffer
+    if not torch.backends.mkldnn.is_available():
+        return
+    backend(None)
+    assert gemm.fresh_product(2048, 512, a, b)  # 4 MiB
+    assert not gemm.fresh_product(512, 40_000, a, b)  # 78 MiB: mapped afresh, so a kept buffer pays
+    assert not gemm.fresh_product(2048, 512, a.bfloat16(), b.bfloat16())  # bf16 stays on torch.mm

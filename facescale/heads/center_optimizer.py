@@ -27,7 +27,7 @@ from torch import Tensor
 from facescale.config.schema import OptimizerKind, UpdateKind, choices
 from facescale.heads.cpu_threads import all_threads, small_ops_serial
 from facescale.heads.deferred_dense import DeferredDense
-from facescale.heads.gemm import matmul
+from facescale.heads.gemm import fresh_product, matmul
 from facescale.heads.huge_pages import zeros_rows
 from facescale.heads.native import CenterKernels, center_kernels
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
@@ -244,8 +244,7 @@ class CenterOptimizer(torch.nn.Module):
         if index is not None:
             index = index.to(torch.int64).contiguous()
         work_dtype = grad.dtype if isinstance(grad, Tensor) else grad.x_hat.dtype
-        cap = self._rows_per_block(work_dtype)
-        size = -(-total // max(1, -(-total // cap)))  # ceil(total / number of blocks): equal blocks
+        size = self.block_size(total, work_dtype)
         for lo in range(0, max(total, 1), max(size, 1)):
             hi = min(lo + size, total)
             block, proj = self._block_gradient(grad, lo, hi, size)
@@ -270,6 +269,12 @@ class CenterOptimizer(torch.nn.Module):
                 eps=_NORM_EPS,
             )
 
+    def block_size(self, total: int, dtype: torch.dtype) -> int:
+        """Rows per block when the fused update takes `total` gradient rows whose products are in `dtype`:
+        equal blocks of at most `_rows_per_block` (the head benchmark's GEMM floor forms dW the same way)."""
+        cap = self._rows_per_block(dtype)
+        return -(-total // max(1, -(-total // cap)))  # ceil(total / number of blocks)
+
     def _rows_per_block(self, dtype: torch.dtype) -> int:
         """`block_rows` if set, else on the CPU 2048 rows, or 10240 for bf16 CenterGrad products: oneDNN's
         bf16 GEMM [rows, B] x [B, D] runs faster in larger blocks, the fp32 one does not (C' = 10k,
@@ -292,11 +297,14 @@ class CenterOptimizer(torch.nn.Module):
             raise RuntimeError(
                 "no center gradient: call loss.backward() between forward() and optimizer_step()"
             )
-        shape = (size, x_hat.shape[1])
-        if self._product is None or tuple(self._product.shape) != shape or self._product.dtype != x_hat.dtype:
+        factor, shape = scaled[:, lo:hi].t(), (size, x_hat.shape[1])
+        if fresh_product(*shape, factor, x_hat):  # oneDNN returns it as a new tensor: no buffer to keep
+            self._product = None
+        elif self._product is None or self._product.dtype != x_hat.dtype or self._product.shape != shape:
             self._product = torch.empty(shape, dtype=x_hat.dtype)
+        scratch = None if self._product is None else self._product[: hi - lo]
         with all_threads():
-            product = matmul(scaled[:, lo:hi].t(), x_hat, scratch=self._product[: hi - lo])
+            product = matmul(factor, x_hat, scratch=scratch)
         return product, grad.w_inv[lo:hi].float().contiguous()
 
     # ------------------------------------------------------------------------------------ torch path
