@@ -10,7 +10,7 @@ products stay on torch.mm; FACESCALE_CPU_FP32_GEMM=torch forces that (e.g. to co
 oneDNN returns each product as a fresh tensor. With glibc's default malloc tuning the optimizer's 4 MB
 blocks were mapped and paged in afresh every step (2.3k page faults a step at B = 128, C' = 10k; 14.5k at
 B = 512, C' = 30k; ~1 ms per 4 MB block), so where oneDNN runs, allocations below 64 MiB come from the heap
-and up to 32 MiB of freed heap is kept for reuse (glibc's mallopt; skipped when MALLOC_MMAP_THRESHOLD_ or
+and up to 16 MiB of freed heap is kept for reuse (glibc's mallopt; skipped when MALLOC_MMAP_THRESHOLD_ or
 MALLOC_TRIM_THRESHOLD_ is set, i.e. when the user tuned malloc already).
 """
 
@@ -28,7 +28,7 @@ from torch import Tensor
 ENV = "FACESCALE_CPU_FP32_GEMM"
 BACKENDS = ("onednn", "torch")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-_MMAP_ABOVE, _KEEP_FREED = 64 * 2**20, 32 * 2**20
+_MMAP_ABOVE, _KEEP_FREED = 64 * 2**20, 16 * 2**20
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
@@ -63,7 +63,7 @@ def fp32_backend() -> str:
 
 @functools.cache
 def keep_products_in_heap() -> bool:
-    """Have glibc serve allocations below 64 MiB from its heap and keep 32 MiB of freed heap (module doc);
+    """Have glibc serve allocations below 64 MiB from its heap and keep 16 MiB of freed heap (module doc);
     True if it took both settings (False off Linux/glibc or when the user's MALLOC_* environment set them)."""
     if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
         return False
