@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import facescale  # noqa: F401 - sets OMP_WAIT_POLICY (facescale/__init__.py); the config workers inherit it
 from facescale.heads.allocations import LargestAllocation
+from facescale.heads.gemm import ENV as GEMM_ENV
 from facescale.heads.gemm import fp32_backend
 from facescale.runtime import bf16_supported
 
@@ -543,6 +544,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python benchmarks/head.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {
         "command": command,
+        # an fp32 backend asked for by name is part of what ran (heads/gemm.py)
+        "environment": f"{GEMM_ENV}={os.environ[GEMM_ENV]} " if os.environ.get(GEMM_ENV) else "",
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
@@ -641,7 +644,8 @@ def run_worker_probed(
 
 def _run_info(report: dict[str, Any]) -> dict[str, Any]:
     """The per-invocation fields of a report (kept per run when results are appended)."""
-    keys = ("command", "started", "finished", "load_average_start", "load_average_end", "load_probe")
+    keys = ("command", "environment", "started", "finished")
+    keys += ("load_average_start", "load_average_end", "load_probe")
     return {key: report.get(key) for key in keys}
 
 
@@ -701,7 +705,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for run in report.get("runs", [_run_info(report)]):
         lines += [
-            f"    PYTHONPATH=. .venv/bin/{run['command']}",
+            f"    {run.get('environment') or ''}PYTHONPATH=. .venv/bin/{run['command']}",
             "",
             f"(started {run['started']}, finished {run.get('finished', '?')}; load average 1/5/15 min "
             f"{_loads(run['load_average_start'])} at start, "

@@ -54,6 +54,25 @@ def test_benchmark_script_runs_a_tiny_grid_and_writes_json_and_markdown(tmp_path
         assert r["load_probe_ms"]["before"] > 0 and r["load_probe_ms"]["after"] > 0
         assert r["load_probe_ms"]["runs"] == 1
     assert "below_ms" not in report["load_probe"]
+    machine = report["machine"]  # the host and the fp32 GEMM backend, which the ratios depend on
+    assert machine["cpu_model"] and machine["cpu_model"] in markdown
+    assert f"fp32 GEMMs on {machine['fp32_gemm']} (heads/gemm.py)" in markdown
+
+
+def test_a_fp32_backend_asked_for_by_name_is_in_the_recorded_command(tmp_path: Path, monkeypatch) -> None:
+    from facescale.heads import gemm
+
+    monkeypatch.setenv(gemm.ENV, "torch")
+    gemm.fp32_backend.cache_clear()
+    try:
+        bench = _benchmark_module()
+        out = tmp_path / "head_torch_mm"
+        bench.main([*_TINY_GRID, "--out", str(out)])
+    finally:
+        gemm.fp32_backend.cache_clear()
+    markdown = out.with_suffix(".md").read_text()
+    assert "    FACESCALE_CPU_FP32_GEMM=torch PYTHONPATH=. .venv/bin/python benchmarks/head.py --" in markdown
+    assert "fp32 GEMMs on torch (heads/gemm.py)" in markdown
 
 
 def _scripted(readings: list[float], then: float | None = None):
