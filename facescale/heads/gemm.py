@@ -89,8 +89,9 @@ def _on_onednn(a: Tensor, b: Tensor) -> bool:
 
 def fresh_product(rows: int, cols: int, a: Tensor, b: Tensor) -> bool:
     """True when a [rows, cols] product of a and b (operands as matmul takes them) comes back from oneDNN as a
-    fresh tensor the heap serves without page faults: a buffer kept for it would sit unused."""
-    return _on_onednn(a, b) and rows * cols * a.element_size() <= _MMAP_ABOVE
+    fresh tensor the heap serves again without page faults (no larger than the freed heap glibc keeps): a
+    buffer kept for it would sit unused."""
+    return _on_onednn(a, b) and rows * cols * a.element_size() <= _KEEP_FREED
 
 
 def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:

@@ -62,10 +62,11 @@ def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor | None = None) -> Ten
     """x_hat @ weight.t() ([N, D] x [C', D] -> [N, C']) in x_hat's dtype, into `out` if given. fp32 on the
     CPU runs per block of 1024 center rows (heads/gemm.py's product: oneDNN where torch has it): into `out`,
     because MKL's one-call product keeps ~10 MB of workspace beside the [N, C'] output, the blocks ~2 MB, at
-    about the same speed (benchmarks/results/head_parts_cpu.md; oneDNN, which returns fresh products, runs
-    1024-row blocks as fast as one call: 4.1 vs 4.0 ms at N = 128, C' = 10k; 46 vs 59 at N = 512, C' = 30k;
-    the head benchmark's GEMM floor runs it the same way); and for bf16 rows (bf16 centers, fp32 embeddings),
-    each block widened on the way (exact), so that no C' x D fp32 copy of the rows is made."""
+    about the same speed (benchmarks/results/head_parts_cpu.md; oneDNN returns fresh products, and its blocks
+    copied into `out` take ~10% more than one call, 4.4 vs 4.0 ms at N = 128, C' = 10k, 40 vs 37 at N = 512,
+    C' = 30k, but a fresh [N, C'] tensor every step made glibc's heap grow by 140 MB or more before it
+    settled; the head benchmark's GEMM floor runs it the same way); and for bf16 rows (bf16 centers, fp32
+    embeddings), each block widened on the way (exact), so that no C' x D fp32 copy of the rows is made."""
     cpu_fp32 = x_hat.device.type == "cpu" and x_hat.dtype == torch.float32
     with all_threads():
         if _blocks_on_cpu(x_hat, weight) or (cpu_fp32 and out is not None and len(weight) > _GEMM_BLOCK_ROWS):
