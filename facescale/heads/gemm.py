@@ -51,14 +51,18 @@ def _onednn_linear() -> Callable[..., Tensor] | None:
 @functools.cache
 def fp32_backend() -> str:
     """"onednn" or "torch": what runs fp32 CPU products in this process (FACESCALE_CPU_FP32_GEMM may ask for
-    torch; asking for onednn where it is unavailable is an error, not a silent fallback)."""
+    torch; asking for onednn where it is unavailable is an error, not a silent fallback). Choosing oneDNN
+    also tunes glibc for its fresh products (keep_products_in_heap)."""
     wanted = os.environ.get(ENV, "").strip().lower()
     if wanted and wanted not in BACKENDS:
         raise ValueError(f"{ENV}={wanted!r}: use one of {', '.join(BACKENDS)} (or leave it unset)")
     available = _onednn_linear() is not None
     if wanted == "onednn" and not available:
         raise ValueError(f"{ENV}=onednn but this torch has no working mkldnn._linear_pointwise; unset it")
-    return wanted or ("onednn" if available else "torch")
+    backend = wanted or ("onednn" if available else "torch")
+    if backend == "onednn":
+        keep_products_in_heap()  # once, with the choice, not per product (module doc)
+    return backend
 
 
 @functools.cache
@@ -98,7 +102,6 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, scratch: Tensor | No
     """a @ b for a [M, K] and b [K, N] (views welcome), written into `out` if given; `scratch`, a [M, N]
     buffer the product may go to (torch.mm writes it; oneDNN returns a fresh tensor, not copied there)."""
     if _on_onednn(a, b):
-        keep_products_in_heap()
         product = _onednn_linear()(a, b.t(), None, "none", [], "")
         return product if out is None else out.copy_(product)
     out = out if out is not None else scratch
