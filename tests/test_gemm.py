@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from facescale.heads import gemm
+from facescale.heads import gemm, heap
 
 
 @pytest.fixture
@@ -100,15 +100,16 @@ def test_unknown_or_unavailable_choice_is_an_error(backend, monkeypatch: pytest.
 
 
 _STEADY_STEP_FAULTS = """
-import resource, torch
+import resource, sys, torch
 from facescale.config.schema import MarginConfig
 from facescale.heads.margins import build_margin
 from facescale.heads.partial_fc import PartialFCHead
 torch.set_num_threads(2)
+dtype, batch = getattr(torch, sys.argv[1]), int(sys.argv[2])
 head = PartialFCHead(20_000, 512, build_margin(MarginConfig(type="arcface", s=64.0, m2=0.5)), seed=0,
-                     sample_rate=0.5, update="sparse")
+                     sample_rate=0.5, update="sparse", storage_dtype=dtype)
 gen = torch.Generator().manual_seed(0)
-x, y = torch.randn(128, 512, generator=gen), torch.randint(0, 20_000, (128,), generator=gen)
+x, y = torch.randn(batch, 512, generator=gen).to(dtype), torch.randint(0, 20_000, (batch,), generator=gen)
 def step(i):
     loss, _ = head(x.clone().requires_grad_(), y, i)
     loss.backward()
@@ -123,13 +124,15 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tuning is Linux-only")
-def test_a_steady_fp32_head_step_pages_in_no_memory() -> None:
-    """The fresh products oneDNN returns are reused from the heap, not mapped anew every step (C' = 10k,
-    B = 128: ~2.3k page faults a step with glibc's default tuning, ~2 ms)."""
+@pytest.mark.parametrize("dtype, batch", [("float32", 128), ("bfloat16", 512)])
+def test_a_steady_head_step_pages_in_no_memory(dtype: str, batch: int) -> None:
+    """The step's temporaries are reused from the heap, not mapped anew every step (C' = 10k, glibc's default
+    tuning: ~2.3k page faults a step at fp32 B = 128, oneDNN's fresh products; ~900 at bf16 B = 512)."""
     tuned = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", gemm.ENV)
     env = {k: v for k, v in os.environ.items() if k not in tuned}
     done = subprocess.run(
-        [sys.executable, "-c", _STEADY_STEP_FAULTS], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _STEADY_STEP_FAULTS, dtype, str(batch)],
+        env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip()) < 64, f"{done.stdout.strip()} page faults per step"
@@ -137,11 +140,11 @@ def test_a_steady_fp32_head_step_pages_in_no_memory() -> None:
 
 def test_malloc_tuning_is_left_to_a_user_who_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    gemm.keep_products_in_heap.cache_clear()
+    heap.keep_step_buffers_in_heap.cache_clear()
     try:
-        assert gemm.keep_products_in_heap() is False
+        assert heap.keep_step_buffers_in_heap() is False
     finally:
-        gemm.keep_products_in_heap.cache_clear()
+        heap.keep_step_buffers_in_heap.cache_clear()
 
 
 def test_fresh_products_are_the_onednn_ones_the_heap_serves(backend) -> None:

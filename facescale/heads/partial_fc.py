@@ -24,6 +24,7 @@ from facescale.heads.block_init import init_center_rows
 from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.heads.cpu_threads import small_ops_serial
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
+from facescale.heads.heap import keep_step_buffers_in_heap
 from facescale.heads.margins import MarginSoftmaxSpec
 from facescale.heads.native import center_kernels, native_kernels_for
 from facescale.heads.norm_linear import CenterGrad, inverse_row_norms, norm_linear
@@ -83,6 +84,8 @@ class PartialFCHead(torch.nn.Module):
         centers = init_center_rows(self.start, self.count, embedding_size, init_std, seed, storage_dtype)
         # the raw rows; `centers` (the property) first applies any deferred dense steps
         self.register_buffer("center_rows", centers.to(device=device), persistent=False)
+        if self.center_rows.device.type == "cpu":
+            keep_step_buffers_in_heap()  # the step's temporaries reused, not paged in afresh (heads/heap.py)
         self.center_optimizer = CenterOptimizer(
             self.count,
             embedding_size,
