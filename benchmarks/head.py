@@ -95,16 +95,18 @@ def synchronize(device: torch.device) -> None:
 
 class GemmFloor:
     """The three matmuls of one step at one shape, on the head's GEMM backend (heads/gemm.py: oneDNN for fp32
-    on the CPU where torch has it) and in its forms (the forward as cosine_gemm runs it, d-centers in the
-    optimizer's row blocks), into preallocated outputs where the backend writes into buffers."""
+    on the CPU where torch has it) and in its forms (the forward in the head's blocks, d-centers in the
+    optimizer's row blocks), into preallocated outputs where the backend writes into buffers. oneDNN's fresh
+    forward blocks are not copied anywhere: the head scales each into its logits buffer in the pass it makes
+    over the cosines anyway (heads/norm_linear.py)."""
 
     def __init__(
         self, weight: torch.Tensor, batch: int, dtype: torch.dtype, block_rows: int | None = None
     ) -> None:
         from facescale.heads.gemm import matmul
-        from facescale.heads.norm_linear import cosine_gemm
+        from facescale.heads.norm_linear import cosine_blocks, cosine_gemm, fresh_cosine_blocks
 
-        self.cosine_gemm, self.matmul = cosine_gemm, matmul
+        self.cosine_blocks, self.cosine_gemm, self.matmul = cosine_blocks, cosine_gemm, matmul
         self.block_rows = max(1, block_rows or len(weight))  # d-centers: one product unless blocks are given
         gen = torch.Generator().manual_seed(7)
         device = weight.device
@@ -115,11 +117,16 @@ class GemmFloor:
         self.logits = torch.empty(batch, weight.shape[0], dtype=dtype, device=device)
         self.grad_x = torch.empty(batch, DIM, dtype=dtype, device=device)
         self.grad_w = torch.empty(weight.shape[0], DIM, dtype=dtype, device=device)
+        self.fresh_blocks = fresh_cosine_blocks(self.x, weight)
 
     def run_ms(self) -> float:
         synchronize(self.weight.device)
         t0 = time.perf_counter()
-        self.cosine_gemm(self.x, self.weight, self.logits)  # forward, as the head runs it
+        if self.fresh_blocks:  # forward, as the head runs it
+            for _ in self.cosine_blocks(self.x, self.weight):
+                pass
+        else:
+            self.cosine_gemm(self.x, self.weight, self.logits)
         self.matmul(self.grad, self.weight, out=self.grad_x)  # d-embeddings, on the head's backend
         for lo in range(0, len(self.weight), self.block_rows):  # d-centers, in the optimizer's blocks
             hi = lo + self.block_rows

@@ -10,6 +10,7 @@ from facescale.config.schema import MarginConfig
 from facescale.heads.allocations import LargestAllocation
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.margins import build_margin
+from facescale.heads.native import center_kernels
 from facescale.heads.norm_linear import CenterGrad, norm_linear
 from facescale.parallel.collectives import (
     all_gather_rows_with_grad,
@@ -182,9 +183,27 @@ def test_norm_linear_into_a_buffer_without_a_sink_gives_exact_gradients(overwrit
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_cosines_into_a_buffer_wider_than_one_gemm_block_match_float64() -> None:
+@pytest.mark.parametrize("fp32_gemm", ["onednn", "torch"])
+def test_cosines_into_a_buffer_wider_than_one_gemm_block_match_float64(
+    fp32_gemm: str, backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fp32 cosines into a reused buffer run as several column-block GEMMs (2500 centers: two full blocks and
-    a ragged one); every column equals normalize-then-linear in float64."""
+    a ragged one); every column equals normalize-then-linear in float64, on either fp32 backend: oneDNN's
+    fresh blocks are scaled and clamped on their way into the buffer (one kernel call per block); torch.mm
+    writes into the buffer, scaled and clamped after in one pass."""
+    if fp32_gemm == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    backend(fp32_gemm)
+    kernels = center_kernels()
+    calls: list[tuple[int, ...]] = []
+    if kernels is not None:
+        into = kernels.scale_clamp_into
+
+        def counted(product: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(product.shape))
+            return into(product, scale, out)
+
+        monkeypatch.setattr(kernels, "scale_clamp_into", counted)
     g = torch.Generator().manual_seed(4)
     x64 = torch.randn(7, 16, generator=g, dtype=torch.float64)
     w64 = torch.randn(2500, 16, generator=g, dtype=torch.float64)
@@ -193,6 +212,8 @@ def test_cosines_into_a_buffer_wider_than_one_gemm_block_match_float64() -> None
     got = norm_linear(x64.float(), w64.float(), out=buffer)
     assert got.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+    if kernels is not None:  # per fresh block on its way in, or one pass over the buffer torch.mm wrote
+        assert calls == ([(7, 1024), (7, 1024), (7, 452)] if fp32_gemm == "onednn" else [(7, 2500)])
 
 
 @pytest.mark.parametrize("sink", [False, True])

@@ -12,21 +12,6 @@ import torch
 from facescale.heads import gemm, heap
 
 
-@pytest.fixture
-def backend(monkeypatch: pytest.MonkeyPatch):
-    """Set FACESCALE_CPU_FP32_GEMM for one test (None: unset), with the cached choice forgotten around it."""
-
-    def use(value: str | None) -> None:
-        if value is None:
-            monkeypatch.delenv(gemm.ENV, raising=False)
-        else:
-            monkeypatch.setenv(gemm.ENV, value)
-        gemm.fp32_backend.cache_clear()
-
-    yield use
-    gemm.fp32_backend.cache_clear()
-
-
 def _operands(m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(m * 31 + n)
     return torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)

@@ -99,3 +99,22 @@ def test_bf16_rounding_of_every_kind_of_float_equals_torch() -> None:
     nan = x.isnan()
     assert torch.equal(got.isnan(), nan)
     assert torch.equal(got.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+def test_scale_clamp_into_a_column_block_writes_that_block_only(threads: int) -> None:
+    """A fresh [N, k] product scaled and clamped into columns [lo, lo + k) of a wider buffer (rows strided):
+    those columns equal torch's multiply-then-clamp, NaN stays NaN, every other column is untouched."""
+    gen = torch.Generator().manual_seed(11)
+    product = torch.randn(37, 300, generator=gen) * 2.0  # some beyond +-1 after scaling
+    product[5, 7] = float("nan")
+    scale = torch.rand(300, generator=gen) + 0.5
+    buffer = torch.full((37, 1000), 7.0)
+    center_kernels().scale_clamp_into(product, scale, buffer[:, 400:700])
+    expected = (product * scale).clamp(-1.0, 1.0)
+    torch.testing.assert_close(buffer[:, 400:700], expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(buffer[5, 407])
+    assert (buffer[:, :400] == 7.0).all() and (buffer[:, 700:] == 7.0).all()
+    with pytest.raises(ValueError, match="scale_clamp_into needs"):
+        center_kernels().scale_clamp_into(product, scale[:299], buffer[:, 400:700])
+    with pytest.raises(ValueError, match="scale_clamp_into needs"):
+        center_kernels().scale_clamp_into(product.bfloat16(), scale, buffer[:, 400:700])

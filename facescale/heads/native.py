@@ -94,7 +94,7 @@ class CenterKernels:
         self._to_f32 = library.facescale_bf16_cosines_to_f32
         self._to_bf16 = library.facescale_f32_scaled_to_bf16
         self._scale_clamp = library.facescale_scale_clamp
-        self._scale_clamp.argtypes = [_P, _I64, _I64, _P, _I32]
+        self._scale_clamp.argtypes = [_P, _I64, _P, _I64, _I64, _I64, _P, _I32]
         self._row_max = library.facescale_scale_row_max
         self._row_max.argtypes = [_P, _I64, _I64, _F32, _P, _P, _I32]
         self._exp_sums = library.facescale_exp_row_sums
@@ -229,9 +229,27 @@ class CenterKernels:
 
     def scale_clamp_(self, cos: Tensor, scale: Tensor) -> Tensor:
         """cos = clamp(cos * scale[None, :], -1, 1) in one pass (fp32 [N, C'], fp32 [C'])."""
-        rows, cols = cos.shape
-        self._scale_clamp(cos.data_ptr(), rows, cols, scale.data_ptr(), thread_budget())
-        return cos
+        return self.scale_clamp_into(cos, scale, cos)
+
+    def scale_clamp_into(self, product: Tensor, scale: Tensor, out: Tensor) -> Tensor:
+        """out = clamp(product * scale[None, :], -1, 1) in one pass: fp32 [N, k] product and out (out may be a
+        block of columns of a wider buffer, or product itself), contiguous fp32 [k] scale."""
+        rows, cols = product.shape
+        scale = scale.contiguous()
+        fp32 = all(t.dtype == torch.float32 for t in (product, scale, out))
+        row_major = product.stride(1) == 1 and out.stride(1) == 1
+        if not fp32 or not row_major or out.shape != product.shape or scale.numel() != cols:
+            raise ValueError(
+                f"scale_clamp_into needs [N, k] row-major fp32 blocks and a [k] scale; got "
+                f"{tuple(product.shape)}, {tuple(scale.shape)} -> {tuple(out.shape)} "
+                f"(strides {product.stride()}, {out.stride()}; "
+                f"dtypes {product.dtype}, {scale.dtype}, {out.dtype})"
+            )
+        self._scale_clamp(
+            product.data_ptr(), product.stride(0), out.data_ptr(), out.stride(0), rows, cols,
+            scale.data_ptr(), thread_budget(),
+        )
+        return out
 
     def scale_row_max_(self, x: Tensor, scale: float, skip_col: Tensor, out: Tensor) -> Tensor:
         """x *= scale, and out[r] = the max of row r without column skip_col[r] (< 0: whole row), in one pass;

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from facescale.heads.cpu_threads import all_threads, small_ops_serial
-from facescale.heads.gemm import matmul
+from facescale.heads.gemm import fresh_product, matmul
 from facescale.heads.native import center_kernels, native_kernels_for
 
 _NORM_EPS = 1e-12  # like F.normalize: divide by max(||v||, eps)
@@ -62,11 +62,11 @@ def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor | None = None) -> Ten
     """x_hat @ weight.t() ([N, D] x [C', D] -> [N, C']) in x_hat's dtype, into `out` if given. fp32 on the
     CPU runs per block of 1024 center rows (heads/gemm.py's product: oneDNN where torch has it): into `out`,
     because MKL's one-call product keeps ~10 MB of workspace beside the [N, C'] output, the blocks ~2 MB, at
-    about the same speed (benchmarks/results/head_parts_cpu.md; oneDNN returns fresh products, and its blocks
-    copied into `out` take ~10% more than one call, 4.4 vs 4.0 ms at N = 128, C' = 10k, 40 vs 37 at N = 512,
-    C' = 30k, but a fresh [N, C'] tensor every step made glibc's heap grow by 140 MB or more before it
-    settled; the head benchmark's GEMM floor runs it the same way); and for bf16 rows (bf16 centers, fp32
-    embeddings), each block widened on the way (exact), so that no C' x D fp32 copy of the rows is made."""
+    about the same speed (benchmarks/results/head_parts_cpu.md); oneDNN returns each block as a fresh tensor,
+    which the head's forward scales into its buffer as it goes (cosine_blocks; a fresh [N, C'] product every
+    step, 4.0 against 4.4 ms in blocks at N = 128, C' = 10k, made glibc's heap grow by 140 MB or more before
+    it settled); and for bf16 rows (bf16 centers, fp32 embeddings), each block widened on the way (exact), so
+    that no C' x D fp32 copy of the rows is made."""
     cpu_fp32 = x_hat.device.type == "cpu" and x_hat.dtype == torch.float32
     with all_threads():
         if _blocks_on_cpu(x_hat, weight) or (cpu_fp32 and out is not None and len(weight) > _GEMM_BLOCK_ROWS):
@@ -75,6 +75,23 @@ def cosine_gemm(x_hat: Tensor, weight: Tensor, out: Tensor | None = None) -> Ten
                 matmul(x_hat, block.t(), out=out[:, lo:hi])
             return out
         return matmul(x_hat, weight.to(x_hat.dtype).t(), out)
+
+
+def fresh_cosine_blocks(x_hat: Tensor, weight: Tensor) -> bool:
+    """True where cosine_blocks' fp32 products come back from oneDNN as fresh tensors (heads/gemm.py): the
+    forward then scales and clamps each on its way into the logits buffer (one pass) instead of copying it
+    there and making a pass over the buffer."""
+    rows = min(len(weight), _GEMM_BLOCK_ROWS)  # x_hat.t() below: any fp32 operand (bf16 rows are widened)
+    fp32_blocks = x_hat.dtype == torch.float32 and weight.dtype in (torch.float32, torch.bfloat16)
+    return fp32_blocks and rows > 0 and fresh_product(x_hat.shape[0], rows, x_hat, x_hat.t())
+
+
+def cosine_blocks(x_hat: Tensor, weight: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+    """(lo, hi, x_hat @ weight[lo:hi].t()) per block of 1024 center rows, each product in x_hat's dtype."""
+    for lo, hi, block in _row_blocks(weight, x_hat.dtype):
+        with all_threads():
+            product = matmul(x_hat, block.t())
+        yield lo, hi, product
 
 
 def combine_rows(coeffs: Tensor, weight: Tensor) -> Tensor:
@@ -166,7 +183,12 @@ class _NormLinear(torch.autograd.Function):
         (out,) = out_holder  # in a tuple so autograd does not treat the returned buffer as a view of an input
         reuse = out is not None and out.dtype == acc_dtype and out.shape == (x.shape[0], weight.shape[0])
         clamped = False  # the native passes scale and clamp in one go
-        if gemm_dtype == acc_dtype:  # fp32 GEMMs, also for bf16 centers met by fp32 embeddings
+        fused = reuse and fresh_cosine_blocks(x_hat, weight) and native_kernels_for(x_hat, w_inv, out)
+        if gemm_dtype == acc_dtype and fused:  # each fresh block scaled and clamped into the buffer
+            for lo, hi, product in cosine_blocks(x_hat, weight):
+                fused.scale_clamp_into(product, w_inv[lo:hi], out[:, lo:hi])
+            cos, clamped = out, True
+        elif gemm_dtype == acc_dtype:  # fp32 GEMMs, also for bf16 centers met by fp32 embeddings
             cos = cosine_gemm(x_hat, weight, out if reuse else None)
             kernels = native_kernels_for(cos, w_inv)
             if kernels is not None:

@@ -68,13 +68,17 @@ inline float exp_f32(float x) {
 
 extern "C" {
 
-// x[r, c] = clamp(x[r, c] * scale[c], -1, 1): the cosines from the fp32 GEMM (NaN stays NaN).
-int facescale_scale_clamp(float* x, int64_t rows, int64_t cols, const float* scale, int32_t threads) {
+// dst[r, c] = clamp(src[r, c] * scale[c], -1, 1) for a [rows, cols] block with row strides in elements (src
+// may be dst): the fp32 GEMM's cosines, scaled in place, or on their way from a fresh product into a block
+// of columns of the logits buffer (one pass instead of a copy and then a pass; NaN stays NaN).
+int facescale_scale_clamp(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+                          int64_t cols, const float* scale, int32_t threads) {
   split_range(0, rows, threads, 8, [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      float* row = x + r * cols;
+      const float* in = src + r * src_stride;
+      float* row = dst + r * dst_stride;
       for (int64_t c = 0; c < cols; ++c) {  // simd
-        const float v = row[c] * scale[c];
+        const float v = in[c] * scale[c];
         row[c] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
       }
     }
