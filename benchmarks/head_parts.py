@@ -10,8 +10,9 @@ alternating rounds (so both see the same machine load); the figures the head's c
   draw        the whole sampler (heads/sampling.sample_centers, B = 128 labels) from a seed, the native
               kernels drawing torch's stream and selecting in one call, vs from a torch.Generator (uniform_ +
               select)
-  cosine GEMM the fp32 forward GEMM [B, D] x [D, C'] into the logits buffer: in 1024-center blocks
-              (heads/norm_linear.cosine_gemm) vs one torch.mm
+  cosine GEMM the fp32 forward's cosines [B, D] x [D, C'] into the logits buffer, scaled and clamped, as the
+              head runs them (heads/norm_linear.cosine_blocks) vs other block sizes, the earlier form and
+              one MKL torch.mm
   logits passes the margin softmax's passes over the [B, C'] buffer and the bf16 cosines' widening, native
               (heads/kernels/logit_passes.cpp) vs the torch ops they replace
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -157,13 +159,45 @@ def draw_case(classes: int, sampled: int, rounds: int) -> dict:
 
 
 def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
-    from facescale.heads.norm_linear import cosine_gemm
+    """The fp32 forward's cosines into the logits buffer (GEMM, times 1/||w||, clamp), as the head runs them
+    (heads/norm_linear.py; on oneDNN: fresh ~2 MiB products, each scaled and clamped into the buffer) against
+    the same in 1024-row blocks and in one product, the earlier form (1024-row blocks copied into the buffer,
+    then one pass), and one MKL torch.mm into the buffer, then one pass."""
+    from facescale.heads.gemm import fp32_backend, matmul
+    from facescale.heads.native import center_kernels
+    from facescale.heads.norm_linear import cosine_blocks, cosine_gemm, fresh_cosine_blocks
 
+    kernels = center_kernels()
+    if kernels is None:
+        return {"skipped": "no C++ compiler: the native passes are not built"}
     gen = torch.Generator().manual_seed(2)
     x, weight = torch.randn(batch, DIM, generator=gen), torch.randn(sampled, DIM, generator=gen)
-    out = torch.zeros(batch, sampled)
-    return _alternate({"1024-center blocks": lambda: cosine_gemm(x, weight, out),
-                       "one torch.mm": lambda: torch.mm(x, weight.t(), out=out)}, rounds, lambda: None)
+    scale, out = torch.rand(sampled, generator=gen) * 0.1, torch.zeros(batch, sampled)
+
+    def head() -> None:
+        if fresh_cosine_blocks(x, weight):
+            for lo, hi, product in cosine_blocks(x, weight):
+                kernels.scale_clamp_into(product, scale[lo:hi], out[:, lo:hi])
+        else:
+            kernels.scale_clamp_(cosine_gemm(x, weight, out), scale)
+
+    def fused(rows: int) -> Callable[[], None]:
+        def run() -> None:
+            for lo in range(0, sampled, rows):
+                product = matmul(x, weight[lo : lo + rows].t())
+                kernels.scale_clamp_into(product, scale[lo : lo + rows], out[:, lo : lo + rows])
+
+        return run
+
+    rows = next(cosine_blocks(x, weight))[1] if fresh_cosine_blocks(x, weight) else 1024
+    cases = {f"head ({fp32_backend()}, {rows}-row blocks)": head}
+    if fresh_cosine_blocks(x, weight):
+        cases |= {"1024-row blocks": fused(1024), "one product": fused(sampled),
+                  "1024-row blocks copied, then a pass": lambda: kernels.scale_clamp_(
+                      cosine_gemm(x, weight, out), scale)}
+    cases["one MKL torch.mm, then a pass"] = lambda: kernels.scale_clamp_(
+        torch.mm(x, weight.t(), out=out), scale)
+    return _alternate(cases, rounds, lambda: None)
 
 
 def softmax_case(batch: int, sampled: int, rounds: int) -> dict:
@@ -221,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     result: dict = {
-        "command": "PYTHONPATH=. .venv/bin/python benchmarks/head_parts.py " + " ".join(argv or sys.argv[1:]),
+        "command": "PYTHONPATH=. .venv/bin/python benchmarks/head_parts.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads, "torch": torch.__version__, "load_start": list(os.getloadavg()),
         "transparent_hugepage": thp.read_text().strip() if thp.exists() else "n/a",
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "cases": [],

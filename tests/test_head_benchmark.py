@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from facescale.config.schema import MarginConfig
+from facescale.heads import gemm
 from facescale.heads.margins import build_margin
 from facescale.heads.norm_linear import inverse_row_norms
 from facescale.heads.partial_fc import PartialFCHead
@@ -60,8 +61,6 @@ def test_benchmark_script_runs_a_tiny_grid_and_writes_json_and_markdown(tmp_path
 
 
 def test_a_fp32_backend_asked_for_by_name_is_in_the_recorded_command(tmp_path: Path, monkeypatch) -> None:
-    from facescale.heads import gemm
-
     monkeypatch.setenv(gemm.ENV, "torch")
     gemm.fp32_backend.cache_clear()
     try:
@@ -213,6 +212,10 @@ def test_head_parts_benchmark_runs_every_part_tiny(tmp_path: Path) -> None:
     assert set(rows) == {"update huge", "update 4k", "gather huge", "gather 4k",
                          "gradient block copies (in update)"} and min(rows.values()) > 0
     assert "| cosine GEMM | B 8, C' 2,500 |" in out.with_suffix(".md").read_text()
+    forward = report["cases"][4]["ms"]  # the head's form against the others it was chosen over
+    assert any(name.startswith("head (") for name in forward) and "one MKL torch.mm, then a pass" in forward
+    if gemm.fp32_backend() == "onednn":
+        assert {"1024-row blocks", "one product", "1024-row blocks copied, then a pass"} <= set(forward)
 
 
 def test_plan_skips_what_cannot_fit_and_parses_counts() -> None:

@@ -99,9 +99,10 @@ def fresh_cosine_blocks(x_hat: Tensor, weight: Tensor) -> bool:
 
 def cosine_blocks(x_hat: Tensor, weight: Tensor) -> Iterator[tuple[int, int, Tensor]]:
     """(lo, hi, x_hat @ weight[lo:hi].t()) per block of center rows, each product in x_hat's dtype and about
-    2 MiB: oneDNN runs [N, D] x [D, k] faster in wider blocks at small N (2 threads, Zen 5, C' = 30k: N = 128
-    15.7 ms in 1024-row blocks, 12.7-13.7 in 4096; N = 64 10.1 against 7.2-7.6 in 8192; N = 512 alike in
-    1024 to 4096), and a one-call product beyond the heap glibc keeps is paged in afresh (N = 512: 52 ms)."""
+    2 MiB: oneDNN runs [N, D] x [D, k] faster in wider blocks at small N (N = 128: 4096 rows rather than
+    1024; N = 64: 8192; N = 512 alike from 1024 to 4096), while a one-call product beyond the heap glibc keeps
+    is paged in afresh (N = 512), and one that fits (N = 128, C' = 30k: 15 MB, 10-20% faster) would add
+    itself to the step's peak (benchmarks/results/head_parts_forward_cpu.md: the forms side by side)."""
     for lo, hi, block in _row_blocks(weight, x_hat.dtype, _cosine_block_rows(x_hat, weight)):
         with all_threads():
             product = matmul(x_hat, block.t())
