@@ -165,7 +165,7 @@ def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
     then one pass), and one MKL torch.mm into the buffer, then one pass."""
     from facescale.heads.gemm import fp32_backend, matmul
     from facescale.heads.native import center_kernels
-    from facescale.heads.norm_linear import cosine_blocks, cosine_gemm, fresh_cosine_blocks
+    from facescale.heads.norm_linear import cosine_blocks, cosine_gemm, fresh_cosine_blocks, fused_cosines
 
     kernels = center_kernels()
     if kernels is None:
@@ -174,11 +174,8 @@ def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
     x, weight = torch.randn(batch, DIM, generator=gen), torch.randn(sampled, DIM, generator=gen)
     scale, out = torch.rand(sampled, generator=gen) * 0.1, torch.zeros(batch, sampled)
 
-    def head() -> None:
-        if fresh_cosine_blocks(x, weight):
-            for lo, hi, product in cosine_blocks(x, weight):
-                kernels.scale_clamp_into(product, scale[lo:hi], out[:, lo:hi])
-        else:
+    def head() -> None:  # as _NormLinear.forward makes the cosines into its buffer
+        if fused_cosines(x, weight, scale, out) is None:
             kernels.scale_clamp_(cosine_gemm(x, weight, out), scale)
 
     def fused(rows: int) -> Callable[[], None]:
@@ -189,9 +186,10 @@ def gemm_case(batch: int, sampled: int, rounds: int) -> dict:
 
         return run
 
-    rows = next(cosine_blocks(x, weight))[1] if fresh_cosine_blocks(x, weight) else 1024
+    fresh = fresh_cosine_blocks(x, weight)
+    rows = next(cosine_blocks(x, weight))[1] if fresh else 1024
     cases = {f"head ({fp32_backend()}, {rows}-row blocks)": head}
-    if fresh_cosine_blocks(x, weight):
+    if fresh:
         cases |= {"1024-row blocks": fused(1024), "one product": fused(sampled),
                   "1024-row blocks copied, then a pass": lambda: kernels.scale_clamp_(
                       cosine_gemm(x, weight, out), scale)}

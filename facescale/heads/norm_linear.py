@@ -109,6 +109,18 @@ def cosine_blocks(x_hat: Tensor, weight: Tensor) -> Iterator[tuple[int, int, Ten
         yield lo, hi, product
 
 
+def fused_cosines(x_hat: Tensor, weight: Tensor, w_inv: Tensor, out: Tensor) -> Tensor | None:
+    """clamp((x_hat @ weight.t()) * w_inv, -1, 1) into the fp32 [N, C'] buffer `out`, each of cosine_blocks'
+    fresh oneDNN products scaled and clamped on its way in (one native pass per block, no copy); None where
+    the products are not fresh or the native kernels do not apply (the caller takes cosine_gemm's path)."""
+    kernels = native_kernels_for(x_hat, w_inv, out) if fresh_cosine_blocks(x_hat, weight) else None
+    if kernels is None:
+        return None
+    for lo, hi, product in cosine_blocks(x_hat, weight):
+        kernels.scale_clamp_into(product, w_inv[lo:hi], out[:, lo:hi])
+    return out
+
+
 def combine_rows(coeffs: Tensor, weight: Tensor) -> Tensor:
     """coeffs @ weight ([N, C'] x [C', D] -> [N, D]) in coeffs' dtype; bf16 rows with fp32 coeffs on the CPU
     are widened a block at a time and accumulated (no C' x D fp32 copy, as in cosine_gemm)."""
@@ -198,11 +210,9 @@ class _NormLinear(torch.autograd.Function):
         (out,) = out_holder  # in a tuple so autograd does not treat the returned buffer as a view of an input
         reuse = out is not None and out.dtype == acc_dtype and out.shape == (x.shape[0], weight.shape[0])
         clamped = False  # the native passes scale and clamp in one go
-        fused = reuse and fresh_cosine_blocks(x_hat, weight) and native_kernels_for(x_hat, w_inv, out)
-        if gemm_dtype == acc_dtype and fused:  # each fresh block scaled and clamped into the buffer
-            for lo, hi, product in cosine_blocks(x_hat, weight):
-                fused.scale_clamp_into(product, w_inv[lo:hi], out[:, lo:hi])
-            cos, clamped = out, True
+        fused = fused_cosines(x_hat, weight, w_inv, out) if reuse else None
+        if fused is not None:  # each fresh block scaled and clamped into the buffer
+            cos, clamped = fused, True
         elif gemm_dtype == acc_dtype:  # fp32 GEMMs, also for bf16 centers met by fp32 embeddings
             cos = cosine_gemm(x_hat, weight, out if reuse else None)
             kernels = native_kernels_for(cos, w_inv)
