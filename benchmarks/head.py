@@ -282,7 +282,7 @@ def run_head_config(cfg: dict[str, Any]) -> dict[str, Any]:
         head.centers[:width] if dtype == head.centers.dtype else head.centers[:width].to(dtype),
         batch,
         dtype,
-        head.center_optimizer.block_size(width, dtype),
+        head.center_optimizer.block_size(width, dtype, batch),
     )
     stream = StreamBandwidth(device, min(256 * 1024**2, max(64 * 1024**2, 2 * (centers_bytes + state_bytes))))
     steps, floors, bandwidths = [], [], []

@@ -151,3 +151,29 @@ def test_head_sparse_mode_never_touches_unsampled_rows_but_dense_mode_does() -> 
     untouched[dense_sampled[2]] = False
     moved = dense_snapshots[3][0][untouched] != dense_snapshots[2][0][untouched]  # ghost momentum/decay
     assert bool(moved.all(dim=1).any())
+
+
+def test_fp32_center_grad_blocks_shrink_with_the_batch() -> None:
+    """fp32 blocks of a CenterGrad hold ~2 MiB of G*r: 2048 rows up to B = 256, fewer above (oneDNN copies
+    that [rows, B] operand; 2048 rows at B = 512 grew the first steps' heap by 24 MiB); bf16 blocks and a
+    given block_rows stay as they are, and so do gradient rows given as a tensor (batch 0)."""
+    opt = CenterOptimizer(100, 512)
+    expected = {0: 2048, 128: 2048, 256: 2048, 512: 1024, 1024: 512, 4096: 256, 65536: 256}
+    assert {b: opt._rows_per_block(torch.float32, b) for b in expected} == expected
+    assert {opt._rows_per_block(torch.bfloat16, b) for b in expected} == {10240}
+    assert opt.block_size(30_000, torch.float32, 512) == 1000  # 30 equal blocks of at most 1024 rows
+    assert CenterOptimizer(100, 512, block_rows=4096)._rows_per_block(torch.float32, 512) == 4096
+
+
+def test_the_b512_update_forms_no_product_of_2048_rows() -> None:
+    """At B = 512 a head step's optimizer forms its fp32 gradient products in blocks of at most 1024 rows."""
+    from facescale.heads.allocations import LargestAllocation
+
+    head = build_head(HeadConfig(sample_rate=0.5, update="sparse"), 12_000, 512, seed=0)
+    emb, labels = torch.randn(512, 512), torch.randint(0, 12_000, (512,))
+    loss, stats = head(emb.clone().requires_grad_(), labels, 0)
+    loss.backward()
+    with LargestAllocation() as tracker:
+        head.optimizer_step(0.1)
+    assert stats["num_sampled"] == 6000
+    assert 0 < tracker.largest <= 1024 * 512, (tracker.largest, tracker.largest_op)

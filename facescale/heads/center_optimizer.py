@@ -38,6 +38,8 @@ RESIDUAL = "center_residual"  # the low part of half-precision centers (see modu
 _HALF = (torch.bfloat16, torch.float16)
 _NORM_EPS = 1e-12  # as inverse_row_norms
 _CPU_BLOCK_ROWS, _BF16_BLOCK_ROWS = 2048, 10240  # rows per block on the CPU (see _rows_per_block)
+_FP32_FACTOR_BYTES = 2 * 2**20  # fp32 CenterGrad blocks: at most ~2 MiB of G*r each (see _rows_per_block)
+_MIN_BLOCK_ROWS = 256
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -244,7 +246,8 @@ class CenterOptimizer(torch.nn.Module):
         if index is not None:
             index = index.to(torch.int64).contiguous()
         work_dtype = grad.dtype if isinstance(grad, Tensor) else grad.x_hat.dtype
-        size = self.block_size(total, work_dtype)
+        batch = 0 if isinstance(grad, Tensor) else grad.x_hat.shape[0]  # tensor rows: no product to form
+        size = self.block_size(total, work_dtype, batch)
         for lo in range(0, max(total, 1), max(size, 1)):
             hi = min(lo + size, total)
             block, proj = self._block_gradient(grad, lo, hi, size)
@@ -268,22 +271,31 @@ class CenterOptimizer(torch.nn.Module):
                 wd=self.weight_decay,
                 eps=_NORM_EPS,
             )
+            del block, proj  # freed before the next block's product is made (not one more on the peak)
 
-    def block_size(self, total: int, dtype: torch.dtype) -> int:
-        """Rows per block when the fused update takes `total` gradient rows whose products are in `dtype`:
-        equal blocks of at most `_rows_per_block` (the head benchmark's GEMM floor forms dW the same way)."""
-        cap = self._rows_per_block(dtype)
+    def block_size(self, total: int, dtype: torch.dtype, batch: int = 0) -> int:
+        """Rows per block when the fused update takes `total` gradient rows whose products are in `dtype`,
+        formed from a `batch`-row G*r (0: gradient rows given as a tensor): equal blocks of at most
+        `_rows_per_block` (the head benchmark's GEMM floor forms dW the same way)."""
+        cap = self._rows_per_block(dtype, batch)
         return -(-total // max(1, -(-total // cap)))  # ceil(total / number of blocks)
 
-    def _rows_per_block(self, dtype: torch.dtype) -> int:
+    def _rows_per_block(self, dtype: torch.dtype, batch: int = 0) -> int:
         """`block_rows` if set, else on the CPU 2048 rows, or 10240 for bf16 CenterGrad products: oneDNN's
         bf16 GEMM [rows, B] x [B, D] runs faster in larger blocks, the fp32 one does not (C' = 10k,
         B = 128, 2 threads: bf16 4.7 / 4.25 / 3.9 ms in blocks of 2048 / 5000 / 10000 rows; fp32 on MKL
         10.9 / 12.5 / 12.6, on oneDNN (heads/gemm.py) 5.5 / 5.1 / 7.3 / 7.9 in blocks of 1024 / 2048 / 4096 /
-        10240), and a 10240-row bf16 block (10 MB at D = 512) is a few percent of the shard."""
+        10240), and a 10240-row bf16 block (10 MB at D = 512) is a few percent of the shard. fp32 products
+        of a `batch` above 256 rows take fewer rows, ~2 MiB of G*r a block (oneDNN copies that transposed
+        operand, and the product beside it is 2 KiB a row): at B = 512 the first steps' heap grew by 24 MiB
+        in 2048-row blocks, 10 in 1024 (C' = 30k; the update as fast: 44.5-45.9 against 45.3-47.9 ms), and
+        at B = 1024, 512 or 1024 rows ran the update in 29 ms against 33."""
         if self.block_rows is not None:
             return self.block_rows
-        return _BF16_BLOCK_ROWS if dtype == torch.bfloat16 else _CPU_BLOCK_ROWS
+        if dtype == torch.bfloat16:
+            return _BF16_BLOCK_ROWS
+        by_batch = _FP32_FACTOR_BYTES // (4 * max(batch, 1))
+        return max(_MIN_BLOCK_ROWS, min(_CPU_BLOCK_ROWS, by_batch))
 
     def _block_gradient(
         self, grad: Tensor | CenterGrad, lo: int, hi: int, size: int
