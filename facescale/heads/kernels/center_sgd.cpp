@@ -240,7 +240,13 @@ inline bool replay_chunk_bf16_x16(uint16_t* __restrict ch, uint16_t* __restrict 
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// three arrays of 8 vectors: 24 of the 32 registers; a step's chain (add, multiply-adds, three roundings) is long,
+// and 8 chunks in flight rather than 4 keep the vector units busy
+constexpr int64_t kReplayChunkBf16 = 8 * facescale::kLanes;
+#else
 constexpr int64_t kReplayChunkBf16 = 4 * facescale::kLanes;  // three arrays: 12 registers
+#endif
 
 template <bool kResidual, bool kMomentum>
 void replay_row_bf16(const Args& a, int64_t row, const LrSteps& steps, const Ahead& ahead) {
