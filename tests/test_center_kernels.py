@@ -188,9 +188,9 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernels
 @pytest.mark.parametrize("with_momentum", [True, False])
-# 88: whole 16-lane vectors and a tail, one 64-element replay chunk and a tail (where chunks are 4 vectors);
-# 96: whole vectors only (the update's single-pass AVX512-BF16 path); 136: one 128-element replay chunk (8 vectors,
-# on AVX512-BF16) and a tail
+# 88: whole 16-lane vectors and a tail, one 64-element replay chunk and a tail (where chunks are 4
+# vectors); 96: whole vectors only (the update's single-pass AVX512-BF16 path); 136: one 128-element replay
+# chunk (8 vectors, on AVX512-BF16) and a tail
 @pytest.mark.parametrize("dim", [88, 96, 136])
 def test_bf16_update_and_replay_round_subnormals_like_torch(with_momentum: bool, dim: int) -> None:
     """The fused bf16 update and the deferred replay store hi, lo and momentum rounded exactly as torch rounds
