@@ -85,7 +85,7 @@ def test_unknown_or_unavailable_choice_is_an_error(backend, monkeypatch: pytest.
 
 
 _STEADY_STEP_FAULTS = """
-import resource, sys, torch
+import resource, statistics, sys, torch
 from facescale.config.schema import MarginConfig
 from facescale.heads.margins import build_margin
 from facescale.heads.partial_fc import PartialFCHead
@@ -101,10 +101,12 @@ def step(i):
     head.optimizer_step(0.1)
 for i in range(12):  # every page of the lazily zeroed momentum rows touched (each step samples half the rows)
     step(i)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for i in range(12, 22):
+faults = []
+for i in range(12, 32):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(i)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults))
 """
 
 
@@ -112,7 +114,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 @pytest.mark.parametrize("dtype, batch", [("float32", 128), ("bfloat16", 512)])
 def test_a_steady_head_step_pages_in_no_memory(dtype: str, batch: int) -> None:
     """The step's temporaries are reused from the heap, not mapped anew every step (C' = 10k, glibc's default
-    tuning: ~2.3k page faults a step at fp32 B = 128, oneDNN's fresh products; ~900 at bf16 B = 512)."""
+    tuning: ~2.3k page faults a step at fp32 B = 128, oneDNN's fresh products; ~900 at bf16 B = 512). The
+    median step of 20 counts: under outside load the heap now and then grows by a few MiB in one step (the
+    allocation order shifts with the threads' timing), a one-off that is not what this test is about."""
     tuned = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", gemm.ENV)
     env = {k: v for k, v in os.environ.items() if k not in tuned}
     done = subprocess.run(
@@ -120,7 +124,7 @@ def test_a_steady_head_step_pages_in_no_memory(dtype: str, batch: int) -> None:
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert float(done.stdout.strip()) < 64, f"{done.stdout.strip()} page faults per step"
+    assert float(done.stdout.strip()) < 64, f"{done.stdout.strip()} page faults in the median step"
 
 
 def test_malloc_tuning_is_left_to_a_user_who_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
