@@ -7,6 +7,7 @@ import torch
 
 from facescale.config.schema import HeadConfig
 from facescale.heads import build_head
+from facescale.heads.allocations import LargestAllocation
 from facescale.heads.center_optimizer import CenterOptimizer
 
 ROWS, DIM = 23, 4
@@ -167,8 +168,6 @@ def test_fp32_center_grad_blocks_shrink_with_the_batch() -> None:
 
 def test_the_b512_update_forms_no_product_of_2048_rows() -> None:
     """At B = 512 a head step's optimizer forms its fp32 gradient products in blocks of at most 1024 rows."""
-    from facescale.heads.allocations import LargestAllocation
-
     head = build_head(HeadConfig(sample_rate=0.5, update="sparse"), 12_000, 512, seed=0)
     emb, labels = torch.randn(512, 512), torch.randint(0, 12_000, (512,))
     loss, stats = head(emb.clone().requires_grad_(), labels, 0)

@@ -294,7 +294,7 @@ class CenterOptimizer(torch.nn.Module):
             return self.block_rows
         if dtype == torch.bfloat16:
             return _BF16_BLOCK_ROWS
-        by_batch = _FP32_FACTOR_BYTES // (4 * max(batch, 1))
+        by_batch = _FP32_FACTOR_BYTES // (dtype.itemsize * max(batch, 1))
         return max(_MIN_BLOCK_ROWS, min(_CPU_BLOCK_ROWS, by_batch))
 
     def _block_gradient(
