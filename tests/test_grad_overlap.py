@@ -13,7 +13,8 @@ GAS, MICRO, EMB = 2, 4, 16
 
 
 def _engine(
-    world: int, stage: int, grad_accumulation: int = 1, micro: int = 2, norm: str = "", grad_clip: float = -1
+    world: int, stage: int, grad_accumulation: int = 1, micro: int = 2, norm: str = "", grad_clip: float = -1,
+    embedding: int = EMB,
 ):
     """A DeepSpeed engine (fp32) of the demo net on this rank; `norm` / `grad_clip` override the config's."""
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -27,7 +28,7 @@ def _engine(
 
     skip_unused_ops()
     cfg = Config()
-    cfg.model.name, cfg.model.embedding_size = "demo", EMB
+    cfg.model.name, cfg.model.embedding_size = "demo", embedding
     cfg.model.norm = norm or cfg.model.norm
     cfg.optim.grad_clip = grad_clip if grad_clip >= 0 else cfg.optim.grad_clip
     cfg.schedule.global_batch_size = micro * world * grad_accumulation
@@ -143,3 +144,35 @@ def _double_accumulation(rank: int, world: int) -> str:
 def test_a_gradient_accumulated_twice_in_one_backward_is_refused_by_name() -> None:
     messages = run_ranks(_double_accumulation, 2)
     assert all("accumulated twice in one backward" in m and "zero_stage: 1" in m for m in messages), messages
+
+
+def _launch_order(rank: int, world: int) -> dict:
+    from facescale.parallel.grad_overlap import overlap_grad_reduce
+
+    engine = _engine(world, 0, micro=MICRO, embedding=512)  # fc: 512 x 4704 floats, 9.2 of the net's 9.9 MB
+    attached = overlap_grad_reduce(engine)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    params = [p for p in engine.module.parameters() if p.requires_grad]  # features.weight is frozen
+    waiting_at_launch = []  # parameters still without a gradient when each bucket is sent
+    launch = attached._launch
+
+    def recording_launch(bucket) -> None:
+        waiting_at_launch.append(sum(p.grad is None for p in params))
+        launch(bucket)
+
+    attached._launch = recording_launch
+    images = torch.randn(MICRO, 3, 112, 112, generator=torch.Generator().manual_seed(rank))
+    engine.backward(engine(images).square().mean())
+    engine.step()
+    return {"buckets": [[names[id(p)] for p in b.params] for b in attached.buckets],
+            "waiting_at_launch": waiting_at_launch, "params": len(params)}
+
+
+def test_the_first_bucket_is_small_and_sent_while_backward_runs() -> None:
+    """As DDP: the first bucket closes at 1 MiB, so the demo net's head layers (fc holds 93% of its weights)
+    are sent as soon as backward has them, not in one bucket with the whole net after backward."""
+    result = run_ranks(_launch_order, 2)[0]
+    first, *rest = result["buckets"]
+    assert first == ["features.bias", "fc.bias", "fc.weight"]
+    assert len(rest) == 1 and len(rest[0]) == result["params"] - 3  # the other 0.7 MB: under 25 MB
+    assert result["waiting_at_launch"] == [result["params"] - 3, 0]

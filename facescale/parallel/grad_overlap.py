@@ -4,9 +4,11 @@ At stage 0 DeepSpeed all-reduces every gradient in one flat buffer after backwar
 communication adds to the step. torch DDP instead launches each bucket of gradients as soon as backward has
 produced it, and the reduction runs while backward computes the rest. `overlap_grad_reduce(engine)` gives
 the engine that behaviour: buckets of about `bucket_mb` in reverse parameter order (the order backward
-produces them), launched asynchronously in a fixed order on every rank, waited for and copied back where
-DeepSpeed would have reduced (its `allreduce_gradients`, at the gradient-accumulation boundary only). The
-arithmetic is DeepSpeed's: a SUM all-reduce in the gradients' dtype, then a multiply by 1 / world size.
+produces them; the first one closed at about `first_bucket_mb`, as DDP does, so that the reduction starts
+as soon as the last layers have their gradients), launched asynchronously in a fixed order on every rank,
+waited for and copied back where DeepSpeed would have reduced (its `allreduce_gradients`, at the
+gradient-accumulation boundary only). The arithmetic is DeepSpeed's: a SUM all-reduce in the gradients'
+dtype, then a multiply by 1 / world size.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 DEFAULT_BUCKET_MB = 25.0  # torch DDP's default bucket size
+# torch DDP's first bucket (1 MiB): without it a net whose last layer holds most of its weights (the demo
+# net's fc: 9 of 10 MB) would send everything in one bucket after backward, with nothing to overlap
+FIRST_BUCKET_MB = 1.0
 
 
 class _Bucket:
@@ -33,7 +38,8 @@ class GradReduceOverlap:
     """The hooks and buckets attached to one engine for its trainable `params` (see the module docstring)."""
 
     def __init__(
-        self, engine: Any, params: list[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB
+        self, engine: Any, params: list[torch.nn.Parameter], bucket_mb: float = DEFAULT_BUCKET_MB,
+        first_bucket_mb: float = FIRST_BUCKET_MB,
     ) -> None:
         from deepspeed.utils import groups
 
@@ -41,11 +47,11 @@ class GradReduceOverlap:
         self.group = groups._get_sequence_data_parallel_group()  # the group DeepSpeed reduces over
         self.world = dist.get_world_size(self.group) / float(engine.sequence_parallel_size)
         self.buckets: list[_Bucket] = []
-        limit, current, size = bucket_mb * 2**20, [], 0
+        current, size = [], 0
         for param in reversed(params):
             current.append(param)
             size += param.numel() * param.element_size()
-            if size >= limit:
+            if size >= (bucket_mb if self.buckets else min(first_bucket_mb, bucket_mb)) * 2**20:
                 self.buckets.append(_Bucket(current))
                 current, size = [], 0
         if current:
