@@ -14,7 +14,9 @@ Per backbone (r18 at 112 px, the demo net) and class count (10k, 200k), every ra
   - `facescale auto + loader`: the default step reading its shards through its own loader;
   - `facescale auto ZeRO-1`: the default step with deepspeed.zero_stage=1 (what the r100/r200 recipes use);
   - `facescale compile` (with --compile MODEL): precision auto plus `model.compile: true`; its first step
-    (the compile) is reported apart.
+    (the compile) is reported apart; torch's compile caches start empty in each run (a temporary
+    TORCHINDUCTOR_CACHE_DIR; --warm-compile-cache keeps the user's), so the first group's figure is a cold
+    compile and later groups of the same net reuse its graphs.
 Cases run interleaved, one step each per round in a shuffled order, so load lands on all of them; ratios are
 of medians in the same run. Then a few instrumented steps per case say where the time goes (collectives timed
 synchronously, so the breakdown is a little slower than the headline): data wait, backbone forward, head
@@ -439,11 +441,12 @@ def markdown(result: dict) -> str:
         "Ratios are medians of per-round ratios. overhead fp32 = facescale fp32 / plain fp32 - 1; overhead "
         "auto = facescale auto / plain loop at the same precision - 1 (target <= +5%). auto vs plain fp32 = "
         "the arcface_torch-style eager fp32 step / facescale's default step (target >= 1.2x). Compile s = "
-        "first compiled step - its median step (less when torch's compile caches are warm). The facescale "
-        "cases cycle the plain loop's batches from memory, so their overhead is the engine's, the surrogate "
-        "backward's and the hand-off's; `with loader` is the default step reading the shards through its "
-        "loader (on a 2-core machine its decode workers share the cores with the step); `ZeRO-1` is the "
-        "default step with deepspeed.zero_stage=1 instead of the config's stage.",
+        "first compiled step - its median step (cold in the first group of a net: the run starts with empty "
+        "compile caches unless --warm-compile-cache; later groups of that net reuse its graphs). The "
+        "facescale cases cycle the plain loop's batches from memory, so their overhead is the engine's, the "
+        "surrogate backward's and the hand-off's; `with loader` is the default step reading the shards "
+        "through its loader (on a 2-core machine its decode workers share the cores with the step); "
+        "`ZeRO-1` is the default step with deepspeed.zero_stage=1 instead of the config's stage.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -463,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--breakdown-steps", type=int, default=2)
     p.add_argument("--memory-batches", type=int, default=4, help="batches the plain loop cycles from memory")
     p.add_argument("--compile", nargs="*", default=[], metavar="MODEL", help="also time model.compile: true")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="keep torch's compile caches (default: empty ones for the run: compile s is cold)")
     p.add_argument("--data", default=None, help="shard directory (default: synthesized into a temp dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for the facescale cases (e.g. deepspeed.zero_stage=0)")
@@ -473,8 +478,11 @@ def main(argv: list[str] | None = None) -> dict:
     from launcher.ports import free_port
 
     t0, load_start = time.perf_counter(), list(os.getloadavg())
-    with tempfile.TemporaryDirectory(prefix="step_bench_data_") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="step_bench_data_") as tmp,
+          tempfile.TemporaryDirectory(prefix="step_bench_compile_cache_") as compile_cache):
         data_dir = args.data or tmp
+        if not args.warm_compile_cache:  # inherited by the spawned ranks
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
         if args.data is None:
             from facescale.data.synth import synthesize
 
