@@ -165,15 +165,18 @@ def test_fused_head_step_equals_the_torch_path(dtype, dim, update, monkeypatch) 
 
 
 def _mixed_values(shape: tuple[int, int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Normal values and, every other row, subnormals (the CPU's bf16 conversion instruction flushes)."""
+    """Normal values, subnormals (the CPU's bf16 conversion instruction flushes them) and small normal values
+    whose bf16 residual is subnormal, a row of each in turn."""
     normal = torch.randn(shape, generator=gen) * 1e-3
+    small = torch.randn(shape, generator=gen) * 2.0**-120  # normal; value - bf16(value) ~ 2^-129: subnormal
     # a subnormal's bits: exponent 0, a random nonzero mantissa and a random sign (as fp32 bit patterns)
     mantissa_bits = {torch.float32: 23, torch.bfloat16: 7}[dtype]
     mantissa = torch.randint(1, 2**mantissa_bits, shape, generator=gen) << (23 - mantissa_bits)
     sign = torch.randint(0, 2, shape, generator=gen) << 31
     tiny = (mantissa | sign).to(torch.int64).remainder(2**32).to(torch.uint32).view(torch.float32)
-    odd_rows = torch.arange(shape[0]).remainder(2).bool().unsqueeze(1)
-    return torch.where(odd_rows, tiny, normal).to(dtype)  # bf16: exact (the low 16 bits are zero)
+    kind = torch.arange(shape[0]).remainder(3).unsqueeze(1)
+    mixed = torch.where(kind == 1, tiny, torch.where(kind == 2, small, normal))
+    return mixed.to(dtype)  # tiny: exact in bf16 (the low 16 bits are zero); the others rounded
 
 
 def _hi_lo(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +228,10 @@ def test_bf16_update_and_replay_round_subnormals_like_torch(with_momentum: bool,
     assert torch.equal(_bits(centers), _bits(hi)) and torch.equal(_bits(residual), _bits(lo))
     if with_momentum:
         assert torch.equal(_bits(momentum), _bits(half.to(torch.bfloat16)))
-    subnormal = (hi.float().abs() < torch.finfo(torch.float32).tiny) & (hi != 0)
-    assert subnormal.any()  # the case the test is for is there
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = (hi.float().abs() < tiny) & (hi != 0)
+    residual_only = (hi.float().abs() >= tiny) & (lo.float().abs() < tiny) & (lo != 0)
+    assert subnormal.any() and residual_only.any()  # the cases the test is for are there
 
 
 @needs_kernels
