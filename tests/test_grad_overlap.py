@@ -169,8 +169,8 @@ def _launch_order(rank: int, world: int) -> dict:
 
 
 def test_the_first_bucket_is_small_and_sent_while_backward_runs() -> None:
-    """As DDP: the first bucket closes at 1 MiB, so the demo net's head layers (fc holds 93% of its weights)
-    are sent as soon as backward has them, not in one bucket with the whole net after backward."""
+    """As DDP: the first bucket closes at 1 MiB, so the demo net's last layers (its fc holds 93% of its
+    weights) are sent as soon as backward has them, not in one bucket with the whole net after backward."""
     result = run_ranks(_launch_order, 2)[0]
     first, *rest = result["buckets"]
     assert first == ["features.bias", "fc.bias", "fc.weight"]
