@@ -334,8 +334,10 @@ def _group(args, data_dir: str, model: str, classes: int, env, runtime, work: Pa
             "micro_batch": cfg.schedule.global_batch_size // args.ranks}
 
 
-def _rank_main(rank: int, args, data_dir: str, port: int, queue) -> None:
+def _rank_main(rank: int, args, data_dir: str, port: int, queue, compile_cache: str | None) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
+    if compile_cache is not None:  # torch reads it when it first compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
     torch.set_num_threads(args.threads)
     from facescale.parallel.init import init_distributed
     from facescale.runtime import select_runtime
@@ -481,8 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     with (tempfile.TemporaryDirectory(prefix="step_bench_data_") as tmp,
           tempfile.TemporaryDirectory(prefix="step_bench_compile_cache_") as compile_cache):
         data_dir = args.data or tmp
-        if not args.warm_compile_cache:  # inherited by the spawned ranks
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
+        cache = None if args.warm_compile_cache else compile_cache
         if args.data is None:
             from facescale.data.synth import synthesize
 
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
         ctx = torch.multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         port = free_port()
-        procs = [ctx.Process(target=_rank_main, args=(rank, args, data_dir, port, queue))
+        procs = [ctx.Process(target=_rank_main, args=(rank, args, data_dir, port, queue, cache))
                  for rank in range(args.ranks)]
         for proc in procs:
             proc.start()
