@@ -92,9 +92,18 @@ def head_rows(result: Path) -> list[tuple[str, str, str]]:
     return rows or [("head benchmark", "ran", "see head.md")]
 
 
+def train_engine(choice: str) -> str:
+    """"deepspeed" or "direct": `auto` takes DeepSpeed when it is installed."""
+    if choice == "auto":
+        return "deepspeed" if has("deepspeed") else "direct"
+    if choice == "deepspeed" and not has("deepspeed"):
+        raise SystemExit("[gpu-check] --train-engine deepspeed: DeepSpeed is not installed here; use auto")
+    return choice
+
+
 def training_command(args, data: Path, run_dir: Path) -> list[str]:
-    """`facescale train` on one rank when DeepSpeed is present, else the engine-free loop below."""
-    if has("deepspeed"):
+    """`facescale train` on one rank (DeepSpeed engine), or the engine-free loop below."""
+    if train_engine(args.train_engine) == "deepspeed":
         return [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml",
                 "--set", f"data.shards={data}", "--set", f"logging.run_dir={run_dir}",
                 "--set", f"schedule.steps={args.train_steps}",
@@ -113,6 +122,7 @@ def direct_train(data: Path, steps: int, out: Path) -> None:
     import torch
 
     from facescale.config.load import load_config
+    from facescale.eval.extract import evaluate_bin
     from facescale.heads import build_head
     from facescale.models.registry import build_backbone
     from facescale.runtime import select_runtime
@@ -120,7 +130,8 @@ def direct_train(data: Path, steps: int, out: Path) -> None:
     from facescale.train.trainer import build_backbone_optimizer
 
     cfg = load_config("configs/synthetic.yaml", [f"data.shards={data}", f"schedule.steps={steps}",
-                                                 f"schedule.warmup_steps={min(5, steps - 1)}"])
+                                                 f"schedule.warmup_steps={min(5, steps - 1)}",
+                                                 f"eval.bins=[{data / 'verify.bin'}]"])
     runtime = select_runtime(0, "auto")
     num_classes = json.loads((data / "manifest.json").read_text())["num_classes"]
     torch.manual_seed(0)
@@ -150,9 +161,15 @@ def direct_train(data: Path, steps: int, out: Path) -> None:
         torch.cuda.synchronize()
     wall = time.perf_counter() - started
     losses = [float(v) for v in losses]
+    backbone.eval()
+    scores = {}
+    for path in cfg.eval.bins:  # the synthesized held-out identities (verify.bin), as `facescale train` does
+        report = evaluate_bin(backbone, path, cfg.eval.batch_size, runtime.device,
+                              image_size=cfg.data.image_size, progress=False)
+        scores[report["name"]] = {k: report[k] for k in ("accuracy", "accuracy_std", "pixel_accuracy")}
     out.mkdir(parents=True, exist_ok=True)
     result = {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
-              "samples_per_s": steps * cfg.schedule.global_batch_size / wall, "eval": {},
+              "samples_per_s": steps * cfg.schedule.global_batch_size / wall, "eval": scores,
               "device": str(runtime.device), "precision": runtime.precision, "engine": "none (direct loop)"}
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
@@ -172,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/gpu_check"))
     p.add_argument("--dry-run", action="store_true", help="no CUDA needed: tiny head sizes, CPU training run")
     p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument("--train-engine", choices=("auto", "deepspeed", "direct"), default="auto",
+                   help="the training run: `facescale train` (DeepSpeed) or the engine-free loop; auto: "
+                   "DeepSpeed when installed")
     p.add_argument("--skip", nargs="*", default=[], choices=("tests", "head", "train"))
     p.add_argument("--direct-train", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -232,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['steps']} steps, final loss {r['final_loss']:.2f}, {r['samples_per_s']:.0f} img/s")
             if acc is not None:
                 detail += f", held-out accuracy {100 * acc:.1f}%"
-            engine = "DeepSpeed" if has("deepspeed") else "direct, no DeepSpeed"
+            engine = "DeepSpeed" if train_engine(args.train_engine) == "deepspeed" else "direct, no DeepSpeed"
             rows.append((f"training run ({engine})", "ran", detail))
         else:
             rows.append(("training run", "FAIL", f"exit {code} (see train.log)"))
