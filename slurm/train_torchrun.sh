@@ -30,13 +30,14 @@ source slurm/env/job.sh
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1
 facescale_banner
+GRACE=$(facescale_torchrun_grace)  # --shutdown-timeout where this torch has it (slurm/env/common.sh)
 
 srun --kill-on-bad-exit=1 --wait=60 --ntasks-per-node=1 \
   bash -c 'trap "" USR1 USR2; exec "$@"' facescale-agent \
   "$PYTHON" -m torch.distributed.run \
     --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC_PER_NODE" \
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
-    --max_restarts=0 --shutdown-timeout=300 \
+    --max_restarts=0 $GRACE \
     -m facescale train --config "$CONFIG" \
     --set "logging.run_dir=$RUN_DIR" --set checkpoint.resume=auto "$@" &
 facescale_wait_step $!

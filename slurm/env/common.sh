@@ -38,6 +38,20 @@ facescale_banner() {
   echo "    python ${PYTHON} cluster profile ${FACESCALE_CLUSTER:-default}"
 }
 
+facescale_torchrun_grace() {
+  # Prints torchrun's --shutdown-timeout option (how long its agent lets the ranks finish a checkpoint after
+  # SIGTERM before SIGKILL; FACESCALE_SHUTDOWN_TIMEOUT, default 300 s), or nothing with a warning where this
+  # torch's torchrun has no such option (torch 2.11's: its agent waits 30 s).
+  local grace=${FACESCALE_SHUTDOWN_TIMEOUT:-300} usage
+  usage=$("$PYTHON" -m torch.distributed.run --help 2>&1 || true)
+  if [[ "$usage" == *--shutdown-timeout* ]]; then
+    echo "--shutdown-timeout=$grace"
+  else
+    echo "=== warning: $PYTHON's torchrun has no --shutdown-timeout: after SIGTERM (time limit, scancel) the" \
+         "ranks get its fixed 30 s to save, not ${grace} s; preemption by --signal=USR2 is not affected" >&2
+  fi
+}
+
 facescale_wait_step() {
   # $1 = pid of the backgrounded `srun` step. With --signal=B:SIG the batch shell gets the signal: pass it on
   # to the training tasks. SIGTERM (time limit, scancel) reaches the tasks from Slurm itself; the shell stays
