@@ -36,7 +36,7 @@ test: venv
 
 # no venv step: the GPU machine brings its own torch (see benchmarks/README.md, "GPU check")
 gpu-check:
-	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_DIR)
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_DIR)
 
 lint: venv
 	$(VENV)/bin/ruff check facescale launcher tests benchmarks

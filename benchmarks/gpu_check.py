@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         code, timings["head"] = run(cmd, out / "head.log", timeout=240)
         rows += head_rows(out / "head.json") if code == 0 else [("head benchmark", "FAIL", f"exit {code}")]
 
-    if "train" not in args.skip:
+    if "train" not in args.skip and not (has("webdataset") or has("nvidia.dali")):
+        rows.append(("training run", "FAIL", "needs webdataset or DALI (wheels: benchmarks/gpu_wheels.sh)"))
+    elif "train" not in args.skip:
         from facescale.data.synth import synthesize
 
         data = out / "synthetic"
