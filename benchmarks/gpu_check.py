@@ -102,8 +102,9 @@ def train_engine(choice: str) -> str:
 
 
 def training_command(args, data: Path, run_dir: Path) -> list[str]:
-    """`facescale train` on one rank (DeepSpeed engine), or the engine-free loop below."""
-    if train_engine(args.train_engine) == "deepspeed":
+    """`facescale train` on one rank (DeepSpeed engine), or the engine-free loop below (`args.train_engine`,
+    resolved by `train_engine`)."""
+    if args.train_engine == "deepspeed":
         return [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml",
                 "--set", f"data.shards={data}", "--set", f"logging.run_dir={run_dir}",
                 "--set", f"schedule.steps={args.train_steps}",
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=("tests", "head", "train"))
     p.add_argument("--direct-train", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.train_engine = train_engine(args.train_engine)  # before the tests: a missing DeepSpeed stops it now
     if args.direct_train:
         direct_train(args.direct_train, args.train_steps, args.out)
         return 0
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['steps']} steps, final loss {r['final_loss']:.2f}, {r['samples_per_s']:.0f} img/s")
             if acc is not None:
                 detail += f", held-out accuracy {100 * acc:.1f}%"
-            engine = "DeepSpeed" if train_engine(args.train_engine) == "deepspeed" else "direct, no DeepSpeed"
+            engine = "DeepSpeed" if args.train_engine == "deepspeed" else "direct, no DeepSpeed"
             rows.append((f"training run ({engine})", "ran", detail))
         else:
             rows.append(("training run", "FAIL", f"exit {code} (see train.log)"))

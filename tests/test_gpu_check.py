@@ -14,11 +14,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def check_dir(tmp_path: Path) -> Path:
-    return tmp_path / "gpu_check"
-
-
 RESULT_FILES = {"summary.md", "gpu_check.json", "gpu_check.log", "pytest.log", "head.md", "head.log",
                 "train.log", "result.json"}
 
@@ -32,7 +27,8 @@ def _check(result_json: Path, row: list, engine_label: str) -> None:
 
 
 @pytest.mark.slow
-def test_dry_run_without_deepspeed_trains_and_scores_the_held_out_identities(check_dir: Path) -> None:
+def test_dry_run_without_deepspeed_trains_and_scores_the_held_out_identities(tmp_path: Path) -> None:
+    check_dir = tmp_path / "gpu_check"
     argv = ["--dry-run", "--skip", "tests", "head", "--train-engine", "direct", "--out", str(check_dir)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *argv], cwd=REPO,
