@@ -61,6 +61,7 @@ def test_imported_yaml_validates_and_resolves_to_the_same_recipe(tmp_path, data_
     text = out.read_text()
     assert "ignored num_classes = 2059906" in text and "secret-key" not in text
     assert "convert rec --rec /train_tmp/WebFace42M/train.rec" in text
+    assert "convert folder --root /train_tmp/WebFace42M --out data/WebFace42M" in text  # the folder release
 
     cfg = load_config(out, [f"data.shards={data_dir}"])
     assert cfg.eval.bins == [str(data_dir / "lfw.bin"), str(data_dir / "cfp_fp.bin")]
@@ -110,3 +111,17 @@ def test_base_defaults_fill_missing_keys(tmp_path) -> None:
     source.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.network = 'mbf'\n")
     values = read_arcface_config(source)
     assert values["network"] == "mbf" and values["lr"] == 0.1 and values["margin_list"] == (1.0, 0.5, 0.0)
+
+
+def test_synthetic_rec_names_the_synth_command_that_writes_its_shards(tmp_path, capsys) -> None:
+    """arcface_torch's rec = "synthetic" (its speed-test configs) is random images, no folder to convert."""
+    source = tmp_path / "speed.py"
+    source.write_text(ARCFACE_STYLE.replace('"/train_tmp/WebFace42M"', '"synthetic"'))
+    assert main(["import-config", str(source)]) == 0
+    header = [line[1:].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("#")]
+    assert not any("facescale convert" in line for line in header)
+    command = next(line for line in header if line.startswith("facescale synth")).split()
+    assert command == ["facescale", "synth", "--out", "data/synthetic", "--identities", "2059906"]
+    out = tmp_path / "synthetic"  # the named command runs, at a test's size
+    assert main([*command[1:3], str(out), "--identities", "4", "--images-per-identity", "2"]) == 0
+    assert (out / "manifest.json").is_file()

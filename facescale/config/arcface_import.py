@@ -183,12 +183,23 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "settings for backbone and centers), fp16 -> deepspeed.precision bf16, DDP -> "
              "deepspeed.zero_stage 0, val_targets -> eval.bins (names in data.shards), verbose -> "
              "eval.every_steps, frequent -> logging.every_steps",
-             f"convert the data first: facescale convert rec --rec {rec or 'RECDIR'}/train.rec "
-             f"--out {shards}"]
+             *_data_notes(rec, shards, values)]
     secret = {"wandb_key"}
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
     return mapping, notes
+
+
+def _data_notes(rec: str, shards: str, values: dict[str, Any]) -> list[str]:
+    """How to make `shards` from what `config.rec` names, as arcface_torch reads it: random images for
+    "synthetic", else the folder's train.rec + train.idx, else its images as one folder per identity."""
+    if rec == "synthetic":
+        return ["arcface_torch's rec = 'synthetic' is random images; write synthetic shards with:",
+                f"  facescale synth --out {shards} --identities {values.get('num_classes') or 'N'}"]
+    return ["convert the data first (arcface_torch reads the folder's train.rec + train.idx, else its "
+            "images as one folder per identity), with one of:",
+            f"  facescale convert rec --rec {rec or 'RECDIR'}/train.rec --out {shards}",
+            f"  facescale convert folder --root {rec or 'RECDIR'} --out {shards}"]
 
 
 def import_config_yaml(path: str | Path, gpus: int | None = None) -> str:
