@@ -114,8 +114,31 @@ def test_strict_mismatch_lists_keys_and_names_the_setting() -> None:
     assert "set model.embedding_size (the file's is 128)" in message and "model.init_strict: false" in message
 
     other = build_backbone(ModelConfig(name="r18", embedding_size=128))
-    with pytest.raises(WeightsError, match=r"missing \d+: conv1.weight.*set model.name"):
+    with pytest.raises(WeightsError, match=r"missing \d+: conv1.weight.*\(it fits mbf\): set model.name"):
         load_backbone_weights(other, state, source="backbone.pth")
+
+
+@pytest.mark.parametrize("name", sorted(ARCFACE_TORCH_KEYS))
+def test_cli_mismatch_names_the_network_the_file_fits_and_offers_no_partial_load(tmp_path, capsys, name):
+    """A bare arcface_torch backbone.pth does not say its network: eval names the one whose keys it has,
+    and does not suggest loading part of it (an evaluation needs every weight)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from facescale.cli import main
+    from facescale.eval.binfile import write_bin
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(arcface_torch_state(name, embedding=256), weights)
+    jpeg = BytesIO()
+    Image.new("RGB", (112, 112)).save(jpeg, "JPEG")
+    verify_set = write_bin(tmp_path / "lfw.bin", [jpeg.getvalue()] * 20, [True, False] * 5)  # never scored
+    command = ["eval", "verify", "--weights", str(weights), "--model", "r18", "--bin", str(verify_set)]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"(it fits {name}): set --model to its architecture" in err
+    assert "init_strict" not in err and "only the keys" not in err
 
 
 def test_lenient_load_keeps_the_new_embedding_layer_and_reports_it() -> None:

@@ -30,7 +30,7 @@ class Settings:
 
     model: str = "model.name"
     embedding_size: str = "model.embedding_size"
-    lenient: str = "model.init_strict: false"
+    lenient: str | None = "model.init_strict: false"  # None: no partial load where the caller needs all keys
 
 
 @dataclass
@@ -87,14 +87,37 @@ def infer_embedding_size(state: dict[str, torch.Tensor], default: int = 512) -> 
     return int(last[-1].shape[0]) if last else default
 
 
+def fitting_backbones(state: dict[str, torch.Tensor]) -> list[str]:
+    """The registered backbones whose parameter names and shapes are exactly the file's, at the file's
+    embedding size (each built on the meta device: no memory); how a bare backbone.pth names its network."""
+    from facescale.config.schema import ModelConfig
+    from facescale.models.registry import build_backbone, list_backbones
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    size, fits = infer_embedding_size(state), []
+    for name in list_backbones():
+        try:
+            with torch.device("meta"):
+                own = build_backbone(ModelConfig(name=name, embedding_size=size)).state_dict()
+        except (ValueError, TypeError):
+            continue
+        if {k: tuple(v.shape) for k, v in own.items()} == shapes:
+            fits.append(name)
+    return fits
+
+
 def _diagnose(missing: list[str], unexpected: list[str], misshaped: list[str], settings: Settings,
-              file_embedding: int | None) -> str:
+              state: dict[str, torch.Tensor]) -> str:
     if missing or unexpected:
-        return (f"the file was saved from another backbone: set {settings.model} to its architecture, or use "
-                f"{settings.lenient} to load only the keys that match")
+        fits = fitting_backbones(state)
+        which = (f"it fits {' or '.join(fits)}" if fits else "no registered backbone has exactly its keys")
+        lenient = f", or use {settings.lenient} to load only the keys that match" if settings.lenient else ""
+        return (f"the file was saved from another backbone ({which}): set {settings.model} to its "
+                f"architecture{lenient}")
+    file_embedding = infer_embedding_size(state, 0)
     hint = f" (the file's is {file_embedding})" if file_embedding else ""
-    return (f"set {settings.embedding_size}{hint} to the file's embedding size, or use {settings.lenient} to "
-            f"keep a new embedding layer")
+    lenient = f", or use {settings.lenient} to keep a new embedding layer" if settings.lenient else ""
+    return f"set {settings.embedding_size}{hint} to the file's embedding size{lenient}"
 
 
 def compare_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True,
@@ -110,7 +133,7 @@ def compare_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, s
         shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in misshaped]
         lines = [f"{kind} {len(keys)}: {_shown(keys)}" for kind, keys in (
             ("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
-        fix = _diagnose(missing, unexpected, misshaped, settings, infer_embedding_size(state, 0))
+        fix = _diagnose(missing, unexpected, misshaped, settings, state)
         raise WeightsError(f"{source} does not fit the model ({'; '.join(lines)}); {fix}")
     loaded = len(own) - len(missing) - len(misshaped)
     if not loaded:

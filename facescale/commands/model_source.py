@@ -42,6 +42,5 @@ def load_model_source(args: argparse.Namespace, command: str) -> tuple[torch.nn.
     if not args.model:
         raise WeightsError("--weights needs --model NAME",
                            fix=f"add --model, one of {', '.join(list_backbones())}")
-    settings = Settings(model="--model", embedding_size="--embedding-size",
-                        lenient="the --model and --embedding-size it was trained with")
+    settings = Settings(model="--model", embedding_size="--embedding-size", lenient=None)  # all keys or none
     return backbone_from_weights(args.weights, args.model, args.embedding_size, settings), DEFAULT_IMAGE_SIZE
