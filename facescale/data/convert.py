@@ -89,7 +89,7 @@ def training_jpeg(data: bytes, image_size: int, quality: int) -> tuple[bytes, bo
             return data, False
     except Exception:  # noqa: BLE001 - not a JPEG (or a broken one): let Pillow try
         pixels = None
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -98,23 +98,29 @@ def training_jpeg(data: bytes, image_size: int, quality: int) -> tuple[bytes, bo
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             pixels = np.asarray(image)
     except Exception as error:  # noqa: BLE001 - Pillow raises assorted types on bad data
-        raise ValueError(f"does not decode as an image ({error})") from error
+        reason = "no image format recognised" if isinstance(error, UnidentifiedImageError) else str(error)
+        raise ValueError(f"does not decode as an image ({reason})") from error
     return encode_jpeg(pixels, quality), True
 
 
 _RECORD_FILES: dict[tuple[str, ...], RecordFile] = {}
 
 
-def _load(source_kind: str, paths: tuple[str, ...], ref: Any) -> tuple[bytes, int, str]:
-    """(image bytes, label, readable name) of one ref."""
+def _load(source_kind: str, paths: tuple[str, ...], ref: Any) -> tuple[bytes, int]:
+    """(image bytes, label) of one ref."""
     if source_kind == "rec":
         records = _RECORD_FILES.get(paths)
         if records is None:
             records = _RECORD_FILES[paths] = RecordFile(*paths)
         record = records.read(ref)
-        return record.image, record.class_label, f"record {ref}"
+        return record.image, record.class_label
     rel, label = ref
-    return (Path(paths[0]) / rel).read_bytes(), label, rel
+    return (Path(paths[0]) / rel).read_bytes(), label
+
+
+def _ref_name(source_kind: str, ref: Any) -> str:
+    """How a left-out sample is named in the report: its record number, or its path under --root."""
+    return f"record {ref}" if source_kind == "rec" else f"{ref[0]} (identity {ref[1]})"
 
 
 def convert_shard(source_kind: str, paths: tuple[str, ...], refs: list[Any], out_dir: str, number: int,
@@ -127,12 +133,12 @@ def convert_shard(source_kind: str, paths: tuple[str, ...], refs: list[Any], out
     with ShardWriter(partial, shard_size, start_shard=number, start_index=number * shard_size) as writer:
         for ref in refs:
             try:
-                data, label, name = _load(source_kind, paths, ref)
+                data, label = _load(source_kind, paths, ref)
                 jpeg, changed = training_jpeg(data, image_size, quality)
                 if label < 0:
                     raise ValueError(f"negative label {label}")
             except (ValueError, OSError) as error:
-                bad.append(f"{ref}: {error}")
+                bad.append(f"{_ref_name(source_kind, ref)}: {error}")
                 continue
             writer.write(jpeg, label)
             labels[label] = labels.get(label, 0) + 1
