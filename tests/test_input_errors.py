@@ -199,6 +199,8 @@ CASES = [
          "facescale train", "manifest.json", ["run"]),
     Case("train: .idx offsets shifted by 512 B", lambda t: _train(t, f"data.shards={_shifted_index(t)}"),
          "facescale train", "train-000000.idx: line 2 puts", ["run"]),
+    Case("train: shards smaller than one batch", lambda t: _train(t, "schedule.global_batch_size=64"),
+         "facescale train", "16 samples, fewer than one batch of 64 for each of 1 ranks", ["run"]),
     Case("validate: manifest.json is not JSON", lambda t: ["validate", _bad_manifest(t)],
          "facescale validate", "manifest.json"),
     Case("eval verify: incomplete step directory",

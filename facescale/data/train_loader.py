@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from facescale.data.bad_data import SkipPolicy
+from facescale.errors import InputError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -111,12 +112,19 @@ def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: 
         pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
 
 
+class TooFewSamplesError(InputError, ValueError):
+    """The shards hold less than one batch for every rank; each rank counts the same and raises alike."""
+
+    every_rank = True
+
+
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, source: str = "the shards") -> int:
     """Full batches per rank per epoch, `num_samples // (world_size * batch_size)`, the same on every rank."""
     steps = num_samples // (world_size * batch_size)
     if steps < 1:
-        raise ValueError(f"{source} hold {num_samples} samples, fewer than one batch of {batch_size} for "
-                         f"each of {world_size} ranks; lower the batch size or add data")
+        raise TooFewSamplesError(
+            f"{num_samples} samples, fewer than one batch of {batch_size} for each of {world_size} ranks",
+            where=source, fix="lower schedule.batch_per_rank (or global_batch_size), or add data")
     return steps
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from facescale.checkpoint.disk_space import CheckpointSaveError
+from facescale.config.deepspeed import micro_batch_size
 from facescale.config.load import load_config
 from facescale.config.schedule_resolve import resolve_schedule
 from facescale.config.validate import validate
-from facescale.data.loader import load_shard_manifest, resolve_reader
+from facescale.data.loader import load_shard_manifest, resolve_reader, steps_per_epoch
 from facescale.eval.check import check_eval_bins
 from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
@@ -23,9 +24,11 @@ def run_training(config_path: str | None, overrides: list[str]):
     if schedule_line and env.rank == 0:
         print(schedule_line, flush=True)
     validate(cfg, str(config_path), world_size=env.world_size)
-    load_shard_manifest(cfg.data, need_index=resolve_reader(cfg.data.reader) == "dali")  # shards, .idx
+    manifest = load_shard_manifest(cfg.data, need_index=resolve_reader(cfg.data.reader) == "dali")
     check_eval_bins(cfg.eval.bins, cfg.data.image_size)
     check_init_from(cfg)  # model.init_from reads and fits the model (skipped when the run resumes)
+    steps_per_epoch(manifest.num_samples, env.world_size, micro_batch_size(cfg, env.world_size),
+                    source=str(manifest.directory))  # at least one batch per rank, before anything is written
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
     configure_threads(env.local_world_size)
     init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s, train_timeout_s=cfg.dist.timeout_s)
