@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -64,6 +65,9 @@ def test_export_matches_torch_and_has_dynamic_batch(tmp_path) -> None:
         expected = model.eval()(x).numpy()
     np.testing.assert_allclose(onnx_out, expected, atol=1e-4)
     assert sorted(os.listdir(out.parent)) == ["model.onnx"]  # no temp file left
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")  # the mode any new file gets under this umask: others may read the model too
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
 
 def test_mismatch_refuses_to_write(tmp_path) -> None:

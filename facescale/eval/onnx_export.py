@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -84,8 +83,8 @@ def export_onnx(model: nn.Module, out_path: str, image_size: int = 112,
     inputs = _sample_batch(check_images, image_size)
     directory = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(directory, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".export-", suffix=".onnx", dir=directory)
-    os.close(handle)
+    # a sibling name of this process, created as any new file is (mkstemp's stays 0600 after the rename)
+    temp_path = os.path.join(directory, f".{os.path.basename(out_path)}.export{os.getpid()}.onnx")
     try:
         _export_graph(export_model, temp_path, image_size, opset)
         try:
