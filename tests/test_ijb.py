@@ -206,6 +206,9 @@ def test_bad_meta_lines_are_named(tmp_path) -> None:
         read_ijb_release(root)
     with pytest.raises(IJBReleaseError, match=r"ijbc_face_tid_mid\.txt: IJB meta file not found"):
         read_ijb_release(root, "ijbc")
+    # --root one level too high (insightface's IJB_release/ holds IJBB/ and IJBC/): the release is named
+    with pytest.raises(IJBReleaseError, match=r"_face_tid_mid.txt meta files; pass --root \S+/IJBB "):
+        read_ijb_release(str(tmp_path))
 
 
 def test_bad_loose_crop_is_named_from_a_worker(tmp_path) -> None:

@@ -58,9 +58,20 @@ def detect_name(root: str) -> str:
     found = [n for n in NAMES if os.path.isfile(meta_path(root, n, "face_tid_mid"))]
     if len(found) != 1:
         what = "both ijbb and ijbc" if found else "no <name>_face_tid_mid.txt"
-        raise IJBReleaseFileError(f"{os.path.join(root, 'meta')}: {what} meta files; pass --name ijbb|ijbc "
-                                  "and --root the release directory that holds meta/ and loose_crop/")
+        below = [] if found else _releases_below(root)
+        fix = (f"pass --root {' or '.join(below)} (the release directory itself)" if below else
+               "pass --name ijbb|ijbc and --root the release directory that holds meta/ and loose_crop/")
+        raise IJBReleaseFileError(f"{os.path.join(root, 'meta')}: {what} meta files; {fix}")
     return found[0]
+
+
+def _releases_below(root: str) -> list[str]:
+    """Subdirectories of `root` that are releases (e.g. IJB_release/IJBC, where --root named the parent)."""
+    if not os.path.isdir(root):
+        return []
+    children = sorted(os.path.join(root, child) for child in os.listdir(root))
+    return [child for child in children
+            if any(os.path.isfile(meta_path(child, n, "face_tid_mid")) for n in NAMES)]
 
 
 def _lines(path: str) -> list[tuple[int, list[str]]]:
