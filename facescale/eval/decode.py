@@ -29,8 +29,9 @@ def decode_image(image: ImageInput, image_size: int | None, source: str,
             raise EvalSetError(f"{where} must be HWC uint8 RGB, got {pixels.dtype} {pixels.shape}")
     if image_size is not None and pixels.shape[:2] != (image_size, image_size):
         height, width = pixels.shape[:2]
-        raise EvalSetError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; "
-                         "evaluation needs aligned crops of the training size (re-align or set image_size)")
+        raise EvalSetError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; evaluation "
+                           "needs aligned crops of the model's input size (align the faces to it, or give "
+                           "the size the model takes: data.image_size / --image-size)")
     return pixels
 
 
