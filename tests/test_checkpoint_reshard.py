@@ -4,7 +4,9 @@ Every hop restores the class centers, their momentum, the backbone weights and t
 exactly (compared with what the previous world saved), and the losses of the continued run equal those of
 one uninterrupted single-rank run (GroupNorm backbone, no sampling: the math does not depend on W).
 The 1 -> 3 hop goes through the offline `facescale reshard` command; `facescale export-head` is checked too.
-The same exactness holds for a ZeRO-3 backbone (partitioned parameters) and for AdamW without ZeRO.
+The same exactness holds for a ZeRO-3 backbone (partitioned parameters), for AdamW without ZeRO, and for a
+resume on the same world size under another ZeRO stage (DeepSpeed's own files hold the saving stage's
+partitions, so that resume reads the consolidated copy).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def _train(rank: int, world: int, load: str | None, save: str, first: int, save_
 
     from facescale.checkpoint import CheckpointManager
     from facescale.config.deepspeed import deepspeed_json
+    from facescale.config.load import config_yaml
     from facescale.heads import build_head
     from facescale.models.registry import build_backbone
     from facescale.modes import StepContext
@@ -92,7 +95,7 @@ def _train(rank: int, world: int, load: str | None, save: str, first: int, save_
     losses, saved = [], None
     for step in range(first, save_at + 1):
         if step == save_at:
-            manager.save(save_at, engine, head, {"seed": 0}, "model: {}\n")
+            manager.save(save_at, engine, head, {"seed": 0}, config_yaml(cfg))
             saved = _snapshot(engine, head)
         images, labels = _global_batch(step)
         batch = (images[rank * per : (rank + 1) * per], labels[rank * per : (rank + 1) * per])
@@ -157,5 +160,16 @@ def test_resume_on_other_world_sizes_for_zero3_and_adamw(tmp_path: Path, zero_st
     _assert_restored(a, b, optimizer)
     c = run_ranks(_train, 1, str(tmp_path / "b"), str(tmp_path / "c"), 3, 3, zero_stage, optimizer)  # 3 -> 1
     _assert_restored(b, c, optimizer)
+    for before, after in ((a, b), (b, c)):
+        assert after[0]["losses"][0] == pytest.approx(before[0]["losses"][-1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_under_another_zero_stage_is_exact(tmp_path: Path):
+    a = run_ranks(_train, 2, None, str(tmp_path / "a"), 0, 2, 1)  # ZeRO-1
+    b = run_ranks(_train, 2, str(tmp_path / "a"), str(tmp_path / "b"), 2, 3, 2)  # same W, ZeRO-2
+    _assert_restored(a, b)
+    c = run_ranks(_train, 2, str(tmp_path / "b"), str(tmp_path / "c"), 3, 3, 0)  # same W, no ZeRO
+    _assert_restored(b, c)
     for before, after in ((a, b), (b, c)):
         assert after[0]["losses"][0] == pytest.approx(before[0]["losses"][-1], rel=1e-5)

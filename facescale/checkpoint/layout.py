@@ -96,6 +96,22 @@ def read_trainer_state(step_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from exc
 
 
+def read_saved_config(step_dir: Path) -> dict[str, Any]:
+    """The config a step was saved with (its config.yaml as a plain dict; {} for a step without one), or a
+    CheckpointError naming the file."""
+    import yaml
+
+    path = step_dir / CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path} is not YAML ({str(exc).splitlines()[0]}); the checkpoint is damaged "
+                              "or was altered") from None
+    return saved if isinstance(saved, dict) else {}
+
+
 def _saving_world(step_dir: Path) -> int | None:
     """World size of an interrupted save: from trainer.json when written, else from a head shard's name."""
     if (step_dir / TRAINER_STATE).is_file():

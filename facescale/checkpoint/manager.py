@@ -1,9 +1,10 @@
 """Save and restore a whole run in `<run_dir>/checkpoints/step_XXXXXXXX/`, on the same or another world size.
 
 Layout of one step directory (names in `facescale.checkpoint.layout`):
-  backbone/                      DeepSpeed's files (module, ZeRO partitions; tag "backbone"), same-W resume
-  backbone.pt                    consolidated fp32 module state of rank 0 (eval, export, other-W resume)
-  backbone_optim.pt              consolidated per-parameter optimizer state (other-W resume)
+  backbone/                      DeepSpeed's files (module, ZeRO partitions; tag "backbone"): resume at the
+                                 same W and ZeRO stage
+  backbone.pt                    consolidated fp32 module state of rank 0 (eval, export, other-W/stage resume)
+  backbone_optim.pt              consolidated per-parameter optimizer state (other-W or other-stage resume)
   head/shard-RRRRR-of-WWWWW.pt   `head.state_dict()` of each rank: its global class range in "meta"
   state/rank-RRRRR.pt            per-rank RNG states, module buffers, data-loader cursor
   trainer.json                   step, epoch, data cursor, seed, world size, guard counters (rank 0)
@@ -52,6 +53,7 @@ from facescale.checkpoint.layout import (
     CheckpointError,
     head_shard_name,
     rank_state_name,
+    read_saved_config,
     read_text,
     read_trainer_state,
     resolve_checkpoint,
@@ -209,7 +211,10 @@ class CheckpointManager:
         trainer = read_trainer_state(step_dir)
         saved_world = int(trainer["world_size"])
         same_world = saved_world == self.world_size and trainer.get("has_deepspeed_files", True)
-        if same_world:
+        # DeepSpeed's files hold its partitioning: another ZeRO stage loads the consolidated copy
+        saved_stage = read_saved_config(step_dir).get("deepspeed", {}).get("zero_stage")
+        same_stage = saved_stage is None or int(saved_stage) == engine.zero_optimization_stage()
+        if same_world and same_stage:
             with safe_deepspeed_loads(engine):  # DeepSpeed's own loader unpickles without a guard
                 loaded, _ = engine.load_checkpoint(str(step_dir), tag=DEEPSPEED_TAG,
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)

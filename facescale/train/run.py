@@ -12,6 +12,7 @@ from facescale.eval.check import check_eval_bins
 from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
 from facescale.train.init_weights import check_init_from
+from facescale.train.resume_check import check_resume_fits
 from launcher.env import resolve_dist_env
 from launcher.preemption import clear_requeue_marker
 
@@ -26,6 +27,7 @@ def run_training(config_path: str | None, overrides: list[str]):
     validate(cfg, str(config_path), world_size=env.world_size)
     manifest = load_shard_manifest(cfg.data, need_index=resolve_reader(cfg.data.reader) == "dali")
     check_eval_bins(cfg.eval.bins, cfg.data.image_size)
+    check_resume_fits(cfg, str(config_path))  # the step it continues from was saved by a run of this shape
     check_init_from(cfg)  # model.init_from reads and fits the model (skipped when the run resumes)
     steps_per_epoch(manifest.num_samples, env.world_size, micro_batch_size(cfg, env.world_size),
                     source=str(manifest.directory))  # at least one batch per rank, before anything is written

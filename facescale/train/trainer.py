@@ -21,6 +21,7 @@ from facescale.modes import StepContext, get_mode
 from facescale.parallel.grad_overlap import overlap_grad_reduce
 from facescale.runtime import Runtime
 from facescale.train.init_weights import init_backbone_from
+from facescale.train.resume_check import resume_step_dir
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
 from launcher.env import DistEnv
@@ -135,10 +136,7 @@ class Trainer:
 
     def _resume_path(self) -> Path | None:
         """The step directory this run continues from (checkpoint.resume), or None for a fresh start."""
-        mode = self.cfg.checkpoint.resume
-        if mode == "none":
-            return None
-        return self.checkpoints.latest() if mode == "auto" else Path(mode)
+        return resume_step_dir(self.cfg)
 
     def _maybe_resume(self) -> None:
         path = self._resume_path()

@@ -1,0 +1,60 @@
+"""Which checkpoint a run continues from, and whether it was saved by a run of the same shape.
+
+A resumed run rebuilds its backbone, head and optimizers from the config and then loads the step into them, so
+a config that changed a setting that fixes the saved tensors' names, shapes or kinds cannot continue: it is
+refused before the process group starts, naming the keys and both values, instead of failing inside
+DeepSpeed's or torch's state-dict loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from facescale.checkpoint.layout import CONFIG, LATEST, read_saved_config, resolve_checkpoint
+from facescale.config.errors import ConfigError
+from facescale.config.load import config_to_dict
+from facescale.config.schema import Config
+
+# settings that fix what a step holds: backbone parameters, head state, optimizer state kinds
+STATE_KEYS = ("model.name", "model.embedding_size", "head.type", "head.optimizer", "optim.name")
+
+
+def resume_step_dir(cfg: Config) -> Path | None:
+    """The complete step directory this run continues from (checkpoint.resume), or None for a fresh start."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        root = Path(cfg.logging.run_dir) / "checkpoints"
+        return resolve_checkpoint(root) if (root / LATEST).is_file() else None
+    return resolve_checkpoint(mode)
+
+
+def _value(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def check_resume_fits(cfg: Config, source: str = "config") -> None:
+    """Raise ConfigError when the step this run resumes from was saved with other STATE_KEYS values (read
+    from the step's own config.yaml; a step without one is not checked)."""
+    step_dir = resume_step_dir(cfg)
+    if step_dir is None:
+        return
+    saved, current = read_saved_config(step_dir), config_to_dict(cfg)
+    changed = [(key, _value(saved, key), _value(current, key)) for key in STATE_KEYS
+               if _value(saved, key) is not None and _value(saved, key) != _value(current, key)]
+    if not changed:
+        return
+    diffs = ", ".join(f"{key} {old!r} (now {new!r})" for key, old, new in changed)
+    same_backbone = not any(key.startswith("model.") for key, _, _ in changed)
+    weights = f" with model.init_from: {step_dir} to take its backbone weights" if same_backbone else ""
+    raise ConfigError(
+        f"checkpoint.resume: {step_dir} was saved with {diffs}, so it cannot continue with this config",
+        where=source,
+        fix=f"set those keys back to the saved values (its {CONFIG}) to continue, or start a new run "
+            f"(another logging.run_dir, or checkpoint.resume: none){weights}")

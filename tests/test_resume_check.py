@@ -1,0 +1,74 @@
+"""A run that resumes from a step saved with another backbone, head or optimizer is refused before it starts.
+
+One real 1-rank `facescale train` writes a step; runs that then change a key fixing the saved state's shapes
+or kinds get one line naming the key and both values (and nothing in the run directory is rewritten), where
+they used to fail inside DeepSpeed's or torch's state-dict loader with a traceback, or lose state silently.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from facescale.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _argv(shards: Path, run_dir: Path, *sets: str) -> list[str]:
+    argv = ["train", "--config", "configs/synthetic.yaml"]
+    for item in (f"data.shards={shards}", f"logging.run_dir={run_dir}", "eval.bins=[]", "schedule.steps=3",
+                 "schedule.warmup_steps=0", "schedule.global_batch_size=16", "checkpoint.every_steps=3",
+                 "data.num_workers=0", *sets):
+        argv += ["--set", item]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(shards, run dir) of a finished 3-step run (demo backbone, embedding 128, SGD) with its step 3."""
+    from facescale.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("resume_check")
+    shards = root / "shards"
+    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=5, workers=1)
+    run_dir = root / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "facescale", *_argv(shards, run_dir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (run_dir / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    return shards, run_dir
+
+
+@pytest.mark.parametrize(("change", "expect", "offers_weights"), [
+    ("model.embedding_size=256", "model.embedding_size 128 (now 256)", False),
+    ("model.name=mbf", "model.name 'demo' (now 'mbf')", False),
+    ("optim.name=adamw", "optim.name 'sgd' (now 'adamw')", True),
+    ("head.type=f2c", "head.type 'partial_fc' (now 'f2c')", True),
+])
+def test_resume_with_another_state_shape_is_one_line_before_anything_runs(
+        saved_run, capsys, monkeypatch, change, expect, offers_weights):
+    shards, run_dir = saved_run
+    monkeypatch.chdir(REPO)
+    config_before = (run_dir / "config.yaml").read_bytes()
+    assert main(_argv(shards, run_dir, "schedule.steps=6", change)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("facescale train: error: "), lines
+    assert f"step_00000003 was saved with {expect}, so it cannot continue" in lines[0]
+    assert ("model.init_from:" in lines[0]) == offers_weights  # a changed backbone cannot take its weights
+    assert (run_dir / "config.yaml").read_bytes() == config_before
+
+
+def test_an_explicit_resume_path_is_checked_too(saved_run, tmp_path, capsys, monkeypatch):
+    shards, run_dir = saved_run
+    monkeypatch.chdir(REPO)
+    step = run_dir / "checkpoints" / "step_00000003"
+    argv = _argv(shards, tmp_path / "other", f"checkpoint.resume={step}", "head.optimizer=adamw")
+    assert main(argv) == 2
+    assert "head.optimizer 'sgd' (now 'adamw')" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
