@@ -106,6 +106,10 @@ class HeadConfig:
     weight_decay: float = 5e-4
     storage_dtype: StorageDtype = "fp32"
     init_std: float = 0.01
+    # start from existing class centers (Partial FC): an arcface_torch output dir with checkpoint_gpu_*.pt
+    # (save_all_states) or a [C, D] tensor from `facescale export-head`; optimizer state starts fresh, and a
+    # resumed run ignores it
+    init_from: str = ""
     f2c: F2CConfig = field(default_factory=F2CConfig)
 
 

@@ -9,6 +9,8 @@ from facescale.config.schema import Config
 def check_f2c_config(cfg: Config, source: str, world_size: int | None) -> None:
     """F2C pool checks: sizes, EMA momentum, ZeRO-3 refusal and Q against one gathered step's labels."""
     dcp = cfg.head.f2c
+    check(not cfg.head.init_from, source, "head.init_from",
+          "loads Partial FC class centers; head.type f2c has none (its pool fills from G-Net); unset it")
     check(
         dcp.queue_size >= 1, source, "head.f2c.queue_size", "must be >= 1 (pool slots, e.g. 1% of identities)"
     )

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from facescale.heads.block_init import init_center_rows
-from facescale.heads.center_optimizer import CenterOptimizer
+from facescale.heads.center_optimizer import RESIDUAL, CenterOptimizer
 from facescale.heads.cpu_threads import small_ops_serial
 from facescale.heads.dist_cross_entropy import margin_cross_entropy
 from facescale.heads.heap import keep_step_buffers_in_heap
@@ -327,6 +327,21 @@ class PartialFCHead(torch.nn.Module):
             "centers": self.centers.detach().clone(),
             "optimizer": {k: v.detach().clone() for k, v in self.center_optimizer.state_tensors().items()},
         }
+
+    @torch.no_grad()
+    def load_center_values(self, values: Tensor) -> None:
+        """Start this shard from given centers ([count, D], fp32; e.g. another run's, head.init_from) with a
+        fresh optimizer state; bf16 storage keeps their rounding error in its residual."""
+        if tuple(values.shape) != (self.count, self.embedding_size):
+            raise ValueError(f"centers of shape {tuple(values.shape)} for a shard of {self.count} x "
+                             f"{self.embedding_size}")
+        values = values.to(self.center_rows.device, torch.float32)
+        self.center_rows.copy_(values)
+        state = {k: torch.zeros_like(v) for k, v in self.center_optimizer.state_tensors().items()}
+        if RESIDUAL in state:
+            state[RESIDUAL] = (values - self.center_rows.float()).to(state[RESIDUAL].dtype)
+        self.center_optimizer.load_state_tensors(state)
+        self._pending.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a shard saved by `state_dict`; its metadata must describe exactly this shard."""

@@ -107,6 +107,9 @@ class TrainingMode(ABC):
               precision: str, device: torch.device) -> ModeRun:
         """This rank's head, loader and step hooks for `cfg`, around the already built `engine`."""
 
+    def start_fresh(self, run: ModeRun, cfg: Any, log: Callable[[str], None]) -> None:  # noqa: B027
+        """Called once on a run that does not resume, after `build`: e.g. load given class centers."""
+
     def reshard_head_state(self, shards: list[dict[str, Any]], world_size: int,
                            rank: int) -> dict[str, Any] | None:
         """The head state of `rank` of `world_size` from saved `shards`, when they are in a format only this

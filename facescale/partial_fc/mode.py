@@ -3,6 +3,7 @@ the center optimizer's step once per optimizer step; its checkpoint state is row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from facescale.data.loader import build_train_loader
 from facescale.heads import build_head
 from facescale.modes.base import MicroOutput, ModeRun, StepContext, TrainingMode, detached_leaf
+from facescale.partial_fc.init_centers import check_center_source, open_center_source, read_center_rows
 from facescale.partial_fc.plan import PartialFCPlan, plan_partial_fc
 
 
@@ -41,6 +43,23 @@ class PartialFCMode(TrainingMode):
     """Model-parallel margin softmax over all identities (or a Partial FC sample of them)."""
 
     name = "partial_fc"
+
+    def check_config(self, cfg: Any, source: str, world_size: int | None) -> None:
+        if cfg.head.init_from:  # before the process group: the files read and fit the data and the model
+            from facescale.data.manifest import Manifest
+
+            num_classes = Manifest.load(cfg.data.shards).num_classes
+            check_center_source(open_center_source(cfg.head.init_from), num_classes, cfg.model.embedding_size)
+
+    def start_fresh(self, run: ModeRun, cfg: Any, log: Callable[[str], None]) -> None:
+        if not cfg.head.init_from:
+            return
+        head = run.head
+        source = open_center_source(cfg.head.init_from)
+        check_center_source(source, head.num_classes, head.embedding_size)
+        head.load_center_values(read_center_rows(source, head.start, head.count))
+        log(f"[facescale] head.init_from: class centers {head.start}..{head.start + head.count - 1} of "
+            f"{head.num_classes} from {cfg.head.init_from} (optimizer state starts fresh)")
 
     def build(self, cfg: Any, engine: Any, manifest: Any, *, rank: int, world_size: int, micro_batch: int,
               precision: str, device: torch.device) -> PartialFCRun:

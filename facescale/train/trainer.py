@@ -116,6 +116,9 @@ class Trainer:
             micro_batch=self.micro_batch, precision=runtime.precision, device=runtime.device,
         )
         self.head, self.loader = self.mode.head, self.mode.loader
+        if self._resume_path() is None:  # e.g. head.init_from; a resumed run has its own state
+            get_mode(cfg.head.type).start_fresh(self.mode, cfg, run_logger().info if env.rank == 0 else
+                                                lambda line: None)
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      wandb=cfg.logging.wandb, config=config_to_dict(cfg))
         self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
