@@ -116,8 +116,9 @@ def _train(argv: list[str]) -> str:
 
 @pytest.mark.slow
 def test_a_run_starts_from_another_runs_centers_and_bad_ones_stop_it_first(tmp_path, capsys, monkeypatch):
-    """Run A's exported centers start run B (its head learning rate ~0, so B's centers stay A's); an
-    arcface_torch directory of the wrong width or identity count is refused before B starts."""
+    """Run A's exported centers start run B (its head learning rate ~0, so B's centers stay A's), whose
+    resume then needs them no more; an arcface_torch directory of the wrong width or identity count is refused
+    before a run starts."""
     from facescale.data.synth import synthesize
 
     shards = tmp_path / "shards"
@@ -130,6 +131,9 @@ def test_a_run_starts_from_another_runs_centers_and_bad_ones_stop_it_first(tmp_p
     assert main(["export-head", "--checkpoint", str(tmp_path / "b"), "--out", str(tmp_path / "b.pt")]) == 0
     a, b = (torch.load(tmp_path / f"{x}.pt", weights_only=True) for x in "ab")
     torch.testing.assert_close(b, a, rtol=0, atol=1e-9)
+    (tmp_path / "a.pt").unlink()  # a resume ignores head.init_from: a requeued job runs on without the file
+    log = _train(_argv(shards, tmp_path / "b", f"head.init_from={tmp_path / 'a.pt'}", "schedule.steps=3"))
+    assert "resumed from" in log and "head.init_from:" not in log
 
     monkeypatch.chdir(REPO)
     capsys.readouterr()

@@ -41,7 +41,7 @@ class ModelConfig:
     drop_path_rate: float | None = None
     mask_ratio: float | None = None
     # start from existing backbone weights (arcface_torch backbone.pth, facescale backbone.pt or step dir);
-    # never the class centers or optimizer; a resumed run ignores it
+    # not the optimizer (class centers: head.init_from); a resumed run ignores it
     init_from: str = ""
     init_strict: bool = True  # false: load the keys that match, print the skipped ones
     # torch.compile of the backbone inside the engine (facescale/models/compile.py); the first step pays

@@ -45,7 +45,11 @@ class PartialFCMode(TrainingMode):
     name = "partial_fc"
 
     def check_config(self, cfg: Any, source: str, world_size: int | None) -> None:
-        if cfg.head.init_from:  # before the process group: the files read and fit the data and the model
+        """head.init_from's files read and fit the data and the model (not on a resume, which ignores them:
+        a requeued job must not fail on files removed since it started)."""
+        from facescale.train.resume_check import resumes
+
+        if cfg.head.init_from and not resumes(cfg):
             from facescale.data.manifest import Manifest
 
             num_classes = Manifest.load(cfg.data.shards).num_classes

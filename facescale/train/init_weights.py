@@ -1,14 +1,14 @@
-"""`model.init_from`: a new run starts from existing backbone weights (never class centers or optimizer)."""
+"""`model.init_from`: a new run starts from existing backbone weights (class centers: `head.init_from`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from facescale.config.errors import ConfigError
 from facescale.config.schema import Config, ModelConfig
+from facescale.train.resume_check import resumes
 
 
 def _read_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -18,16 +18,6 @@ def _read_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         return read_backbone_weights(cfg.init_from)
     except WeightsError as exc:
         raise ConfigError(f"model.init_from: {exc}") from None
-
-
-def resumes(cfg: Config) -> bool:
-    """Whether this run will continue from a checkpoint (checkpoint.resume), so init_from does not apply."""
-    from facescale.checkpoint.layout import LATEST
-
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return False
-    return mode != "auto" or (Path(cfg.logging.run_dir) / "checkpoints" / LATEST).is_file()
 
 
 def check_init_from(cfg: Config) -> None:

@@ -20,6 +20,15 @@ from facescale.config.schema import Config
 STATE_KEYS = ("model.name", "model.embedding_size", "head.type", "head.optimizer", "optim.name")
 
 
+def resumes(cfg: Config) -> bool:
+    """Whether this run will continue from a checkpoint (checkpoint.resume), so no `init_from` applies; cheap
+    (the step it names is checked by `resume_step_dir`)."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return False
+    return mode != "auto" or (Path(cfg.logging.run_dir) / "checkpoints" / LATEST).is_file()
+
+
 def resume_step_dir(cfg: Config) -> Path | None:
     """The complete step directory this run continues from (checkpoint.resume), or None for a fresh start."""
     mode = cfg.checkpoint.resume
