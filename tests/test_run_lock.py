@@ -119,7 +119,7 @@ def test_second_train_refuses_at_once_and_writes_nothing(tmp_path: Path):
         out = subprocess.run(
             [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml",
              "--set", f"data.shards={tmp_path / 'data'}", "--set", "eval.bins=[]",
-             "--set", f"logging.run_dir={run_dir}"],
+             "--set", f"logging.run_dir={run_dir}", "--set", "schedule.global_batch_size=16"],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
             timeout=300,
         )
