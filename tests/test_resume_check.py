@@ -72,3 +72,24 @@ def test_an_explicit_resume_path_is_checked_too(saved_run, tmp_path, capsys, mon
     assert main(argv) == 2
     assert "head.optimizer 'sgd' (now 'adamw')" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_mode_keys_count_only_for_their_mode(tmp_path, monkeypatch):
+    """head.optimizer fixes a Partial FC step's state (the centers' optimizer), not an F2C step's."""
+    from facescale.config.errors import ConfigError
+    from facescale.config.load import config_yaml
+    from facescale.config.schema import Config
+    from facescale.train import resume_check
+
+    for head_type, refused in (("f2c", False), ("partial_fc", True)):
+        saved = Config()
+        saved.head.type, saved.head.optimizer = head_type, "sgd"
+        (tmp_path / "config.yaml").write_text(config_yaml(saved))
+        monkeypatch.setattr(resume_check, "resume_step_dir", lambda cfg: tmp_path)
+        now = Config()
+        now.head.type, now.head.optimizer = head_type, "adamw"
+        if refused:
+            with pytest.raises(ConfigError, match="head.optimizer 'sgd' \\(now 'adamw'\\)"):
+                resume_check.check_resume_fits(now)
+        else:
+            resume_check.check_resume_fits(now)

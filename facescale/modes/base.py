@@ -98,6 +98,7 @@ class TrainingMode(ABC):
     """One registered training mode (see `facescale.modes.registry`)."""
 
     name: str
+    resume_keys: tuple[str, ...] = ()  # config keys that fix this mode's saved state (checked on resume)
 
     def check_config(self, cfg: Any, source: str, world_size: int | None) -> None:  # noqa: B027
         """Raise ConfigError for settings this mode cannot run (before any process group starts)."""

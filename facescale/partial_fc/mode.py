@@ -43,6 +43,7 @@ class PartialFCMode(TrainingMode):
     """Model-parallel margin softmax over all identities (or a Partial FC sample of them)."""
 
     name = "partial_fc"
+    resume_keys = ("head.optimizer",)  # the centers' optimizer state (momentum or Adam moments)
 
     def check_config(self, cfg: Any, source: str, world_size: int | None) -> None:
         """head.init_from's files read and fit the data and the model (not on a resume, which ignores them:

@@ -15,9 +15,11 @@ from facescale.checkpoint.layout import CONFIG, LATEST, read_saved_config, resol
 from facescale.config.errors import ConfigError
 from facescale.config.load import config_to_dict
 from facescale.config.schema import Config
+from facescale.modes.registry import get_mode
 
-# settings that fix what a step holds: backbone parameters, head state, optimizer state kinds
-STATE_KEYS = ("model.name", "model.embedding_size", "head.type", "head.optimizer", "optim.name")
+# settings that fix what any step holds (backbone parameters, head kind, backbone optimizer state); a mode
+# adds its own (TrainingMode.resume_keys, e.g. Partial FC's head.optimizer)
+STATE_KEYS = ("model.name", "model.embedding_size", "head.type", "optim.name")
 
 
 def resumes(cfg: Config) -> bool:
@@ -49,13 +51,14 @@ def _value(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def check_resume_fits(cfg: Config, source: str = "config") -> None:
-    """Raise ConfigError when the step this run resumes from was saved with other STATE_KEYS values (read
-    from the step's own config.yaml; a step without one is not checked)."""
+    """Raise ConfigError when the step this run resumes from was saved with other STATE_KEYS (or the mode's
+    resume_keys) values, read from the step's own config.yaml (a step without one is not checked)."""
     step_dir = resume_step_dir(cfg)
     if step_dir is None:
         return
     saved, current = read_saved_config(step_dir), config_to_dict(cfg)
-    changed = [(key, _value(saved, key), _value(current, key)) for key in STATE_KEYS
+    keys = (*STATE_KEYS, *get_mode(cfg.head.type).resume_keys)
+    changed = [(key, _value(saved, key), _value(current, key)) for key in keys
                if _value(saved, key) is not None and _value(saved, key) != _value(current, key)]
     if not changed:
         return
