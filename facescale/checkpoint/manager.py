@@ -212,7 +212,7 @@ class CheckpointManager:
         saved_world = int(trainer["world_size"])
         same_world = saved_world == self.world_size and trainer.get("has_deepspeed_files", True)
         # DeepSpeed's files hold its partitioning: another ZeRO stage loads the consolidated copy
-        saved_stage = read_saved_config(step_dir).get("deepspeed", {}).get("zero_stage")
+        saved_stage = (read_saved_config(step_dir).get("deepspeed") or {}).get("zero_stage")
         same_stage = saved_stage is None or int(saved_stage) == engine.zero_optimization_stage()
         if same_world and same_stage:
             with safe_deepspeed_loads(engine):  # DeepSpeed's own loader unpickles without a guard
