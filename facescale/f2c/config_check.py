@@ -44,6 +44,14 @@ def check_f2c_config(cfg: Config, source: str, world_size: int | None) -> None:
         "use a global batch that gives an even batch per rank",
     )
     ids = dcp.identities_per_rank or micro
+    identities = _identities(cfg.data.shards)
+    check(
+        identities is None or identities >= world_size * ids,
+        source,
+        "head.f2c.identities_per_rank",
+        f"{ids} identities per rank x {world_size} ranks is more than the {identities} identities in "
+        f"data.shards; lower it (0 = the per-rank micro batch), or add identities",
+    )
     per_pass = world_size * (ids + micro // 2)
     if dcp.pool == "replicated":
         check(
@@ -61,3 +69,13 @@ def check_f2c_config(cfg: Config, source: str, world_size: int | None) -> None:
             "head.f2c.queue_size",
             f"a sharded pool needs at least one slot per rank ({world_size}), got {dcp.queue_size}",
         )
+
+
+def _identities(shards: str) -> int | None:
+    """The identity count of data.shards' manifest.json, or None where there is none to read (yet)."""
+    from facescale.data.manifest import Manifest, ManifestError
+
+    try:
+        return Manifest.load(shards).num_classes if shards else None
+    except (ManifestError, OSError):
+        return None

@@ -18,8 +18,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from facescale.data.identity_index import IdentityIndex, SampleLocation
 from facescale.data.jpeg import decode_jpeg
 from facescale.data.train_loader import batch_stream_loader, stream_seed
+from facescale.errors import InputError
 
 UInt8Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [B, H, W, 3] x 2, labels [B]
+
+
+class TooFewIdentitiesError(InputError, ValueError):
+    """Fewer identities than one identity batch per rank; every rank counts the same and raises alike."""
+
+    every_rank = True
 
 
 class IdentityPairs(IterableDataset):
@@ -45,10 +52,10 @@ class IdentityPairs(IterableDataset):
         # enough batches that every identity is drawn: the last one is topped up from the pass's start
         self.batches_per_pass = -(-per_rank // identities_per_batch)
         if per_rank < identities_per_batch:
-            raise ValueError(
+            raise TooFewIdentitiesError(
                 f"the shards hold {len(self.eligible)} identities with images, fewer than "
-                f"{identities_per_batch} per rank for {world_size} ranks; lower head.f2c.identities_per_rank"
-            )
+                f"{identities_per_batch} per rank for {world_size} ranks",
+                fix="lower head.f2c.identities_per_rank, or add identities")
 
     def rank_identities(self, pass_number: int) -> np.ndarray:
         """This rank's identities of one pass, in order: the pass's permutation, wrapped round to fill every
