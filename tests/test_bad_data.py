@@ -149,3 +149,28 @@ def test_misaligned_or_foreign_index_is_named_before_reading(tmp_path, reader, d
         _loader(tmp_path, reader)
     message = caught.value.line()
     assert "train-000001.idx" in message and "line 2" in message and "index_tar" in message
+
+
+@pytest.mark.parametrize("case", ["label_out_of_range", "missing_lbl", "truncated_tar"])
+def test_identity_index_names_bad_data_as_input_errors(tmp_path, case):
+    """F2C's identity index (built after the process group) reports bad shards as one-line input errors
+    (ManifestError / BadSampleError), not as a rank's traceback."""
+    from facescale.data.identity_index import IdentityIndex
+
+    shard, key, reason = CASES[case]
+    with pytest.raises(ManifestError) as error:
+        IdentityIndex.build(make_bad_dir(tmp_path / case, case))
+    assert f"{shard}: sample '{key}'" in str(error.value) and reason in str(error.value)
+
+
+def test_identity_index_reads_past_a_shard_cut_after_indexing(tmp_path):
+    from facescale.data.identity_index import IdentityIndex
+
+    directory = make_bad_dir(tmp_path / "good", "good")
+    index = IdentityIndex.build(directory)
+    tar = directory / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:2048])  # cut after the index was built (e.g. a copy still running)
+    with pytest.raises(BadSampleError, match="train-000001.tar: .* run past the end of the file"):
+        for label in range(CLASSES):
+            for location in index.locations(label):
+                index.read_jpeg(location)

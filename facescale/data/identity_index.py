@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facescale.data.bad_data import read_index_lines
-from facescale.data.manifest import Manifest
+from facescale.data.bad_data import BadSampleError, read_index_lines
+from facescale.data.manifest import Manifest, ManifestError
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
 
 
@@ -54,7 +54,7 @@ class IdentityIndex:
 
     @classmethod
     def build(cls, directory: str | Path) -> IdentityIndex:
-        """Index `directory` (manifest.json, tars, .idx files); ValueError names bad entries."""
+        """Index `directory` (manifest.json, tars, .idx files); a ManifestError names bad entries."""
         manifest = Manifest.load(directory)
         shards, offsets, sizes, labels = [], [], [], []
         pairs = zip(manifest.shard_paths(), manifest.index_paths(), strict=True)
@@ -65,14 +65,22 @@ class IdentityIndex:
             fd = os.open(tar, os.O_RDONLY)
             try:
                 for sample in read_index_lines(index):
-                    if IMAGE_EXT not in sample.members or LABEL_EXT not in sample.members:
-                        raise ValueError(f"{tar.name}: sample {sample.key!r} lacks .{IMAGE_EXT} or "
-                                         f".{LABEL_EXT}; run `facescale validate`")
+                    missing = [ext for ext in (IMAGE_EXT, LABEL_EXT) if ext not in sample.members]
+                    if missing:
+                        raise ManifestError(f"{tar.name}: sample {sample.key!r}: missing .{missing[0]}; run "
+                                            "`facescale validate`")
                     label_offset, label_size = sample.members[LABEL_EXT]
-                    label = decode_label(os.pread(fd, label_size, label_offset))
+                    payload = os.pread(fd, label_size, label_offset)
+                    try:
+                        label = decode_label(payload)
+                    except ValueError as exc:
+                        truncated = len(payload) < label_size
+                        raise ManifestError(f"{tar.name}: sample {sample.key!r}: "
+                                            f"{'the shard is truncated' if truncated else exc}; run "
+                                            "`facescale validate`") from None
                     if not 0 <= label < manifest.num_classes:
-                        raise ValueError(f"{tar.name}: sample {sample.key!r} has label {label} outside "
-                                         f"[0, {manifest.num_classes}); run `facescale validate`")
+                        raise ManifestError(f"{tar.name}: sample {sample.key!r} has label {label} outside "
+                                            f"[0, {manifest.num_classes}); run `facescale validate`")
                     shards.append(number)
                     offsets.append(sample.members[IMAGE_EXT][0])
                     sizes.append(sample.members[IMAGE_EXT][1])
@@ -103,8 +111,8 @@ class IdentityIndex:
             fd = self._fds[location.tar] = os.open(location.tar, os.O_RDONLY)
         data = os.pread(fd, location.size, location.offset)
         if len(data) != location.size:
-            raise ValueError(f"{location.tar}: {location.size} B at offset {location.offset} run past the "
-                             "end of the file (truncated shard); run `facescale validate`")
+            raise BadSampleError(f"{location.tar}: {location.size} B at offset {location.offset} run past "
+                                 "the end of the file (truncated shard); run `facescale validate`")
         return data
 
     def sample(self, label: int, k: int, rng: np.random.Generator) -> list[bytes]:
