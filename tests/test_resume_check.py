@@ -56,7 +56,7 @@ def test_resume_with_another_state_shape_is_one_line_before_anything_runs(
     shards, run_dir = saved_run
     monkeypatch.chdir(REPO)
     config_before = (run_dir / "config.yaml").read_bytes()
-    assert main(_argv(shards, run_dir, "schedule.steps=6", change)) == 2
+    assert main(_argv(shards, run_dir, "schedule.steps=6", "head.f2c.identities_per_rank=4", change)) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("facescale train: error: "), lines
     assert f"step_00000003 was saved with {expect}, so it cannot continue" in lines[0]
@@ -93,3 +93,37 @@ def test_mode_keys_count_only_for_their_mode(tmp_path, monkeypatch):
                 resume_check.check_resume_fits(now)
         else:
             resume_check.check_resume_fits(now)
+
+
+@pytest.mark.slow
+def test_batch_per_rank_run_resumed_on_another_gpu_count_keeps_its_global_batch(tmp_path):
+    """An arcface_torch-style recipe (batch_per_rank, epochs) saved by 2 ranks and requeued on 1: the global
+    batch stays the saved 8 (4 per rank x 2), so the run's step count and data position stay its own (they
+    were refused, or silently changed, when batch_per_rank x 1 rank made a new global batch of 4)."""
+    import yaml
+
+    from facescale.data.synth import synthesize
+    from launcher.local import local_train_command
+
+    shards = tmp_path / "shards"
+    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=5, workers=1)
+    recipe = yaml.safe_load((REPO / "configs" / "synthetic.yaml").read_text())
+    for key in ("steps", "warmup_steps", "global_batch_size"):
+        recipe["schedule"].pop(key, None)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    sets = [f"data.shards={shards}", f"logging.run_dir={tmp_path / 'run'}", "eval.bins=[]",
+            "data.num_workers=0", "schedule.batch_per_rank=4", "checkpoint.every_steps=3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(local_train_command(2, str(config), [*sets, "schedule.epochs=0.5"]), cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "global batch 8 = 4 per rank x 2 ranks" in first.stdout + first.stderr  # 3 steps = 48 // 8 / 2
+    argv = ["train", "--config", str(config)]
+    argv += [x for item in [*sets, "schedule.epochs=1"] for x in ("--set", item)]
+    second = subprocess.run([sys.executable, "-m", "facescale", *argv], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "so the global batch stays 8 as saved" in log and "1 epochs x 6 steps (48 samples // 8)" in log
+    assert "at step 3" in log and "step 6/6" in log

@@ -76,8 +76,11 @@ class TrainLoader(ABC):
         """Continue from a cursor saved by `state_dict` (same data, seed, world size and batch size)."""
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
         if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
-            raise ValueError(f"loader state {state} is outside [0, {self.steps_per_epoch}] steps per epoch; "
-                             "was it saved with another batch size, world size or data set?")
+            raise LoaderStateError(
+                f"the checkpoint's data position {state} is outside this run's epoch of "
+                f"{self.steps_per_epoch} steps: it was saved with another global batch size or data set",
+                fix="resume with the schedule.global_batch_size and data.shards it was saved with (its "
+                    "config.yaml), or start a new run from its weights (model.init_from)")
         self.reset()
         self.epoch, self.step_in_epoch = epoch, step
 
@@ -114,6 +117,12 @@ def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: 
 
 class TooFewSamplesError(InputError, ValueError):
     """The shards hold less than one batch for every rank; each rank counts the same and raises alike."""
+
+    every_rank = True
+
+
+class LoaderStateError(InputError, ValueError):
+    """A saved data position that does not fit this run's epoch; every rank's loader refuses it alike."""
 
     every_rank = True
 

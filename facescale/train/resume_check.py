@@ -42,6 +42,22 @@ def resume_step_dir(cfg: Config) -> Path | None:
     return resolve_checkpoint(mode)
 
 
+def keep_saved_global_batch(cfg: Config) -> str:
+    """A resumed run set up with schedule.batch_per_rank (arcface_torch style: the global batch follows the
+    GPU count) keeps the global batch it was saved with, so its step count, learning rate and data position
+    stay the run's when it resumes on another GPU count; the per-rank batch follows the new count instead.
+    Call before resolve_schedule; returns the console line ("" when nothing changed)."""
+    if not cfg.schedule.batch_per_rank or not resumes(cfg):
+        return ""
+    step_dir = resume_step_dir(cfg)
+    saved = _value(read_saved_config(step_dir), "schedule.global_batch_size") if step_dir else None
+    if not saved:
+        return ""
+    cfg.schedule.global_batch_size, cfg.schedule.batch_per_rank = int(saved), 0
+    return (f"[facescale] schedule: resumed from {step_dir}, so the global batch stays {saved} as saved "
+            "(schedule.batch_per_rank sets it for a fresh start only)")
+
+
 def _value(tree: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
