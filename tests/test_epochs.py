@@ -102,7 +102,7 @@ def test_restored_cursor_yields_exactly_the_uninterrupted_batches(shard_dir, rea
                                                               strict=False):
             assert torch.equal(labels, ref_labels) and torch.equal(images, ref_images)
         assert restored.seen == 7 * 2 and restored.skipped == 0
-    with pytest.raises(ValueError, match="another batch size"):
+    with pytest.raises(ValueError, match="saved with another global batch size"):
         restored.load_state_dict({"epoch": 0, "step_in_epoch": 12})
 
 
