@@ -1,4 +1,5 @@
-"""Which checkpoint a run continues from, and whether it was saved by a run of the same shape.
+"""Which checkpoint a run continues from, whether it was saved by a run of the same shape, and the global
+batch it keeps from it.
 
 A resumed run rebuilds its backbone, head and optimizers from the config and then loads the step into them, so
 a config that changed a setting that fixes the saved tensors' names, shapes or kinds cannot continue: it is
