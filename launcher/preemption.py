@@ -1,4 +1,5 @@
 """Preemption: a signal sets a flag; all ranks agree on it at a step boundary, save, and exit for requeue.
+Ctrl-C (SIGINT, where the trainer asks for it) stops the same way but exits with INTERRUPT_EXIT_CODE.
 
 Never exit inside the handler (a collective may be in flight): the handler only records the signal.
 The trainer calls `should_stop()` once per step; it MAX-reduces the flag so every rank stops at the same step,
@@ -19,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 3  # the batch script requeues the job when the trainer exits with this code
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C saved and stopped the run (no requeue)
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+_NONE, _INTERRUPT, _PREEMPT = 0, 1, 2  # what a rank saw, MAX-reduced: a preemption outranks a Ctrl-C
 REQUEUE_MARKER_ENV = "FACESCALE_REQUEUE_MARKER"
 
 _first_check_hooks: list[Callable[[], None]] = []
@@ -43,6 +46,8 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.interrupted = False  # Ctrl-C (SIGINT) on this rank
+        self.requeue = False  # set by should_stop: the agreed stop is a preemption (else a Ctrl-C)
 
     def _handle(self, signum: int, _frame) -> None:
         first = self.signal_name is None
@@ -50,25 +55,38 @@ class PreemptionFlag:
         if first:
             sys.stderr.write(f"[facescale] received {self.signal_name}: saving at the next step boundary\n")
 
+    def _interrupt(self, _signum: int, _frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once (the last checkpoint stays loadable)
+        self.interrupted = True
+        sys.stderr.write("[facescale] received SIGINT (Ctrl-C): saving at the next step boundary, then "
+                         "stopping; Ctrl-C again stops at once\n")
+
     @classmethod
-    def install(cls, names: tuple[str, ...] = DEFAULT_SIGNALS) -> PreemptionFlag:
-        """Create a flag and make each signal in `names` set it (replacing any earlier handler)."""
+    def install(cls, names: tuple[str, ...] = DEFAULT_SIGNALS, interrupt: bool = False) -> PreemptionFlag:
+        """Create a flag and make each signal in `names` set it (replacing any earlier handler); `interrupt`:
+        Ctrl-C too, unless SIGINT is ignored here (nohup, a background job), which is left as it is."""
         flag = cls()
         for name in names:
             signal.signal(getattr(signal, name), flag._handle)
+        if interrupt and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, flag._interrupt)
         return flag
 
     def should_stop(self, device: torch.device | None = None) -> bool:
-        """True on every rank once any rank has been signalled."""
-        local = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32, device=device)
+        """True on every rank once any rank has been signalled; `requeue` then says whether any rank was
+        preempted (a Ctrl-C alone stops without requeue)."""
+        seen = _PREEMPT if self.signal_name else _INTERRUPT if self.interrupted else _NONE
+        local = torch.tensor([seen], dtype=torch.int32, device=device)
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        stop = bool(local.item())
-        if stop and (not distributed or dist.get_rank() == 0):
+        agreed = int(local.item())
+        self.requeue = agreed == _PREEMPT
+        if self.requeue and (not distributed or dist.get_rank() == 0):
             write_requeue_marker(self.signal_name or "peer")
         _run_first_check_hooks()
-        return stop
+        return agreed != _NONE
 
 
 def write_requeue_marker(reason: str, environ: dict | None = None) -> Path | None:

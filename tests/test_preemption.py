@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import pytest
 import torch.distributed as dist
 
 from launcher import preemption
@@ -76,3 +77,75 @@ def _late_peer_after_training_timeout(rank: int, world: int) -> tuple[str, float
 def test_training_timeout_replaces_the_start_up_timeout():
     outcome, waited = run_ranks(_late_peer_after_training_timeout, 2)[0]
     assert outcome == "timed out" and waited < 6.0, (outcome, waited)
+
+
+def _interrupt_rank1_at_step2(rank: int, world: int, marker: str) -> list[tuple[bool, bool]]:
+    os.environ[REQUEUE_MARKER_ENV] = marker
+    flag = PreemptionFlag.install(("SIGUSR1",), interrupt=True)
+    answers = []
+    for step in range(4):
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches rank 1 only
+        answers.append((flag.should_stop(), flag.requeue))
+    return answers
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_without_requeue(tmp_path):
+    marker = tmp_path / "REQUEUE"
+    answers = run_ranks(_interrupt_rank1_at_step2, 2, str(marker))
+    assert answers == [[(False, False), (False, False), (True, False), (True, False)]] * 2
+    assert not marker.exists()  # an interrupted run is not requeued
+
+
+def test_second_ctrl_c_stops_at_once_and_ignored_sigint_stays_ignored():
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        flag = PreemptionFlag.install((), interrupt=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.interrupted and flag.should_stop() and not flag.requeue
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. nohup or a background job
+        PreemptionFlag.install((), interrupt=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_stops_with_130(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, data workers included, as a terminal sends it) saves the
+    current step, exits with 130 and no traceback; the run resumes from that step."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from facescale.data.synth import synthesize
+
+    repo = Path(__file__).resolve().parents[1]
+    shards = tmp_path / "shards"
+    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=7, workers=1)
+    sets = [f"data.shards={shards}", f"logging.run_dir={tmp_path / 'run'}", "eval.bins=[]",
+            "data.num_workers=1", "schedule.warmup_steps=0", "schedule.global_batch_size=8",
+            "logging.every_steps=1", "checkpoint.every_steps=1000"]
+    argv = [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log:
+        command = argv + [x for item in [*sets, "schedule.steps=100000"] for x in ("--set", item)]
+        proc = subprocess.Popen(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 240
+        while "[train] step 3/" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+    text = log_path.read_text()
+    assert "Traceback" not in text
+    step = int(re.search(r"interrupted \(Ctrl-C\) at step (\d+): saving", text).group(1))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    command = argv + [x for item in [*sets, f"schedule.steps={step + 1}"] for x in ("--set", item)]
+    again = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"at step {step}" in again.stdout + again.stderr

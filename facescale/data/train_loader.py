@@ -3,6 +3,7 @@ normalisation, the shared DataLoader settings and per-stream seeds (readers impo
 
 from __future__ import annotations
 
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -99,8 +100,10 @@ def normalize_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _one_thread_worker(worker_id: int) -> None:
-    """DataLoader worker init: one intra-op thread (tiny tensors; OpenMP spinning costs ~10x here)."""
+    """DataLoader worker init: one intra-op thread (tiny tensors; OpenMP spinning costs ~10x here), and Ctrl-C
+    left to the main process (it saves at the next step boundary, and needs its workers until then)."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: int,

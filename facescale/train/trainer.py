@@ -25,7 +25,7 @@ from facescale.train.resume_check import resume_step_dir
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
 from launcher.env import DistEnv
-from launcher.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from launcher.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Trainer:
         self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
         self._skip_batches = 0  # batches to drop on resume when the loader has no load_state_dict
         self._nan_steps = nan_injection_steps()
-        self.preemption = PreemptionFlag.install()
+        self.preemption = PreemptionFlag.install(interrupt=True)
         if env.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             warn_if_short_of_space(cfg, self.run_dir, self.manifest.num_classes, env.world_size, self.metrics)
@@ -368,13 +368,14 @@ class Trainer:
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             if self._preempted():
-                self.metrics.console(
-                    f"[facescale] preempted at step {self.step}: saving and exiting "
-                    f"with code {REQUEUE_EXIT_CODE} for requeue"
-                )
+                requeue = self.preemption.requeue
+                code = REQUEUE_EXIT_CODE if requeue else INTERRUPT_EXIT_CODE
+                what = "preempted" if requeue else "interrupted (Ctrl-C)"
+                self.metrics.console(f"[facescale] {what} at step {self.step}: saving and exiting with code "
+                                     f"{code}{' for requeue' if requeue else ''}")
                 self.save()
                 self.metrics.close()
-                raise SystemExit(REQUEUE_EXIT_CODE)
+                raise SystemExit(code)
         throughput = (
             (self.step - start_step) * sch.global_batch_size / max(time.perf_counter() - t_start, 1e-9)
         )
