@@ -74,7 +74,7 @@ def test_an_explicit_resume_path_is_checked_too(saved_run, tmp_path, capsys, mon
     assert not (tmp_path / "other").exists()
 
 
-def test_mode_keys_count_only_for_their_mode(tmp_path, monkeypatch):
+def test_mode_keys_count_only_for_their_mode(tmp_path):
     """head.optimizer fixes a Partial FC step's state (the centers' optimizer), not an F2C step's."""
     from facescale.config.errors import ConfigError
     from facescale.config.load import config_yaml
@@ -85,14 +85,13 @@ def test_mode_keys_count_only_for_their_mode(tmp_path, monkeypatch):
         saved = Config()
         saved.head.type, saved.head.optimizer = head_type, "sgd"
         (tmp_path / "config.yaml").write_text(config_yaml(saved))
-        monkeypatch.setattr(resume_check, "resume_step_dir", lambda cfg: tmp_path)
         now = Config()
         now.head.type, now.head.optimizer = head_type, "adamw"
         if refused:
             with pytest.raises(ConfigError, match="head.optimizer 'sgd' \\(now 'adamw'\\)"):
-                resume_check.check_resume_fits(now)
+                resume_check.check_resume_fits(now, tmp_path)
         else:
-            resume_check.check_resume_fits(now)
+            resume_check.check_resume_fits(now, tmp_path)
 
 
 @pytest.mark.slow

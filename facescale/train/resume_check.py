@@ -23,35 +23,39 @@ from facescale.modes.registry import get_mode
 STATE_KEYS = ("model.name", "model.embedding_size", "head.type", "optim.name")
 
 
-def resumes(cfg: Config) -> bool:
-    """Whether this run will continue from a checkpoint (checkpoint.resume), so no `init_from` applies; cheap
-    (the step it names is checked by `resume_step_dir`)."""
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return False
-    return mode != "auto" or (Path(cfg.logging.run_dir) / "checkpoints" / LATEST).is_file()
-
-
-def resume_step_dir(cfg: Config) -> Path | None:
-    """The complete step directory this run continues from (checkpoint.resume), or None for a fresh start."""
+def _named_step(cfg: Config) -> Path | None:
+    """What checkpoint.resume names, unresolved: `latest` under this run's checkpoints for "auto" (when it
+    exists), the given path, or None for a fresh start."""
     mode = cfg.checkpoint.resume
     if mode == "none":
         return None
     if mode == "auto":
         root = Path(cfg.logging.run_dir) / "checkpoints"
-        return resolve_checkpoint(root) if (root / LATEST).is_file() else None
-    return resolve_checkpoint(mode)
+        return root if (root / LATEST).is_file() else None
+    return Path(mode)
 
 
-def keep_saved_global_batch(cfg: Config) -> str:
+def resumes(cfg: Config) -> bool:
+    """Whether this run will continue from a checkpoint (checkpoint.resume), so no `init_from` applies; cheap
+    (the step it names is checked by `resume_step_dir`)."""
+    return _named_step(cfg) is not None
+
+
+def resume_step_dir(cfg: Config) -> Path | None:
+    """The complete step directory this run continues from (checkpoint.resume), or None for a fresh start."""
+    named = _named_step(cfg)
+    return None if named is None else resolve_checkpoint(named)
+
+
+def keep_saved_global_batch(cfg: Config, step_dir: Path | None) -> str:
     """A resumed run set up with schedule.batch_per_rank (arcface_torch style: the global batch follows the
     GPU count) keeps the global batch it was saved with, so its step count, learning rate and data position
     stay the run's when it resumes on another GPU count; the per-rank batch follows the new count instead.
-    Call before resolve_schedule; returns the console line ("" when nothing changed)."""
-    if not cfg.schedule.batch_per_rank or not resumes(cfg):
+    `step_dir`: `resume_step_dir(cfg)`. Call before resolve_schedule; returns the console line ("" when
+    nothing changed)."""
+    if not cfg.schedule.batch_per_rank or step_dir is None:
         return ""
-    step_dir = resume_step_dir(cfg)
-    saved = _value(read_saved_config(step_dir), "schedule.global_batch_size") if step_dir else None
+    saved = _value(read_saved_config(step_dir), "schedule.global_batch_size")
     if not saved:
         return ""
     cfg.schedule.global_batch_size, cfg.schedule.batch_per_rank = int(saved), 0
@@ -67,10 +71,10 @@ def _value(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def check_resume_fits(cfg: Config, source: str = "config") -> None:
-    """Raise ConfigError when the step this run resumes from was saved with other STATE_KEYS (or the mode's
-    resume_keys) values, read from the step's own config.yaml (a step without one is not checked)."""
-    step_dir = resume_step_dir(cfg)
+def check_resume_fits(cfg: Config, step_dir: Path | None, source: str = "config") -> None:
+    """Raise ConfigError when `step_dir` (`resume_step_dir(cfg)`), the step this run resumes from, was saved
+    with other STATE_KEYS (or the mode's resume_keys) values, read from the step's own config.yaml (a step
+    without one is not checked)."""
     if step_dir is None:
         return
     saved, current = read_saved_config(step_dir), config_to_dict(cfg)

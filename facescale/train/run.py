@@ -12,7 +12,7 @@ from facescale.eval.check import check_eval_bins
 from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
 from facescale.train.init_weights import check_init_from
-from facescale.train.resume_check import check_resume_fits, keep_saved_global_batch
+from facescale.train.resume_check import check_resume_fits, keep_saved_global_batch, resume_step_dir
 from launcher.env import resolve_dist_env
 from launcher.preemption import clear_requeue_marker
 
@@ -21,7 +21,8 @@ def run_training(config_path: str | None, overrides: list[str]):
     """Train with the config at `config_path` plus overrides; every check runs before the process group."""
     env = resolve_dist_env()
     cfg = load_config(config_path, overrides)
-    kept_line = keep_saved_global_batch(cfg)  # a resumed run keeps its global batch on any GPU count
+    resume_from = resume_step_dir(cfg)  # the complete step it continues from, checked once here
+    kept_line = keep_saved_global_batch(cfg, resume_from)  # a resumed run keeps its global batch on any W
     schedule_line = resolve_schedule(cfg, env.world_size)  # epochs / batch_per_rank -> steps / global batch
     for line in (kept_line, schedule_line):
         if line and env.rank == 0:
@@ -29,7 +30,7 @@ def run_training(config_path: str | None, overrides: list[str]):
     validate(cfg, str(config_path), world_size=env.world_size)
     manifest = load_shard_manifest(cfg.data, need_index=resolve_reader(cfg.data.reader) == "dali")
     check_eval_bins(cfg.eval.bins, cfg.data.image_size)
-    check_resume_fits(cfg, str(config_path))  # the step it continues from was saved by a run of this shape
+    check_resume_fits(cfg, resume_from, str(config_path))  # that step was saved by a run of this shape
     check_init_from(cfg)  # model.init_from reads and fits the model (skipped when the run resumes)
     steps_per_epoch(manifest.num_samples, env.world_size, micro_batch_size(cfg, env.world_size),
                     source=str(manifest.directory))  # at least one batch per rank, before anything is written

@@ -97,7 +97,8 @@ class Trainer:
         torch.manual_seed(cfg.schedule.seed)  # identical initial backbone on every rank
         backbone = build_backbone(cfg.model)
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
-        if self._resume_path() is None:  # a resumed run continues from its checkpoint, never init_from
+        self.resume_from = resume_step_dir(cfg)  # the step this run continues from; None: a fresh start
+        if self.resume_from is None:  # a resumed run continues from its checkpoint, never init_from
             init_backbone_from(cfg.model, backbone, run_logger().info if env.rank == 0 else lambda line: None)
         if cfg.model.compile:
             from facescale.models.compile import compile_backbone
@@ -116,7 +117,7 @@ class Trainer:
             micro_batch=self.micro_batch, precision=runtime.precision, device=runtime.device,
         )
         self.head, self.loader = self.mode.head, self.mode.loader
-        if self._resume_path() is None:  # e.g. head.init_from; a resumed run has its own state
+        if self.resume_from is None:  # e.g. head.init_from; a resumed run has its own state
             get_mode(cfg.head.type).start_fresh(self.mode, cfg, run_logger().info if env.rank == 0 else
                                                 lambda line: None)
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard,
@@ -137,12 +138,8 @@ class Trainer:
             (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
         self._maybe_resume()
 
-    def _resume_path(self) -> Path | None:
-        """The step directory this run continues from (checkpoint.resume), or None for a fresh start."""
-        return resume_step_dir(self.cfg)
-
     def _maybe_resume(self) -> None:
-        path = self._resume_path()
+        path = self.resume_from
         if path is None:
             return
         state = self.checkpoints.load(path, self.engine, self.head)
