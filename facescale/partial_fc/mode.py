@@ -46,11 +46,12 @@ class PartialFCMode(TrainingMode):
     resume_keys = ("head.optimizer",)  # the centers' optimizer state (momentum or Adam moments)
 
     def check_config(self, cfg: Any, source: str, world_size: int | None) -> None:
-        """head.init_from's files read and fit the data and the model (not on a resume, which ignores them:
-        a requeued job must not fail on files removed since it started)."""
+        """At the training start (`world_size` given; load_config's own pass runs first without it, and the
+        files are opened once): head.init_from's files read and fit the data and the model. Not on a resume,
+        which ignores them: a requeued job must not fail on files removed since it started."""
         from facescale.train.resume_check import resumes
 
-        if cfg.head.init_from and not resumes(cfg):
+        if cfg.head.init_from and world_size is not None and not resumes(cfg):
             from facescale.data.manifest import Manifest
 
             num_classes = Manifest.load(cfg.data.shards).num_classes
