@@ -8,7 +8,7 @@ import sys
 
 from facescale.errors import debug_enabled, report_errors
 
-COMMAND_MODULES = ("train", "synth", "eval", "plan", "data", "checkpoint", "import_config")
+COMMAND_MODULES = ("train", "synth", "eval", "embed", "plan", "data", "checkpoint", "import_config")
 
 
 def build_parser() -> argparse.ArgumentParser:

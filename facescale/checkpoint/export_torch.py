@@ -20,8 +20,11 @@ from facescale.checkpoint.layout import (
 )
 from facescale.checkpoint.safe_load import safe_load
 
-# facescale name -> arcface_torch get_model name, where they differ (its only ViT-L is the dp005/mask005 one)
-ARCFACE_TORCH_NAMES = {"vit_l": "vit_l_dp005_mask_005"}
+# facescale name -> arcface_torch get_model name (its only ViT-L is the dp005/mask005 one); the demo nets are
+# facescale's own and have none
+ARCFACE_TORCH_NAMES = {**{name: name for name in ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large",
+                                                  "vit_t", "vit_s", "vit_b")},
+                       "vit_l": "vit_l_dp005_mask_005"}
 
 
 def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
@@ -45,4 +48,4 @@ def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     atomic_torch_save(plain, out)
     return {"path": str(out), "tensors": len(plain), "model": cfg.model.name,
             "embedding_size": cfg.model.embedding_size,
-            "arcface_torch_name": ARCFACE_TORCH_NAMES.get(cfg.model.name, cfg.model.name)}
+            "arcface_torch_name": ARCFACE_TORCH_NAMES.get(cfg.model.name)}

@@ -4,30 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from facescale.commands.model_source import add_model_source_args
-
-
-@contextmanager
-def _eval_ranks(args: argparse.Namespace, command: str) -> Iterator[tuple]:
-    """The launch's ranks (one process group when several), the device, and the model on it: (env, runtime,
-    model, image_size); the group is shut down on the way out."""
-    from facescale.commands.model_source import load_model_source
-    from facescale.parallel.init import init_distributed, shutdown_distributed
-    from facescale.runtime import select_runtime
-    from launcher.env import resolve_dist_env
-
-    env = resolve_dist_env()
-    runtime = select_runtime(env.local_rank)
-    if env.world_size > 1:
-        init_distributed(env, runtime)
-    try:
-        model, image_size = load_model_source(args, command)
-        yield env, runtime, model.to(runtime.device), image_size
-    finally:
-        shutdown_distributed()
+from facescale.commands.model_source import add_model_source_args, model_on_ranks
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -40,7 +18,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     for path in args.bin:  # a bad set is named before the model is loaded and the extraction starts
         load_bin_checked(path)
-    with _eval_ranks(args, "eval verify") as (env, runtime, model, image_size):
+    with model_on_ranks(args, "eval verify") as (env, runtime, model, image_size):
         for path in args.bin:
             res = evaluate_bin(model, path, batch_size=args.batch_size, device=runtime.device, rank=env.rank,
                                world_size=env.world_size, image_size=image_size,
@@ -59,11 +37,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _ijb(args: argparse.Namespace) -> int:
     """IJB-B/C on the release layout; extraction split across ranks (torchrun/srun), rank 0 reports."""
+    from facescale.eval.dataset_extract import default_workers
     from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
-    from facescale.eval.ijb_extract import default_workers
     from facescale.eval.ijb_protocol import IJBMode
 
-    with _eval_ranks(args, "eval ijb") as (env, runtime, model, image_size):
+    with model_on_ranks(args, "eval ijb") as (env, runtime, model, image_size):
         mode = IJBMode(flip=args.flip, norm_score=args.norm_score, detector_score=args.detector_score)
         workers = default_workers(env.local_world_size) if args.workers is None else args.workers
         res = evaluate_ijb(model, args.root, name=args.name, mode=mode, batch_size=args.batch_size,
@@ -99,9 +77,12 @@ def _export_torch(args: argparse.Namespace) -> int:
     from facescale.checkpoint.export_torch import export_torch
 
     report = export_torch(args.checkpoint, args.out)
+    name, size = report["arcface_torch_name"], report["embedding_size"]
+    loads = (f"arcface_torch loads it with get_model({name!r}, num_features={size})" if name else
+             f"'{report['model']}' is facescale's own network (arcface_torch has none): load it with "
+             f"--weights {report['path']} --model {report['model']}")
     print(f"[export] wrote {report['path']}: {report['tensors']} fp32 tensors of '{report['model']}' "
-          f"({report['embedding_size']}-d); arcface_torch loads it with "
-          f"get_model({report['arcface_torch_name']!r}, num_features={report['embedding_size']})")
+          f"({size}-d); {loads}")
     return 0
 
 

@@ -7,6 +7,8 @@ evaluated or exported without a fake run directory.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,3 +46,22 @@ def load_model_source(args: argparse.Namespace, command: str) -> tuple[torch.nn.
                            fix=f"add --model, one of {', '.join(list_backbones())}")
     settings = Settings(model="--model", embedding_size="--embedding-size", lenient=None)  # all keys or none
     return backbone_from_weights(args.weights, args.model, args.embedding_size, settings), DEFAULT_IMAGE_SIZE
+
+
+@contextmanager
+def model_on_ranks(args: argparse.Namespace, command: str) -> Iterator[tuple]:
+    """The launch's ranks (one process group when several), the device, and the model on it: (env, runtime,
+    model, image_size); the group is shut down on the way out."""
+    from facescale.parallel.init import init_distributed, shutdown_distributed
+    from facescale.runtime import select_runtime
+    from launcher.env import resolve_dist_env
+
+    env = resolve_dist_env()
+    runtime = select_runtime(env.local_rank)
+    if env.world_size > 1:
+        init_distributed(env, runtime)
+    try:
+        model, image_size = load_model_source(args, command)
+        yield env, runtime, model.to(runtime.device), image_size
+    finally:
+        shutdown_distributed()

@@ -23,7 +23,8 @@ class FolderLayoutError(InputError, ValueError):
     default_fix = "pass --depth N, the number of directory levels from --root down to an identity"
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of IMAGE_SUFFIXES (any case)."""
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
@@ -34,7 +35,7 @@ def _scan(directory: Path) -> tuple[list[str], list[str]]:
         for entry in entries:
             if entry.is_dir():
                 dirs.append(entry.name)
-            elif _is_image(entry.name):
+            elif is_image_name(entry.name):
                 images.append(entry.name)
     return sorted(dirs), sorted(images)
 

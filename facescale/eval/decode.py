@@ -9,11 +9,15 @@ from facescale.eval.binfile import EvalSetError
 ImageInput = bytes | bytearray | memoryview | np.ndarray
 
 
-def decode_image(image: ImageInput, image_size: int | None, source: str,
-                 index: int | None = None) -> np.ndarray:
+MODEL_SIZE_FIX = "align the faces to crops of the model's input size"
+
+
+def decode_image(image: ImageInput, image_size: int | None, source: str, index: int | None = None,
+                 size_fix: str = MODEL_SIZE_FIX) -> np.ndarray:
     """One image as HWC uint8 RGB: JPEG via simplejpeg (PIL fallback), other formats via PIL; size checked.
 
-    Errors name `source` (a file) and, for a collection, the image `index` within it.
+    Errors name `source` (a file) and, for a collection, the image `index` within it; `size_fix` is what a
+    wrong size's message says to do.
     """
     where = source if index is None else f"{source}: image {index}"
     if isinstance(image, bytes | bytearray | memoryview):
@@ -21,17 +25,18 @@ def decode_image(image: ImageInput, image_size: int | None, source: str,
         try:
             pixels = _decode_bytes(data)
         except Exception as error:  # noqa: BLE001 - every decoder failure becomes one clear message
-            raise EvalSetError(f"{where} could not be decoded ({error}); "
-                             "expected JPEG or PNG bytes") from error
+            from PIL import UnidentifiedImageError
+
+            reason = "no image format recognised" if isinstance(error, UnidentifiedImageError) else error
+            raise EvalSetError(f"{where} could not be decoded ({reason}); "
+                               "expected JPEG or PNG bytes") from error
     else:
         pixels = np.asarray(image)
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise EvalSetError(f"{where} must be HWC uint8 RGB, got {pixels.dtype} {pixels.shape}")
     if image_size is not None and pixels.shape[:2] != (image_size, image_size):
         height, width = pixels.shape[:2]
-        raise EvalSetError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; evaluation "
-                           "needs aligned crops of the model's input size (align the faces to it, or give "
-                           "the size the model takes: data.image_size / --image-size)")
+        raise EvalSetError(f"{where} is {width}x{height}, expected {image_size}x{image_size}; {size_fix}")
     return pixels
 
 

@@ -51,6 +51,9 @@ def image_path(root: str, name: str, number: int) -> str:
     raise FileNotFoundError(f"no image {stem}.{{{','.join(IMAGE_EXTENSIONS)}}} (from the pairs file)")
 
 
+_SIZE_FIX = "align the faces to crops of that size, or give --image-size the size the crops have"
+
+
 def make_bin(root: str, pairs_txt: str, out: str, image_size: int | None = 112) -> int:
     """Write `out` (.bin) with the images of every pair in `pairs_txt`; return the number of pairs.
 
@@ -69,7 +72,7 @@ def make_bin(root: str, pairs_txt: str, out: str, image_size: int | None = 112) 
             if path not in cache:
                 with open(path, "rb") as handle:
                     data = handle.read()
-                decode_image(data, image_size, path)
+                decode_image(data, image_size, path, size_fix=_SIZE_FIX)
                 cache[path] = data
             images.append(cache[path])
         issame.append(name1 == name2)

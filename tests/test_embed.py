@@ -1,0 +1,165 @@
+"""`facescale embed`: aligned crops of a folder or list to `.npy` rows + a path list, like inference.py.
+
+The reference embeds each PNG as a reader of arcface_torch's inference.py would: decoded by Pillow, scaled to
+[-1, 1], one forward of the network (plus the mirror image's forward for flip), built here from the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facescale.cli import main
+from facescale.config.schema import ModelConfig
+from facescale.models.registry import build_backbone
+from tests.distributed import run_ranks
+
+SIZE = 112
+DIM = 32
+
+
+def _face(seed: int, size: int = SIZE) -> np.ndarray:
+    """A smooth random HWC uint8 image (a blurred noise field: varied enough to give distinct embeddings)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (size // 8, size // 8, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+
+
+@pytest.fixture
+def weights(tmp_path):
+    torch.manual_seed(0)
+    model = build_backbone(ModelConfig(name="demo", embedding_size=DIM)).eval()
+    path = tmp_path / "backbone.pth"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+@pytest.fixture
+def faces(tmp_path):
+    """faces/b/1.png, faces/a/x/3.png ... (PNG: lossless, so any decoder gives the same pixels) and a
+    non-image file that the folder walk must pass over."""
+    root = tmp_path / "faces"
+    layout = {"b/1.png": 1, "a/x/3.png": 3, "a/2.png": 2, "a/10.png": 10, "c.png": 4}
+    for name, seed in layout.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_face(seed)).save(root / name)
+    (root / "a" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _reference(model: torch.nn.Module, path, flip: bool) -> np.ndarray:
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    x = torch.from_numpy((pixels / 255.0 - 0.5) / 0.5).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        out = model(x) + (model(torch.flip(x, dims=[3])) if flip else 0)
+    return out[0].numpy()
+
+
+def test_folder_rows_follow_the_sorted_paths_and_equal_the_plain_forward(weights, faces, tmp_path, capsys):
+    path, model = weights
+    out = tmp_path / "out" / "feats"
+    assert main(["embed", "--weights", str(path), "--model", "demo", str(faces), "--out", str(out),
+                 "--batch-size", "2", "--workers", "1"]) == 0
+    listed = (tmp_path / "out" / "feats.txt").read_text().splitlines()
+    names = [name.removeprefix(str(faces) + "/") for name in listed]
+    assert names == ["c.png", "a/10.png", "a/2.png", "a/x/3.png", "b/1.png"]  # a directory's files, then dirs
+    rows = np.load(tmp_path / "out" / "feats.npy")
+    assert rows.dtype == np.float32 and rows.shape == (5, DIM)
+    expected = np.stack([_reference(model, name, flip=True) for name in listed])
+    np.testing.assert_allclose(rows, expected, rtol=1e-4, atol=1e-5)
+    assert '"images": 5' in capsys.readouterr().out
+
+
+def test_list_keeps_its_order_and_no_flip_normalize_gives_unit_rows(weights, faces, tmp_path):
+    path, model = weights
+    (tmp_path / "list.txt").write_text("b/1.png\n\na/2.png\n" + str(faces / "c.png") + "\n")
+    assert main(["embed", "--weights", str(path), "--model", "demo", "--list", str(tmp_path / "list.txt"),
+                 "--root", str(faces), "--out", str(tmp_path / "f.npy"), "--no-flip", "--normalize",
+                 "--workers", "0"]) == 0
+    listed = (tmp_path / "f.txt").read_text().splitlines()
+    assert listed == [str(faces / "b/1.png"), str(faces / "a/2.png"), str(faces / "c.png")]
+    rows = np.load(tmp_path / "f.npy")
+    plain = np.stack([_reference(model, name, flip=False) for name in listed])
+    np.testing.assert_allclose(rows, plain / np.linalg.norm(plain, axis=1, keepdims=True), atol=1e-5)
+
+
+def _embed_on_rank(rank: int, world: int, weights_path: str, paths: list[str]) -> np.ndarray:
+    from facescale.checkpoint.weights import backbone_from_weights
+    from facescale.eval.embed_images import embed_images
+
+    model = backbone_from_weights(weights_path, "demo", None)
+    return embed_images(model, paths, SIZE, batch_size=2, device="cpu", rank=rank, world_size=world,
+                        workers=1, progress=False)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one(weights, faces):
+    from facescale.eval.embed_images import list_images
+
+    paths = list_images([str(faces)])
+    single = _embed_on_rank(0, 1, str(weights[0]), paths)
+    for rows in run_ranks(_embed_on_rank, 2, str(weights[0]), paths):
+        np.testing.assert_allclose(rows, single, atol=1e-6)
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    return lines[-1]
+
+
+def test_bad_images_are_named_in_one_line_and_nothing_is_written(weights, faces, tmp_path, capsys):
+    model = ["embed", "--weights", str(weights[0]), "--model", "demo", "--out", str(tmp_path / "o"),
+             "--workers", "0"]
+    Image.fromarray(_face(7, size=96)).save(faces / "a" / "small.png")
+    assert _error(model + [str(faces)], capsys).endswith(
+        f"{faces}/a/small.png is 96x96, expected 112x112; align the faces to crops of the model's input size")
+    (faces / "a" / "small.png").write_bytes(b"not a picture")
+    assert _error(model + [str(faces)], capsys).endswith(
+        f"{faces}/a/small.png could not be decoded (no image format recognised); expected JPEG or PNG bytes")
+    (faces / "empty").mkdir()
+    assert f"{faces}/empty: holds no images" in _error(model + [str(faces / "empty")], capsys)
+    assert f"{tmp_path}/absent: does not exist" in _error(model + [str(tmp_path / "absent")], capsys)
+    (tmp_path / "l.txt").write_text("b/1.png\nb/9.png\n")
+    line = _error(model + ["--list", str(tmp_path / "l.txt"), "--root", str(faces)], capsys)
+    assert "l.txt: 1 listed image(s) do not exist, e.g. " in line and "b/9.png" in line and "--root" in line
+    assert "no images to embed" in _error(model, capsys)
+    assert not list(tmp_path.glob("o.*"))
+
+
+@pytest.mark.slow
+def test_checkpoint_and_its_exported_weights_embed_alike(faces, tmp_path, capsys):
+    """A real 1-rank demo run: `embed --checkpoint RUN` equals `export torch` + `embed --weights`; the export
+    says the demo net is facescale's own (arcface_torch's get_model has no such name)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from facescale.data.synth import synthesize
+
+    repo = Path(__file__).resolve().parents[1]
+    synthesize(tmp_path / "shards", identities=8, images_per_identity=4, holdout_identities=0, seed=3,
+               workers=1)
+    argv = ["train", "--config", "configs/synthetic.yaml"]
+    for item in (f"data.shards={tmp_path / 'shards'}", f"logging.run_dir={tmp_path / 'run'}", "eval.bins=[]",
+                 "schedule.steps=2", "schedule.warmup_steps=0", "schedule.global_batch_size=16",
+                 "data.num_workers=0"):
+        argv += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "facescale", *argv], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run, pth = tmp_path / "run", tmp_path / "backbone.pth"
+    assert main(["export", "torch", "--checkpoint", str(run), "--out", str(pth)]) == 0
+    said = capsys.readouterr().out
+    assert "'demo' is facescale's own network (arcface_torch has none)" in said and "get_model" not in said
+    common = [str(faces), "--workers", "0", "--batch-size", "3"]
+    assert main(["embed", "--checkpoint", str(run), "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["embed", "--weights", str(pth), "--model", "demo", "--out", str(tmp_path / "b"),
+                 *common]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text()
