@@ -122,6 +122,30 @@ def test_two_ranks_equal_single_process_and_fail_together() -> None:
         np.testing.assert_array_equal(rank0, rank1)
 
 
+def _evaluate_rank_own_path(rank: int, world: int, paths: list[str]) -> str:
+    from facescale.eval.binfile import EvalSetError
+    from facescale.eval.extract import ExtractionFailed
+
+    try:
+        evaluate_bin(TinyEmbedder(), paths[rank], 4, "cpu", rank=rank, world_size=world, image_size=SIZE,
+                     progress=False, pixel_reference=False)
+    except (EvalSetError, ExtractionFailed) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_a_set_one_rank_cannot_read_fails_every_rank_instead_of_hanging(tmp_path) -> None:
+    """Rank 1's copy of the set is gone (a node-local path, a lost mount) while rank 0 reads its own: rank 1
+    names the file, rank 0 is told in the gather it already waits in, rather than both waiting forever."""
+    from facescale.eval.binfile import write_bin
+
+    good = write_bin(tmp_path / "lfw.bin", [_png(image) for image in _images(20, seed=4)], [True, False] * 5)
+    rank0, rank1 = run_ranks(_evaluate_rank_own_path, 2, [str(good), str(tmp_path / "gone" / "lfw.bin")],
+                             timeout=120)
+    assert rank1.startswith("EvalSetError: ") and "gone/lfw.bin: verification set does not exist" in rank1
+    assert rank0 == "ExtractionFailed: embedding extraction failed on rank(s) [1]; see that rank's error"
+
+
 def _write_lfw_tree(root: str, people: int, per_person: int) -> str:
     """Aligned-crop folders <root>/<name>/<name>_000k.png and an LFW pairs file (header + same/diff lines)."""
     rng = np.random.default_rng(3)

@@ -79,6 +79,11 @@ def _embed_slice(model: nn.Module, images: Sequence[ImageInput], batch_size: int
     return torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)
 
 
+class ExtractionFailed(RuntimeError):
+    """Raised on the ranks that extracted fine when another rank's extraction failed (that rank raises its own
+    error), so that no rank waits in a collective the failed one never joins."""
+
+
 def all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.device) -> torch.Tensor:
     """Every rank's [n_r, D] rows concatenated in rank order (padded to equal length for the gather).
 
@@ -91,7 +96,7 @@ def all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.d
     dist.all_gather(metas, meta)
     failed = [r for r, m in enumerate(metas) if int(m[2])]
     if failed or local is None:
-        raise RuntimeError(f"embedding extraction failed on rank(s) {failed}; see that rank's error")
+        raise ExtractionFailed(f"embedding extraction failed on rank(s) {failed}; see that rank's error")
     counts = [int(m[0]) for m in metas]
     dim = max(int(m[1]) for m in metas)
     padded = torch.zeros(max(counts), dim, dtype=torch.float32, device=on)
@@ -102,17 +107,22 @@ def all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.d
     return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)])
 
 
+def announce_failure(world_size: int, device: torch.device) -> None:
+    """Join the gather of `all_gather_rows` as a failed rank, so that the others raise instead of waiting."""
+    if world_size > 1:
+        try:
+            all_gather_rows(None, world_size, device)
+        except ExtractionFailed:
+            pass
+
+
 def gather_extraction(embed_local: Callable[[], torch.Tensor], world_size: int,
                       device: torch.device) -> np.ndarray:
     """Run this rank's `embed_local()` and all-gather the rows; a failure on any rank raises on every rank."""
     try:
         local = embed_local()
     except Exception:
-        if world_size > 1:  # tell the other ranks before raising, so none hangs in the gather
-            try:
-                all_gather_rows(None, world_size, device)
-            except RuntimeError:
-                pass
+        announce_failure(world_size, device)  # before raising, so no other rank hangs in the gather
         raise
     rows = all_gather_rows(local, world_size, device) if world_size > 1 else local
     return rows.cpu().numpy()
@@ -191,7 +201,11 @@ def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch
     Every rank returns the same dict; the pixel baseline is computed once per file and process. With
     `roc_image`, `report["roc_image"]` is the ROC curve (genuine vs impostor cosines) as HWC uint8 RGB.
     """
-    images, issame = load_bin_checked(bin_path)
+    try:
+        images, issame = load_bin_checked(bin_path)
+    except EvalSetError:
+        announce_failure(world_size, torch.device(device))  # the other ranks are already in the extraction
+        raise
     embeddings = extract_embeddings(model, images, batch_size, device, flip=flip, rank=rank,
                                     world_size=world_size, progress=progress, image_size=image_size,
                                     source=bin_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class TrainResult:
     samples_per_s: float
     eval: dict
     run_dir: str
+    eval_skipped: dict  # eval set -> the last step it could not be evaluated at (see Trainer.evaluate)
 
 
 def build_backbone_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -125,6 +127,7 @@ class Trainer:
         self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
                                     self.loader.steps_per_epoch, cfg.schedule.grad_accumulation)
         self.resumed_from: str | None = None
+        self.eval_skipped: dict[str, int] = {}  # eval set -> the last step it could not be evaluated at
         self._saved: tuple[int, Path] | None = None  # (step, dir) of the checkpoint holding the current state
         self.step = 0
         self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
@@ -201,25 +204,33 @@ class Trainer:
         return copy
 
     def evaluate(self) -> dict:
-        """Verification on every configured .bin, extraction split across all ranks."""
-        from facescale.eval.extract import evaluate_bin
+        """Verification on every configured .bin, extraction split across all ranks. A set that cannot be
+        read or decoded now (it was checked at start: moved, rewritten, a lost mount) is skipped with a
+        warning and tried again next time, rather than ending the run and losing the steps since the last
+        checkpoint; any other error still ends it."""
+        from facescale.eval.binfile import EvalSetError
+        from facescale.eval.extract import ExtractionFailed, evaluate_bin
 
         results: dict = {}
         model = self._eval_model()
         was_training = model.training
         model.eval()
         for path in self.cfg.eval.bins:
-            res = evaluate_bin(
-                model,
-                path,
-                batch_size=self.cfg.eval.batch_size,
-                device=self.runtime.device,
-                rank=self.env.rank,
-                world_size=self.env.world_size,
-                image_size=self.cfg.data.image_size,
-                progress=False,
-                roc_image=self.env.rank == 0,
-            )
+            try:
+                res = evaluate_bin(
+                    model,
+                    path,
+                    batch_size=self.cfg.eval.batch_size,
+                    device=self.runtime.device,
+                    rank=self.env.rank,
+                    world_size=self.env.world_size,
+                    image_size=self.cfg.data.image_size,
+                    progress=False,
+                    roc_image=self.env.rank == 0,
+                )
+            except (EvalSetError, ExtractionFailed) as error:
+                self._skip_eval_set(path, error)
+                continue
             name = res["name"]
             roc = res.pop("roc_image", None)
             if roc is not None:
@@ -236,6 +247,18 @@ class Trainer:
             self.metrics.scalars(self.step, self.console.eval_result(self.step, name, res))
         model.train(was_training)
         return results
+
+    def _skip_eval_set(self, path: str, error: Exception) -> None:
+        """Warn that `path` was not evaluated at this step: rank 0 on its console and train.log, with the
+        cause when it was rank 0's (an input error of another rank is printed by that rank, on stderr)."""
+        from facescale.errors import InputError
+
+        self.eval_skipped[path] = self.step
+        cause = error.line() if isinstance(error, InputError) else str(error)
+        if isinstance(error, InputError) and self.env.rank != 0:
+            print(f"[eval] rank {self.env.rank}: step {self.step}: {cause}", file=sys.stderr, flush=True)
+        self.metrics.console(f"[eval] step {self.step}: skipped {path} ({cause}); training goes on, and the "
+                             "set is tried again at the next evaluation")
 
     def save(self) -> Path:
         """Checkpoint the run at the current step (collective); see facescale/checkpoint/manager.py.
@@ -385,6 +408,7 @@ class Trainer:
             samples_per_s=throughput,
             eval=eval_results,
             run_dir=str(self.run_dir),
+            eval_skipped=self.eval_skipped,
         )
         if self.env.rank == 0:
             (self.run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
