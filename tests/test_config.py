@@ -82,6 +82,15 @@ def test_bad_choice(tmp_path, shard_dir):
         load_config(write(tmp_path, base(shard_dir)), ["head.update=sparce"])
 
 
+def test_a_choice_far_from_every_value_lists_them_once(tmp_path, shard_dir):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, base(shard_dir)), ["data.reader=nvidia"])
+    assert caught.value.line().endswith(
+        "data.reader: 'nvidia' is not one of auto, dali, webdataset; fix the config file or the --set value")
+    with pytest.raises(ConfigError, match=r"unknown backbone 'foo'; known backbones: demo, .*, vit_t$"):
+        load_config(write(tmp_path, base(shard_dir)), ["model.name=foo"])
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("configs/nope.yaml")

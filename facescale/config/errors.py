@@ -13,10 +13,21 @@ class ConfigError(InputError, ValueError):
     default_fix = "fix the config file or the --set value"
 
 
-def suggest(key: str, known: list[str]) -> str:
-    """' did you mean X?' for a close match among `known`, else the list of known values."""
+def did_you_mean(key: str, known: list[str]) -> str:
+    """' did you mean X?' for a close match among `known`, else ''."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" did you mean '{close[0]}'?" if close else f" known keys: {', '.join(sorted(known))}"
+    return f" did you mean '{close[0]}'?" if close else ""
+
+
+def suggest(key: str, known: list[str], kind: str = "keys") -> str:
+    """' did you mean X?' for a close match among `known`, else ' known <kind>: ...' listing them."""
+    return did_you_mean(key, known) or f" known {kind}: {', '.join(sorted(known))}"
+
+
+def not_one_of(value: object, allowed: list[str]) -> str:
+    """"'v' is not one of a, b, c" and, for a close match, "; did you mean 'b'?"."""
+    hint = did_you_mean(str(value), allowed)
+    return f"'{value}' is not one of {', '.join(allowed)}" + (f";{hint}" if hint else "")
 
 
 def check(ok: bool, source: str, key: str, message: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from facescale.config.errors import ConfigError, suggest
+from facescale.config.errors import ConfigError, not_one_of, suggest
 from facescale.config.eval_bins import resolve_eval_bins
 from facescale.config.schedule_resolve import check_schedule_pairs
 from facescale.config.schema import Config
@@ -52,8 +52,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is typing.Literal:
         allowed = [str(a) for a in typing.get_args(hint)]
         if not isinstance(value, str) or value not in allowed:
-            raise ConfigError(f"{where}: '{value}' is not one of {', '.join(allowed)};"
-                              f"{suggest(str(value), allowed)}")
+            raise ConfigError(f"{where}: {not_one_of(value, allowed)}")
         return value
     if hint is Any or hint is dict or origin is dict:
         if not isinstance(value, dict):

@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 
 from facescale.config.deepspeed import RESERVED_EXTRA_KEYS, reserved_extra_keys
-from facescale.config.errors import ConfigError, check, suggest
+from facescale.config.errors import ConfigError, check, not_one_of, suggest
 from facescale.config.schema import Config
 from facescale.modes.registry import UnknownModeError, get_mode
 
@@ -30,8 +30,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     """Raise ConfigError for impossible values; `world_size` enables the batch-divisibility check."""
     for key, value, allowed in _choice_fields(cfg):
         if value not in allowed:
-            hint = suggest(str(value), list(allowed))
-            raise ConfigError(f"{source}: {key}: '{value}' is not one of {', '.join(allowed)};{hint}")
+            raise ConfigError(f"{source}: {key}: {not_one_of(value, list(allowed))}")
 
     from facescale.models.registry import list_backbones
 
@@ -40,7 +39,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         cfg.model.name in names,
         source,
         "model.name",
-        f"unknown backbone '{cfg.model.name}';{suggest(cfg.model.name, names)}",
+        f"unknown backbone '{cfg.model.name}';{suggest(cfg.model.name, names, 'backbones')}",
     )
     from facescale.models.registry import check_model_config
 
@@ -54,7 +53,7 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         backends = known_backends()
         check(cfg.model.compile_backend in backends, source, "model.compile_backend",
                f"unknown torch.compile backend '{cfg.model.compile_backend}';"
-               f"{suggest(cfg.model.compile_backend, backends)}")
+               f"{suggest(cfg.model.compile_backend, backends, 'backends')}")
     check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
     check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
 
