@@ -174,3 +174,40 @@ def test_identity_index_reads_past_a_shard_cut_after_indexing(tmp_path):
         for label in range(CLASSES):
             for location in index.locations(label):
                 index.read_jpeg(location)
+
+
+_CUT_WHILE_READING = """
+import sys, torch
+from pathlib import Path
+from tests.test_bad_data import _loader
+from facescale.data.bad_data import BadSampleError
+
+directory = Path(sys.argv[1])
+loader = _loader(directory, "dali", on_bad_sample="error")
+epochs = loader.iter_epoch()
+next(iter(epochs))  # the pipeline is running and has the shards open
+tar = directory / "train-000001.tar"
+tar.write_bytes(tar.read_bytes()[:2048])  # cut in place, as a rewrite or a failing mount would
+try:
+    for _ in range(3):
+        list(loader.iter_epoch())
+except BadSampleError as error:
+    print("BadSampleError:", error)
+"""
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+def test_dali_reader_names_a_shard_cut_while_it_reads(tmp_path):
+    """DALI read the shards through mmap, so a shard cut under a running job killed the process with SIGBUS
+    ("Bus error", no message, nothing saved since the last checkpoint); with plain reads it is an error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    directory = make_bad_dir(tmp_path, "good")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _CUT_WHILE_READING, str(directory)], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "BadSampleError: bad training sample: train-000001.tar" in proc.stdout
+    assert "truncated" in proc.stdout

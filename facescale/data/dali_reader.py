@@ -56,11 +56,15 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: in
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2, exec_dynamic=True)
     with pipe:
+        # dont_use_mmap: plain reads, as DALI advises for network file systems (where a cluster keeps its data
+        # sets); a shard cut or rewritten in place under a mapped read killed the process with SIGBUS, no
+        # message and nothing saved, where a read error names the shard. Cost on a local page-cached set: the
+        # CPU reader 2-7% slower (benchmarks/results/dali_mmap_ab.md; not the demo's bottleneck).
         jpegs, labels = fn.readers.webdataset(
             paths=tar_paths, index_paths=index_paths, ext=[IMAGE_EXT, LABEL_EXT],
             dtypes=[types.UINT8, types.INT32], missing_component_behavior="error", shard_id=shard_id,
             num_shards=world_size, random_shuffle=random_shuffle, initial_fill=max(1, shuffle_buffer),
-            pad_last_batch=True, name=READER_NAME)
+            pad_last_batch=True, dont_use_mmap=True, name=READER_NAME)
         decode_device = "cpu" if device_id is None else "mixed"
         images = augment_dali(fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB), augment)
         if mirror:
