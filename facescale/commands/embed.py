@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "arcface_torch models) with the training normalisation. Writes OUT.npy "
                                    "([N, D] float32, row i = line i of OUT.txt, the image paths in order: "
                                    "folders sorted recursively, then the files, then --list).")
-    add_model_source_args(e)
+    add_model_source_args(e, onnx=True)
     e.add_argument("images", nargs="*", help="image folders (searched recursively) or image files")
     e.add_argument("--list", help="a text file with one image path a line (relative ones start at --root)")
     e.add_argument("--root", default="", help="directory that relative --list paths start from (default: .)")

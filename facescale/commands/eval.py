@@ -90,13 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = e.add_subparsers(dest="eval_command", required=True)
     v = esub.add_parser("verify", help="10-fold verification on insightface .bin sets")
-    add_model_source_args(v)
+    add_model_source_args(v, onnx=True)
     v.add_argument("--bin", nargs="+", required=True)
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--out", default="eval_results", help="directory for the ROC curve images")
     v.set_defaults(func=_verify)
     j = esub.add_parser("ijb", help="IJB-B/C 1:1 template verification on the official release layout")
-    add_model_source_args(j)
+    add_model_source_args(j, onnx=True)
     j.add_argument("--root", "--meta", dest="root", required=True,
                    help="release directory holding meta/<name>_*.txt and loose_crop/ (e.g. .../IJBC)")
     j.add_argument("--name", choices=("ijbb", "ijbc"), type=str.lower, default=None,

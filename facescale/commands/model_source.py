@@ -1,7 +1,8 @@
-"""`--checkpoint RUN|STEP` or `--weights FILE --model NAME [--embedding-size N]`: the backbone a command uses.
+"""`--checkpoint RUN|STEP`, `--weights FILE --model NAME [--embedding-size N]` or `--onnx FILE`: the backbone
+a command uses.
 
-Shared by `eval verify`, `eval ijb` and `export onnx`, so a downloaded arcface_torch `backbone.pth` is
-evaluated or exported without a fake run directory.
+Shared by `eval verify`, `eval ijb`, `embed` (all three sources) and `export onnx` (the first two), so a
+downloaded arcface_torch `backbone.pth` or a model zoo ONNX file is evaluated without a fake run directory.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ if TYPE_CHECKING:
 DEFAULT_IMAGE_SIZE = 112  # arcface_torch's crops; a facescale checkpoint brings its own data.image_size
 
 
-def add_model_source_args(parser: argparse.ArgumentParser) -> None:
-    """Add the mutually exclusive --checkpoint / --weights options (+ --model, --embedding-size)."""
+def add_model_source_args(parser: argparse.ArgumentParser, onnx: bool = False) -> None:
+    """Add the exclusive --checkpoint / --weights (+ --model, --embedding-size) [/ --onnx] options."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="facescale run dir, checkpoints dir or step dir")
     source.add_argument("--weights", help="a backbone state dict: arcface_torch backbone.pth or facescale "
                                           "backbone.pt (needs --model)")
+    if onnx:
+        source.add_argument("--onnx", help="an ONNX face model (facescale export onnx, arcface_torch's "
+                                           "torch2onnx.py, insightface's model zoo), run by onnxruntime")
     parser.add_argument("--model", help="backbone name for --weights (r50, r100, mbf, vit_t, ...)")
     parser.add_argument("--embedding-size", type=int, default=None,
                         help="embedding size for --weights (default: read from the file)")
@@ -35,10 +39,17 @@ def load_model_source(args: argparse.Namespace, command: str) -> tuple[torch.nn.
     from facescale.checkpoint.weights import Settings, WeightsError, backbone_from_weights
     from facescale.models.registry import list_backbones
 
-    if args.checkpoint:
+    if args.checkpoint or getattr(args, "onnx", None):
         if args.model or args.embedding_size:
+            option = "--checkpoint" if args.checkpoint else "--onnx model"
             raise WeightsError("--model and --embedding-size go with --weights",
-                               fix=f"drop them: a --checkpoint brings its own model settings ({command})")
+                               fix=f"drop them: a {option} brings its own model settings ({command})")
+    if getattr(args, "onnx", None):
+        from facescale.eval.onnx_model import OnnxBackbone
+
+        model = OnnxBackbone(args.onnx)
+        return model, model.image_size
+    if args.checkpoint:
         model, cfg = load_backbone(args.checkpoint)
         return model, cfg.data.image_size
     if not args.model:
