@@ -1,5 +1,6 @@
 """Preemption: a signal sets a flag; all ranks agree on it at a step boundary, save, and exit for requeue.
-Ctrl-C (SIGINT, where the trainer asks for it) stops the same way but exits with INTERRUPT_EXIT_CODE.
+Ctrl-C (SIGINT, where the trainer asks for it) stops the same way but exits with INTERRUPT_EXIT_CODE, and a
+rank whose next batch cannot be read (bad or vanished data) the same way, without requeue, raising its error.
 
 Never exit inside the handler (a collective may be in flight): the handler only records the signal.
 The trainer calls `should_stop()` once per step; it MAX-reduces the flag so every rank stops at the same step,
@@ -22,7 +23,9 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 3  # the batch script requeues the job when the trainer exits with this code
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C saved and stopped the run (no requeue)
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
-_NONE, _INTERRUPT, _PREEMPT = 0, 1, 2  # what a rank saw, MAX-reduced: a preemption outranks a Ctrl-C
+# what a rank saw, MAX-reduced: a preemption outranks a Ctrl-C, and an input failure both (a requeued job
+# would meet the same bad input)
+_NONE, _INTERRUPT, _PREEMPT, _INPUT_FAILED = 0, 1, 2, 3
 REQUEUE_MARKER_ENV = "FACESCALE_REQUEUE_MARKER"
 
 _first_check_hooks: list[Callable[[], None]] = []
@@ -48,6 +51,7 @@ class PreemptionFlag:
         self.signal_name: str | None = None
         self.interrupted = False  # Ctrl-C (SIGINT) on this rank
         self.requeue = False  # set by should_stop: the agreed stop is a preemption (else a Ctrl-C)
+        self.input_failed = False  # set by should_stop: some rank's input failed (it raises its own error)
 
     def _handle(self, signum: int, _frame) -> None:
         first = self.signal_name is None
@@ -73,15 +77,18 @@ class PreemptionFlag:
             signal.signal(signal.SIGINT, flag._interrupt)
         return flag
 
-    def should_stop(self, device: torch.device | None = None) -> bool:
-        """True on every rank once any rank has been signalled; `requeue` then says whether any rank was
-        preempted (a Ctrl-C alone stops without requeue)."""
-        seen = _PREEMPT if self.signal_name else _INTERRUPT if self.interrupted else _NONE
+    def should_stop(self, device: torch.device | None = None, input_failed: bool = False) -> bool:
+        """True on every rank once any rank has been signalled or says `input_failed` (its next batch could
+        not be read); then `input_failed` says whether any rank's input failed, else `requeue` whether any
+        rank was preempted (a Ctrl-C alone stops without requeue)."""
+        seen = (_INPUT_FAILED if input_failed else _PREEMPT if self.signal_name
+                else _INTERRUPT if self.interrupted else _NONE)
         local = torch.tensor([seen], dtype=torch.int32, device=device)
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             dist.all_reduce(local, op=dist.ReduceOp.MAX)
         agreed = int(local.item())
+        self.input_failed = agreed == _INPUT_FAILED
         self.requeue = agreed == _PREEMPT
         if self.requeue and (not distributed or dist.get_rank() == 0):
             write_requeue_marker(self.signal_name or "peer")

@@ -97,6 +97,26 @@ def test_ctrl_c_on_one_rank_stops_every_rank_without_requeue(tmp_path):
     assert not marker.exists()  # an interrupted run is not requeued
 
 
+def _input_fails_on_rank0_while_rank1_is_preempted(rank: int, world: int, marker: str) -> list[tuple]:
+    os.environ[REQUEUE_MARKER_ENV] = marker
+    flag = PreemptionFlag.install(("SIGUSR1",))
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    answers = []
+    for step in range(2):
+        stop = flag.should_stop(input_failed=rank == 0 and step == 1)
+        answers.append((stop, flag.input_failed, flag.requeue))
+    return answers
+
+
+def test_an_input_failure_on_one_rank_stops_every_rank_and_outranks_a_preemption(tmp_path):
+    """Step 0: rank 1 is preempted (requeue); step 1: rank 0 cannot read its next batch: every rank stops for
+    the input failure, which a requeue would only meet again."""
+    marker = tmp_path / "REQUEUE"
+    answers = run_ranks(_input_fails_on_rank0_while_rank1_is_preempted, 2, str(marker))
+    assert answers == [[(True, False, True), (True, True, False)]] * 2
+
+
 def test_second_ctrl_c_stops_at_once_and_ignored_sigint_stays_ignored():
     previous = signal.getsignal(signal.SIGINT)
     try:

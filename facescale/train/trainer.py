@@ -16,12 +16,14 @@ from facescale.checkpoint.space_check import warn_if_short_of_space
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
+from facescale.errors import INPUT_ERROR_EXIT_CODE, InputError
 from facescale.metrics.console import TrainConsole, run_logger, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.modes import StepContext, get_mode
 from facescale.parallel.grad_overlap import overlap_grad_reduce
 from facescale.runtime import Runtime
 from facescale.train.init_weights import init_backbone_from
+from facescale.train.lookahead import BatchLookahead
 from facescale.train.resume_check import resume_step_dir
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
@@ -127,6 +129,7 @@ class Trainer:
         self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
                                     self.loader.steps_per_epoch, cfg.schedule.grad_accumulation)
         self.resumed_from: str | None = None
+        self.batches: BatchLookahead | None = None  # the training batches, once train() runs
         self.eval_skipped: dict[str, int] = {}  # eval set -> the last step it could not be evaluated at
         self._saved: tuple[int, Path] | None = None  # (step, dir) of the checkpoint holding the current state
         self.step = 0
@@ -251,8 +254,6 @@ class Trainer:
     def _skip_eval_set(self, path: str, error: Exception) -> None:
         """Warn that `path` was not evaluated at this step: rank 0 on its console and train.log, with the
         cause when it was rank 0's (an input error of another rank is printed by that rank, on stderr)."""
-        from facescale.errors import InputError
-
         self.eval_skipped[path] = self.step
         cause = error.line() if isinstance(error, InputError) else str(error)
         if isinstance(error, InputError) and self.env.rank != 0:
@@ -268,7 +269,8 @@ class Trainer:
             self.metrics.console(f"[facescale] step {self.step} is already saved in {self._saved[1]}")
             return self._saved[1]
         micro_steps = self.step * self.cfg.schedule.grad_accumulation
-        cursor = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+        # a batch read ahead is not yet trained on: save the position before it
+        cursor = self.batches.cursor() if self.batches is not None else self._loader_cursor()
         state = {
             "step": self.step,
             "epoch": cursor["epoch"] if cursor else micro_steps // max(1, self.loader.steps_per_epoch),
@@ -354,22 +356,48 @@ class Trainer:
         return {"data/skipped_samples": counts[1].item(),
                 "data/skip_fraction": (counts[1] / counts.sum().clamp_min(1)).item()}
 
-    def _preempted(self) -> bool:
-        """Collective: every rank learns whether any rank got a preemption signal."""
-        return self.preemption.should_stop(self.runtime.device)
+    def _stop(self, input_error: InputError | None) -> None:
+        """Save the agreed step on every rank and end the process: the rank whose input failed raises its
+        error (exit 2), the others exit 2 too; else a preemption exits for requeue, a Ctrl-C with 130."""
+        if self.preemption.input_failed:
+            path = self.save()
+            self.metrics.console(f"[facescale] stopped at step {self.step}: a rank could not read its next "
+                                 f"batch (its error follows); step {self.step} is saved in {path}: fix the "
+                                 "data, then run the same command again to resume from it")
+            self.metrics.close()
+            if input_error is not None:
+                raise input_error
+            raise SystemExit(INPUT_ERROR_EXIT_CODE)
+        requeue = self.preemption.requeue
+        code = REQUEUE_EXIT_CODE if requeue else INTERRUPT_EXIT_CODE
+        what = "preempted" if requeue else "interrupted (Ctrl-C)"
+        self.metrics.console(f"[facescale] {what} at step {self.step}: saving and exiting with code "
+                             f"{code}{' for requeue' if requeue else ''}")
+        self.save()
+        self.metrics.close()
+        raise SystemExit(code)
+
+    def _loader_cursor(self) -> dict | None:
+        return self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+
+    def _preempted(self, input_failed: bool = False) -> bool:
+        """Collective: every rank learns whether any rank got a preemption signal or could not read its
+        next batch."""
+        return self.preemption.should_stop(self.runtime.device, input_failed)
 
     def train(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule
-        batches = self._batches()
+        batches = self.batches = BatchLookahead(self._batches(), self._loader_cursor)
         loss = float("nan")
         self.console.start(self._plan())
         t_start, start_step, eval_results = time.perf_counter(), self.step, {}
+        t0 = time.perf_counter()
         while self.step < sch.steps:
-            t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.optim.lr, sch)
             ctx = StepContext(self.engine, self.step, lr, lr * cfg.head.lr_scale, self.env.world_size,
                               sch.grad_accumulation, time.perf_counter)
             out = train_step(self.mode, batches, ctx, inject_nan=self.step in self._nan_steps)
+            out.data_wait_s += batches.take_wait()  # the first batch, read at the end of the last step
             self.step += 1
             loss = out.loss
             if cfg.model.compile and self.step in (start_step + 1, sch.steps):  # compile time, recompiles
@@ -387,15 +415,10 @@ class Trainer:
                     self.evaluate()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            if self._preempted():
-                requeue = self.preemption.requeue
-                code = REQUEUE_EXIT_CODE if requeue else INTERRUPT_EXIT_CODE
-                what = "preempted" if requeue else "interrupted (Ctrl-C)"
-                self.metrics.console(f"[facescale] {what} at step {self.step}: saving and exiting with code "
-                                     f"{code}{' for requeue' if requeue else ''}")
-                self.save()
-                self.metrics.close()
-                raise SystemExit(code)
+            t0 = time.perf_counter()  # the next step's time includes reading its first batch, here
+            input_error = batches.read_ahead()
+            if self._preempted(input_error is not None):
+                self._stop(input_error)
         throughput = (
             (self.step - start_step) * sch.global_batch_size / max(time.perf_counter() - t_start, 1e-9)
         )

@@ -1,0 +1,73 @@
+"""A batch that cannot be read mid-run stops every rank at the step boundary with that step saved.
+
+The webdataset reader meets a bad sample only when it reads it (DALI scans at start-up). The rank that met it
+used to raise inside the step while the others waited in its collectives: the run ended with nothing saved
+since the last checkpoint (here: none at all). Now the next batch is read at the step boundary, the ranks
+agree to stop, save, and the run resumes from that step once the data is fixed or the sample skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from facescale.data.bad_data import read_index_lines
+from launcher.local import local_train_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, str]:
+    """12 identities x 4 images in 4 shards; the last sample of the last shard no longer decodes.
+    Returns the directory and that sample's key."""
+    from facescale.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("data_failure")
+    synthesize(out, identities=12, images_per_identity=4, holdout_identities=0, seed=4, shard_size=12,
+               workers=1)
+    tar = out / "train-000003.tar"
+    last = list(read_index_lines(out / "train-000003.idx"))[-1]
+    key, (offset, size) = last.key, last.members["jpg"]
+    data = bytearray(tar.read_bytes())
+    data[offset:offset + size] = b"\xff\xd8" + bytes(size - 2)  # same length: the index stays right
+    tar.write_bytes(bytes(data))
+    return out, key
+
+
+def _train(shards: Path, run_dir: Path, *sets: str) -> subprocess.CompletedProcess:
+    cmd = local_train_command(2, "configs/synthetic.yaml", [
+        f"data.shards={shards}", "data.reader=webdataset", "data.num_workers=0", "eval.bins=[]",
+        f"logging.run_dir={run_dir}", "logging.every_steps=1", "schedule.steps=12", "schedule.warmup_steps=0",
+        "schedule.global_batch_size=8", "checkpoint.every_steps=100", *sets])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_bad_sample_mid_run_saves_the_last_step_and_the_run_resumes_past_it(shards, tmp_path) -> None:
+    directory, key = shards
+    run_dir = tmp_path / "run"
+    first = _train(directory, run_dir)
+    out = first.stdout + first.stderr
+    assert first.returncode != 0, out[-3000:]
+    stopped = re.search(r"\[facescale\] stopped at step (\d+): a rank could not read its next batch", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < 12
+    assert re.search(rf"error: .*train-000003\.tar.*{key}.*JPEG does not decode", out), out[-3000:]
+    # no rank traceback (torchrun's agent prints its own ChildFailedError one) and no collective timeout
+    assert not re.search(r'File ".*/facescale/', out) and "timed out" not in out
+    saved = run_dir / "checkpoints" / f"step_{step:08d}"
+    assert (saved / "COMPLETE").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == saved.name
+
+    second = _train(directory, run_dir, "data.on_bad_sample=skip", "data.max_skip_fraction=0.1")
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert f"at step {step}" in out  # resumed from the saved step, not from scratch
+    assert "step 12/12" in out
