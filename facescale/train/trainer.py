@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.modes import StepContext, get_mode
 from facescale.parallel.grad_overlap import overlap_grad_reduce
 from facescale.runtime import Runtime
+from facescale.train.evaluation import evaluate_sets
 from facescale.train.init_weights import init_backbone_from
 from facescale.train.lookahead import BatchLookahead
 from facescale.train.resume_check import resume_step_dir
@@ -40,7 +40,7 @@ class TrainResult:
     samples_per_s: float
     eval: dict
     run_dir: str
-    eval_skipped: dict  # eval set -> the last step it could not be evaluated at (see Trainer.evaluate)
+    eval_skipped: dict  # eval set -> the last step it could not be evaluated at (see train/evaluation.py)
 
 
 def build_backbone_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -186,80 +186,10 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _eval_model(self) -> torch.nn.Module:
-        """A plain copy of the backbone with rank 0's BatchNorm statistics on every rank.
-
-        Each rank's running statistics come from its own batches; extraction is split across ranks, so all
-        must embed with the same statistics, the ones the checkpoint keeps (rank 0's). Under ZeRO-3 the
-        parameters are gathered for the copy, which also lets ranks run unequal numbers of batches.
-        """
-        import deepspeed
-
-        from facescale.models.registry import build_backbone
-
-        copy = build_backbone(self.cfg.model).to(self.runtime.device)
-        params = list(self.engine.module.parameters()) if self.engine.zero_optimization_stage() == 3 else []
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
-            copy.load_state_dict(self.engine.module.state_dict())
-        if dist.is_initialized() and self.env.world_size > 1:
-            for buffer in copy.buffers():
-                dist.broadcast(buffer, src=0)
-        return copy
-
     def evaluate(self) -> dict:
-        """Verification on every configured .bin, extraction split across all ranks. A set that cannot be
-        read or decoded now (it was checked at start: moved, rewritten, a lost mount) is skipped with a
-        warning and tried again next time, rather than ending the run and losing the steps since the last
-        checkpoint; any other error still ends it."""
-        from facescale.eval.binfile import EvalSetError
-        from facescale.eval.extract import ExtractionFailed, evaluate_bin
-
-        results: dict = {}
-        model = self._eval_model()
-        was_training = model.training
-        model.eval()
-        for path in self.cfg.eval.bins:
-            try:
-                res = evaluate_bin(
-                    model,
-                    path,
-                    batch_size=self.cfg.eval.batch_size,
-                    device=self.runtime.device,
-                    rank=self.env.rank,
-                    world_size=self.env.world_size,
-                    image_size=self.cfg.data.image_size,
-                    progress=False,
-                    roc_image=self.env.rank == 0,
-                )
-            except (EvalSetError, ExtractionFailed) as error:
-                self._skip_eval_set(path, error)
-                continue
-            name = res["name"]
-            roc = res.pop("roc_image", None)
-            if roc is not None:
-                self.metrics.image(self.step, f"eval/{name}/roc", roc)
-            results[name] = res
-            self.metrics.scalars(
-                self.step,
-                {
-                    f"eval/{name}/{k}": v
-                    for k, v in res.items()
-                    if isinstance(v, float | int) and not isinstance(v, bool)
-                },
-            )
-            self.metrics.scalars(self.step, self.console.eval_result(self.step, name, res))
-        model.train(was_training)
-        return results
-
-    def _skip_eval_set(self, path: str, error: Exception) -> None:
-        """Warn that `path` was not evaluated at this step: rank 0 on its console and train.log, with the
-        cause when it was rank 0's (an input error of another rank is printed by that rank, on stderr)."""
-        self.eval_skipped[path] = self.step
-        cause = error.line() if isinstance(error, InputError) else str(error)
-        if isinstance(error, InputError) and self.env.rank != 0:
-            print(f"[eval] rank {self.env.rank}: step {self.step}: {cause}", file=sys.stderr, flush=True)
-        self.metrics.console(f"[eval] step {self.step}: skipped {path} ({cause}); training goes on, and the "
-                             "set is tried again at the next evaluation")
+        """Verification on every configured .bin at the current step (collective; see train/evaluation.py)."""
+        return evaluate_sets(self.cfg, self.engine, self.runtime.device, self.env, self.step, self.metrics,
+                             self.console, self.eval_skipped)
 
     def save(self) -> Path:
         """Checkpoint the run at the current step (collective); see facescale/checkpoint/manager.py.
