@@ -49,10 +49,13 @@ def _train(shards: Path, run_dir: Path, *sets: str) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_a_bad_sample_mid_run_saves_the_last_step_and_the_run_resumes_past_it(shards, tmp_path) -> None:
+@pytest.mark.parametrize("accumulation", [1, 2])  # with 2, the bad batch may be a step's second micro-batch
+def test_a_bad_sample_mid_run_saves_the_last_step_and_the_run_resumes_past_it(shards, tmp_path,
+                                                                              accumulation) -> None:
     directory, key = shards
     run_dir = tmp_path / "run"
-    first = _train(directory, run_dir)
+    gas = f"schedule.grad_accumulation={accumulation}"
+    first = _train(directory, run_dir, gas)
     out = first.stdout + first.stderr
     assert first.returncode != 0, out[-3000:]
     stopped = re.search(r"\[facescale\] stopped at step (\d+): a rank could not read its next batch", out)
@@ -66,7 +69,7 @@ def test_a_bad_sample_mid_run_saves_the_last_step_and_the_run_resumes_past_it(sh
     assert (saved / "COMPLETE").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == saved.name
 
-    second = _train(directory, run_dir, "data.on_bad_sample=skip", "data.max_skip_fraction=0.1")
+    second = _train(directory, run_dir, gas, "data.on_bad_sample=skip", "data.max_skip_fraction=0.1")
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
     assert f"at step {step}" in out  # resumed from the saved step, not from scratch

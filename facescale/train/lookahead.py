@@ -1,15 +1,15 @@
-"""The next step's first batch, read at the step boundary, so that a data failure is known before the step.
+"""The next step's batches, read at the step boundary, so that a data failure is known before the step.
 
 A batch that cannot be read (a bad sample under `data.on_bad_sample: error`, a shard cut or gone) used to
 raise inside the step on one rank while the others waited in its collectives: the run ended without a save.
-Read one step ahead, the failure is reported in the step-boundary agreement instead (see the trainer), so
-every rank saves the last finished step first. Only the first micro-batch of a step is read ahead; a
-failure in a later one (gradient accumulation) still ends the run at the last checkpoint.
+Read one step ahead (all its micro-batches under gradient accumulation), the failure is reported in the
+step-boundary agreement instead (see the trainer), so every rank saves the last finished step first.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,12 +17,12 @@ from facescale.errors import InputError
 
 
 class BatchLookahead:
-    """Iterates `source`; `read_ahead()` takes the next batch early and holds it (or its InputError)."""
+    """Iterates `source`; `read_ahead(n)` takes the next n batches early and holds them (or an InputError)."""
 
     def __init__(self, source: Iterator, cursor: Callable[[], dict | None]) -> None:
         self.source, self._cursor = source, cursor
-        self._held: list[Any] = []  # the batch read ahead, while not yet trained on
-        self._held_cursor: dict | None = None  # the loader's cursor before that batch was read (or failed)
+        self._held: deque[Any] = deque()  # batches read ahead, not yet trained on, in order
+        self._held_cursor: dict | None = None  # the loader's cursor before they were read (or failed)
         self._failed = False
         self._wait_s = 0.0
 
@@ -30,16 +30,17 @@ class BatchLookahead:
         return self
 
     def __next__(self) -> Any:
-        return self._held.pop() if self._held else next(self.source)
+        return self._held.popleft() if self._held else next(self.source)
 
-    def read_ahead(self) -> InputError | None:
-        """Read the next batch now; return the input error that stopped it (not raised), else None."""
+    def read_ahead(self, count: int = 1) -> InputError | None:
+        """Read the next `count` batches now; return the input error that stopped them (not raised)."""
         if self._held:
             return None
         self._held_cursor = self._cursor()
         start = time.perf_counter()
         try:
-            self._held.append(next(self.source))
+            for _ in range(count):
+                self._held.append(next(self.source))
         except InputError as error:
             self._failed = True
             return error

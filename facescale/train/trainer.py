@@ -327,7 +327,7 @@ class Trainer:
             ctx = StepContext(self.engine, self.step, lr, lr * cfg.head.lr_scale, self.env.world_size,
                               sch.grad_accumulation, time.perf_counter)
             out = train_step(self.mode, batches, ctx, inject_nan=self.step in self._nan_steps)
-            out.data_wait_s += batches.take_wait()  # the first batch, read at the end of the last step
+            out.data_wait_s += batches.take_wait()  # its batches, read at the end of the last step
             self.step += 1
             loss = out.loss
             if cfg.model.compile and self.step in (start_step + 1, sch.steps):  # compile time, recompiles
@@ -345,8 +345,8 @@ class Trainer:
                     self.evaluate()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            t0 = time.perf_counter()  # the next step's time includes reading its first batch, here
-            input_error = batches.read_ahead()
+            t0 = time.perf_counter()  # the next step's time includes reading its batches, here
+            input_error = batches.read_ahead(sch.grad_accumulation)
             if self._preempted(input_error is not None):
                 self._stop(input_error)
         throughput = (
