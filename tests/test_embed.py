@@ -6,6 +6,8 @@ The reference embeds each PNG as a reader of arcface_torch's inference.py would:
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -85,23 +87,56 @@ def test_list_keeps_its_order_and_no_flip_normalize_gives_unit_rows(weights, fac
     np.testing.assert_allclose(rows, plain / np.linalg.norm(plain, axis=1, keepdims=True), atol=1e-5)
 
 
-def _embed_on_rank(rank: int, world: int, weights_path: str, paths: list[str]) -> np.ndarray:
+def _embed_on_rank(rank: int, world: int, weights_path: str, paths: list[str],
+                   skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
     from facescale.checkpoint.weights import backbone_from_weights
     from facescale.eval.embed_images import embed_images
 
     model = backbone_from_weights(weights_path, "demo", None)
     return embed_images(model, paths, SIZE, batch_size=2, device="cpu", rank=rank, world_size=world,
-                        workers=1, progress=False)
+                        workers=1, progress=False, skip_bad=skip_bad)
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one(weights, faces):
+def test_two_ranks_equal_one_and_skip_the_same_bad_images(weights, faces):
     from facescale.eval.embed_images import list_images
 
     paths = list_images([str(faces)])
-    single = _embed_on_rank(0, 1, str(weights[0]), paths)
-    for rows in run_ranks(_embed_on_rank, 2, str(weights[0]), paths):
+    single, none_skipped = _embed_on_rank(0, 1, str(weights[0]), paths)
+    assert none_skipped == []
+    for rows, skipped in run_ranks(_embed_on_rank, 2, str(weights[0]), paths):
         np.testing.assert_allclose(rows, single, atol=1e-6)
+        assert skipped == []
+    (faces / "a" / "2.png").write_bytes(b"broken")  # index 2 of 5: rank 0's slice; 4 of 5: rank 1's
+    Image.fromarray(_face(8, size=64)).save(faces / "b" / "1.png")
+    for rows, skipped in run_ranks(_embed_on_rank, 2, str(weights[0]), paths, True):
+        assert skipped == [2, 4]
+        np.testing.assert_allclose(rows, single[[0, 1, 3]], atol=1e-6)
+
+
+def test_skip_bad_leaves_bad_images_out_of_both_files_and_lists_them(weights, faces, tmp_path, capsys):
+    path, model = weights
+    (faces / "a" / "10.png").write_bytes(b"not a picture")
+    Image.fromarray(_face(9, size=96)).save(faces / "a" / "x" / "3.png")
+    out = tmp_path / "g"
+    assert main(["embed", "--weights", str(path), "--model", "demo", str(faces), "--out", str(out),
+                 "--workers", "1", "--batch-size", "2", "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["skipped"] == 2
+    assert f"[embed] skipped {faces}/a/10.png could not be decoded" in captured.err
+    assert f"[embed] skipped {faces}/a/x/3.png is 96x96, expected 112x112" in captured.err
+    kept = (tmp_path / "g.txt").read_text().splitlines()
+    assert [name.removeprefix(f"{faces}/") for name in kept] == ["c.png", "a/2.png", "b/1.png"]
+    left_out = (tmp_path / "g.skipped.txt").read_text().splitlines()
+    assert left_out == [f"{faces}/a/10.png", f"{faces}/a/x/3.png"]
+    expected = np.stack([_reference(model, name, flip=True) for name in kept])
+    np.testing.assert_allclose(np.load(tmp_path / "g.npy"), expected, rtol=1e-4, atol=1e-5)
+    for name in ("a/10.png", "a/x/3.png"):  # fixed: a run without bad images removes the old list
+        Image.fromarray(_face(3)).save(faces / name)
+    assert main(["embed", "--weights", str(path), "--model", "demo", str(faces), "--out", str(out),
+                 "--workers", "0", "--skip-bad"]) == 0
+    assert len((tmp_path / "g.txt").read_text().splitlines()) == 5
+    assert not (tmp_path / "g.skipped.txt").exists()
 
 
 def _error(argv: list[str], capsys) -> str:

@@ -16,13 +16,18 @@ def _embed(args: argparse.Namespace) -> int:
     paths = list_images(args.images, args.list, args.root)
     with model_on_ranks(args, "embed") as (env, runtime, model, image_size):
         workers = default_workers(env.local_world_size) if args.workers is None else args.workers
-        rows = embed_images(model, paths, image_size, batch_size=args.batch_size, device=runtime.device,
-                            flip=args.flip, rank=env.rank, world_size=env.world_size, workers=workers,
-                            progress=env.rank == 0)
+        rows, skipped = embed_images(model, paths, image_size, batch_size=args.batch_size,
+                                     device=runtime.device, flip=args.flip, rank=env.rank,
+                                     world_size=env.world_size, workers=workers, progress=env.rank == 0,
+                                     skip_bad=args.skip_bad)
         if env.rank == 0:
-            npy, txt = write_embeddings(args.out, rows, paths, normalize=args.normalize)
-            print(json.dumps({"embeddings": str(npy), "paths": str(txt), "images": len(paths),
-                              "dim": int(rows.shape[1]), "flip": args.flip, "normalized": args.normalize}))
+            left_out = set(skipped)
+            kept = [path for index, path in enumerate(paths) if index not in left_out]
+            npy, txt = write_embeddings(args.out, rows, kept, normalize=args.normalize,
+                                        skipped=[paths[index] for index in skipped])
+            print(json.dumps({"embeddings": str(npy), "paths": str(txt), "images": len(kept),
+                              "skipped": len(skipped), "dim": int(rows.shape[1]), "flip": args.flip,
+                              "normalized": args.normalize}))
     return 0
 
 
@@ -46,4 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
                    help="L2-normalise each row (default off: the norm is kept, a quality signal; the cosine "
                         "similarity of two faces is the dot product of their normalised rows)")
+    e.add_argument("--skip-bad", action="store_true",
+                   help="leave out an image that cannot be read or decoded or has another size (named on "
+                        "stderr and in OUT.skipped.txt) instead of stopping; OUT.npy and OUT.txt hold the "
+                        "rest")
     e.set_defaults(func=_embed)

@@ -8,6 +8,7 @@ as one clear line raised by the rank that read it, on every rank, instead of a w
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -41,6 +42,14 @@ def collate_faces(items: list[np.ndarray | str]) -> torch.Tensor | str:
     return errors[0] if errors else torch.from_numpy(np.stack(items))
 
 
+def collate_keeping_errors(items: list[np.ndarray | str]) -> tuple[torch.Tensor | None,
+                                                                   list[tuple[int, str]]]:
+    """The good items as a uint8 NHWC batch (None when none is) and (position, message) of the others."""
+    good = [item for item in items if not isinstance(item, str)]
+    bad = [(position, item) for position, item in enumerate(items) if isinstance(item, str)]
+    return (torch.from_numpy(np.stack(good)) if good else None), bad
+
+
 def default_workers(local_world_size: int = 1) -> int:
     """Decode workers per rank: the CPUs this process may use, shared by the ranks of a node, max 16."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -53,27 +62,35 @@ def _single_thread_worker(_: int) -> None:
 
 def embed_dataset(model: nn.Module, faces: Dataset, *, batch_size: int, device: torch.device | str,
                   flip: bool, world_size: int, workers: int, progress: bool, label: str,
-                  error_type: type[InputError]) -> np.ndarray:
+                  error_type: type[InputError], skipped: list[int] | None = None) -> np.ndarray:
     """[N, D] float32 embeddings: `faces` (this rank's slice) embedded here, all ranks' rows gathered in rank
-    order. An item that is an error message raises `error_type` with it on every rank."""
+    order. An item that is an error message raises `error_type` with it on every rank; given a `skipped`
+    list, such an item is left out instead, its index in `faces` appended and its message printed."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     count = len(faces)  # type: ignore[arg-type]
     loader = DataLoader(faces, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_faces, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None,
+                        collate_fn=collate_faces if skipped is None else collate_keeping_errors,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         worker_init_fn=_single_thread_worker if workers else None)
 
     def embed_local() -> torch.Tensor:
         update, close = progress_bar(count, progress, label)
-        chunks = []
+        chunks, first = [], 0
         try:
-            for pixels in loader:
+            for batch in loader:
+                pixels, bad = batch if skipped is not None else (batch, [])
                 if isinstance(pixels, str):
                     raise error_type(pixels)
-                chunks.append(embed_batch(model, pixels, device, flip))
-                update(len(pixels))
+                for position, message in bad:
+                    skipped.append(first + position)  # type: ignore[union-attr]
+                    print(f"[embed] skipped {message}", file=sys.stderr, flush=True)
+                if pixels is not None:
+                    chunks.append(embed_batch(model, pixels, device, flip))
+                done = len(bad) + (len(pixels) if pixels is not None else 0)
+                first += done
+                update(done)
         finally:
             close()
         return torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)

@@ -99,19 +99,33 @@ def output_paths(out: str) -> tuple[Path, Path]:
 
 def embed_images(model: nn.Module, paths: list[str], image_size: int, *, batch_size: int, device: str,
                  flip: bool = True, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 progress: bool = True) -> np.ndarray:
-    """[N, D] float32 embeddings of `paths` (flip-summed when `flip`), on every rank; rank r embeds its
-    contiguous slice (process group initialized when world_size > 1)."""
+                 progress: bool = True, skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
+    """(rows, skipped): [N', D] float32 embeddings of `paths` (flip-summed when `flip`) on every rank, rank r
+    embedding its contiguous slice (process group initialized when world_size > 1). A bad image stops
+    every rank, or with `skip_bad` is left out: `skipped` lists the indices into `paths` of those left out,
+    and the rows are the other images' in order."""
     start, count = class_partition(len(paths), world_size, rank)
-    return embed_dataset(model, ImageFiles(paths[start:start + count], image_size), batch_size=batch_size,
+    local: list[int] | None = [] if skip_bad else None
+    rows = embed_dataset(model, ImageFiles(paths[start:start + count], image_size), batch_size=batch_size,
                          device=device, flip=flip, world_size=world_size, workers=workers,
                          progress=progress and rank == 0, label="embedding (rank 0's share)",
-                         error_type=ImageListError)
+                         error_type=ImageListError, skipped=local)
+    skipped = [start + index for index in local or []]
+    if skip_bad and world_size > 1:
+        import torch.distributed as dist
+
+        every: list[list[int] | None] = [None] * world_size
+        dist.all_gather_object(every, skipped)
+        skipped = [index for part in every for index in part or []]
+    if skip_bad and len(skipped) == len(paths):
+        raise ImageListError(f"none of the {len(paths)} images could be embedded (see the skipped lines)")
+    return rows, skipped
 
 
-def write_embeddings(out: str, embeddings: np.ndarray, paths: list[str],
-                     normalize: bool) -> tuple[Path, Path]:
-    """Write `<out>.npy` (rows L2-normalised when `normalize`) and `<out>.txt`, each atomically."""
+def write_embeddings(out: str, embeddings: np.ndarray, paths: list[str], normalize: bool,
+                     skipped: list[str] | None = None) -> tuple[Path, Path]:
+    """Write `<out>.npy` (rows L2-normalised when `normalize`) and `<out>.txt`, each atomically, and the
+    images left out in `<out>.skipped.txt` when there are any (else an earlier one is removed)."""
     rows = np.asarray(embeddings, dtype=np.float32)
     if normalize:
         rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.finfo(np.float32).tiny)
@@ -120,6 +134,11 @@ def write_embeddings(out: str, embeddings: np.ndarray, paths: list[str],
     buffer = _npy_bytes(rows)
     atomic_write_bytes(npy, buffer)
     atomic_write_bytes(txt, "".join(f"{path}\n" for path in paths).encode("utf-8"))
+    left_out = txt.with_name(txt.stem + ".skipped.txt")
+    if skipped:
+        atomic_write_bytes(left_out, "".join(f"{path}\n" for path in skipped).encode("utf-8"))
+    else:
+        left_out.unlink(missing_ok=True)
     return npy, txt
 
 
