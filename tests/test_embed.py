@@ -125,6 +125,7 @@ def test_skip_bad_leaves_bad_images_out_of_both_files_and_lists_them(weights, fa
     assert json.loads(captured.out.strip().splitlines()[-1])["skipped"] == 2
     assert f"[embed] skipped {faces}/a/10.png could not be decoded" in captured.err
     assert f"[embed] skipped {faces}/a/x/3.png is 96x96, expected 112x112" in captured.err
+    assert "--skip-bad" not in captured.err  # no advice to do what is being done
     kept = (tmp_path / "g.txt").read_text().splitlines()
     assert [name.removeprefix(f"{faces}/") for name in kept] == ["c.png", "a/2.png", "b/1.png"]
     left_out = (tmp_path / "g.skipped.txt").read_text().splitlines()
@@ -151,10 +152,12 @@ def test_bad_images_are_named_in_one_line_and_nothing_is_written(weights, faces,
              "--workers", "0"]
     Image.fromarray(_face(7, size=96)).save(faces / "a" / "small.png")
     assert _error(model + [str(faces)], capsys).endswith(
-        f"{faces}/a/small.png is 96x96, expected 112x112; align the faces to crops of the model's input size")
+        f"{faces}/a/small.png is 96x96, expected 112x112; align the faces to crops of the model's input "
+        "size; or rerun with --skip-bad to leave such images out")
     (faces / "a" / "small.png").write_bytes(b"not a picture")
     assert _error(model + [str(faces)], capsys).endswith(
-        f"{faces}/a/small.png could not be decoded (no image format recognised); expected JPEG or PNG bytes")
+        f"{faces}/a/small.png could not be decoded (no image format recognised); expected JPEG or PNG bytes; "
+        "or rerun with --skip-bad to leave such images out")
     (faces / "empty").mkdir()
     assert f"{faces}/empty: holds no images" in _error(model + [str(faces / "empty")], capsys)
     assert f"{tmp_path}/absent: does not exist" in _error(model + [str(tmp_path / "absent")], capsys)

@@ -29,17 +29,22 @@ class ImageListError(EvalSetError):
     default_fix = "give aligned face crops (a folder, image files, or --list FILE with one path a line)"
 
 
+_OR_SKIP = ", or rerun with --skip-bad to leave such images out"
+
+
 class ImageFiles(Dataset):
     """Aligned crops read from `paths` as HWC uint8 RGB; an unreadable one gives its error message."""
 
-    def __init__(self, paths: list[str], image_size: int) -> None:
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, paths: list[str], image_size: int, skipping: bool = False) -> None:
+        self.paths, self.image_size, self.skipping = paths, image_size, skipping
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray | str:
-        return read_face(self.paths[index], self.image_size, "check the file and its permissions")
+        hint = "" if self.skipping else _OR_SKIP  # a stopping error says how to go on without the image
+        return read_face(self.paths[index], self.image_size, f"check the file and its permissions{hint}",
+                         bad_image_fix=hint.removeprefix(", "))
 
 
 def _folder_images(root: str) -> list[str]:
@@ -106,7 +111,8 @@ def embed_images(model: nn.Module, paths: list[str], image_size: int, *, batch_s
     and the rows are the other images' in order."""
     start, count = class_partition(len(paths), world_size, rank)
     local: list[int] | None = [] if skip_bad else None
-    rows = embed_dataset(model, ImageFiles(paths[start:start + count], image_size), batch_size=batch_size,
+    rows = embed_dataset(model, ImageFiles(paths[start:start + count], image_size, skip_bad),
+                         batch_size=batch_size,
                          device=device, flip=flip, world_size=world_size, workers=workers,
                          progress=progress and rank == 0, label="embedding (rank 0's share)",
                          error_type=ImageListError, skipped=local)
