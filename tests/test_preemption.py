@@ -132,6 +132,14 @@ def test_second_ctrl_c_stops_at_once_and_ignored_sigint_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def _wait_for_step(proc, log_path, step: int, timeout: float = 240.0) -> None:
+    """Until the training run `proc` (logging every step to `log_path`) has logged `step`."""
+    deadline = time.monotonic() + timeout
+    while f"[train] step {step}/" not in log_path.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_stops_with_130(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, data workers included, as a terminal sends it) saves the
@@ -156,10 +164,7 @@ def test_ctrl_c_saves_the_step_and_stops_with_130(tmp_path):
         command = argv + [x for item in [*sets, "schedule.steps=100000"] for x in ("--set", item)]
         proc = subprocess.Popen(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        deadline = time.monotonic() + 240
-        while "[train] step 3/" not in log_path.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-2000:]
-            time.sleep(0.2)
+        _wait_for_step(proc, log_path, 3)
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
     text = log_path.read_text()
@@ -206,10 +211,7 @@ def test_a_preemption_save_with_the_next_step_read_ahead_resumes_exactly(tmp_pat
     log_path = tmp_path / "preempted.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(command("preempted"), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while "[train] step 4/" not in log_path.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-2000:]
-            time.sleep(0.05)
+        _wait_for_step(proc, log_path, 4)
         os.kill(proc.pid, signal.SIGUSR1)
         assert proc.wait(timeout=120) == 3, log_path.read_text()[-3000:]
     step = int(re.search(r"preempted at step (\d+): saving", log_path.read_text()).group(1))
