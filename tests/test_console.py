@@ -105,7 +105,8 @@ def test_plan_lines_name_the_run() -> None:
     assert "16 ranks = 2 node(s) x 8 rank(s)" in text and "precision bf16, ZeRO stage 1" in text
     assert "micro 32 per rank x 16 ranks x 2 accumulation = global 1024" in text
     assert "2059906 identities, 42474557 images; 1000 steps per epoch, 3000 steps = 3.00 epochs" in text
-    assert "128745 centers per rank (of 2059906), 25749 sampled per step" in text
+    assert "128745 centers per rank (of 2059906), 25749 sampled per step (sample_rate 0.2; all the " \
+           "positives of the global batch in its shard when they are more)" in text
     assert "checkpoint every 500 steps" in text and "eval none" in text
     assert "resumed from runs/wf42m/checkpoints/step_500 at step 500" in text
     cfg.head.type = "f2c"

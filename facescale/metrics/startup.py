@@ -50,7 +50,8 @@ def plan_lines(cfg: Config, facts: RunFacts) -> list[str]:
                 f"({cfg.head.f2c.pool}), G-Net momentum {cfg.head.f2c.momentum}")
     else:
         head = (f"Partial FC: {centers} centers per rank (of {facts.num_identities}), "
-                f"{facts.sampled_centers} sampled per step (sample_rate {cfg.head.sample_rate}), "
+                f"{facts.sampled_centers} sampled per step (sample_rate {cfg.head.sample_rate}; all the "
+                "positives of the global batch in its shard when they are more), "
                 f"{cfg.head.update} update, margin {cfg.head.margin.type}")
     ckpt = (f"every {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "at the end only")
     evals = (f"every {cfg.eval.every_steps} steps" if cfg.eval.every_steps else "at the end only")
