@@ -128,7 +128,6 @@ class Trainer:
                                      wandb=cfg.logging.wandb, config=config_to_dict(cfg))
         self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
                                     self.loader.steps_per_epoch, cfg.schedule.grad_accumulation)
-        self.resumed_from: str | None = None
         self.batches: BatchLookahead | None = None  # the training batches, once train() runs
         self.eval_skipped: dict[str, int] = {}  # eval set -> the last step it could not be evaluated at
         self._saved: tuple[int, Path] | None = None  # (step, dir) of the checkpoint holding the current state
@@ -155,7 +154,6 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_steps_in_row = int(state.get("bad_steps_in_row", 0))
         self.console.best.load_state_dict(state.get("best_eval"))
-        self.resumed_from = str(path)
         cursor = state["rank_state"].get("loader", state.get("loader"))
         if cursor is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(cursor)
@@ -271,7 +269,8 @@ class Trainer:
             device=self.runtime.device, precision=self.runtime.precision, micro_batch=self.micro_batch,
             batches_per_epoch=self.loader.steps_per_epoch, num_identities=self.manifest.num_classes,
             num_images=self.manifest.num_samples, sampled_centers=getattr(self.head, "num_sample", None),
-            run_dir=str(self.run_dir), resumed_from=self.resumed_from, start_step=self.step,
+            run_dir=str(self.run_dir), resumed_from=str(self.resume_from) if self.resume_from else None,
+            start_step=self.step,
         )
         return plan_lines(self.cfg, facts)
 
