@@ -112,9 +112,8 @@ def embed_images(model: nn.Module, paths: list[str], image_size: int, *, batch_s
     start, count = class_partition(len(paths), world_size, rank)
     local: list[int] | None = [] if skip_bad else None
     rows = embed_dataset(model, ImageFiles(paths[start:start + count], image_size, skip_bad),
-                         batch_size=batch_size,
-                         device=device, flip=flip, world_size=world_size, workers=workers,
-                         progress=progress and rank == 0, label="embedding (rank 0's share)",
+                         batch_size=batch_size, device=device, flip=flip, world_size=world_size,
+                         workers=workers, progress=progress and rank == 0, label="embedding (rank 0's share)",
                          error_type=ImageListError, skipped=local)
     skipped = [start + index for index in local or []]
     if skip_bad and world_size > 1:
@@ -137,15 +136,18 @@ def write_embeddings(out: str, embeddings: np.ndarray, paths: list[str], normali
         rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.finfo(np.float32).tiny)
     npy, txt = output_paths(out)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    buffer = _npy_bytes(rows)
-    atomic_write_bytes(npy, buffer)
-    atomic_write_bytes(txt, "".join(f"{path}\n" for path in paths).encode("utf-8"))
+    atomic_write_bytes(npy, _npy_bytes(rows))
+    atomic_write_bytes(txt, _lines(paths))
     left_out = txt.with_name(txt.stem + ".skipped.txt")
     if skipped:
-        atomic_write_bytes(left_out, "".join(f"{path}\n" for path in skipped).encode("utf-8"))
+        atomic_write_bytes(left_out, _lines(skipped))
     else:
         left_out.unlink(missing_ok=True)
     return npy, txt
+
+
+def _lines(paths: list[str]) -> bytes:
+    return "".join(f"{path}\n" for path in paths).encode("utf-8")
 
 
 def _npy_bytes(rows: np.ndarray) -> bytes:
