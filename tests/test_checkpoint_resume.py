@@ -84,7 +84,7 @@ def _finish(proc: subprocess.Popen, run_dir: Path) -> str:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    """The last logged loss of every step (a resumed run logs again the steps it repeats)."""
+    """The logged loss of every step (a resumed run sets aside the lines of the steps it repeats)."""
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from facescale.checkpoint import CheckpointManager, resolve_checkpoint
+from facescale.checkpoint.layout import read_trainer_state
 from facescale.checkpoint.space_check import warn_if_short_of_space
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.load import config_to_dict, config_yaml
@@ -124,8 +125,10 @@ class Trainer:
         if self.resume_from is None:  # e.g. head.init_from; a resumed run has its own state
             get_mode(cfg.head.type).start_fresh(self.mode, cfg, run_logger().info if env.rank == 0 else
                                                 lambda line: None)
+        resumed_at = None if self.resume_from is None else int(read_trainer_state(self.resume_from)["step"])
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard,
-                                     wandb=cfg.logging.wandb, config=config_to_dict(cfg))
+                                     wandb=cfg.logging.wandb, config=config_to_dict(cfg),
+                                     resumed_at=resumed_at)
         self.console = TrainConsole(self.metrics.console, cfg.schedule.steps, cfg.schedule.global_batch_size,
                                     self.loader.steps_per_epoch, cfg.schedule.grad_accumulation)
         self.batches: BatchLookahead | None = None  # the training batches, once train() runs
@@ -165,6 +168,12 @@ class Trainer:
         self.metrics.console(
             f"[facescale] resumed from {path} (saved by {state['world_size']} ranks) at step {self.step}"
         )
+        if self.metrics.superseded is not None:
+            first, last = self.metrics.superseded
+            self.metrics.console(
+                f"[facescale] steps {first}-{last}, logged before the resume past this checkpoint, are done "
+                "again: their metrics.jsonl lines moved to metrics.superseded.jsonl, TensorBoard hides them"
+            )
         if self.cfg.model.init_from:
             self.metrics.console(f"[facescale] model.init_from ignored: this run resumes from {path}")
 
