@@ -11,8 +11,17 @@ from facescale.errors import debug_enabled, report_errors
 COMMAND_MODULES = ("train", "synth", "eval", "embed", "plan", "data", "checkpoint", "import_config")
 
 
+class _ExactOptionParser(argparse.ArgumentParser):
+    """Options are taken only as spelled in full: `plan --gpus 64` is an error, not `--gpus-per-node 64`.
+    Subcommand parsers are built with the parent's class, so this holds for every subcommand."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="facescale", description="Face recognition training at scale.")
+    p = _ExactOptionParser(prog="facescale", description="Face recognition training at scale.")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of input errors (also FACESCALE_DEBUG=1); allowed anywhere")
     sub = p.add_subparsers(dest="command", required=True)

@@ -174,6 +174,19 @@ def test_cli_prints_every_item(capsys):
     assert data["world"] == 8 and data["zero"]["grads"] == 4 * -(-data["backbone"]["num_trainable"] // 8)
 
 
+@pytest.mark.parametrize("argv", [
+    ["plan", "--config", "configs/webface42m_r100.yaml", "--gpus", "64"],  # not --gpus-per-node 64
+    ["eval", "verify", "--weights", "backbone.pth", "--bin", "lfw.bin", "--embedding", "256"],
+])
+def test_a_shortened_option_is_refused_not_taken_for_a_longer_one(argv, capsys):
+    from facescale.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {argv[-2]} {argv[-1]}" in capsys.readouterr().err
+
+
 def test_unknown_data_set_needs_num_classes(tmp_path):
     from facescale.config.load import ConfigError
 
