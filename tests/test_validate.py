@@ -40,3 +40,15 @@ def test_changed_shard_fails_its_checksum_and_workers_agree(tmp_path):
     serial, parallel = validate_directory(tmp_path, workers=1), validate_directory(tmp_path, workers=2)
     assert serial.problems == parallel.problems
     assert any("sha256 differs" in p for p in serial.problems) and Manifest.load(tmp_path).num_samples == 12
+
+
+def test_a_shard_cut_to_nothing_is_one_line_not_one_per_sample(tmp_path):
+    make_bad_dir(tmp_path, "good")
+    manifest = Manifest.load(tmp_path)
+    (tmp_path / "train-000000.tar").write_bytes(b"")
+    lost = manifest.shards[0].num_samples
+    report = validate_directory(tmp_path)
+    cut = [p for p in report.problems if "cut off" in p]
+    assert len(cut) == 1 and f"train-000000.tar: {lost} samples from '000000000' on cut off" in cut[0]
+    assert "(0 B): the shard is truncated" in cut[0]
+    assert not any("train-000000.tar: sample" in p for p in report.problems)

@@ -21,6 +21,9 @@ from facescale.errors import InputError
 POLICIES = choices(BadSamplePolicy)
 
 
+TRUNCATED_REASON = "past the end of the tar"  # in the reason of a sample that a cut shard lost
+
+
 @dataclass(frozen=True)
 class BadSample:
     """One bad sample: its shard file, key, position (sample line in the shard's index) and the reason."""
@@ -107,7 +110,7 @@ def _sample_problem(fd: int, file_size: int, sample: IndexedSample, num_classes:
             return f"missing .{ext} member"
         offset, length = sample.members[ext]
         if offset + length > file_size:
-            return (f".{ext} member ends at byte {offset + length}, past the end of the tar "
+            return (f".{ext} member ends at byte {offset + length}, {TRUNCATED_REASON} "
                     f"({file_size} B): the shard is truncated")
     offset, length = sample.members[LABEL_EXT]
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facescale.data.bad_data import scan_shard
+from facescale.data.bad_data import TRUNCATED_REASON, BadSample, scan_shard
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import index_tar
 
@@ -83,10 +83,24 @@ def check_shard(tar: str, index: str, expected_samples: int, expected_sha: str, 
         bad, counts, listed = scan_shard(tar_path, index_path, num_classes=num_classes, image_size=image_size)
     except ValueError as error:
         return problems + [str(error)], {}, 0
-    problems += [str(sample) for sample in bad]
+    problems += _grouped(bad)
     if listed != expected_samples:
         problems.append(f"{tar_path.name}: {listed} samples, manifest.json says {expected_samples}")
     return problems, counts, listed
+
+
+def _grouped(bad: list[BadSample]) -> list[str]:
+    """One line per bad sample, except those past the end of a cut shard: the first of them and a count
+    (a shard cut early, or to 0 bytes, would otherwise list every one of its samples)."""
+    past_end = [sample for sample in bad if TRUNCATED_REASON in sample.reason]
+    lines = [str(sample) for sample in bad if TRUNCATED_REASON not in sample.reason]
+    if past_end:
+        first = past_end[0]
+        count = len(past_end)
+        which = f"{count} samples from {first.key!r} on" if count > 1 else f"sample {first.key!r}"
+        lines.append(f"{first.shard}: {which} cut off: {first.reason}; copy the shard again or convert it "
+                     "again")
+    return lines
 
 
 def validate_directory(directory: str | Path, workers: int | None = None,
