@@ -170,3 +170,25 @@ def test_incomplete_step_dir_names_what_is_missing(tmp_path: Path):
     assert CheckpointManager(tmp_path, 0, 3).latest() is None  # no `latest` yet: a fresh start
     with pytest.raises(CheckpointError, match="no 'latest'"):
         resolve_checkpoint(tmp_path)
+
+
+def test_the_latest_file_names_its_step_and_other_files_are_refused(tmp_path: Path):
+    """`--checkpoint run/checkpoints/latest` (what a user copies from `ls`) used to say it does not exist."""
+    import json
+
+    from facescale.checkpoint import CheckpointError, resolve_checkpoint
+    from facescale.checkpoint.layout import expected_files
+    from facescale.checkpoint.weights import read_backbone_weights
+
+    step = tmp_path / "checkpoints" / "step_00000007"
+    for name in expected_files(1, with_deepspeed=False):
+        (step / name).parent.mkdir(parents=True, exist_ok=True)
+        (step / name).write_bytes(b"")
+    (step / "trainer.json").write_text(json.dumps({"step": 7, "world_size": 1, "has_deepspeed_files": False}))
+    torch.save({"fc.weight": torch.ones(2, 3)}, step / "backbone.pt")
+    (step / "COMPLETE").write_text("")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000007\n")
+    assert resolve_checkpoint(tmp_path / "checkpoints" / "latest") == step
+    assert read_backbone_weights(tmp_path / "checkpoints" / "latest").keys() == {"fc.weight"}
+    with pytest.raises(CheckpointError, match="trainer.json' is a file; point at a run directory"):
+        resolve_checkpoint(step / "trainer.json")

@@ -163,10 +163,16 @@ def verify_step_dir(step_dir: Path) -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run dir, its `checkpoints` dir or a step dir; return the complete step dir it means."""
+    """Accept a run dir, its `checkpoints` dir, its `latest` file or a step dir; return the complete step dir
+    it means."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint '{p}' does not exist")
+    if p.is_file() and p.name == LATEST:
+        p = p.parent / read_text(p).strip()
+    elif p.is_file():
+        raise CheckpointError(f"checkpoint '{p}' is a file; point at a run directory, its checkpoints/ or a "
+                              "step directory (checkpoints/step_XXXXXXXX)")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if (p / LATEST).is_file():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from facescale.checkpoint.layout import BACKBONE_WEIGHTS, CheckpointError, resolve_checkpoint
+from facescale.checkpoint.layout import BACKBONE_WEIGHTS, LATEST, CheckpointError, resolve_checkpoint
 from facescale.errors import InputError
 from facescale.models.legacy_names import upgrade_legacy_names
 
@@ -55,12 +55,13 @@ def _shown(keys: list[str]) -> str:
 
 
 def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The backbone state dict at `path`: a .pth/.pt file, or a facescale run/checkpoints/step directory."""
+    """The backbone state dict at `path`: a .pth/.pt file, or a facescale run/checkpoints/step directory
+    (or checkpoints/latest)."""
     p = Path(path)
     if not p.exists():
         raise WeightsError(f"{p}: no such file or directory; give an arcface_torch backbone.pth, a facescale "
                            f"backbone.pt or a facescale run/step directory")
-    if p.is_dir():
+    if p.is_dir() or (p.name == LATEST and p.is_file()):  # a run, checkpoints/, its `latest`, a step
         try:
             p = resolve_checkpoint(p) / BACKBONE_WEIGHTS
         except CheckpointError as exc:
