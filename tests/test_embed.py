@@ -87,31 +87,37 @@ def test_list_keeps_its_order_and_no_flip_normalize_gives_unit_rows(weights, fac
     np.testing.assert_allclose(rows, plain / np.linalg.norm(plain, axis=1, keepdims=True), atol=1e-5)
 
 
-def _embed_on_rank(rank: int, world: int, weights_path: str, paths: list[str],
-                   skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
+def _embed_on_rank(rank: int, world: int, weights_path: str, paths: list[str], out: str,
+                   skip_bad: bool = False) -> tuple[np.ndarray | None, list[int], int]:
+    """(the written .npy on rank 0, the skipped indices, the rows this rank held)."""
     from facescale.checkpoint.weights import backbone_from_weights
-    from facescale.eval.embed_images import embed_images
+    from facescale.eval.embed_images import embed_images, write_embeddings
 
     model = backbone_from_weights(weights_path, "demo", None)
-    return embed_images(model, paths, SIZE, batch_size=2, device="cpu", rank=rank, world_size=world,
-                        workers=1, progress=False, skip_bad=skip_bad)
+    rows, skipped = embed_images(model, paths, SIZE, batch_size=2, device="cpu", rank=rank, world_size=world,
+                                 workers=1, progress=False, skip_bad=skip_bad)
+    kept = [path for index, path in enumerate(paths) if index not in set(skipped)]
+    npy, _ = write_embeddings(out, rows, kept, normalize=False, rank=rank)
+    return (np.load(npy) if rank == 0 else None), skipped, rows.local.shape[0]
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_and_skip_the_same_bad_images(weights, faces):
+def test_two_ranks_equal_one_and_skip_the_same_bad_images(weights, faces, tmp_path):
     from facescale.eval.embed_images import list_images
 
     paths = list_images([str(faces)])
-    single, none_skipped = _embed_on_rank(0, 1, str(weights[0]), paths)
-    assert none_skipped == []
-    for rows, skipped in run_ranks(_embed_on_rank, 2, str(weights[0]), paths):
-        np.testing.assert_allclose(rows, single, atol=1e-6)
-        assert skipped == []
+    single, none_skipped, held = _embed_on_rank(0, 1, str(weights[0]), paths, str(tmp_path / "one"))
+    assert none_skipped == [] and held == 5
+    results = run_ranks(_embed_on_rank, 2, str(weights[0]), paths, str(tmp_path / "two"))
+    np.testing.assert_allclose(results[0][0], single, atol=1e-6)
+    assert [skipped for _, skipped, _ in results] == [[], []]
+    assert [held for _, _, held in results] == [3, 2]  # each rank held its own rows only
     (faces / "a" / "2.png").write_bytes(b"broken")  # index 2 of 5: rank 0's slice; 4 of 5: rank 1's
     Image.fromarray(_face(8, size=64)).save(faces / "b" / "1.png")
-    for rows, skipped in run_ranks(_embed_on_rank, 2, str(weights[0]), paths, True):
-        assert skipped == [2, 4]
-        np.testing.assert_allclose(rows, single[[0, 1, 3]], atol=1e-6)
+    results = run_ranks(_embed_on_rank, 2, str(weights[0]), paths, str(tmp_path / "skip"), True)
+    assert [skipped for _, skipped, _ in results] == [[2, 4], [2, 4]]
+    np.testing.assert_allclose(results[0][0], single[[0, 1, 3]], atol=1e-6)
+    assert (tmp_path / "skip.txt").read_text().splitlines() == [paths[0], paths[1], paths[3]]
 
 
 def test_skip_bad_leaves_bad_images_out_of_both_files_and_lists_them(weights, faces, tmp_path, capsys):
@@ -166,6 +172,12 @@ def test_bad_images_are_named_in_one_line_and_nothing_is_written(weights, faces,
     assert "l.txt: 1 listed image(s) do not exist, e.g. " in line and "b/9.png" in line and "--root" in line
     assert "no images to embed" in _error(model, capsys)
     assert not list(tmp_path.glob("o.*"))
+    (tmp_path / "taken").write_text("a file where --out's folder would be")  # found before any embedding
+    blocked = ["embed", "--weights", str(weights[0]), "--model", "demo", "--out",
+               str(tmp_path / "taken" / "o"), "--workers", "0", str(faces / "b")]
+    assert _error(blocked, capsys).endswith(
+        f"{tmp_path}/taken: cannot create the folder for o.npy (File exists); give --out a place you can "
+        "write, with room for the rows")
 
 
 @pytest.mark.slow

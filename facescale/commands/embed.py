@@ -9,24 +9,27 @@ from facescale.commands.model_source import add_model_source_args, model_on_rank
 
 
 def _embed(args: argparse.Namespace) -> int:
-    """Images are listed before the model loads; extraction is split across ranks, rank 0 writes."""
+    """Images are listed before the model loads; extraction is split across ranks, rank 0 writes the
+    rows as they arrive from the others (no rank holds all of them)."""
     from facescale.eval.dataset_extract import default_workers
-    from facescale.eval.embed_images import embed_images, list_images, write_embeddings
+    from facescale.eval.embed_images import embed_images, list_images, output_paths, write_embeddings
+    from facescale.eval.rows_file import check_writable
 
     paths = list_images(args.images, args.list, args.root)
+    check_writable(output_paths(args.out)[0])  # before the model loads and the images are embedded
     with model_on_ranks(args, "embed") as (env, runtime, model, image_size):
         workers = default_workers(env.local_world_size) if args.workers is None else args.workers
         rows, skipped = embed_images(model, paths, image_size, batch_size=args.batch_size,
                                      device=runtime.device, flip=args.flip, rank=env.rank,
                                      world_size=env.world_size, workers=workers, progress=env.rank == 0,
                                      skip_bad=args.skip_bad)
+        left_out = set(skipped)
+        kept = [path for index, path in enumerate(paths) if index not in left_out]
+        npy, txt = write_embeddings(args.out, rows, kept, normalize=args.normalize, rank=env.rank,
+                                    skipped=[paths[index] for index in skipped])
         if env.rank == 0:
-            left_out = set(skipped)
-            kept = [path for index, path in enumerate(paths) if index not in left_out]
-            npy, txt = write_embeddings(args.out, rows, kept, normalize=args.normalize,
-                                        skipped=[paths[index] for index in skipped])
             print(json.dumps({"embeddings": str(npy), "paths": str(txt), "images": len(kept),
-                              "skipped": len(skipped), "dim": int(rows.shape[1]), "flip": args.flip,
+                              "skipped": len(skipped), "dim": rows.dim, "flip": args.flip,
                               "normalized": args.normalize}))
     return 0
 

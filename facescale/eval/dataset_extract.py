@@ -1,6 +1,7 @@
-"""Embed this rank's slice of image files decoded in DataLoader workers; every rank receives every row.
+"""Embed this rank's slice of image files decoded in DataLoader workers.
 
-Shared by IJB (loose crops aligned in the workers) and `facescale embed` (aligned crops read as they are).
+Shared by IJB (loose crops aligned in the workers; every rank receives every row) and `facescale embed`
+(aligned crops read as they are; rank 0 writes the rows as they arrive, see eval/rows_file.py).
 A dataset item is an HWC uint8 face or the error message naming its file, so a bad image ends the command
 as one clear line raised by the rank that read it, on every rank, instead of a worker-process traceback.
 """
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from facescale.errors import InputError
 from facescale.eval.binfile import EvalSetError
 from facescale.eval.decode import decode_image
-from facescale.eval.extract import embed_batch, gather_extraction, progress_bar
+from facescale.eval.extract import RankRows, all_gather_rows, embed_batch, progress_bar, rows_on_ranks
 
 
 def read_face(path: str, image_size: int | None, unreadable_fix: str,
@@ -60,12 +61,12 @@ def _single_thread_worker(_: int) -> None:
     torch.set_num_threads(1)  # many workers per rank: one thread each keeps them from oversubscribing
 
 
-def embed_dataset(model: nn.Module, faces: Dataset, *, batch_size: int, device: torch.device | str,
-                  flip: bool, world_size: int, workers: int, progress: bool, label: str,
-                  error_type: type[InputError], skipped: list[int] | None = None) -> np.ndarray:
-    """[N, D] float32 embeddings: `faces` (this rank's slice) embedded here, all ranks' rows gathered in rank
-    order. An item that is an error message raises `error_type` with it on every rank; given a `skipped`
-    list, such an item is left out instead, its index in `faces` appended and its message printed."""
+def embed_on_ranks(model: nn.Module, faces: Dataset, *, batch_size: int, device: torch.device | str,
+                   flip: bool, world_size: int, workers: int, progress: bool, label: str,
+                   error_type: type[InputError], skipped: list[int] | None = None) -> RankRows:
+    """This rank's float32 embeddings of `faces` (its slice), with every rank's row count. An item that is an
+    error message raises `error_type` with it on every rank; given a `skipped` list, such an item is left
+    out instead, its index in `faces` appended and its message printed."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
@@ -98,6 +99,17 @@ def embed_dataset(model: nn.Module, faces: Dataset, *, batch_size: int, device: 
     was_training = model.training
     model.eval()
     try:
-        return gather_extraction(embed_local, world_size, device)
+        return rows_on_ranks(embed_local, world_size, device)
     finally:
         model.train(was_training)
+
+
+def embed_dataset(model: nn.Module, faces: Dataset, *, batch_size: int, device: torch.device | str,
+                  flip: bool, world_size: int, workers: int, progress: bool, label: str,
+                  error_type: type[InputError]) -> np.ndarray:
+    """[N, D] float32 embeddings: `faces` (this rank's slice) embedded here (see `embed_on_ranks`), all
+    ranks' rows gathered in rank order on every rank."""
+    rows = embed_on_ranks(model, faces, batch_size=batch_size, device=device, flip=flip,
+                          world_size=world_size, workers=workers, progress=progress, label=label,
+                          error_type=error_type)
+    return all_gather_rows(rows, world_size).cpu().numpy()

@@ -19,7 +19,9 @@ from torch.utils.data import Dataset
 from facescale.checkpoint.atomic import atomic_write_bytes
 from facescale.data.folder_listing import IMAGE_SUFFIXES, is_image_name
 from facescale.eval.binfile import EvalSetError
-from facescale.eval.dataset_extract import embed_dataset, read_face
+from facescale.eval.dataset_extract import embed_on_ranks, read_face
+from facescale.eval.extract import RankRows
+from facescale.eval.rows_file import write_npy_from_ranks
 from facescale.parallel.partition import class_partition
 
 
@@ -104,17 +106,17 @@ def output_paths(out: str) -> tuple[Path, Path]:
 
 def embed_images(model: nn.Module, paths: list[str], image_size: int, *, batch_size: int, device: str,
                  flip: bool = True, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 progress: bool = True, skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
-    """(rows, skipped): [N', D] float32 embeddings of `paths` (flip-summed when `flip`) on every rank, rank r
-    embedding its contiguous slice (process group initialized when world_size > 1). A bad image stops
-    every rank, or with `skip_bad` is left out: `skipped` lists the indices into `paths` of those left out,
-    and the rows are the other images' in order."""
+                 progress: bool = True, skip_bad: bool = False) -> tuple[RankRows, list[int]]:
+    """(rows, skipped): this rank's float32 embeddings of its contiguous slice of `paths` (flip-summed when
+    `flip`) with every rank's row count (process group initialized when world_size > 1). A bad image stops
+    every rank, or with `skip_bad` is left out: `skipped` (on every rank) lists the indices into `paths` of
+    those left out, and the rows, in rank order, are the other images' in order."""
     start, count = class_partition(len(paths), world_size, rank)
     local: list[int] | None = [] if skip_bad else None
-    rows = embed_dataset(model, ImageFiles(paths[start:start + count], image_size, skip_bad),
-                         batch_size=batch_size, device=device, flip=flip, world_size=world_size,
-                         workers=workers, progress=progress and rank == 0, label="embedding (rank 0's share)",
-                         error_type=ImageListError, skipped=local)
+    rows = embed_on_ranks(model, ImageFiles(paths[start:start + count], image_size, skip_bad),
+                          batch_size=batch_size, device=device, flip=flip, world_size=world_size,
+                          workers=workers, progress=progress and rank == 0,
+                          label="embedding (rank 0's share)", error_type=ImageListError, skipped=local)
     skipped = [start + index for index in local or []]
     if skip_bad and world_size > 1:
         import torch.distributed as dist
@@ -127,32 +129,26 @@ def embed_images(model: nn.Module, paths: list[str], image_size: int, *, batch_s
     return rows, skipped
 
 
-def write_embeddings(out: str, embeddings: np.ndarray, paths: list[str], normalize: bool,
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+
+
+def write_embeddings(out: str, rows: RankRows, paths: list[str], normalize: bool, rank: int = 0,
                      skipped: list[str] | None = None) -> tuple[Path, Path]:
-    """Write `<out>.npy` (rows L2-normalised when `normalize`) and `<out>.txt`, each atomically, and the
-    images left out in `<out>.skipped.txt` when there are any (else an earlier one is removed)."""
-    rows = np.asarray(embeddings, dtype=np.float32)
-    if normalize:
-        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    """Write `<out>.npy` (all ranks' rows in rank order, L2-normalised when `normalize`; collective, rank 0
+    writes them as they arrive) and `<out>.txt`, each atomically, and the images left out in
+    `<out>.skipped.txt` when there are any (else an earlier one is removed)."""
     npy, txt = output_paths(out)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(npy, _npy_bytes(rows))
-    atomic_write_bytes(txt, _lines(paths))
-    left_out = txt.with_name(txt.stem + ".skipped.txt")
-    if skipped:
-        atomic_write_bytes(left_out, _lines(skipped))
-    else:
-        left_out.unlink(missing_ok=True)
+    write_npy_from_ranks(npy, rows, _unit_rows if normalize else None)
+    if rank == 0:
+        atomic_write_bytes(txt, _lines(paths))
+        left_out = txt.with_name(txt.stem + ".skipped.txt")
+        if skipped:
+            atomic_write_bytes(left_out, _lines(skipped))
+        else:
+            left_out.unlink(missing_ok=True)
     return npy, txt
 
 
 def _lines(paths: list[str]) -> bytes:
     return "".join(f"{path}\n" for path in paths).encode("utf-8")
-
-
-def _npy_bytes(rows: np.ndarray) -> bytes:
-    import io
-
-    handle = io.BytesIO()
-    np.save(handle, rows, allow_pickle=False)
-    return handle.getvalue()

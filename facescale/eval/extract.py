@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -84,12 +85,28 @@ class ExtractionFailed(RuntimeError):
     error), so that no rank waits in a collective the failed one never joins."""
 
 
-def all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.device) -> torch.Tensor:
-    """Every rank's [n_r, D] rows concatenated in rank order (padded to equal length for the gather).
+@dataclass
+class RankRows:
+    """The rows this rank embedded, with every rank's row count and the width, agreed by all ranks."""
 
-    `local=None` means this rank failed: every rank then raises instead of waiting in the next collective.
-    """
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    local: torch.Tensor  # [counts[rank], dim] (a [0, 0] tensor when this rank had nothing to embed)
+    counts: list[int]
+    dim: int
+    comm_device: torch.device  # where this group's collectives take tensors (the GPU under NCCL)
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agree_rows(local: torch.Tensor | None, world_size: int, device: torch.device) -> RankRows:
+    """Every rank's row count and the row width (one collective). `local=None` means this rank failed: every
+    rank then raises instead of waiting in a later collective."""
+    on = _comm_device(device)
+    if world_size == 1:
+        if local is None:
+            raise ExtractionFailed("embedding extraction failed")
+        return RankRows(local, [local.shape[0]], local.shape[1], on)
     shape = (0, 0, 1) if local is None else (local.shape[0], local.shape[1], 0)
     meta = torch.tensor(shape, dtype=torch.int64, device=on)
     metas = [torch.zeros_like(meta) for _ in range(world_size)]
@@ -97,35 +114,46 @@ def all_gather_rows(local: torch.Tensor | None, world_size: int, device: torch.d
     failed = [r for r, m in enumerate(metas) if int(m[2])]
     if failed or local is None:
         raise ExtractionFailed(f"embedding extraction failed on rank(s) {failed}; see that rank's error")
-    counts = [int(m[0]) for m in metas]
-    dim = max(int(m[1]) for m in metas)
-    padded = torch.zeros(max(counts), dim, dtype=torch.float32, device=on)
-    if local.shape[0]:
-        padded[: local.shape[0]] = local.to(on)
+    return RankRows(local, [int(m[0]) for m in metas], max(int(m[1]) for m in metas), on)
+
+
+def all_gather_rows(rows: RankRows, world_size: int) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order (padded to equal length for the gather)."""
+    if world_size == 1:
+        return rows.local
+    padded = torch.zeros(max(rows.counts), rows.dim, dtype=torch.float32, device=rows.comm_device)
+    if rows.local.shape[0]:
+        padded[: rows.local.shape[0]] = rows.local.to(rows.comm_device)
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)])
+    return torch.cat([g[:n] for g, n in zip(gathered, rows.counts, strict=True)])
 
 
 def announce_failure(world_size: int, device: torch.device) -> None:
-    """Join the gather of `all_gather_rows` as a failed rank, so that the others raise instead of waiting."""
+    """Join `agree_rows` as a failed rank, so that the others raise instead of waiting."""
     if world_size > 1:
         try:
-            all_gather_rows(None, world_size, device)
+            agree_rows(None, world_size, device)
         except ExtractionFailed:
             pass
+
+
+def rows_on_ranks(embed_local: Callable[[], torch.Tensor], world_size: int,
+                  device: torch.device) -> RankRows:
+    """Run this rank's `embed_local()` and agree on every rank's row count; a failure on any rank raises on
+    every rank."""
+    try:
+        local = embed_local()
+    except Exception:
+        announce_failure(world_size, device)  # before raising, so no other rank hangs in the agreement
+        raise
+    return agree_rows(local, world_size, device)
 
 
 def gather_extraction(embed_local: Callable[[], torch.Tensor], world_size: int,
                       device: torch.device) -> np.ndarray:
     """Run this rank's `embed_local()` and all-gather the rows; a failure on any rank raises on every rank."""
-    try:
-        local = embed_local()
-    except Exception:
-        announce_failure(world_size, device)  # before raising, so no other rank hangs in the gather
-        raise
-    rows = all_gather_rows(local, world_size, device) if world_size > 1 else local
-    return rows.cpu().numpy()
+    return all_gather_rows(rows_on_ranks(embed_local, world_size, device), world_size).cpu().numpy()
 
 
 def extract_embeddings(model: nn.Module, images: Sequence[ImageInput] | np.ndarray, batch_size: int,
