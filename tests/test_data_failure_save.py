@@ -74,3 +74,72 @@ def test_a_bad_sample_mid_run_saves_the_last_step_and_the_run_resumes_past_it(sh
     assert second.returncode == 0, out[-3000:]
     assert f"at step {step}" in out  # resumed from the saved step, not from scratch
     assert "step 12/12" in out
+
+
+def _kill_rank_worker(agent_pid: int, rank: int) -> int:
+    """SIGKILL the data-loader worker of `rank` (a child of the rank's process that is not multiprocessing's
+    resource tracker), as the kernel's OOM killer would; return its pid."""
+    import signal
+
+    import psutil
+
+    for process in psutil.Process(agent_pid).children(recursive=True):
+        try:
+            if process.environ().get("RANK") != str(rank):
+                continue
+            workers = [c for c in process.children() if "resource_tracker" not in " ".join(c.cmdline())]
+        except psutil.Error:
+            continue
+        if workers:
+            workers[0].send_signal(signal.SIGKILL)
+            return workers[0].pid
+    raise AssertionError(f"rank {rank} has no data-loader worker to kill")
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_saves_the_last_step_and_the_run_resumes(tmp_path) -> None:
+    """torch's SIGCHLD handler raised the worker's death inside whatever the step was doing (a gradient
+    all-reduce's wait, here): the rank died mid-step and the run lost everything since its last checkpoint.
+    Now the death is found when the next batch is read, at the step boundary, and every rank saves first."""
+    import json
+    import time
+
+    from facescale.data.synth import synthesize
+
+    shards, run_dir = tmp_path / "shards", tmp_path / "run"
+    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=6, workers=1)
+    sets = [f"data.shards={shards}", "data.reader=webdataset", "data.num_workers=1", "eval.bins=[]",
+            f"logging.run_dir={run_dir}", "logging.every_steps=1", "schedule.warmup_steps=0",
+            "schedule.global_batch_size=8", "checkpoint.every_steps=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = local_train_command(2, "configs/synthetic.yaml", [*sets, "schedule.steps=2000"])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+
+    def logged_step() -> int:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return max([json.loads(line)["step"] for line in lines if line.endswith("}")], default=0)
+
+    while logged_step() < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 3"
+        time.sleep(0.05)
+    pid = _kill_rank_worker(proc.pid, rank=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    stopped = re.search(r"\[facescale\] stopped at step (\d+): a rank could not read its next batch", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 2000
+    assert re.search(rf"error: rank 1 .*: data-loader worker {pid} was killed by SIGKILL; the kernel's OOM "
+                     r"killer", out), out[-3000:]
+    assert not re.search(r'File ".*/facescale/', out) and "timed out" not in out  # no rank traceback
+    saved = run_dir / "checkpoints" / f"step_{step:08d}"
+    assert (saved / "COMPLETE").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == saved.name
+
+    again = local_train_command(2, "configs/synthetic.yaml", [*sets, f"schedule.steps={step + 2}"])
+    resumed = subprocess.run(again, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resumed from {saved} (saved by 2 ranks) at step {step}" in out

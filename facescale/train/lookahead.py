@@ -3,7 +3,9 @@
 A batch that cannot be read (a bad sample under `data.on_bad_sample: error`, a shard cut or gone) used to
 raise inside the step on one rank while the others waited in its collectives: the run ended without a save.
 Read one step ahead (all its micro-batches under gradient accumulation), the failure is reported in the
-step-boundary agreement instead (see the trainer), so every rank saves the last finished step first.
+step-boundary agreement instead (see the trainer), so every rank saves the last finished step first. Any
+exception of the reader counts, not only input errors: a data-loader worker killed (the kernel's OOM killer,
+a node's memory cgroup) or a reader's own bug loses no trained step either.
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from facescale.errors import InputError
-
 
 class BatchLookahead:
-    """Iterates `source`; `read_ahead(n)` takes the next n batches early and holds them (or an InputError)."""
+    """Iterates `source`; `read_ahead(n)` takes the next n batches early and holds them (or the error)."""
 
     def __init__(self, source: Iterator, cursor: Callable[[], dict | None]) -> None:
         self.source, self._cursor = source, cursor
@@ -32,8 +32,8 @@ class BatchLookahead:
     def __next__(self) -> Any:
         return self._held.popleft() if self._held else next(self.source)
 
-    def read_ahead(self, count: int = 1) -> InputError | None:
-        """Read the next `count` batches now; return the input error that stopped them (not raised)."""
+    def read_ahead(self, count: int = 1) -> Exception | None:
+        """Read the next `count` batches now; return the error that stopped them (not raised)."""
         if self._held:
             return None
         self._held_cursor = self._cursor()
@@ -41,7 +41,7 @@ class BatchLookahead:
         try:
             for _ in range(count):
                 self._held.append(next(self.source))
-        except InputError as error:
+        except Exception as error:  # noqa: BLE001 - raised by the trainer after every rank has saved
             self._failed = True
             return error
         finally:

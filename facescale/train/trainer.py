@@ -16,7 +16,7 @@ from facescale.checkpoint.space_check import warn_if_short_of_space
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
-from facescale.errors import INPUT_ERROR_EXIT_CODE, InputError
+from facescale.errors import INPUT_ERROR_EXIT_CODE
 from facescale.metrics.console import TrainConsole, run_logger, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
 from facescale.modes import StepContext, get_mode
@@ -294,14 +294,15 @@ class Trainer:
         return {"data/skipped_samples": counts[1].item(),
                 "data/skip_fraction": (counts[1] / counts.sum().clamp_min(1)).item()}
 
-    def _stop(self, input_error: InputError | None) -> None:
+    def _stop(self, input_error: Exception | None) -> None:
         """Save the agreed step on every rank and end the process: the rank whose input failed raises its
-        error (exit 2), the others exit 2 too; else a preemption exits for requeue, a Ctrl-C with 130."""
+        error (an input error: one line, exit 2; anything else with its traceback), the others exit 2; else a
+        preemption exits for requeue, a Ctrl-C with 130."""
         if self.preemption.input_failed:
             path = self.save()
             self.metrics.console(f"[facescale] stopped at step {self.step}: a rank could not read its next "
                                  f"batch (its error follows); step {self.step} is saved in {path}: fix the "
-                                 "data, then run the same command again to resume from it")
+                                 "cause, then run the same command again to resume from it")
             self.metrics.close()
             if input_error is not None:
                 raise input_error
