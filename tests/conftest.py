@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,3 +33,16 @@ def backend(monkeypatch: pytest.MonkeyPatch):
 
     yield use
     gemm.fp32_backend.cache_clear()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """An 8 MiB tmpfs mounted for the test (skipped where mounting needs privileges this user lacks)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root or CAP_SYS_ADMIN")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -22,18 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 WIDTH = 256  # Linear(WIDTH, WIDTH): 256 KiB of weights, a checkpoint of about 1.5 MiB
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path):
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root or CAP_SYS_ADMIN")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def _parts(rank: int, world: int):
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed

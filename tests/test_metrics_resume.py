@@ -99,3 +99,31 @@ def test_run_resumed_from_an_earlier_step_logs_each_step_once(tmp_path) -> None:
     assert [step for step, _ in _tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4, 5, 6]
     old = [r["step"] for r in _jsonl(run_dir / "metrics.superseded.jsonl") if "train/loss" in r]
     assert old == [4, 5, 6]
+
+
+def test_a_full_disk_stops_the_metrics_not_the_training(small_fs, capsys) -> None:
+    """metrics.jsonl's write raised ENOSPC inside rank 0's training loop (the run ended there, the other
+    ranks left waiting); now each sink says once that it stopped and the loop goes on. A resume tidies up."""
+    from facescale.metrics.console import setup_run_logging
+
+    setup_run_logging(None, rank=0)  # console lines to this test's captured stdout
+    run_dir = small_fs / "run"
+    writer = MetricsWriter(run_dir, enabled=True)
+    writer.scalars(1, {"train/loss": 1.0})
+    filler = small_fs / "filler"
+    with open(filler, "wb") as handle, pytest.raises(OSError):
+        handle.write(b"\0" * (16 << 20))  # more than the 8 MiB file system holds
+    for step in range(2, 400):
+        writer.scalars(step, {"train/loss": float(step), "train/lr": 0.1})
+    writer.close()
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "cannot be written" in line]
+    assert len(warnings) == 2, warnings  # one for TensorBoard, one for metrics.jsonl
+    assert any(f"{run_dir / 'metrics.jsonl'} cannot be written ([Errno 28]" in w for w in warnings)
+    assert any("TensorBoard" in w for w in warnings)
+
+    filler.unlink()  # space again: the next job resumes from a checkpoint at step 1
+    resumed = MetricsWriter(run_dir, enabled=True, resumed_at=1)
+    resumed.scalars(2, {"train/loss": 2.0})
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,22 @@ def set_aside_lines_after(run_dir: Path, step: int) -> tuple[int, int] | None:
     return (min(later_steps), max(later_steps)) if later_steps else None
 
 
+def _quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard's writer thread prints a traceback when a write fails (a full disk); the same error is
+    raised to the writer's next call, which MetricsWriter reports in one line, so the thread's is dropped."""
+    previous = threading.excepthook
+    if getattr(previous, "facescale_quiet_tensorboard", False):
+        return
+
+    def hook(args: Any) -> None:
+        thread_module = type(args.thread).__module__ if args.thread is not None else ""
+        if not (thread_module.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.facescale_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class MetricsWriter:
     """Writes TensorBoard events and a JSON-lines log on rank 0; a no-op elsewhere."""
 
@@ -76,12 +95,15 @@ class MetricsWriter:
         if not enabled:
             return
         run_dir = Path(run_dir)
+        self._names = {"_tb": f"TensorBoard's events in {run_dir / 'tensorboard'}", "_wandb": "W&B",
+                       "_jsonl": str(run_dir / JSONL)}
         run_dir.mkdir(parents=True, exist_ok=True)
         if resumed_at is not None:
             self.superseded = set_aside_lines_after(run_dir, resumed_at)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_tensorboard_thread_errors()
             purge = None if resumed_at is None else resumed_at + 1  # TensorBoard hides events at >= this
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         if wandb is not None and wandb.project and wandb.mode != "disabled":
@@ -95,18 +117,18 @@ class MetricsWriter:
             return
         clean = {k: float(v) for k, v in values.items() if v is not None}
         if self._tb is not None:
-            for k, v in clean.items():
-                self._tb.add_scalar(k, v, step)
+            self._guarded("_tb", lambda: [self._tb.add_scalar(k, v, step) for k, v in clean.items()])
         if self._wandb is not None:
-            self._wandb.scalars(step, clean)
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        self._jsonl.flush()
+            self._guarded("_wandb", lambda: self._wandb.scalars(step, clean))
+        if self._jsonl is not None:
+            line = json.dumps({"step": step, "time": time.time(), **clean}) + "\n"
+            self._guarded("_jsonl", lambda: (self._jsonl.write(line), self._jsonl.flush()))
 
     def image(self, step: int, tag: str, image_hwc: np.ndarray) -> None:
         if self.enabled and self._tb is not None:
-            self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+            self._guarded("_tb", lambda: self._tb.add_image(tag, image_hwc, step, dataformats="HWC"))
         if self.enabled and self._wandb is not None:
-            self._wandb.image(step, tag, image_hwc)
+            self._guarded("_wandb", lambda: self._wandb.image(step, tag, image_hwc))
 
     def console(self, line: str) -> None:
         """An INFO line on rank 0's console and train.log (see facescale.metrics.console)."""
@@ -117,11 +139,24 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+            self._guarded("_tb", lambda: (self._tb.flush(), self._tb.close()))
         if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+            self._guarded("_jsonl", self._jsonl.close)
         if self._wandb is not None:
-            self._wandb.close()
-            self._wandb = None
+            self._guarded("_wandb", self._wandb.close)
+        self._tb = self._jsonl = self._wandb = None
+
+    def _guarded(self, sink: str, write: Callable[[], Any]) -> None:
+        """One sink's write; if it fails (a full disk, a lost mount, W&B's service), say so once and stop
+        that sink for the rest of this process: the metrics never end the training (the next checkpoint
+        still meets a full disk on its own terms, and a resume sets aside a line cut here)."""
+        try:
+            write()
+        except Exception as error:  # noqa: BLE001 - any failure of a metrics sink is reported the same way
+            failed = getattr(self, sink)
+            setattr(self, sink, None)
+            if sink == "_jsonl":
+                with contextlib.suppress(Exception):
+                    failed.close()
+            self.console(f"[facescale] warning: {self._names[sink]} cannot be written ({error}); training "
+                         "goes on without it until the run is started again")
