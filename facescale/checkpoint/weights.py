@@ -82,6 +82,22 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return upgrade_legacy_names(dict(obj))[0]
 
 
+def arcface_torch_progress(path: str | Path) -> tuple[int, int] | None:
+    """(global_step, epoch) an arcface_torch checkpoint_gpu_N.pt (save_all_states) was saved at, or None for
+    any other source. Memory-mapped: only the two numbers are read."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip-format checkpoint: no progress to report
+        return None
+    if not (isinstance(obj, dict) and ARCFACE_TORCH_CHECKPOINT_KEY in obj):
+        return None
+    step, epoch = obj.get("global_step"), obj.get("epoch")
+    return (step, epoch) if isinstance(step, int) and isinstance(epoch, int) else None
+
+
 def infer_embedding_size(state: dict[str, torch.Tensor], default: int = 512) -> int:
     """The width of the last BatchNorm (every insightface backbone ends in one over the embedding)."""
     last = [v for k, v in state.items() if k.endswith("running_mean")]

@@ -140,6 +140,9 @@ class ScheduleConfig:
     batch_per_rank: int = 0  # instead of global_batch_size: images per rank and micro-step
     grad_accumulation: int = 1
     seed: int = 1234
+    # a fresh run starts its schedule here (step count, lr, data position), to go on from a run trained
+    # elsewhere (e.g. an arcface_torch checkpoint_gpu_0.pt's global_step, with model.init_from); 0 = start
+    start_step: int = 0
 
 
 @dataclass

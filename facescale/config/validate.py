@@ -135,6 +135,12 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
            "epochs, warmup_epochs and batch_per_rank must be >= 0 (0 = unset)")
     check(not sch.epochs or sch.warmup_epochs < sch.epochs, source, "schedule.warmup_epochs",
            f"{sch.warmup_epochs} must be smaller than schedule.epochs ({sch.epochs})")
+    check(
+        0 <= sch.start_step and (sch.epochs > 0 or sch.start_step < sch.steps),
+        source,
+        "schedule.start_step",
+        f"{sch.start_step} must be >= 0 and smaller than schedule.steps ({sch.steps})",
+    )
     check(sch.power > 0, source, "schedule.power", "must be > 0")
     check(sch.grad_accumulation >= 1, source, "schedule.grad_accumulation", "must be >= 1")
     check(sch.global_batch_size > 0, source, "schedule.global_batch_size", "must be > 0")

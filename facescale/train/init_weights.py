@@ -38,14 +38,16 @@ def check_init_from(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callable[[str], None]) -> None:
+def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callable[[str], None],
+                       start_step: int = 0) -> None:
     """Load `cfg.init_from` into the freshly built `backbone` (strict unless `cfg.init_strict` is false).
 
-    Called once at build time, before the engine wraps the backbone; a resumed run never calls it.
+    Called once at build time, before the engine wraps the backbone; a resumed run never calls it. An
+    arcface_torch checkpoint_gpu_N.pt says where its run was: without `start_step` the log says how to go on.
     """
     if not cfg.init_from:
         return
-    from facescale.checkpoint.weights import WeightsError, load_backbone_weights
+    from facescale.checkpoint.weights import WeightsError, arcface_torch_progress, load_backbone_weights
 
     state = _read_state(cfg)
     try:
@@ -57,3 +59,9 @@ def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callabl
         f"(class centers and optimizer start fresh)")
     for line in report.skipped_lines():
         log(f"[facescale] model.init_from (init_strict false): {line}")
+    progress = arcface_torch_progress(cfg.init_from)
+    if progress is not None and not start_step:
+        step, epoch = progress
+        log(f"[facescale] model.init_from: arcface_torch saved it at global_step {step} (epoch {epoch}) and "
+            f"this run starts its schedule at step 0; to go on with that run's learning rate and epochs, set "
+            f"schedule.start_step={step} (divided by its gradient_acc, if above 1)")

@@ -14,6 +14,7 @@ from facescale.checkpoint import CheckpointManager, resolve_checkpoint
 from facescale.checkpoint.layout import read_trainer_state
 from facescale.checkpoint.space_check import warn_if_short_of_space
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
+from facescale.config.errors import ConfigError
 from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
 from facescale.errors import INPUT_ERROR_EXIT_CODE
@@ -104,7 +105,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
         self.resume_from = resume_step_dir(cfg)  # the step this run continues from; None: a fresh start
         if self.resume_from is None:  # a resumed run continues from its checkpoint, never init_from
-            init_backbone_from(cfg.model, backbone, run_logger().info if env.rank == 0 else lambda line: None)
+            init_backbone_from(cfg.model, backbone, run_logger().info if env.rank == 0 else lambda line: None,
+                               cfg.schedule.start_step)
         if cfg.model.compile:
             from facescale.models.compile import compile_backbone
 
@@ -145,6 +147,25 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
             (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
         self._maybe_resume()
+        if self.resume_from is None and cfg.schedule.start_step:
+            self._start_at(cfg.schedule.start_step)
+
+    def _start_at(self, step: int) -> None:
+        """schedule.start_step: a fresh run goes on with the schedule of a run trained elsewhere, its step
+        count, learning rate and data position as if `step` steps had run here."""
+        sch = self.cfg.schedule
+        if step >= sch.steps:
+            raise ConfigError(f"schedule.start_step {step} must be smaller than schedule.steps ({sch.steps})")
+        self.step = step
+        batches = step * sch.grad_accumulation
+        per_epoch = self.loader.steps_per_epoch
+        if hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict({"epoch": batches // per_epoch, "step_in_epoch": batches % per_epoch})
+        else:
+            self._skip_batches = batches
+        lr = lr_at(step, self.cfg.optim.lr, sch)
+        self.metrics.console(f"[facescale] schedule.start_step: this run starts at step {step} of "
+                             f"{sch.steps} (epoch {batches / per_epoch:.2f}, lr {lr:.4g})")
 
     def _maybe_resume(self) -> None:
         path = self.resume_from
@@ -174,6 +195,8 @@ class Trainer:
                 f"[facescale] steps {first}-{last}, logged before the resume past this checkpoint, are done "
                 "again: their metrics.jsonl lines moved to metrics.superseded.jsonl, TensorBoard hides them"
             )
+        if self.cfg.schedule.start_step:
+            self.metrics.console(f"[facescale] schedule.start_step ignored: this run resumes from {path}")
         if self.cfg.model.init_from:
             self.metrics.console(f"[facescale] model.init_from ignored: this run resumes from {path}")
 
