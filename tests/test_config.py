@@ -60,6 +60,15 @@ def test_sample_rate_out_of_range(tmp_path, shard_dir):
         load_config(write(tmp_path, base(shard_dir)), ["head.sample_rate=1.5"])
 
 
+def test_read_timeout_must_leave_the_other_ranks_time_to_wait(tmp_path, shard_dir):
+    path = write(tmp_path, base(shard_dir))
+    with pytest.raises(ConfigError, match=r"data\.read_timeout_s: 300\.0 must be 0 \(wait for ever\) or "
+                                          r"positive and shorter than dist\.timeout_s \(120\.0\)"):
+        load_config(path, ["dist.timeout_s=120"])
+    assert load_config(path, ["dist.timeout_s=120", "data.read_timeout_s=60"]).data.read_timeout_s == 60
+    assert load_config(path, ["dist.timeout_s=120", "data.read_timeout_s=0"]).data.read_timeout_s == 0
+
+
 def test_missing_shard_dir_names_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.shards: directory .* does not exist.*facescale synth"):
         load_config(write(tmp_path, "data: {shards: /nonexistent/x}\n"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -96,21 +97,21 @@ def _kill_rank_worker(agent_pid: int, rank: int) -> int:
     raise AssertionError(f"rank {rank} has no data-loader worker to kill")
 
 
-@pytest.mark.slow
-def test_a_killed_loader_worker_saves_the_last_step_and_the_run_resumes(tmp_path) -> None:
-    """torch's SIGCHLD handler raised the worker's death inside whatever the step was doing (a gradient
-    all-reduce's wait, here): the rank died mid-step and the run lost everything since its last checkpoint.
-    Now the death is found when the next batch is read, at the step boundary, and every rank saves first."""
+def _fault_after_step_3(tmp_path: Path, fault: Callable[[int, Path], None],
+                        *sets: str) -> tuple[str, Callable[[], None]]:
+    """A 2-rank webdataset run (1 loader worker per rank) meets `fault(agent_pid, shards)` after step 3 and
+    must stop with its last step saved. Returns (its output, a resume from that step that runs two more)."""
     import json
     import time
 
     from facescale.data.synth import synthesize
 
     shards, run_dir = tmp_path / "shards", tmp_path / "run"
-    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=6, workers=1)
-    sets = [f"data.shards={shards}", "data.reader=webdataset", "data.num_workers=1", "eval.bins=[]",
+    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=6, shard_size=12,
+               workers=1)
+    sets = (f"data.shards={shards}", "data.reader=webdataset", "data.num_workers=1", "eval.bins=[]",
             f"logging.run_dir={run_dir}", "logging.every_steps=1", "schedule.warmup_steps=0",
-            "schedule.global_batch_size=8", "checkpoint.every_steps=1000"]
+            "schedule.global_batch_size=8", "checkpoint.every_steps=1000", *sets)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = local_train_command(2, "configs/synthetic.yaml", [*sets, "schedule.steps=2000"])
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -121,25 +122,62 @@ def test_a_killed_loader_worker_saves_the_last_step_and_the_run_resumes(tmp_path
         lines = metrics.read_text().splitlines() if metrics.is_file() else []
         return max([json.loads(line)["step"] for line in lines if line.endswith("}")], default=0)
 
-    while logged_step() < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 3"
-        time.sleep(0.05)
-    pid = _kill_rank_worker(proc.pid, rank=1)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        while logged_step() < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 3"
+            time.sleep(0.05)
+        fault(proc.pid, shards)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode != 0, out[-3000:]
     stopped = re.search(r"\[facescale\] stopped at step (\d+): a rank could not read its next batch", out)
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
     assert 3 <= step < 2000
-    assert re.search(rf"error: rank 1 .*: data-loader worker {pid} was killed by SIGKILL; the kernel's OOM "
-                     r"killer", out), out[-3000:]
     assert not re.search(r'File ".*/facescale/', out) and "timed out" not in out  # no rank traceback
     saved = run_dir / "checkpoints" / f"step_{step:08d}"
     assert (saved / "COMPLETE").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == saved.name
 
-    again = local_train_command(2, "configs/synthetic.yaml", [*sets, f"schedule.steps={step + 2}"])
-    resumed = subprocess.run(again, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out[-3000:]
-    assert f"resumed from {saved} (saved by 2 ranks) at step {step}" in out
+    def resume() -> None:
+        again = local_train_command(2, "configs/synthetic.yaml", [*sets, f"schedule.steps={step + 2}"])
+        resumed = subprocess.run(again, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+        assert f"resumed from {saved} (saved by 2 ranks) at step {step}" in resumed.stdout + resumed.stderr
+
+    return out, resume
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_saves_the_last_step_and_the_run_resumes(tmp_path) -> None:
+    """torch's SIGCHLD handler raised the worker's death inside whatever the step was doing (a gradient
+    all-reduce's wait, here): the rank died mid-step and the run lost everything since its last checkpoint.
+    Now the death is found when the next batch is read, at the step boundary, and every rank saves first."""
+    killed: list[int] = []
+    out, resume = _fault_after_step_3(tmp_path, lambda agent, _: killed.append(_kill_rank_worker(agent, 1)))
+    assert re.search(rf"error: rank 1 .*: data-loader worker {killed[0]} was killed by SIGKILL; the kernel's "
+                     r"OOM killer", out), out[-3000:]
+    resume()
+
+
+@pytest.mark.slow
+def test_storage_that_hangs_stops_within_the_read_timeout_with_the_last_step_saved(tmp_path) -> None:
+    """Shards whose open never returns (FIFOs in their place, as a hung NFS/Lustre mount): the loader waited
+    for ever and the other ranks until dist.timeout_s ended the job, nothing saved. Now a fetch past
+    data.read_timeout_s stops every rank with the last step saved; the run resumes once the data is back."""
+    moved: list[Path] = []
+
+    def hang(_agent: int, shards: Path) -> None:
+        for tar in sorted(shards.glob("*.tar")):
+            moved.append(tar.rename(tar.with_name(tar.name + ".aside")))
+            os.mkfifo(tar)
+
+    out, resume = _fault_after_step_3(tmp_path, hang, "data.read_timeout_s=5")
+    assert re.search(r"error: rank \d .*: no batch from this rank's data-loader workers within "
+                     r"data.read_timeout_s \(5.0 s\); check the data's mount", out), out[-3000:]
+    for aside in moved:
+        aside.with_name(aside.name.removesuffix(".aside")).unlink()
+        aside.rename(aside.with_name(aside.name.removesuffix(".aside")))
+    resume()

@@ -62,6 +62,7 @@ def _start_ranks(shards: Path, run_dir: Path, world: int = 2) -> tuple[list[subp
             "checkpoint.every_steps=0",
             f"dist.init_timeout_s={INIT_TIMEOUT_S}",
             f"dist.timeout_s={TRAIN_TIMEOUT_S}",
+            "data.read_timeout_s=0",  # must be below dist.timeout_s; this test is about the collectives
         ):
             cmd += ["--set", s]
         log = run_dir.parent / f"rank{rank}.log"

@@ -68,6 +68,9 @@ class DataConfig:
     contrast: float = 0.0  # contrast jitter around 128: factor ~ U[1 - c, 1 + c] (0 = off)
     on_bad_sample: BadSamplePolicy = "error"
     max_skip_fraction: float = 0.01
+    # no batch from a rank's loader workers within this (storage that hangs): every rank saves and stops;
+    # below dist.timeout_s, so the others still wait for that save (0 = wait for ever)
+    read_timeout_s: float = 300.0
 
 
 @dataclass

@@ -123,6 +123,10 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     check(cfg.optim.weight_decay >= 0, source, "optim.weight_decay", "must be >= 0")
     check(cfg.optim.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
 
+    check(cfg.data.read_timeout_s == 0 or 0 < cfg.data.read_timeout_s < cfg.dist.timeout_s, source,
+          "data.read_timeout_s", f"{cfg.data.read_timeout_s} must be 0 (wait for ever) or positive and "
+          f"shorter than dist.timeout_s ({cfg.dist.timeout_s}), which the others wait in while one reads")
+
     sch = cfg.schedule
     check(sch.steps > 0, source, "schedule.steps", "must be > 0")
     check(

@@ -3,6 +3,7 @@ normalisation, the shared DataLoader settings and per-stream seeds (readers impo
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -116,6 +117,16 @@ class LoaderWorkerDied(InputError, RuntimeError):
                    "data.num_workers or give the job more memory, then run the same command to resume")
 
 
+class LoaderTimedOut(InputError, RuntimeError):
+    """No batch from the loader's workers within data.read_timeout_s (storage that hangs, most often)."""
+
+    default_fix = ("check the data's mount on that node (a hung NFS/Lustre client, an unreachable server); "
+                   "raise data.read_timeout_s if reading is this slow, then run the same command to resume")
+
+
+TIMED_OUT = "DataLoader timed out after"  # how torch's message for a fetch past its timeout begins
+
+
 def _death(worker: Any) -> str:
     code = worker.exitcode
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
@@ -156,6 +167,13 @@ class _WorkerWatch:
                 time.sleep(0.05)
             if dead:
                 raise LoaderWorkerDied("; ".join(_death(w) for w in dead)) from error
+            if str(error).startswith(TIMED_OUT):
+                for worker in getattr(inner, "_workers", []):  # stuck: a stopped one would block the exit
+                    with contextlib.suppress(Exception):
+                        worker.kill()
+                limit = getattr(inner, "_timeout", "?")
+                raise LoaderTimedOut(f"no batch from this rank's data-loader workers within "
+                                     f"data.read_timeout_s ({limit} s)") from error
             raise
 
     def __getattr__(self, name: str) -> Any:  # the rest of torch's iterator
@@ -180,16 +198,18 @@ class _StepBoundaryDataLoader(torch.utils.data.DataLoader):
 
 
 def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: int,
-                        pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                        pin_memory: bool = False, timeout_s: float = 0.0) -> torch.utils.data.DataLoader:
     """The DataLoader for an IterableDataset that yields whole batches, with the worker settings every
     facescale loader shares: persistent, one torch thread each, 2 batches prefetched per worker, and
     started with spawn: a forked worker inherits other threads' locks (DALI, gloo, queue feeders) and
     objects whose finalisers hang in a child (a DALI pipeline's __del__ did, in the test suite). A worker
-    that dies is reported at the next fetch (see _StepBoundaryDataLoader)."""
+    that dies is reported at the next fetch (see _StepBoundaryDataLoader), and so is one that gives no batch
+    within `timeout_s` (0: no limit), as LoaderTimedOut."""
     return _StepBoundaryDataLoader(
         dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
         multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_one_thread_worker,
-        pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
+        pin_memory=pin_memory, prefetch_factor=2 if num_workers else None,
+        timeout=timeout_s if num_workers else 0.0)
 
 
 class TooFewSamplesError(InputError, ValueError):

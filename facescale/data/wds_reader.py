@@ -214,7 +214,8 @@ class WdsTrainLoader(TrainLoader):
                              policy=SkipPolicy(self.policy.policy, 1.0),
                              augment=Augment.from_config(self.cfg), decoder=self.cfg.jpeg_decoder,
                              sampling=self.cfg.shard_sampling)
-        return batch_stream_loader(dataset, self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+        return batch_stream_loader(dataset, self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                   timeout_s=self.cfg.read_timeout_s)
 
     def reset(self) -> None:
         """Shut the workers down; the next epoch starts new ones at the cursor."""

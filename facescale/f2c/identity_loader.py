@@ -111,6 +111,7 @@ class IdentityPairs(IterableDataset):
             serial += workers
 
 
-def build_identity_loader(dataset: IdentityPairs, num_workers: int) -> DataLoader:
-    """Endless DataLoader over the identity pairs; workers take turns, so the batch order is deterministic."""
-    return batch_stream_loader(dataset, num_workers)
+def build_identity_loader(dataset: IdentityPairs, num_workers: int, timeout_s: float = 0.0) -> DataLoader:
+    """Endless DataLoader over the identity pairs; workers take turns, so the batch order is deterministic.
+    `timeout_s`: data.read_timeout_s (see batch_stream_loader)."""
+    return batch_stream_loader(dataset, num_workers, timeout_s=timeout_s)

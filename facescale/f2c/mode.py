@@ -82,7 +82,8 @@ class F2CMode(TrainingMode):
             mirror=cfg.data.random_mirror,
             image_size=cfg.data.image_size,
         )
-        return F2CRun(head, DualLoader(instances, build_identity_loader(pairs, cfg.data.num_workers), device))
+        identities = build_identity_loader(pairs, cfg.data.num_workers, cfg.data.read_timeout_s)
+        return F2CRun(head, DualLoader(instances, identities, device))
 
     def reshard_head_state(self, shards: list[dict[str, Any]], world_size: int,
                            rank: int) -> dict[str, Any] | None:
