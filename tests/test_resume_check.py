@@ -126,3 +126,27 @@ def test_batch_per_rank_run_resumed_on_another_gpu_count_keeps_its_global_batch(
     assert second.returncode == 0, log[-3000:]
     assert "so the global batch stays 8 as saved" in log and "1 epochs x 6 steps (48 samples // 8)" in log
     assert "at step 3" in log and "step 6/6" in log
+    assert ("world size 2 -> 1: the rest of epoch 0 is drawn from the new plan, so samples of its first 3 "
+            "batches may repeat or be missed in it") in log
+
+
+def test_a_resume_that_plans_the_epoch_in_progress_anew_says_so(tmp_path):
+    """Each worker of the webdataset reader reads a planned part of the epoch: another data.num_workers (as
+    LoaderWorkerDied's advice may lead to) or world size re-plans the rest of the epoch in progress."""
+    from facescale.config.schema import Config
+    from facescale.train.resume_check import epoch_plan_change
+
+    (tmp_path / "config.yaml").write_text("data:\n  num_workers: 4\n")
+    cfg = Config()
+    cfg.data.num_workers = 2
+    mid = {"epoch": 5, "step_in_epoch": 7}
+    line = epoch_plan_change(cfg, tmp_path, 8, 8, mid, planned_by_workers=True)
+    assert line == ("[facescale] data.num_workers 4 -> 2: the rest of epoch 5 is drawn from the new plan, so "
+                    "samples of its first 7 batches may repeat or be missed in it; later epochs are whole")
+    both = epoch_plan_change(cfg, tmp_path, 8, 16, mid, planned_by_workers=True)
+    assert both is not None and both.startswith("[facescale] world size 8 -> 16, data.num_workers 4 -> 2:")
+    assert epoch_plan_change(cfg, tmp_path, 8, 8, mid, planned_by_workers=False) is None  # DALI: no workers
+    epoch_start = {"epoch": 6, "step_in_epoch": 0}  # nothing of it was trained yet
+    assert epoch_plan_change(cfg, tmp_path, 8, 16, epoch_start, planned_by_workers=True) is None
+    cfg.data.num_workers = 4
+    assert epoch_plan_change(cfg, tmp_path, 8, 8, mid, planned_by_workers=True) is None

@@ -35,6 +35,7 @@ class TrainLoader(ABC):
     step_in_epoch: int = 0  # batches of `epoch` already yielded
     seen: int = 0
     policy: SkipPolicy
+    planned_by_workers: bool = False  # whether an epoch's batches depend on data.num_workers (webdataset)
 
     @property
     def skipped(self) -> int:

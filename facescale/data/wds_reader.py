@@ -196,6 +196,7 @@ class WdsTrainLoader(TrainLoader):
         self.epoch, self.step_in_epoch, self.seen = epoch, 0, 0
         self.device = torch.device(device)
         self.policy = SkipPolicy(data_cfg.on_bad_sample, data_cfg.max_skip_fraction)
+        self.planned_by_workers = True  # each worker reads its own planned part of the epoch
         self.part_size = manifest.num_samples // world_size
         self._loader: DataLoader | None = None
         self._loader_epoch = -1

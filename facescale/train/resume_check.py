@@ -91,3 +91,22 @@ def check_resume_fits(cfg: Config, step_dir: Path | None, source: str = "config"
         where=source,
         fix=f"set those keys back to the saved values (its {CONFIG}) to continue, or start a new run "
             f"(another logging.run_dir, or checkpoint.resume: none){weights}")
+
+
+def epoch_plan_change(cfg: Config, step_dir: Path, saved_world: int, world_size: int, cursor: dict | None,
+                      planned_by_workers: bool) -> str | None:
+    """A line saying that the epoch in progress is planned anew, or None: each rank's part of an epoch (and,
+    where `planned_by_workers`, each worker's) follows the world size and data.num_workers, so a resume with
+    other ones draws the rest of that epoch from the new plan; the samples of its first batches may then
+    repeat or be missed in that epoch (later epochs are whole)."""
+    if not cursor or not cursor.get("step_in_epoch"):
+        return None
+    changes = [f"world size {saved_world} -> {world_size}"] if saved_world != world_size else []
+    saved_workers = _value(read_saved_config(step_dir), "data.num_workers")
+    if planned_by_workers and saved_workers is not None and saved_workers != cfg.data.num_workers:
+        changes.append(f"data.num_workers {saved_workers} -> {cfg.data.num_workers}")
+    if not changes:
+        return None
+    epoch, done = cursor["epoch"], cursor["step_in_epoch"]
+    return (f"[facescale] {', '.join(changes)}: the rest of epoch {epoch} is drawn from the new plan, so "
+            f"samples of its first {done} batches may repeat or be missed in it; later epochs are whole")

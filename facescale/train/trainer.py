@@ -26,7 +26,7 @@ from facescale.runtime import Runtime
 from facescale.train.evaluation import evaluate_sets
 from facescale.train.init_weights import init_backbone_from
 from facescale.train.lookahead import BatchLookahead
-from facescale.train.resume_check import resume_step_dir
+from facescale.train.resume_check import epoch_plan_change, resume_step_dir
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
 from launcher.env import DistEnv
@@ -181,6 +181,11 @@ class Trainer:
         cursor = state["rank_state"].get("loader", state.get("loader"))
         if cursor is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(cursor)
+            replanned = epoch_plan_change(self.cfg, resolve_checkpoint(path), int(state["world_size"]),
+                                          self.env.world_size, cursor,
+                                          getattr(self.loader, "planned_by_workers", False))
+            if replanned:
+                self.metrics.console(replanned)
         else:  # exact for any deterministic loader, but it decodes every batch again
             self._skip_batches = self.step * self.cfg.schedule.grad_accumulation
             self.metrics.console(
