@@ -28,11 +28,11 @@ from facescale.data.manifest import Manifest, ManifestError
 from facescale.data.train_loader import (  # re-exported: the names readers' users know from here
     Batch,
     TrainLoader,
-    batch_stream_loader,
     normalize_batch,
     steps_per_epoch,
     stream_seed,
 )
+from facescale.data.worker_loader import batch_stream_loader
 
 __all__ = ["Batch", "TrainLoader", "batch_stream_loader", "build_train_loader", "dali_available",
            "load_shard_manifest", "normalize_batch", "resolve_reader", "steps_per_epoch", "stream_seed"]

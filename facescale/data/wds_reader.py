@@ -31,14 +31,8 @@ from facescale.data.jpeg import decode_jpeg
 from facescale.data.manifest import Manifest
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
 from facescale.data.tar_samples import epoch_plan, read_segment, resampled_samples, worker_share
-from facescale.data.train_loader import (
-    Batch,
-    TrainLoader,
-    batch_stream_loader,
-    normalize_batch,
-    steps_per_epoch,
-    stream_seed,
-)
+from facescale.data.train_loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
+from facescale.data.worker_loader import batch_stream_loader
 
 _SHUFFLE, _MIRROR, _AUGMENT, _RESAMPLE = 12, 13, 14, 15
 SHARD_SAMPLING = choices(ShardSamplingKind)

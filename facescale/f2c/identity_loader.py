@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facescale.data.identity_index import IdentityIndex, SampleLocation
 from facescale.data.jpeg import decode_jpeg
-from facescale.data.train_loader import batch_stream_loader, stream_seed
+from facescale.data.train_loader import stream_seed
+from facescale.data.worker_loader import batch_stream_loader
 from facescale.errors import InputError
 
 UInt8Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # [B, H, W, 3] x 2, labels [B]
