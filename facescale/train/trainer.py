@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,7 +355,12 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule
-        batches = self.batches = BatchLookahead(self._batches(), self._loader_cursor)
+        # DataLoader readers stop a wait at data.read_timeout_s themselves (every rank saves); the others
+        # (DALI, no workers) say a little later which rank waits, and end it at dist.timeout_s
+        batches = self.batches = BatchLookahead(self._batches(), self._loader_cursor,
+                                                warn_after_s=1.1 * cfg.data.read_timeout_s,
+                                                end_after_s=cfg.dist.timeout_s,
+                                                who=f"rank {self.env.rank} on {socket.gethostname()}")
         loss = float("nan")
         self.console.start(self._plan())
         t_start, start_step, eval_results = time.perf_counter(), self.step, {}
