@@ -181,3 +181,45 @@ def test_storage_that_hangs_stops_within_the_read_timeout_with_the_last_step_sav
         aside.with_name(aside.name.removesuffix(".aside")).unlink()
         aside.rename(aside.with_name(aside.name.removesuffix(".aside")))
     resume()
+
+
+@pytest.mark.slow
+def test_storage_that_hangs_under_dali_ends_the_job_at_dist_timeout(tmp_path) -> None:
+    """DALI's reader cannot stop a wait, and shared storage that hangs holds every rank in it, so no rank
+    reached a collective and no timeout fired: the job hung until its time limit. Now a rank says it waits,
+    then ends itself at dist.timeout_s (30 s later by faulthandler's timer where DALI holds the GIL)."""
+    import time
+
+    from facescale.data.loader import dali_available
+    from facescale.data.synth import synthesize
+
+    if not dali_available():
+        pytest.skip("DALI is not installed")
+    shards, run_dir = tmp_path / "shards", tmp_path / "run"
+    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=6, workers=1)
+    sets = [f"data.shards={shards}", "data.reader=dali", "eval.bins=[]", f"logging.run_dir={run_dir}",
+            "logging.every_steps=1", "schedule.warmup_steps=0", "schedule.global_batch_size=8",
+            "schedule.steps=2000", "data.read_timeout_s=2", "dist.timeout_s=12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(local_train_command(2, "configs/synthetic.yaml", sets), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+    try:
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 3"
+            time.sleep(0.05)
+        for tar in sorted(shards.glob("*.tar")):  # the next epoch's pipeline opens them: never returns
+            tar.rename(tar.with_name(tar.name + ".aside"))
+            os.mkfifo(tar)
+        hung_at = time.monotonic()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and time.monotonic() - hung_at < 120, out[-3000:]
+    # where the pipeline for the next epoch is built ahead, DALI holds the GIL while it blocks: then no Python
+    # line can be written and faulthandler's timer (data/hang_guard.py) ends the rank with its traceback dump
+    frozen = "Timeout (0:" in out and "open_epoch" in out
+    said = re.search(r"rank \d on .*: no batch after 2.2 s; the data's storage may hang", out)
+    ended = re.search(r"rank \d on .*: no batch after 12 s \(dist.timeout_s\): ending this rank", out)
+    assert frozen or (said and ended), out[-3000:]

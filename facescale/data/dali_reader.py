@@ -36,6 +36,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from facescale.config.schema import DataConfig
 from facescale.data.augment import NO_AUGMENT, Augment, augment_dali
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
+from facescale.data.hang_guard import hang_limit
 from facescale.data.manifest import Manifest
 from facescale.data.shard_scan import scan_shards
 from facescale.data.shard_writer import IMAGE_EXT, INDEX_VERSION, LABEL_EXT
@@ -100,8 +101,12 @@ class DaliTrainLoader(TrainLoader):
     """TrainLoader over one DALI pipeline per epoch, each cut to exactly `steps_per_epoch` batches."""
 
     def __init__(self, manifest: Manifest, data_cfg: DataConfig, *, rank: int, world_size: int,
-                 batch_size: int, seed: int, device: torch.device, epoch: int = 0) -> None:
+                 batch_size: int, seed: int, device: torch.device, epoch: int = 0,
+                 hang_limit_s: float = 0.0) -> None:
+        """`hang_limit_s` (> 0): a pipeline build that blocks longer (opening files on storage that hangs,
+        with the GIL held) ends the process (data/hang_guard.py)."""
         self.manifest, self.cfg = manifest, data_cfg
+        self.hang_limit_s = hang_limit_s
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
         self.policy = SkipPolicy(data_cfg.on_bad_sample, data_cfg.max_skip_fraction)
         self.epoch, self.step_in_epoch, self.seen = epoch, 0, 0
@@ -133,6 +138,10 @@ class DaliTrainLoader(TrainLoader):
 
     def open_epoch(self, epoch: int) -> DALIGenericIterator:
         """An iterator over a fresh pipeline for `epoch` (it has decoded its first batch when returned)."""
+        with hang_limit(self.hang_limit_s):
+            return self._open_epoch(epoch)
+
+    def _open_epoch(self, epoch: int) -> DALIGenericIterator:
         pipeline = build_pipeline(self.tar_paths, self.index_paths,
                                   shard_id=(self.rank + epoch) % self.world_size,
                                   world_size=self.world_size, batch_size=self.batch_size,

@@ -85,8 +85,9 @@ def load_shard_manifest(data_cfg: DataConfig, need_index: bool) -> Manifest:
 
 
 def build_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int,
-                       device: torch.device, epoch: int = 0) -> TrainLoader:
-    """The training reader of `rank` out of `world_size`, per `data_cfg.reader`; batches land on `device`."""
+                       device: torch.device, epoch: int = 0, hang_limit_s: float = 0.0) -> TrainLoader:
+    """The training reader of `rank` out of `world_size`, per `data_cfg.reader`; batches land on `device`.
+    `hang_limit_s` (> 0): a DALI pipeline whose build blocks longer ends the process (data/hang_guard.py)."""
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1; got rank {rank}, world_size "
                          f"{world_size}, batch_size {batch_size}")
@@ -99,7 +100,7 @@ def build_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batc
         from facescale.data.dali_reader import DaliTrainLoader
 
         return DaliTrainLoader(manifest, data_cfg, rank=rank, world_size=world_size, batch_size=batch_size,
-                               seed=seed, device=device, epoch=epoch)
+                               seed=seed, device=device, epoch=epoch, hang_limit_s=hang_limit_s)
     from facescale.data.wds_reader import WdsTrainLoader
 
     return WdsTrainLoader(manifest, data_cfg, rank=rank, world_size=world_size, batch_size=batch_size,

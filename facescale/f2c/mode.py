@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from facescale.data.hang_guard import read_hang_limit_s
 from facescale.data.identity_index import IdentityIndex
 from facescale.data.loader import build_train_loader
 from facescale.f2c.config_check import check_f2c_config
@@ -72,7 +73,9 @@ class F2CMode(TrainingMode):
         head = DcpHead(gallery_net, cfg.model.embedding_size, build_margin(cfg.head.margin),
                        queue_size=f2c.queue_size, seed=cfg.schedule.seed, pool_mode=f2c.pool, device=device)
         instances = build_train_loader(cfg.data, rank=rank, world_size=world_size, batch_size=micro_batch,
-                                       seed=cfg.schedule.seed, device=device)
+                                       seed=cfg.schedule.seed, device=device,
+                                       hang_limit_s=read_hang_limit_s(cfg.data.read_timeout_s,
+                                                                      cfg.dist.timeout_s))
         pairs = IdentityPairs(
             IdentityIndex.build(manifest.directory),
             rank=rank,

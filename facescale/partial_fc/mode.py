@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from facescale.data.hang_guard import read_hang_limit_s
 from facescale.data.loader import build_train_loader
 from facescale.heads import build_head
 from facescale.modes.base import MicroOutput, ModeRun, StepContext, TrainingMode, detached_leaf
@@ -71,7 +72,9 @@ class PartialFCMode(TrainingMode):
               precision: str, device: torch.device) -> PartialFCRun:
         head = build_head(cfg.head, manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed)
         loader = build_train_loader(cfg.data, rank=rank, world_size=world_size, batch_size=micro_batch,
-                                    seed=cfg.schedule.seed, device=device)
+                                    seed=cfg.schedule.seed, device=device,
+                                    hang_limit_s=read_hang_limit_s(cfg.data.read_timeout_s,
+                                                                   cfg.dist.timeout_s))
         return PartialFCRun(head.to(device), loader)
 
     def plan(self, cfg: Any, data: Any, world: int, micro_batch: int, backbone: Any,

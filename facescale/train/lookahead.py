@@ -19,7 +19,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from facescale.data.hang_guard import hang_limit
+
 READ_HUNG_EXIT_CODE = 1  # as a hung collective (facescale.parallel.failure): not the requeue code
+BACKSTOP_S = 30.0  # data/hang_guard.py's limit, after the watchdog's own end: for a reader holding the GIL
 
 
 class ReadWatchdog:
@@ -79,13 +82,15 @@ class BatchLookahead:
 
     def __init__(self, source: Iterator, cursor: Callable[[], dict | None], warn_after_s: float = 0.0,
                  end_after_s: float = 0.0, who: str = "") -> None:
-        """`warn_after_s` (> 0): a read ahead still waiting after this says so on stderr, naming `who`, and
-        after `end_after_s` ends the process: a reader that cannot stop its own wait (DALI's, or one in the
-        main thread) would otherwise hang the job, silently, until its time limit (every rank waits alike
-        when shared storage hangs, so no collective timeout ends it)."""
+        """`warn_after_s`, `end_after_s` (both > 0): a read ahead still waiting after the first says so on
+        stderr, naming `who`, and after the second ends the process (data/hang_guard.py's limit, 30 s
+        later, ends it even when the reader holds the GIL): a reader that cannot stop its own wait (DALI's,
+        or one in the main thread) would otherwise hang the job, silently, until its time limit (every rank
+        waits alike when shared storage hangs, so no collective timeout ends it)."""
         self.source, self._cursor = source, cursor
         self._watchdog: ReadWatchdog | None = None
-        if warn_after_s > 0:
+        self._end_after_s = end_after_s
+        if warn_after_s > 0 and end_after_s > 0:
             hang = f"[facescale] {who}: no batch after"
             self._watchdog = ReadWatchdog([
                 (warn_after_s, lambda: _say(
@@ -115,8 +120,9 @@ class BatchLookahead:
         if self._watchdog is not None:
             self._watchdog.arm()
         try:
-            for _ in range(count):
-                self._held.append(next(self.source))
+            with hang_limit(self._end_after_s + BACKSTOP_S if self._end_after_s > 0 else 0.0):
+                for _ in range(count):
+                    self._held.append(next(self.source))
         except Exception as error:  # noqa: BLE001 - raised by the trainer after every rank has saved
             self._failed = True
             return error

@@ -18,6 +18,7 @@ from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.errors import ConfigError
 from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
+from facescale.data.hang_guard import read_hang_limit_s
 from facescale.errors import INPUT_ERROR_EXIT_CODE
 from facescale.metrics.console import TrainConsole, run_logger, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
@@ -359,7 +360,8 @@ class Trainer:
         # (DALI, no workers) say a little later which rank waits, and end it at dist.timeout_s
         batches = self.batches = BatchLookahead(self._batches(), self._loader_cursor,
                                                 warn_after_s=1.1 * cfg.data.read_timeout_s,
-                                                end_after_s=cfg.dist.timeout_s,
+                                                end_after_s=read_hang_limit_s(cfg.data.read_timeout_s,
+                                                                              cfg.dist.timeout_s),
                                                 who=f"rank {self.env.rank} on {socket.gethostname()}")
         loss = float("nan")
         self.console.start(self._plan())
