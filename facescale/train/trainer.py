@@ -183,9 +183,8 @@ class Trainer:
         cursor = state["rank_state"].get("loader", state.get("loader"))
         if cursor is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(cursor)
-            replanned = epoch_plan_change(self.cfg, resolve_checkpoint(path), int(state["world_size"]),
-                                          self.env.world_size, cursor,
-                                          getattr(self.loader, "planned_by_workers", False))
+            replanned = epoch_plan_change(self.cfg, path, int(state["world_size"]), self.env.world_size,
+                                          cursor, getattr(self.loader, "planned_by_workers", False))
             if replanned:
                 self.metrics.console(replanned)
         else:  # exact for any deterministic loader, but it decodes every batch again
