@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from facescale.checkpoint.atomic import atomic_write_text
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory of this process on CUDA, else its peak resident set size."""
@@ -56,9 +58,7 @@ def set_aside_lines_after(run_dir: Path, step: int) -> tuple[int, int] | None:
         f.writelines(later)
         f.flush()
         os.fsync(f.fileno())
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
     return (min(later_steps), max(later_steps)) if later_steps else None
 
 
