@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from facescale.data.hang_guard import hang_limit
+from facescale.parallel.failure import COLLECTIVE_FAILURE_EXIT_CODE
 
-READ_HUNG_EXIT_CODE = 1  # as a hung collective (facescale.parallel.failure): not the requeue code
 BACKSTOP_S = 30.0  # data/hang_guard.py's limit, after the watchdog's own end: for a reader holding the GIL
 
 
@@ -74,7 +74,7 @@ def _end(line: str) -> None:
     """End this rank at once (the main thread is stuck in the reader and cannot be interrupted); the
     launcher (srun --kill-on-bad-exit, torchrun) then ends the others, and the job is not left hanging."""
     _say(line)
-    os._exit(READ_HUNG_EXIT_CODE)
+    os._exit(COLLECTIVE_FAILURE_EXIT_CODE)  # a hung rank's code, as for a hung collective: no requeue
 
 
 class BatchLookahead:
