@@ -9,9 +9,14 @@ from typing import Any
 import torch
 
 
+def temp_beside(path: Path) -> Path:
+    """The sibling temp file a write of `path` goes to before it is renamed over it (hidden, per process)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a sibling temp file, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_beside(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -25,7 +30,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save through a temp file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_beside(path)
     torch.save(obj, tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from facescale.checkpoint.atomic import temp_beside
 from facescale.errors import InputError
 from facescale.eval.extract import ExtractionFailed, RankRows
 
@@ -102,7 +103,7 @@ def write_npy_from_ranks(path: Path, rows: RankRows, transform: RowMap | None = 
     total = sum(rows.counts)
     if total == 0:
         raise ValueError("no rows to write")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_beside(path)
     state: dict = {"handle": None, "written": 0}
 
     def write(block: np.ndarray) -> None:
