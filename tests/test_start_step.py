@@ -96,9 +96,11 @@ def test_an_arcface_torch_checkpoint_says_where_its_run_was(shards, tmp_path) ->
     out = fresh.stdout + fresh.stderr
     assert fresh.returncode == 0, out[-2000:]
     assert ("arcface_torch saved it at global_step 3 (epoch 1) and this run starts its schedule at step 0; "
-            "to go on with that run's learning rate and epochs, set schedule.start_step=3") in out
+            "to go on with that run's learning rate, epochs and optimizer state, set "
+            "schedule.start_step=3") in out
     going_on = _train(shards, tmp_path / "b", f"model.init_from={saved}", "schedule.start_step=3")
     out = going_on.stdout + going_on.stderr
     assert going_on.returncode == 0, out[-2000:]
     assert "global_step 3" not in out and "this run starts at step 3 of 6" in out
+    assert "the backbone's optimizer state starts fresh: the checkpoint has no state_optimizer" in out
     assert sorted(_lrs(tmp_path / "b")) == [4, 5, 6]

@@ -22,6 +22,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
 def consolidated_weights(engine) -> dict[str, torch.Tensor] | None:
     """Full fp32 module state (parameters and buffers) on rank 0, None elsewhere; collective under ZeRO-3."""
     module = engine.module
@@ -73,12 +77,12 @@ def consolidated_optimizer_state(engine) -> dict[str, Any] | None:
     stage = engine.zero_optimization_stage()
     base = _base_optimizer(engine)
     params: dict[str, dict[str, torch.Tensor]] = {}
-    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    named = _trainable(engine)
     if _uses_full_state_api(engine):
         keys = _fragment_keys(named) if _uses_fragments(engine) else _partition_keys(base)
         for name, param in named:
             params[name] = {
-                k: safe_get_full_optimizer_state(param, k).detach().cpu().clone().view(_shape(param))
+                k: safe_get_full_optimizer_state(param, k).detach().cpu().clone().view(full_shape(param))
                 for k in keys
             }
     else:
@@ -115,7 +119,7 @@ def _partition_keys(base: torch.optim.Optimizer) -> list[str]:
     return sorted({k for entry in entries for k, v in entry.items() if torch.is_tensor(v) and v.dim()})
 
 
-def _shape(param: torch.nn.Parameter) -> torch.Size:
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
     """The full shape of a parameter (ZeRO-3 leaves an empty placeholder in `param` itself)."""
     return getattr(param, "ds_shape", param.shape)
 
@@ -180,26 +184,38 @@ def _set_zero3_partition(engine, param, value: torch.Tensor, key: str | None = N
 @torch.no_grad()
 def set_consolidated_state(engine, weights: dict[str, torch.Tensor], optim: dict[str, Any] | None) -> None:
     """Write consolidated weights and optimizer state into `engine` (any world size; ZeRO 0/1/2/3)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import safe_set_full_fp32_param
 
-    module = engine.module
     _load_module_weights(engine, weights)
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    per_param = (optim or {}).get("params", {})
+    fragments, zero3 = _uses_fragments(engine), engine.zero_optimization_stage() == 3
+    for name, param in _trainable(engine):  # the fp32 masters ZeRO keeps beside the module's weights
+        value = weights[name].to(param.device).float()
+        if fragments:
+            safe_set_full_fp32_param(param, value)
+        elif zero3:
+            _set_zero3_partition(engine, param, value)
+    if optim is not None:
+        set_optimizer_state(engine, optim)
+
+
+@torch.no_grad()
+def set_optimizer_state(engine, optim: dict[str, Any]) -> None:
+    """Write consolidated optimizer state ({"params": {name: {key: full tensor}}, "scalars"}, as
+    `consolidated_optimizer_state` returns it) into `engine`'s optimizer (any world size; ZeRO 0/1/2/3)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    named = _trainable(engine)
+    per_param = optim.get("params", {})
     keys = {k for entry in per_param.values() for k in entry}
-    if optim is not None and per_param:
-        absent = [n for n, _ in named if n not in per_param]
-        if absent:
-            raise ValueError(f"consolidated optimizer state lacks parameters {absent[:5]}")
-        _ensure_state_entries(engine, keys, optim.get("scalars", {}))
+    if not per_param:
+        return
+    absent = [n for n, _ in named if n not in per_param]
+    if absent:
+        raise ValueError(f"consolidated optimizer state lacks parameters {absent[:5]}")
+    _ensure_state_entries(engine, keys, optim.get("scalars", {}))
     fragments, zero3 = _uses_fragments(engine), engine.zero_optimization_stage() == 3
     base = _base_optimizer(engine)
     for name, param in named:
-        value = weights[name].to(param.device)
-        if fragments:
-            safe_set_full_fp32_param(param, value.float())
-        elif zero3:
-            _set_zero3_partition(engine, param, value.float())
         for key in keys:
             state_value = per_param[name][key].to(param.device)
             if fragments:

@@ -38,7 +38,7 @@ IGNORED = {
     "resume": "checkpoint.resume: auto continues this run from its own last checkpoint; to go on from an "
               "arcface_torch run's checkpoint_gpu_*.pt (save_all_states) set model.init_from to one of them "
               "and head.init_from to their directory (weights and class centers), and schedule.start_step "
-              "to the global_step it prints (the optimizer's momentum starts afresh)",
+              "to the global_step it prints (their optimizer state goes on too)",
     "wandb_key": "never written to a config file: export WANDB_API_KEY instead",
     "wandb_log_all": "facescale logs the same scalars to TensorBoard and W&B",
     "save_artifacts": "checkpoints stay in the run directory", "wandb_resume": "the run directory resumes",

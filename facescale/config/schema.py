@@ -144,7 +144,8 @@ class ScheduleConfig:
     grad_accumulation: int = 1
     seed: int = 1234
     # a fresh run starts its schedule here (step count, lr, data position), to go on from a run trained
-    # elsewhere (e.g. an arcface_torch checkpoint_gpu_0.pt's global_step, with model.init_from); 0 = start
+    # elsewhere (e.g. an arcface_torch checkpoint_gpu_0.pt's global_step, with model.init_from, whose
+    # optimizer state then goes on too); 0 = start
     start_step: int = 0
 
 

@@ -329,15 +329,21 @@ class PartialFCHead(torch.nn.Module):
         }
 
     @torch.no_grad()
-    def load_center_values(self, values: Tensor) -> None:
-        """Start this shard from given centers ([count, D], fp32; e.g. another run's, head.init_from) with a
-        fresh optimizer state; bf16 storage keeps their rounding error in its residual."""
+    def load_center_values(self, values: Tensor, optimizer_state: dict[str, Tensor] | None = None) -> None:
+        """Start this shard from given centers ([count, D], fp32; e.g. another run's, head.init_from) with the
+        given optimizer state rows (by the optimizer's buffer names), zero where none is given; bf16 storage
+        keeps the centers' rounding error in its residual."""
         if tuple(values.shape) != (self.count, self.embedding_size):
             raise ValueError(f"centers of shape {tuple(values.shape)} for a shard of {self.count} x "
                              f"{self.embedding_size}")
         values = values.to(self.center_rows.device, torch.float32)
         self.center_rows.copy_(values)
         state = {k: torch.zeros_like(v) for k, v in self.center_optimizer.state_tensors().items()}
+        for name, rows in (optimizer_state or {}).items():
+            if name not in state or name == RESIDUAL or rows.shape != state[name].shape:
+                raise ValueError(f"optimizer state {name} of shape {tuple(rows.shape)} does not fit this "
+                                 f"shard's {sorted(state)}")
+            state[name] = rows.to(state[name].device, state[name].dtype)
         if RESIDUAL in state:
             state[RESIDUAL] = (values - self.center_rows.float()).to(state[RESIDUAL].dtype)
         self.center_optimizer.load_state_tensors(state)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from facescale.checkpoint.arcface_torch_optim import NotCarried, saved_optimizer
 from facescale.errors import InputError
 
 ARCFACE_TORCH_HEAD_KEY = "state_dict_softmax_fc"  # PartialFC_V2.state_dict(): {"weight": [rows, D]}
@@ -105,6 +106,30 @@ def read_center_rows(source: CenterSource, start: int, count: int) -> torch.Tens
         if lo < hi:
             parts.append(_rows_of(_load(file), file)[lo - first:hi - first].float())
     return torch.cat(parts) if parts else torch.empty(0, source.dim)
+
+
+def read_center_state_rows(source: CenterSource, start: int,
+                           count: int) -> tuple[str | None, dict[str, torch.Tensor], object]:
+    """(optimizer kind, {state name: rows [start, start + count)}, Adam's step) from the arcface_torch files'
+    `state_optimizer` (each file's second parameter group: its rank's center rows); kind None for no rows;
+    NotCarried says why there is no state to carry."""
+    kinds, parts, step = set(), [], None
+    for file, first, rows in source.pieces:
+        lo, hi = max(start, first), min(start + count, first + rows)
+        if lo >= hi:
+            continue
+        saved = saved_optimizer(_load(file))
+        kinds.add(saved.kind)
+        step = saved.step if saved.step is not None else step
+        for name, value in saved.centers.items():
+            if value.shape[0] != rows:
+                raise NotCarried(f"{file.name}'s {name} has {value.shape[0]} rows, its centers {rows}")
+        parts.append((hi - lo, {k: v[lo - first:hi - first].float() for k, v in saved.centers.items()}))
+    if len(kinds) > 1:
+        raise NotCarried(f"the files were saved by different optimizers ({', '.join(sorted(kinds))})")
+    names = {k for _, state in parts for k in state}
+    rows_state = {k: torch.cat([part.get(k, torch.zeros(n, source.dim)) for n, part in parts]) for k in names}
+    return (kinds.pop() if kinds else None), rows_state, step
 
 
 def check_center_source(source: CenterSource, num_classes: int, dim: int,

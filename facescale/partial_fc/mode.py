@@ -8,11 +8,17 @@ from typing import Any
 
 import torch
 
+from facescale.checkpoint.arcface_torch_optim import NotCarried
 from facescale.data.hang_guard import read_hang_limit_s
 from facescale.data.loader import build_train_loader
 from facescale.heads import build_head
 from facescale.modes.base import MicroOutput, ModeRun, StepContext, TrainingMode, detached_leaf
-from facescale.partial_fc.init_centers import check_center_source, open_center_source, read_center_rows
+from facescale.partial_fc.init_centers import (
+    check_center_source,
+    open_center_source,
+    read_center_rows,
+    read_center_state_rows,
+)
 from facescale.partial_fc.plan import PartialFCPlan, plan_partial_fc
 
 
@@ -64,9 +70,11 @@ class PartialFCMode(TrainingMode):
         head = run.head
         source = open_center_source(cfg.head.init_from)
         check_center_source(source, head.num_classes, head.embedding_size)
-        head.load_center_values(read_center_rows(source, head.start, head.count))
+        state, note = _carried_state(source, head, cfg.head.optimizer) if cfg.schedule.start_step else (
+            {}, "optimizer state starts fresh, as schedule.start_step is 0")
+        head.load_center_values(read_center_rows(source, head.start, head.count), state)
         log(f"[facescale] head.init_from: class centers {head.start}..{head.start + head.count - 1} of "
-            f"{head.num_classes} from {cfg.head.init_from} (optimizer state starts fresh)")
+            f"{head.num_classes} from {cfg.head.init_from} ({note})")
 
     def build(self, cfg: Any, engine: Any, manifest: Any, *, rank: int, world_size: int, micro_batch: int,
               precision: str, device: torch.device) -> PartialFCRun:
@@ -80,6 +88,22 @@ class PartialFCMode(TrainingMode):
     def plan(self, cfg: Any, data: Any, world: int, micro_batch: int, backbone: Any,
              rank: int | None = None) -> PartialFCPlan:
         return plan_partial_fc(cfg, data.num_classes, world, micro_batch, rank)
+
+
+def _carried_state(source: Any, head: Any, optimizer: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The optimizer state of this rank's center rows from arcface_torch's files (schedule.start_step goes on
+    from their run), by the center optimizer's buffer names, and the log's note on it."""
+    try:
+        kind, rows, step = read_center_state_rows(source, head.start, head.count)
+        if kind is not None and kind != optimizer:
+            raise NotCarried(f"it was saved by {kind}, head.optimizer is {optimizer}")
+    except NotCarried as exc:
+        return {}, f"optimizer state starts fresh: {exc}"
+    if not rows:
+        return {}, "no optimizer state saved for these rows"
+    if kind == "adamw" and step is not None:  # every row stepped together there
+        rows["row_steps"] = torch.full((head.count,), int(step), dtype=torch.int64)
+    return rows, f"with their {', '.join(sorted(rows))} from its state_optimizer"
 
 
 MODE = PartialFCMode()

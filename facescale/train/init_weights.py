@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,13 +57,46 @@ def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callabl
                                        source=f"model.init_from '{cfg.init_from}'")
     except WeightsError as exc:
         raise ConfigError(str(exc)) from None
-    log(f"[facescale] model.init_from: loaded {report.loaded} backbone tensors from {cfg.init_from} "
-        f"(class centers and optimizer start fresh)")
+    fresh = "" if start_step else " (class centers and optimizer start fresh)"
+    log(f"[facescale] model.init_from: loaded {report.loaded} backbone tensors from {cfg.init_from}{fresh}")
     for line in report.skipped_lines():
         log(f"[facescale] model.init_from (init_strict false): {line}")
     progress = arcface_torch_progress(cfg.init_from)
     if progress is not None and not start_step:
         step, epoch = progress
         log(f"[facescale] model.init_from: arcface_torch saved it at global_step {step} (epoch {epoch}) and "
-            f"this run starts its schedule at step 0; to go on with that run's learning rate and epochs, set "
+            f"this run starts its schedule at step 0; to go on with that run's learning rate, epochs and "
+            f"optimizer state, set "
             f"schedule.start_step={step} (divided by its gradient_acc, if above 1)")
+
+
+def carry_backbone_optimizer(cfg: Config, engine: Any, log: Callable[[str], None]) -> None:
+    """schedule.start_step from an arcface_torch checkpoint_gpu_N.pt (model.init_from): that run's backbone
+    optimizer state (SGD momentum or AdamW moments) goes on in `engine`, at any world size and ZeRO stage."""
+    from facescale.checkpoint.arcface_torch_optim import (
+        BACKBONE_KEY,
+        NotCarried,
+        backbone_state,
+        read_checkpoint,
+        saved_optimizer,
+        saved_parameter_names,
+    )
+    from facescale.checkpoint.backbone_state import full_shape, set_optimizer_state
+
+    source = cfg.model.init_from
+    try:
+        checkpoint = read_checkpoint(source) if Path(source).is_file() else None
+        if not (isinstance(checkpoint, dict) and BACKBONE_KEY in checkpoint):
+            raise NotCarried("model.init_from holds weights only")
+        saved = saved_optimizer(checkpoint)
+        if saved.kind != cfg.optim.name:
+            raise NotCarried(f"it was saved by {saved.kind}, optim.name is {cfg.optim.name}")
+        named = list(engine.module.named_parameters())
+        trainable = {n: full_shape(p) for n, p in named if p.requires_grad}
+        state = backbone_state(saved, saved_parameter_names(checkpoint), [n for n, _ in named], trainable)
+    except NotCarried as exc:
+        log(f"[facescale] schedule.start_step: the backbone's optimizer state starts fresh: {exc}")
+        return
+    set_optimizer_state(engine, state)
+    log(f"[facescale] schedule.start_step: the backbone's {', '.join(saved.state_names)} of "
+        f"{len(trainable)} parameters go on from {source}'s state_optimizer")

@@ -26,7 +26,7 @@ from facescale.modes import StepContext, get_mode
 from facescale.parallel.grad_overlap import overlap_grad_reduce
 from facescale.runtime import Runtime
 from facescale.train.evaluation import evaluate_sets
-from facescale.train.init_weights import init_backbone_from
+from facescale.train.init_weights import carry_backbone_optimizer, init_backbone_from
 from facescale.train.lookahead import BatchLookahead
 from facescale.train.resume_check import epoch_plan_change, resume_step_dir
 from facescale.train.schedule import lr_at
@@ -100,6 +100,7 @@ class Trainer:
         self.cfg, self.env, self.runtime = cfg, env, runtime
         self.run_dir = Path(cfg.logging.run_dir)
         setup_run_logging(self.run_dir, env.rank)  # before DeepSpeed, whose warnings it filters
+        log0 = run_logger().info if env.rank == 0 else (lambda line: None)  # a line once, from rank 0
         self.manifest = Manifest.load(cfg.data.shards)
         skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op at start-up
         torch.manual_seed(cfg.schedule.seed)  # identical initial backbone on every rank
@@ -107,8 +108,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, env.rank, env.world_size, cfg.checkpoint.keep_last)
         self.resume_from = resume_step_dir(cfg)  # the step this run continues from; None: a fresh start
         if self.resume_from is None:  # a resumed run continues from its checkpoint, never init_from
-            init_backbone_from(cfg.model, backbone, run_logger().info if env.rank == 0 else lambda line: None,
-                               cfg.schedule.start_step)
+            init_backbone_from(cfg.model, backbone, log0, cfg.schedule.start_step)
         if cfg.model.compile:
             from facescale.models.compile import compile_backbone
 
@@ -119,6 +119,8 @@ class Trainer:
             self.engine, *_ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
         keep_clip_norm(self.engine)
         overlap_grad_reduce(self.engine)  # stage 0: reduce gradient buckets while backward runs, as DDP
+        if self.resume_from is None and cfg.schedule.start_step and cfg.model.init_from:
+            carry_backbone_optimizer(cfg, self.engine, log0)
 
         self.micro_batch = micro_batch_size(cfg, env.world_size)
         self.mode = get_mode(cfg.head.type).build(
@@ -127,8 +129,7 @@ class Trainer:
         )
         self.head, self.loader = self.mode.head, self.mode.loader
         if self.resume_from is None:  # e.g. head.init_from; a resumed run has its own state
-            get_mode(cfg.head.type).start_fresh(self.mode, cfg, run_logger().info if env.rank == 0 else
-                                                lambda line: None)
+            get_mode(cfg.head.type).start_fresh(self.mode, cfg, log0)
         resumed_at = None if self.resume_from is None else int(read_trainer_state(self.resume_from)["step"])
         self.metrics = MetricsWriter(self.run_dir, enabled=env.rank == 0, tensorboard=cfg.logging.tensorboard,
                                      wandb=cfg.logging.wandb, config=config_to_dict(cfg),
