@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from facescale.checkpoint.arcface_torch import BACKBONE_KEY
 from facescale.checkpoint.layout import BACKBONE_WEIGHTS, LATEST, CheckpointError, resolve_checkpoint
 from facescale.errors import InputError
 from facescale.models.legacy_names import upgrade_legacy_names
 
 SHOWN = 6  # keys listed per kind in a mismatch report
-ARCFACE_TORCH_CHECKPOINT_KEY = "state_dict_backbone"  # arcface_torch's checkpoint_gpu_N.pt (save_all_states)
 
 
 class WeightsError(InputError, ValueError):
@@ -72,30 +72,14 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{p}: not a readable torch state dict ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); give a file written by "
                            f"torch.save(model.state_dict())") from None
-    if isinstance(obj, dict) and isinstance(obj.get(ARCFACE_TORCH_CHECKPOINT_KEY), dict):
-        obj = obj[ARCFACE_TORCH_CHECKPOINT_KEY]
+    if isinstance(obj, dict) and isinstance(obj.get(BACKBONE_KEY), dict):
+        obj = obj[BACKBONE_KEY]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise WeightsError(f"{p}: holds no backbone state dict (a mapping of parameter names to tensors); "
                            f"export one with `facescale export torch` or torch.save(backbone.state_dict())")
     if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return upgrade_legacy_names(dict(obj))[0]
-
-
-def arcface_torch_progress(path: str | Path) -> tuple[int, int] | None:
-    """(global_step, epoch) an arcface_torch checkpoint_gpu_N.pt (save_all_states) was saved at, or None for
-    any other source. Memory-mapped: only the two numbers are read."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not a zip-format checkpoint: no progress to report
-        return None
-    if not (isinstance(obj, dict) and ARCFACE_TORCH_CHECKPOINT_KEY in obj):
-        return None
-    step, epoch = obj.get("global_step"), obj.get("epoch")
-    return (step, epoch) if isinstance(step, int) and isinstance(epoch, int) else None
 
 
 def infer_embedding_size(state: dict[str, torch.Tensor], default: int = 512) -> int:

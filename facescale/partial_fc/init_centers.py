@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from facescale.checkpoint.arcface_torch_optim import NotCarried, saved_optimizer
+from facescale.checkpoint.arcface_torch import NotCarried, read_checkpoint, saved_optimizer
 from facescale.errors import InputError
 
 ARCFACE_TORCH_HEAD_KEY = "state_dict_softmax_fc"  # PartialFC_V2.state_dict(): {"weight": [rows, D]}
@@ -41,14 +41,8 @@ class CenterSource:
 
 def _load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (pre-zip) file cannot be mapped: read it
-        pass
+        return read_checkpoint(path)
     except Exception as exc:  # noqa: BLE001 - unreadable or unsafe: one message
-        raise CenterSourceError(f"not a readable torch file ({type(exc).__name__})", where=path) from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
         raise CenterSourceError(f"not a readable torch file ({type(exc).__name__})", where=path) from None
 
 

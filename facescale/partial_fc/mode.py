@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from facescale.checkpoint.arcface_torch_optim import NotCarried
+from facescale.checkpoint.arcface_torch import NotCarried
 from facescale.data.hang_guard import read_hang_limit_s
 from facescale.data.loader import build_train_loader
 from facescale.heads import build_head

@@ -49,7 +49,8 @@ def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callabl
     """
     if not cfg.init_from:
         return
-    from facescale.checkpoint.weights import WeightsError, arcface_torch_progress, load_backbone_weights
+    from facescale.checkpoint.arcface_torch import progress as arcface_torch_progress
+    from facescale.checkpoint.weights import WeightsError, load_backbone_weights
 
     state = _read_state(cfg)
     try:
@@ -73,7 +74,7 @@ def init_backbone_from(cfg: ModelConfig, backbone: torch.nn.Module, log: Callabl
 def carry_backbone_optimizer(cfg: Config, engine: Any, log: Callable[[str], None]) -> None:
     """schedule.start_step from an arcface_torch checkpoint_gpu_N.pt (model.init_from): that run's backbone
     optimizer state (SGD momentum or AdamW moments) goes on in `engine`, at any world size and ZeRO stage."""
-    from facescale.checkpoint.arcface_torch_optim import (
+    from facescale.checkpoint.arcface_torch import (
         BACKBONE_KEY,
         NotCarried,
         backbone_state,

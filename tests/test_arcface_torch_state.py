@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from facescale.checkpoint.arcface_torch_optim import (
+from facescale.checkpoint.arcface_torch import (
     NotCarried,
     backbone_state,
     saved_optimizer,

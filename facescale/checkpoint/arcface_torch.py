@@ -1,6 +1,6 @@
-"""arcface_torch's optimizer state (`state_optimizer` in a `save_all_states` checkpoint_gpu_<r>.pt) in
-facescale's forms, so that a run going on from such a checkpoint (`schedule.start_step`) keeps its SGD
-momentum or Adam moments, not only its weights and schedule position.
+"""arcface_torch's `save_all_states` checkpoints (checkpoint_gpu_<r>.pt): where their run was, and its
+optimizer state (`state_optimizer`) in facescale's forms, so that a run going on from such a checkpoint
+(`schedule.start_step`) keeps its SGD momentum or Adam moments, not only its weights and schedule position.
 
 arcface_torch builds one torch optimizer over two parameter groups: the backbone's parameters in
 `backbone.parameters()` order, then the rank's Partial FC weight (its block of the class centers). Its
@@ -19,7 +19,7 @@ import torch
 from facescale.models.legacy_names import upgrade_legacy_names
 
 OPTIMIZER_KEY = "state_optimizer"
-BACKBONE_KEY = "state_dict_backbone"
+BACKBONE_KEY = "state_dict_backbone"  # its backbone's state_dict
 _KIND_BY_STATE = {"momentum_buffer": "sgd", "exp_avg": "adamw"}  # torch's names for the two state kinds
 
 
@@ -80,6 +80,20 @@ def read_checkpoint(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a legacy (pre-zip) file cannot be mapped
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def progress(path: str | Path) -> tuple[int, int] | None:
+    """(global_step, epoch) a checkpoint_gpu_N.pt was saved at, or None for any other file or directory."""
+    if not Path(path).is_file():
+        return None
+    try:
+        obj = read_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a torch checkpoint that loads safely: no progress to report
+        return None
+    if not (isinstance(obj, dict) and BACKBONE_KEY in obj):
+        return None
+    step, epoch = obj.get("global_step"), obj.get("epoch")
+    return (step, epoch) if isinstance(step, int) and isinstance(epoch, int) else None
 
 
 def saved_parameter_names(checkpoint: dict[str, Any]) -> list[str]:
