@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from facescale.checkpoint.arcface_torch import (
     saved_parameter_names,
 )
 from facescale.config.schema import ModelConfig
+from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.models.registry import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +126,7 @@ def test_center_rows_come_from_the_files_that_hold_them(tmp_path) -> None:
         assert torch.equal(rows["momentum_buffer"], full[start:start + count])
 
     adamw = _arcface_torch_run(tmp_path / "adamw", "adamw")
-    head = type("Shard", (), {"start": 5, "count": 7})()
+    head = SimpleNamespace(start=5, count=7, center_optimizer=CenterOptimizer(7, DIM, kind="adamw"))
     rows, note = _carried_state(open_center_source(tmp_path / "adamw"), head, "adamw")
     expected = torch.cat([opt.state[fc]["exp_avg_sq"] for fc, opt in zip(adamw["fc"], adamw["opt"],
                                                                            strict=True)])[5:12]
@@ -133,6 +135,10 @@ def test_center_rows_come_from_the_files_that_hold_them(tmp_path) -> None:
     assert note == "with their exp_avg, exp_avg_sq, row_steps from its state_optimizer"
     rows, note = _carried_state(open_center_source(tmp_path / "adamw"), head, "sgd")
     assert rows == {} and note == "optimizer state starts fresh: it was saved by adamw, head.optimizer is sgd"
+    no_momentum = SimpleNamespace(start=0, count=5, center_optimizer=CenterOptimizer(5, DIM, momentum=0.0))
+    rows, note = _carried_state(source, no_momentum, "sgd")  # head.momentum 0 keeps no buffer to fill
+    assert rows == {} and note == ("optimizer state starts fresh: this run's center optimizer keeps no "
+                                   "momentum_buffer")
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -101,6 +101,10 @@ def _carried_state(source: Any, head: Any, optimizer: str) -> tuple[dict[str, to
         return {}, f"optimizer state starts fresh: {exc}"
     if not rows:
         return {}, "no optimizer state saved for these rows"
+    kept = set(head.center_optimizer.state_tensors())
+    if not set(rows) <= kept:  # e.g. head.momentum 0: no momentum buffer here
+        return {}, ("optimizer state starts fresh: this run's center optimizer keeps no "
+                    f"{', '.join(sorted(set(rows) - kept))}")
     if kind == "adamw" and step is not None:  # every row stepped together there
         rows["row_steps"] = torch.full((head.count,), int(step), dtype=torch.int64)
     return rows, f"with their {', '.join(sorted(rows))} from its state_optimizer"

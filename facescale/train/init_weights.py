@@ -92,6 +92,8 @@ def carry_backbone_optimizer(cfg: Config, engine: Any, log: Callable[[str], None
         saved = saved_optimizer(checkpoint)
         if saved.kind != cfg.optim.name:
             raise NotCarried(f"it was saved by {saved.kind}, optim.name is {cfg.optim.name}")
+        if saved.kind == "sgd" and not cfg.optim.momentum:
+            raise NotCarried("optim.momentum is 0: this run keeps no momentum")
         named = list(engine.module.named_parameters())
         trainable = {n: full_shape(p) for n, p in named if p.requires_grad}
         state = backbone_state(saved, saved_parameter_names(checkpoint), [n for n, _ in named], trainable)
