@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ from facescale.checkpoint.arcface_torch import (
 from facescale.config.schema import ModelConfig
 from facescale.heads.center_optimizer import CenterOptimizer
 from facescale.models.registry import build_backbone
+from launcher.local import local_train_command
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, DIM, GPUS = 12, 128, 5  # 12 classes on 5 GPUs: rows 3, 3, 2, 2, 2 (PartialFC_V2's split)
@@ -153,25 +153,25 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _go_on(shards: Path, saved: Path, run_dir: Path) -> str:
-    argv = [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml"]
-    for item in (f"data.shards={shards}", f"logging.run_dir={run_dir}", "eval.bins=[]", "schedule.steps=4",
-                 "schedule.warmup_steps=0", "schedule.global_batch_size=16", "data.num_workers=0",
-                 f"model.init_from={saved / 'checkpoint_gpu_0.pt'}", f"head.init_from={saved}",
-                 "schedule.start_step=3", "deepspeed.zero_stage=1"):
-        argv += ["--set", item]
+    """2 ranks (ZeRO-2: partitioned optimizer state), each with classes from two of the 5 GPUs' files."""
+    cmd = local_train_command(2, "configs/synthetic.yaml", [
+        f"data.shards={shards}", f"logging.run_dir={run_dir}", "eval.bins=[]", "schedule.steps=4",
+        "schedule.warmup_steps=0", "schedule.global_batch_size=16", "data.num_workers=0",
+        f"model.init_from={saved / 'checkpoint_gpu_0.pt'}", f"head.init_from={saved}",
+        "schedule.start_step=3", "deepspeed.zero_stage=2"])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return done.stdout + done.stderr
 
 
 def _saved_state(run_dir: Path) -> tuple[dict, torch.Tensor]:
-    from facescale.checkpoint.reshard import load_head_shards
+    from facescale.checkpoint.reshard import load_head_shards, reshard_head
 
     step = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert step.name == "step_00000004"
     backbone = torch.load(step / "backbone_optim.pt", weights_only=True)["params"]
-    head = load_head_shards(step, 1)[0]
+    head = reshard_head(load_head_shards(step, 2), 1, 0)  # both ranks' rows in class order
     return backbone, head["optimizer"]["momentum_buffer"]
 
 
@@ -179,7 +179,7 @@ def _saved_state(run_dir: Path) -> tuple[dict, torch.Tensor]:
 def test_a_run_going_on_from_arcface_torch_keeps_its_momentum(shards, tmp_path) -> None:
     """The first step here is one more step of their SGD: with the same weights, data and gradient, the
     momentum after it differs from a fresh-momentum run's by exactly momentum x their saved buffer, in every
-    backbone parameter (ZeRO-1's partitioned state) and every class center (dense update)."""
+    backbone parameter (ZeRO-2's partitioned state) and every class center (dense update)."""
     ref = _arcface_torch_run(tmp_path / "arcface")
     fresh = tmp_path / "without"
     fresh.mkdir()
@@ -191,7 +191,7 @@ def test_a_run_going_on_from_arcface_torch_keeps_its_momentum(shards, tmp_path) 
     out = _go_on(shards, tmp_path / "arcface", tmp_path / "a")
     count = sum(p.requires_grad for p in ref["backbone"][0].parameters())
     assert f"schedule.start_step: the backbone's momentum_buffer of {count} parameters go on from" in out
-    assert "head.init_from: class centers 0..11 of 12 from" in out
+    assert "head.init_from: class centers 0..5 of 12 from" in out  # rank 0's line
     assert "(with their momentum_buffer from its state_optimizer)" in out
     out = _go_on(shards, fresh, tmp_path / "b")
     assert ("the backbone's optimizer state starts fresh: the checkpoint has no state_optimizer "
