@@ -130,3 +130,56 @@ def test_second_train_refuses_at_once_and_writes_nothing(tmp_path: Path):
     assert f"pid {holder.pid}" in out.stderr and "is in use by another run" in out.stderr, out.stderr[-2000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME], "the refused run wrote into the dir"
     assert time.monotonic() - started < 120
+
+
+def _train_argv(data: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml",
+            "--set", f"data.shards={data}", "--set", "eval.bins=[]", "--set", f"logging.run_dir={run_dir}",
+            "--set", "schedule.global_batch_size=16"]
+
+
+def test_a_run_dir_on_a_full_or_read_only_mount_is_one_line_before_the_process_group(tmp_path, small_fs):
+    """Before, rank 0 raised an OSError traceback from the lock file's write (full) or mkdir (read-only)
+    after the process group had started."""
+    from facescale.data.synth import synthesize
+
+    synthesize(tmp_path / "data", identities=8, images_per_identity=2, holdout_identities=4, seed=0,
+               verify_pairs=8)
+    with open(small_fs / "filler", "wb") as filler:  # fill the 8 MiB mount
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    full = subprocess.run(_train_argv(tmp_path / "data", small_fs / "run"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"facescale train: error: logging.run_dir '{small_fs / 'run'}': cannot write files in it (No space "
+        "left on device); set logging.run_dir to a folder this job can write")
+    assert "Traceback" not in full.stderr
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    read_only = subprocess.run(_train_argv(tmp_path / "data", small_fs / "new" / "run"), cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert read_only.returncode == 2, read_only.stderr[-2000:]
+    assert read_only.stderr.strip().splitlines()[-1] == (
+        f"facescale train: error: logging.run_dir '{small_fs / 'new' / 'run'}': cannot create the folder "
+        "(Read-only file system); set logging.run_dir to a folder this job can write")
+
+
+def test_a_lock_file_that_cannot_be_written_refuses_the_run_in_one_line(tmp_path, monkeypatch):
+    """The mount filled (or turned read-only) between the start-up check and the lock: every rank refuses."""
+    import errno
+
+    from facescale.train import run_lock
+
+    def no_space(path, content):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(run_lock, "_create", no_space)
+    with pytest.raises(RunDirLockedError) as refused:
+        with run_lock.run_dir_lock(tmp_path / "run", rank=0):
+            pass
+    assert str(refused.value) == (f"logging.run_dir '{tmp_path / 'run'}': cannot write its lock file (No "
+                                  "space left on device); set logging.run_dir to a folder this job can write")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from facescale.checkpoint.atomic import temp_beside
+from facescale.checkpoint.atomic import folder_write_problem, temp_beside
 from facescale.errors import InputError
 from facescale.eval.extract import ExtractionFailed, RankRows
 
@@ -78,18 +78,12 @@ def _raise_alike(error: Exception | None, rank: int, world: int) -> None:
 def check_writable(path: Path) -> None:
     """Create `path`'s folder and a scratch file in it (removed again), or raise RowsNotWritten naming the
     folder: a command that writes only at its end checks this before it starts."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RowsNotWritten(f"{path.parent}: cannot create the folder for {path.name} "
-                             f"({error.strerror or error})") from error
-    scratch = path.with_name(f".{path.name}.probe{os.getpid()}")
-    try:
-        scratch.write_bytes(b"")
-        scratch.unlink()
-    except OSError as error:
-        raise RowsNotWritten(f"{path.parent}: cannot write {path.name} there "
-                             f"({error.strerror or error})") from error
+    problem = folder_write_problem(path.parent)
+    if problem is not None:
+        action, error = problem
+        what = (f"cannot create the folder for {path.name}" if action == "create"
+                else f"cannot write {path.name} there")
+        raise RowsNotWritten(f"{path.parent}: {what} ({error.strerror or error})") from error
 
 
 RowMap = Callable[[np.ndarray], np.ndarray]

@@ -13,6 +13,7 @@ from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
 from facescale.train.init_weights import check_init_from
 from facescale.train.resume_check import check_resume_fits, keep_saved_global_batch, resume_step_dir
+from facescale.train.run_lock import check_run_dir_writable, run_dir_lock
 from launcher.env import resolve_dist_env
 from launcher.preemption import clear_requeue_marker
 
@@ -34,11 +35,11 @@ def run_training(config_path: str | None, overrides: list[str]):
     check_init_from(cfg)  # model.init_from reads and fits the model (skipped when the run resumes)
     steps_per_epoch(manifest.num_samples, env.world_size, micro_batch_size(cfg, env.world_size),
                     source=str(manifest.directory))  # at least one batch per rank, before anything is written
+    check_run_dir_writable(cfg.logging.run_dir)  # the last check: it creates the folder
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
     configure_threads(env.local_world_size)
     init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s, train_timeout_s=cfg.dist.timeout_s)
     try:
-        from facescale.train.run_lock import run_dir_lock
         from facescale.train.trainer import Trainer
 
         with run_dir_lock(cfg.logging.run_dir, env.rank):  # one run directory, one writer
