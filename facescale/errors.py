@@ -7,6 +7,7 @@ no traceback unless `--debug` or FACESCALE_DEBUG=1. Any other exception is a bug
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -55,11 +56,24 @@ class InputError(Exception):
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+# a path on storage that cannot take the write (errno -> what to do); the message names the file
+STORAGE_FIXES = {
+    errno.EROFS: "write to another folder (or remount that file system read-write)",
+    errno.ENOSPC: "free space there or write to another folder",
+    errno.EDQUOT: "free space within your quota there or write to another folder",
+}
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """A write that failed on a full, over-quota or read-only file system, naming the path."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_FIXES and bool(exc.filename)
+
+
 def as_input_error(exc: BaseException) -> InputError:
     """`exc` itself, or an OS error about a path phrased as an `InputError` naming the file."""
     if isinstance(exc, InputError):
         return exc
-    fix = "check the path and its permissions"
+    fix = STORAGE_FIXES.get(getattr(exc, "errno", None), "check the path and its permissions")
     if getattr(exc, "filename", None) and getattr(exc, "strerror", None):
         return InputError(exc.strerror.lower(), where=exc.filename, fix=fix)
     text = str(exc)
@@ -104,21 +118,26 @@ def report_errors(command: str, run: Callable[[], int], debug: bool = False) -> 
         failure.forget()  # a group of an earlier command in this process (tests) is not this one's
     try:
         return run()
-    except (InputError, *PATH_ERRORS) as exc:
-        if debug:
-            traceback.print_exc()
-        if _group_is_up():
-            from facescale.parallel.failure import report
-
-            report("input", exc)  # the other ranks then leave the explanation to this line
-        if _rank() == 0 or (_group_is_up() and not getattr(exc, "every_rank", False)):
-            sys.stderr.write(error_line(command, as_input_error(exc)) + "\n")
-            sys.stderr.flush()
-        return getattr(exc, "exit_code", INPUT_ERROR_EXIT_CODE)  # a class may name its own (never 3: requeue)
     except Exception as exc:
+        if isinstance(exc, (InputError, *PATH_ERRORS)) or is_storage_error(exc):
+            return _input_failure(command, exc, debug)
         if not _group_is_up():
             raise
         return _rank_failure(command, exc, debug)
+
+
+def _input_failure(command: str, exc: Exception, debug: bool) -> int:
+    """One line for input the user can fix (see report_errors), and its exit code."""
+    if debug:
+        traceback.print_exc()
+    if _group_is_up():
+        from facescale.parallel.failure import report
+
+        report("input", exc)  # the other ranks then leave the explanation to this line
+    if _rank() == 0 or (_group_is_up() and not getattr(exc, "every_rank", False)):
+        sys.stderr.write(error_line(command, as_input_error(exc)) + "\n")
+        sys.stderr.flush()
+    return getattr(exc, "exit_code", INPUT_ERROR_EXIT_CODE)  # a class may name its own (never 3: requeue)
 
 
 def _rank_failure(command: str, exc: Exception, debug: bool) -> int:

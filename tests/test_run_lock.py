@@ -156,7 +156,7 @@ def test_a_run_dir_on_a_full_or_read_only_mount_is_one_line_before_the_process_g
     assert full.returncode == 2, full.stderr[-2000:]
     assert full.stderr.strip().splitlines()[-1] == (
         f"facescale train: error: logging.run_dir '{small_fs / 'run'}': cannot write files in it (No space "
-        "left on device); set logging.run_dir to a folder this job can write")
+        "left on device); give logging.run_dir a folder this job can write")
     assert "Traceback" not in full.stderr
 
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
@@ -165,7 +165,7 @@ def test_a_run_dir_on_a_full_or_read_only_mount_is_one_line_before_the_process_g
     assert read_only.returncode == 2, read_only.stderr[-2000:]
     assert read_only.stderr.strip().splitlines()[-1] == (
         f"facescale train: error: logging.run_dir '{small_fs / 'new' / 'run'}': cannot create the folder "
-        "(Read-only file system); set logging.run_dir to a folder this job can write")
+        "(Read-only file system); give logging.run_dir a folder this job can write")
 
 
 def test_a_lock_file_that_cannot_be_written_refuses_the_run_in_one_line(tmp_path, monkeypatch):
@@ -182,4 +182,4 @@ def test_a_lock_file_that_cannot_be_written_refuses_the_run_in_one_line(tmp_path
         with run_lock.run_dir_lock(tmp_path / "run", rank=0):
             pass
     assert str(refused.value) == (f"logging.run_dir '{tmp_path / 'run'}': cannot write its lock file (No "
-                                  "space left on device); set logging.run_dir to a folder this job can write")
+                                  "space left on device); give logging.run_dir a folder this job can write")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +36,3 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
-def folder_write_problem(folder: Path) -> tuple[str, OSError] | None:
-    """("create" | "write", the error) when `folder` cannot be created or a file written in it (a scratch
-    file, removed again), else None: a command that writes only later checks this before its work starts.
-    The folder is left created; the scratch name is per host and process, so ranks may probe at once."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        return "create", error
-    scratch = folder / f".write-probe.{socket.gethostname()}.{os.getpid()}"
-    try:
-        scratch.write_bytes(b"facescale write probe\n")  # a block of data: a full disk fails here
-        scratch.unlink()
-    except OSError as error:
-        return "write", error
-    return None

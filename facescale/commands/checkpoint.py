@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from facescale.writable import require_writable
+
 
 def _reshard(args: argparse.Namespace) -> int:
     from facescale.checkpoint import CheckpointError, reshard_checkpoint, resolve_checkpoint
@@ -15,6 +17,7 @@ def _reshard(args: argparse.Namespace) -> int:
             fix="pass the number of ranks the copy is for",
         )
     source = resolve_checkpoint(args.checkpoint)
+    require_writable(args.out, "--out")
     out = reshard_checkpoint(source, args.world_size, Path(args.out))
     print(
         f"[reshard] {source} -> {out} for {args.world_size} ranks; resume with --set checkpoint.resume={out}"
@@ -23,12 +26,12 @@ def _reshard(args: argparse.Namespace) -> int:
 
 
 def _export_head(args: argparse.Namespace) -> int:
-
     from facescale.checkpoint import resolve_checkpoint
     from facescale.checkpoint.atomic import atomic_torch_save
     from facescale.partial_fc.export import full_centers
 
     source = resolve_checkpoint(args.checkpoint)
+    require_writable(args.out, "--out", is_file=True)  # before all ranks' centers are read
     centers = full_centers(source, fp32=args.fp32)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     from facescale.data.convert import convert, folder_source, rec_source
     from facescale.data.eval_sets import copy_verification_sets
+    from facescale.writable import require_writable
 
+    require_writable(args.out, "--out")  # before a listing of millions of files, or the first shard
     if args.format == "rec":
         source = rec_source(args.rec, args.idx or Path(args.rec).with_suffix(".idx"))
     else:

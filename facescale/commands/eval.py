@@ -15,7 +15,9 @@ def _verify(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from facescale.eval.extract import evaluate_bin, load_bin_checked
+    from facescale.writable import require_writable
 
+    require_writable(args.out, "--out")  # before the model loads and the sets are embedded
     for path in args.bin:  # a bad set is named before the model is loaded and the extraction starts
         load_bin_checked(path)
     with model_on_ranks(args, "eval verify") as (env, runtime, model, image_size):
@@ -40,7 +42,9 @@ def _ijb(args: argparse.Namespace) -> int:
     from facescale.eval.dataset_extract import default_workers
     from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
     from facescale.eval.ijb_protocol import IJBMode
+    from facescale.writable import require_writable
 
+    require_writable(args.out, "--out")  # before an extraction of up to hours whose result goes there
     with model_on_ranks(args, "eval ijb") as (env, runtime, model, image_size):
         mode = IJBMode(flip=args.flip, norm_score=args.norm_score, detector_score=args.detector_score)
         workers = default_workers(env.local_world_size) if args.workers is None else args.workers
@@ -57,7 +61,9 @@ def _ijb(args: argparse.Namespace) -> int:
 
 def _make_bin(args: argparse.Namespace) -> int:
     from facescale.eval.make_bin import make_bin
+    from facescale.writable import require_writable
 
+    require_writable(args.out, "--out", is_file=True)
     n = make_bin(args.root, args.pairs, args.out, image_size=args.image_size)
     print(f"[make-bin] wrote {n} pairs to {args.out}")
     return 0
@@ -66,7 +72,9 @@ def _make_bin(args: argparse.Namespace) -> int:
 def _export_onnx(args: argparse.Namespace) -> int:
     from facescale.commands.model_source import load_model_source
     from facescale.eval.onnx_export import export_onnx
+    from facescale.writable import require_writable
 
+    require_writable(args.out, "--out", is_file=True)
     model, image_size = load_model_source(args, "export onnx")
     res = export_onnx(model, args.out, image_size=image_size)
     print(f"[export] wrote {res['path']} (max abs diff vs torch {res['max_abs_diff']:.2e})")
@@ -75,7 +83,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 def _export_torch(args: argparse.Namespace) -> int:
     from facescale.checkpoint.export_torch import export_torch
+    from facescale.writable import require_writable
 
+    require_writable(args.out, "--out", is_file=True)
     report = export_torch(args.checkpoint, args.out)
     name, size = report["arcface_torch_name"], report["embedding_size"]
     loads = (f"arcface_torch loads it with get_model({name!r}, num_features={size})" if name else

@@ -55,6 +55,7 @@ def write_bin(path: str | Path, images: Sequence[bytes], issame: Sequence[bool])
     path = Path(path)
     payload = ([bytes(image) for image in images], [bool(flag) for flag in issame])
     tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as handle:
         pickle.dump(payload, handle, protocol=4)
     tmp.replace(path)

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from facescale.checkpoint.atomic import folder_write_problem, temp_beside
+from facescale.checkpoint.atomic import temp_beside
 from facescale.errors import InputError
 from facescale.eval.extract import ExtractionFailed, RankRows
+from facescale.writable import folder_write_problem
 
 CHUNK_ROWS = 65536  # rows per message and per write: 128 MiB of 512-d float32
 
@@ -76,8 +77,8 @@ def _raise_alike(error: Exception | None, rank: int, world: int) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """Create `path`'s folder and a scratch file in it (removed again), or raise RowsNotWritten naming the
-    folder: a command that writes only at its end checks this before it starts."""
+    """`path` can be written (its folder created, a file written there), or raise RowsNotWritten naming the
+    folder: a command that writes only at its end checks this before it starts (nothing is created)."""
     problem = folder_write_problem(path.parent)
     if problem is not None:
         action, error = problem
@@ -104,6 +105,7 @@ def write_npy_from_ranks(path: Path, rows: RankRows, transform: RowMap | None = 
         try:
             if state["handle"] is None:
                 check_writable(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 state["handle"] = open(tmp, "wb")  # noqa: SIM115 - closed after the last chunk
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
                           "shape": (total, rows.dim)}

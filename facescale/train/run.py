@@ -13,7 +13,8 @@ from facescale.parallel.init import init_distributed, shutdown_distributed
 from facescale.runtime import configure_threads, select_runtime
 from facescale.train.init_weights import check_init_from
 from facescale.train.resume_check import check_resume_fits, keep_saved_global_batch, resume_step_dir
-from facescale.train.run_lock import check_run_dir_writable, run_dir_lock
+from facescale.train.run_lock import run_dir_lock
+from facescale.writable import require_writable
 from launcher.env import resolve_dist_env
 from launcher.preemption import clear_requeue_marker
 
@@ -35,7 +36,7 @@ def run_training(config_path: str | None, overrides: list[str]):
     check_init_from(cfg)  # model.init_from reads and fits the model (skipped when the run resumes)
     steps_per_epoch(manifest.num_samples, env.world_size, micro_batch_size(cfg, env.world_size),
                     source=str(manifest.directory))  # at least one batch per rank, before anything is written
-    check_run_dir_writable(cfg.logging.run_dir)  # the last check: it creates the folder
+    require_writable(cfg.logging.run_dir, "logging.run_dir")  # the last check: it creates the folder
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
     configure_threads(env.local_world_size)
     init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s, train_timeout_s=cfg.dist.timeout_s)

@@ -23,8 +23,6 @@ from typing import Any
 
 import torch.distributed as dist
 
-from facescale.checkpoint.atomic import folder_write_problem
-from facescale.config.errors import ConfigError
 from facescale.errors import InputError
 
 LOCK_NAME = "LOCK"
@@ -141,18 +139,6 @@ def _read(path: Path) -> tuple[str, dict[str, Any], float]:
     return text, holder if isinstance(holder, dict) else {}, age
 
 
-def check_run_dir_writable(run_dir: str | Path) -> None:
-    """Every rank, before the process group: the run directory can be created and written (its checkpoints,
-    metrics and lock go there), else one line naming it; a read-only or full mount fails here, not at rank
-    0's first write after the others joined."""
-    problem = folder_write_problem(Path(run_dir))
-    if problem is not None:
-        action, error = problem
-        raise ConfigError(f"cannot {action} {'the folder' if action == 'create' else 'files in it'} "
-                          f"({error.strerror or error})", where=f"logging.run_dir '{run_dir}'",
-                          fix="set logging.run_dir to a folder this job can write")
-
-
 def acquire_run_dir(run_dir: Path, stale_after_s: float = STALE_AFTER_S) -> RunDirLock:
     """Take the lock of `run_dir` for this process, or raise RunDirLockedError naming its holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +184,7 @@ def run_dir_lock(run_dir: str | Path, rank: int) -> Iterator[None]:
             refusal = str(exc)
         except OSError as exc:  # the mount turned read-only or full since check_run_dir_writable
             refusal = (f"logging.run_dir '{run_dir}': cannot write its lock file ({exc.strerror or exc}); "
-                       "set logging.run_dir to a folder this job can write")
+                       "give logging.run_dir a folder this job can write")
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
