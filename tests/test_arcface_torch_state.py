@@ -141,6 +141,42 @@ def test_center_rows_come_from_the_files_that_hold_them(tmp_path) -> None:
                                    "momentum_buffer")
 
 
+def test_the_first_partial_fcs_files_give_centers_and_momentum(tmp_path) -> None:
+    """arcface_torch's first PartialFC (2021) saved rank_<r>_softmax_weight.pt and ..._mom.pt, bare tensors
+    of the rank's rows (the same split as PartialFC_V2)."""
+    from facescale.partial_fc.init_centers import (
+        CenterSourceError,
+        check_center_source,
+        open_center_source,
+        read_center_rows,
+        read_center_state_rows,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    weight, momentum = torch.randn(CLASSES, DIM, generator=gen), torch.randn(CLASSES, DIM, generator=gen)
+    out = tmp_path / "v1"
+    out.mkdir()
+    start = 0
+    for rank, rows in enumerate(_rows_per_gpu()):
+        torch.save(weight[start:start + rows].clone(), out / f"rank_{rank}_softmax_weight.pt")
+        torch.save(momentum[start:start + rows].clone(), out / f"rank_{rank}_softmax_weight_mom.pt")
+        start += rows
+    source = open_center_source(out)
+    assert (source.num_classes, source.dim) == (CLASSES, DIM)
+    assert torch.equal(read_center_rows(source, 5, 7), weight[5:12])
+    kind, rows, step = read_center_state_rows(source, 5, 7)
+    assert (kind, step) == ("sgd", None) and torch.equal(rows["momentum_buffer"], momentum[5:12])
+
+    with pytest.raises(CenterSourceError, match="names one rank's file of a multi-GPU arcface_torch run"):
+        check_center_source(open_center_source(out / "rank_1_softmax_weight.pt"), CLASSES, DIM)
+    (out / "rank_3_softmax_weight_mom.pt").unlink()
+    with pytest.raises(NotCarried, match="no rank_3_softmax_weight_mom.pt beside rank_3_softmax_weight.pt"):
+        read_center_state_rows(source, 5, 7)
+    (out / "rank_2_softmax_weight.pt").unlink()
+    with pytest.raises(CenterSourceError, match=r"rank_2_softmax_weight.pt is missing \(4 of 5"):
+        open_center_source(out)
+
+
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:

@@ -1,6 +1,7 @@
 """Class centers from outside a run (`head.init_from`): arcface_torch's per-GPU `checkpoint_gpu_<r>.pt`
-(`save_all_states`), or one [C, D] tensor (`facescale export-head`), so a run can start from another run's
-classifier instead of random centers, e.g. to go on with a half-trained arcface_torch run.
+(`save_all_states`) or its first PartialFC's `rank_<r>_softmax_weight.pt`, or one [C, D] tensor (`facescale
+export-head`), so a run can start from another run's classifier instead of random centers, e.g. to go on
+with a half-trained arcface_torch run.
 
 Files are memory-mapped and read with `weights_only=True` (no code runs); each rank reads only its own rows.
 arcface_torch's PartialFC_V2 holds rank r's contiguous block of the classes in `state_dict_softmax_fc.weight`,
@@ -20,6 +21,9 @@ from facescale.errors import InputError
 
 ARCFACE_TORCH_HEAD_KEY = "state_dict_softmax_fc"  # PartialFC_V2.state_dict(): {"weight": [rows, D]}
 _SHARD_NAME = re.compile(r"checkpoint_gpu_(\d+)\.pt")
+# arcface_torch's first PartialFC (2021) saved each rank's rows and their SGD momentum as bare tensors
+_V1_NAME = re.compile(r"rank_(\d+)_softmax_weight\.pt")
+_V1_NAME_FORMAT, _V1_MOMENTUM = "rank_{}_softmax_weight.pt", "rank_{}_softmax_weight_mom.pt"
 
 
 class CenterSourceError(InputError, ValueError):
@@ -27,7 +31,8 @@ class CenterSourceError(InputError, ValueError):
 
     every_rank = True  # every rank reads the same files and meets the same problem
     default_fix = ("give head.init_from an arcface_torch output directory (checkpoint_gpu_*.pt, saved with "
-                   "save_all_states) or a [C, D] tensor written by `facescale export-head`")
+                   "save_all_states, or rank_*_softmax_weight.pt) or a [C, D] tensor written by `facescale "
+                   "export-head`")
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,17 @@ def _rows_of(obj: object, path: Path) -> torch.Tensor:
 
 
 def _arcface_torch_files(directory: Path) -> list[Path]:
-    found = {int(m.group(1)): p for p in directory.iterdir() if (m := _SHARD_NAME.fullmatch(p.name))}
+    """Every rank's file in rank order: checkpoint_gpu_<r>.pt, else the first PartialFC's tensors."""
+    files = list(directory.iterdir())
+    layouts = [({int(m.group(1)): p for p in files if (m := pattern.fullmatch(p.name))}, name)
+               for pattern, name in ((_SHARD_NAME, "checkpoint_gpu_{}.pt"), (_V1_NAME, _V1_NAME_FORMAT))]
+    found, name = next(((found, name) for found, name in layouts if found), ({}, ""))
     if not found:
-        raise CenterSourceError("no checkpoint_gpu_<rank>.pt files", where=directory)
+        raise CenterSourceError("no checkpoint_gpu_<rank>.pt (or rank_<rank>_softmax_weight.pt) files",
+                                where=directory)
     missing = sorted(set(range(max(found) + 1)) - set(found))
     if missing:
-        raise CenterSourceError(f"checkpoint_gpu_{missing[0]}.pt is missing ({len(found)} of "
+        raise CenterSourceError(f"{name.format(missing[0])} is missing ({len(found)} of "
                                 f"{max(found) + 1} ranks' files are there); copy every rank's file",
                                 where=directory)
     return [found[r] for r in range(len(found))]
@@ -102,6 +112,18 @@ def read_center_rows(source: CenterSource, start: int, count: int) -> torch.Tens
     return torch.cat(parts) if parts else torch.empty(0, source.dim)
 
 
+def _saved_center_state(file: Path) -> tuple[str, dict[str, torch.Tensor], object]:
+    """(kind, {state name: the file's rows}, Adam's step) of one rank's file; NotCarried says why none."""
+    match = _V1_NAME.fullmatch(file.name)
+    if match is None:
+        saved = saved_optimizer(_load(file))
+        return saved.kind, saved.centers, saved.step
+    momentum = file.with_name(_V1_MOMENTUM.format(match.group(1)))
+    if not momentum.is_file():
+        raise NotCarried(f"no {momentum.name} beside {file.name}")
+    return "sgd", {"momentum_buffer": _rows_of(_load(momentum), momentum)}, None
+
+
 def read_center_state_rows(source: CenterSource, start: int,
                            count: int) -> tuple[str | None, dict[str, torch.Tensor], object]:
     """(optimizer kind, {state name: rows [start, start + count)}, Adam's step) from the arcface_torch files'
@@ -112,13 +134,13 @@ def read_center_state_rows(source: CenterSource, start: int,
         lo, hi = max(start, first), min(start + count, first + rows)
         if lo >= hi:
             continue
-        saved = saved_optimizer(_load(file))
-        kinds.add(saved.kind)
-        step = saved.step if saved.step is not None else step
-        for name, value in saved.centers.items():
+        kind, centers, saved_step = _saved_center_state(file)
+        kinds.add(kind)
+        step = saved_step if saved_step is not None else step
+        for name, value in centers.items():
             if value.shape[0] != rows:
                 raise NotCarried(f"{file.name}'s {name} has {value.shape[0]} rows, its centers {rows}")
-        parts.append((hi - lo, {k: v[lo - first:hi - first].float() for k, v in saved.centers.items()}))
+        parts.append((hi - lo, {k: v[lo - first:hi - first].float() for k, v in centers.items()}))
     if len(kinds) > 1:
         raise NotCarried(f"the files were saved by different optimizers ({', '.join(sorted(kinds))})")
     names = {k for _, state in parts for k in state}
@@ -126,12 +148,19 @@ def read_center_state_rows(source: CenterSource, start: int,
     return (kinds.pop() if kinds else None), rows_state, step
 
 
+def _ranks_beside(file: Path) -> int:
+    """How many rank files of `file`'s layout its folder holds (0: `file` is not a per-rank file)."""
+    for pattern in (_SHARD_NAME, _V1_NAME):
+        if pattern.fullmatch(file.name):
+            return sum(bool(pattern.fullmatch(p.name)) for p in file.parent.iterdir())
+    return 0
+
+
 def check_center_source(source: CenterSource, num_classes: int, dim: int,
                         key: str = "head.init_from") -> None:
     """The source's matrix is [num_classes, dim] (the run's identities and embedding size)."""
     first = source.pieces[0][0]
-    if len(source.pieces) == 1 and _SHARD_NAME.fullmatch(first.name) and len(list(first.parent.glob(
-            "checkpoint_gpu_*.pt"))) > 1 and source.num_classes != num_classes:
+    if len(source.pieces) == 1 and _ranks_beside(first) > 1 and source.num_classes != num_classes:
         raise CenterSourceError(f"{key} names one rank's file of a multi-GPU arcface_torch run", where=first,
                                 fix=f"give the directory {first.parent} instead, for every rank's classes")
     if (source.num_classes, source.dim) != (num_classes, dim):
