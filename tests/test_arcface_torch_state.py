@@ -132,7 +132,7 @@ def test_center_rows_come_from_the_files_that_hold_them(tmp_path) -> None:
                                                                            strict=True)])[5:12]
     assert torch.equal(rows["exp_avg_sq"], expected)
     assert rows["row_steps"].tolist() == [3] * 7  # AdamW's bias correction goes on from its step
-    assert note == "with their exp_avg, exp_avg_sq, row_steps from its state_optimizer"
+    assert note == "with their saved exp_avg, exp_avg_sq, row_steps"
     rows, note = _carried_state(open_center_source(tmp_path / "adamw"), head, "sgd")
     assert rows == {} and note == "optimizer state starts fresh: it was saved by adamw, head.optimizer is sgd"
     no_momentum = SimpleNamespace(start=0, count=5, center_optimizer=CenterOptimizer(5, DIM, momentum=0.0))
@@ -228,7 +228,7 @@ def test_a_run_going_on_from_arcface_torch_keeps_its_momentum(shards, tmp_path) 
     count = sum(p.requires_grad for p in ref["backbone"][0].parameters())
     assert f"schedule.start_step: the backbone's momentum_buffer of {count} parameters go on from" in out
     assert "head.init_from: class centers 0..5 of 12 from" in out  # rank 0's line
-    assert "(with their momentum_buffer from its state_optimizer)" in out
+    assert "(with their saved momentum_buffer)" in out
     out = _go_on(shards, fresh, tmp_path / "b")
     assert ("the backbone's optimizer state starts fresh: the checkpoint has no state_optimizer "
             "(save_all_states writes it)") in out

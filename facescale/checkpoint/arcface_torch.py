@@ -112,7 +112,8 @@ def backbone_state(saved: SavedOptimizer, file_names: list[str], model_params: l
     """facescale's consolidated optimizer state (checkpoint/backbone_state.py) for a backbone whose
     parameters are `model_params` and whose optimizer holds `trainable` (name -> shape); zero state where
     arcface_torch had none yet, or for a parameter its file lacks (a non-strict model.init_from)."""
-    names = [n for n in file_names if n in set(model_params)]
+    own = set(model_params)
+    names = [n for n in file_names if n in own]
     if len(names) != len(saved.backbone):
         raise NotCarried(f"its first parameter group has {len(saved.backbone)} parameters and the file's "
                          f"backbone {len(names)} of this model's; they are not one model's")

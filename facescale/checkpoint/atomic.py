@@ -35,4 +35,3 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from facescale.commands.model_source import add_model_source_args, model_on_ranks
+from facescale.writable import require_writable
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -15,7 +16,6 @@ def _verify(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from facescale.eval.extract import evaluate_bin, load_bin_checked
-    from facescale.writable import require_writable
 
     require_writable(args.out, "--out")  # before the model loads and the sets are embedded
     for path in args.bin:  # a bad set is named before the model is loaded and the extraction starts
@@ -42,7 +42,6 @@ def _ijb(args: argparse.Namespace) -> int:
     from facescale.eval.dataset_extract import default_workers
     from facescale.eval.ijb import evaluate_ijb, table_text, write_outputs
     from facescale.eval.ijb_protocol import IJBMode
-    from facescale.writable import require_writable
 
     require_writable(args.out, "--out")  # before an extraction of up to hours whose result goes there
     with model_on_ranks(args, "eval ijb") as (env, runtime, model, image_size):
@@ -61,7 +60,6 @@ def _ijb(args: argparse.Namespace) -> int:
 
 def _make_bin(args: argparse.Namespace) -> int:
     from facescale.eval.make_bin import make_bin
-    from facescale.writable import require_writable
 
     require_writable(args.out, "--out", is_file=True)
     n = make_bin(args.root, args.pairs, args.out, image_size=args.image_size)
@@ -72,7 +70,6 @@ def _make_bin(args: argparse.Namespace) -> int:
 def _export_onnx(args: argparse.Namespace) -> int:
     from facescale.commands.model_source import load_model_source
     from facescale.eval.onnx_export import export_onnx
-    from facescale.writable import require_writable
 
     require_writable(args.out, "--out", is_file=True)
     model, image_size = load_model_source(args, "export onnx")
@@ -83,7 +80,6 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 def _export_torch(args: argparse.Namespace) -> int:
     from facescale.checkpoint.export_torch import export_torch
-    from facescale.writable import require_writable
 
     require_writable(args.out, "--out", is_file=True)
     report = export_torch(args.checkpoint, args.out)

@@ -77,8 +77,8 @@ def _raise_alike(error: Exception | None, rank: int, world: int) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """`path` can be written (its folder created, a file written there), or raise RowsNotWritten naming the
-    folder: a command that writes only at its end checks this before it starts (nothing is created)."""
+    """`path` could be written (its folder created, a file written there), or raise RowsNotWritten naming
+    the folder: a command that writes only at its end checks this before it starts (nothing is created)."""
     problem = folder_write_problem(path.parent)
     if problem is not None:
         action, error = problem

@@ -127,8 +127,8 @@ def _saved_center_state(file: Path) -> tuple[str, dict[str, torch.Tensor], objec
 def read_center_state_rows(source: CenterSource, start: int,
                            count: int) -> tuple[str | None, dict[str, torch.Tensor], object]:
     """(optimizer kind, {state name: rows [start, start + count)}, Adam's step) from the arcface_torch files'
-    `state_optimizer` (each file's second parameter group: its rank's center rows); kind None for no rows;
-    NotCarried says why there is no state to carry."""
+    `state_optimizer` (each file's second parameter group: its rank's center rows; for the first PartialFC's
+    files, the `_mom` tensors beside them); kind None for no rows; NotCarried says why there is none."""
     kinds, parts, step = set(), [], None
     for file, first, rows in source.pieces:
         lo, hi = max(start, first), min(start + count, first + rows)

@@ -107,7 +107,7 @@ def _carried_state(source: Any, head: Any, optimizer: str) -> tuple[dict[str, to
                     f"{', '.join(sorted(set(rows) - kept))}")
     if kind == "adamw" and step is not None:  # every row stepped together there
         rows["row_steps"] = torch.full((head.count,), int(step), dtype=torch.int64)
-    return rows, f"with their {', '.join(sorted(rows))} from its state_optimizer"
+    return rows, f"with their saved {', '.join(sorted(rows))}"
 
 
 MODE = PartialFCMode()

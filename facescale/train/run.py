@@ -36,7 +36,7 @@ def run_training(config_path: str | None, overrides: list[str]):
     check_init_from(cfg)  # model.init_from reads and fits the model (skipped when the run resumes)
     steps_per_epoch(manifest.num_samples, env.world_size, micro_batch_size(cfg, env.world_size),
                     source=str(manifest.directory))  # at least one batch per rank, before anything is written
-    require_writable(cfg.logging.run_dir, "logging.run_dir")  # the last check: it creates the folder
+    require_writable(cfg.logging.run_dir, "logging.run_dir")  # not at rank 0's first write, after the group
     runtime = select_runtime(env.local_rank, cfg.deepspeed.precision)
     configure_threads(env.local_world_size)
     init_distributed(env, runtime, timeout_s=cfg.dist.init_timeout_s, train_timeout_s=cfg.dist.timeout_s)

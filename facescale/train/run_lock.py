@@ -182,7 +182,7 @@ def run_dir_lock(run_dir: str | Path, rank: int) -> Iterator[None]:
             lock = acquire_run_dir(Path(run_dir))
         except RunDirLockedError as exc:
             refusal = str(exc)
-        except OSError as exc:  # the mount turned read-only or full since check_run_dir_writable
+        except OSError as exc:  # the mount turned read-only or full since the start-up check (writable.py)
             refusal = (f"logging.run_dir '{run_dir}': cannot write its lock file ({exc.strerror or exc}); "
                        "give logging.run_dir a folder this job can write")
     if dist.is_initialized() and dist.get_world_size() > 1:
