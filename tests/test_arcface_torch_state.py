@@ -244,3 +244,22 @@ def test_a_run_going_on_from_arcface_torch_keeps_its_momentum(shards, tmp_path) 
     saved_rows = torch.cat([o.state[fc]["momentum_buffer"] for fc, o in zip(ref["fc"], ref["opt"],
                                                                             strict=True)])
     torch.testing.assert_close(centers_a.float() - centers_b.float(), 0.9 * saved_rows, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_carried_adam_step_is_placed_as_torchs_own_load_state_dict_places_it(fused) -> None:
+    """A fused (or capturable) AdamW reads `step` on the parameters' device; torch's load_state_dict moves it
+    there, and so must a state written into DeepSpeed's optimizer (the parameter here is on the meta device,
+    standing in for CUDA on this CPU machine)."""
+    from facescale.checkpoint.backbone_state import placed_scalar
+
+    reference = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([reference], fused=fused)
+    state = {"state": {0: {"step": torch.tensor(7.0, dtype=torch.float64), "exp_avg": torch.zeros(3),
+                           "exp_avg_sq": torch.zeros(3)}}, "param_groups": opt.state_dict()["param_groups"]}
+    opt.load_state_dict(state)
+    loaded = opt.state[reference]["step"]
+    placed = placed_scalar("step", torch.tensor(7.0, dtype=torch.float64), reference, opt.param_groups[0])
+    assert (placed.dtype, placed.device, float(placed)) == (loaded.dtype, loaded.device, 7.0)
+    on_meta = placed_scalar("step", torch.tensor(7.0), torch.empty(3, device="meta"), {"fused": fused})
+    assert on_meta.device.type == ("meta" if fused else "cpu")

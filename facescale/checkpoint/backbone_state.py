@@ -133,16 +133,28 @@ def _state_owners(engine) -> list[torch.Tensor]:
     return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
 
 
+def placed_scalar(key: str, value: Any, owner: torch.Tensor, group: dict[str, Any]) -> Any:
+    """A saved per-parameter scalar where torch's own `Optimizer.load_state_dict` puts it: Adam's `step` as
+    float32 on the parameter's device for a fused or capturable optimizer (their kernels read it there; a
+    checkpoint read with map_location="cpu" has it on the CPU), else as saved."""
+    if not torch.is_tensor(value):
+        return value
+    if key == "step" and (group.get("fused") or group.get("capturable")):
+        return value.to(dtype=torch.float32, device=owner.device)
+    return value.clone()
+
+
 def _ensure_state_entries(engine, keys: set[str], scalars: dict[str, Any]) -> None:
     """Create zero state for `keys` where the base optimizer has none yet (state is created lazily at the
     first step) and link it to DeepSpeed's fragments, so that it can be written into."""
     base = _base_optimizer(engine)
+    group = base.param_groups[0]  # facescale builds one group: fused / capturable hold for all
     for p in _state_owners(engine):
         entry = base.state[p]
         for key in keys:
             entry.setdefault(key, torch.zeros_like(p))
         for key, value in scalars.items():
-            entry[key] = value.clone() if torch.is_tensor(value) else value
+            entry[key] = placed_scalar(key, value, p, group)
     if _uses_fragments(engine) and hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
