@@ -8,10 +8,12 @@ no traceback unless `--debug` or FACESCALE_DEBUG=1. Any other exception is a bug
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -122,8 +124,31 @@ def report_errors(command: str, run: Callable[[], int], debug: bool = False) -> 
         if isinstance(exc, (InputError, *PATH_ERRORS)) or is_storage_error(exc):
             return _input_failure(command, exc, debug)
         if not _group_is_up():
+            _tell_launcher_crash(exc)
             raise
         return _rank_failure(command, exc, debug)
+
+
+def _tell_launcher(line: str) -> None:
+    """Under torchrun (its agent gives each worker a TORCHELASTIC_ERROR_FILE) write this process's one-line
+    reason there, in the agent's format: its failure summary's root cause then names the problem instead
+    of a link to its documentation. Elsewhere nothing."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:
+        pass  # the summary keeps its link; the line is on stderr anyway
+
+
+def _tell_launcher_crash(exc: BaseException) -> None:
+    """A bug: its traceback into torchrun's error file (as torch's own `record` decorator writes it)."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
 
 
 def _input_failure(command: str, exc: Exception, debug: bool) -> int:
@@ -134,9 +159,11 @@ def _input_failure(command: str, exc: Exception, debug: bool) -> int:
         from facescale.parallel.failure import report
 
         report("input", exc)  # the other ranks then leave the explanation to this line
+    line = error_line(command, as_input_error(exc))
     if _rank() == 0 or (_group_is_up() and not getattr(exc, "every_rank", False)):
-        sys.stderr.write(error_line(command, as_input_error(exc)) + "\n")
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+    _tell_launcher(line)
     return getattr(exc, "exit_code", INPUT_ERROR_EXIT_CODE)  # a class may name its own (never 3: requeue)
 
 
@@ -146,6 +173,7 @@ def _rank_failure(command: str, exc: Exception, debug: bool) -> int:
 
     if not failure.is_collective_failure(exc):
         failure.report("crash", exc)
+        _tell_launcher_crash(exc)
         raise exc
     if debug:
         traceback.print_exc()
@@ -153,4 +181,5 @@ def _rank_failure(command: str, exc: Exception, debug: bool) -> int:
     if line:
         sys.stderr.write(f"{command}: error: {line}\n")
         sys.stderr.flush()
+        _tell_launcher(f"{command}: error: {line}")
     return failure.COLLECTIVE_FAILURE_EXIT_CODE

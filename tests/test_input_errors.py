@@ -391,3 +391,35 @@ def test_corrupt_jpeg_stops_training_with_one_line_under_both_readers(tmp_path, 
     assert_one_line_error(errors[0], "facescale train",
                           f"train-000000.tar: sample '{key}': JPEG does not decode")
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").glob("step_*"))
+
+
+def test_torchruns_failure_summary_names_the_reason(tmp_path, monkeypatch, capsys):
+    """Under torchrun each worker has a TORCHELASTIC_ERROR_FILE; the one-line reason written there is what
+    torch's agent shows as the root cause (parsed here with torch's own ProcessFailure), instead of "To enable
+    traceback see: <link>"; a bug's traceback goes there as torch's `record` writes it."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from facescale.config.errors import ConfigError
+    from facescale.errors import report_errors
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def bad_config() -> int:
+        raise ConfigError("schedule.steps: must be > 0", where="c.yaml", fix="fix the config file")
+
+    assert report_errors("facescale train", bad_config) == INPUT_ERROR_EXIT_CODE
+    line = capsys.readouterr().err.strip()
+    assert line == "facescale train: error: c.yaml: schedule.steps: must be > 0; fix the config file"
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["message"] == line
+
+    error_file.unlink()
+
+    def bug() -> int:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        report_errors("facescale train", bug)
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))
+    assert "RuntimeError: a bug" in failure.message["extraInfo"]["py_callstack"]
