@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _deadlines: dict[int, float] = {}  # id of an active limit -> its monotonic deadline
 _lock = threading.Lock()
@@ -41,10 +42,10 @@ def _rearm() -> None:
     faulthandler.dump_traceback_later(left, exit=True, file=fd)
 
 
-def read_hang_limit_s(read_timeout_s: float, dist_timeout_s: float) -> float:
-    """How long a read may block before its rank ends: dist.timeout_s, the limit a hung collective gets;
-    none where data.read_timeout_s is 0 (wait for ever)."""
-    return dist_timeout_s if read_timeout_s > 0 else 0.0
+def read_hang_limit_s(cfg: Any) -> float:
+    """How long a read may block before its rank ends (a training Config): dist.timeout_s, the limit a hung
+    collective gets; none where data.read_timeout_s is 0 (wait for ever)."""
+    return cfg.dist.timeout_s if cfg.data.read_timeout_s > 0 else 0.0
 
 
 @contextmanager

@@ -74,8 +74,7 @@ class F2CMode(TrainingMode):
                        queue_size=f2c.queue_size, seed=cfg.schedule.seed, pool_mode=f2c.pool, device=device)
         instances = build_train_loader(cfg.data, rank=rank, world_size=world_size, batch_size=micro_batch,
                                        seed=cfg.schedule.seed, device=device,
-                                       hang_limit_s=read_hang_limit_s(cfg.data.read_timeout_s,
-                                                                      cfg.dist.timeout_s))
+                                       hang_limit_s=read_hang_limit_s(cfg))
         pairs = IdentityPairs(
             IdentityIndex.build(manifest.directory),
             rank=rank,

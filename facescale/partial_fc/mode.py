@@ -81,8 +81,7 @@ class PartialFCMode(TrainingMode):
         head = build_head(cfg.head, manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed)
         loader = build_train_loader(cfg.data, rank=rank, world_size=world_size, batch_size=micro_batch,
                                     seed=cfg.schedule.seed, device=device,
-                                    hang_limit_s=read_hang_limit_s(cfg.data.read_timeout_s,
-                                                                   cfg.dist.timeout_s))
+                                    hang_limit_s=read_hang_limit_s(cfg))
         return PartialFCRun(head.to(device), loader)
 
     def plan(self, cfg: Any, data: Any, world: int, micro_batch: int, backbone: Any,

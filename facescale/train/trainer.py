@@ -360,8 +360,7 @@ class Trainer:
         # (DALI, no workers) say a little later which rank waits, and end it at dist.timeout_s
         batches = self.batches = BatchLookahead(self._batches(), self._loader_cursor,
                                                 warn_after_s=1.1 * cfg.data.read_timeout_s,
-                                                end_after_s=read_hang_limit_s(cfg.data.read_timeout_s,
-                                                                              cfg.dist.timeout_s),
+                                                end_after_s=read_hang_limit_s(cfg),
                                                 who=f"rank {self.env.rank} on {socket.gethostname()}")
         loss = float("nan")
         self.console.start(self._plan())
