@@ -167,6 +167,39 @@ def test_read_accepts_arcface_torch_checkpoints_and_refuses_non_state_dicts(tmp_
         read_backbone_weights(tmp_path / "absent.pth")
 
 
+_PEAK_READ = """
+import re, sys
+import torch
+from facescale.checkpoint.weights import read_backbone_weights
+def peak_kib():  # this process's own high-water RSS (ru_maxrss would carry the forking parent's across exec)
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+before = peak_kib()
+state = read_backbone_weights(sys.argv[1])
+print((peak_kib() - before) * 1024, float(sum(v.double().sum() for v in state.values())))
+"""
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_backbone_weights_of_a_checkpoint_gpu_file_leave_its_centers_unread(tmp_path: Path, legacy) -> None:
+    """A WebFace42M-scale checkpoint_gpu_0.pt is mostly class centers and their momentum (~1 GiB per GPU);
+    every rank reads the backbone from it (pre-flight and build): the centers must not come into memory."""
+    import subprocess
+    import sys
+
+    state = arcface_torch_state("mbf")
+    centers = torch.full((160_000, 512), 0.5)  # 312 MiB, then as much again in the optimizer state
+    torch.save({"epoch": 1, "global_step": 10, "state_dict_backbone": state,
+                "state_dict_softmax_fc": {"weight": centers},
+                "state_optimizer": {"state": {0: {"momentum_buffer": centers.clone()}}, "param_groups": []}},
+               tmp_path / "checkpoint_gpu_0.pt", _use_new_zipfile_serialization=not legacy)
+    out = subprocess.run([sys.executable, "-c", _PEAK_READ, str(tmp_path / "checkpoint_gpu_0.pt")],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": "."})
+    grown, total = out.stdout.split()
+    assert float(total) == pytest.approx(float(sum(v.double().sum() for v in state.values())), rel=1e-12)
+    if not legacy:  # a pre-zip file cannot be mapped: read whole, as torch reads it
+        assert int(grown) < centers.nbytes / 4, f"the read grew the process by {int(grown) >> 20} MiB"
+
+
 def test_train_refuses_a_mismatched_init_from_before_the_process_group(shards, tmp_path, capsys) -> None:
     from facescale.cli import main
 

@@ -1,8 +1,9 @@
 """Backbone weights from outside a run: arcface_torch `backbone.pth`, facescale `backbone.pt` or step dir.
 
 Files are read with `torch.load(weights_only=True)` (tensors and containers only: an untrusted file cannot run
-code). Loading compares names and shapes first, so a mismatch is reported key by key with the setting that
-fixes it, instead of torch's wall of text.
+code), memory-mapped, so the class centers and optimizer state beside an arcface_torch backbone stay unread.
+Loading compares names and shapes first, so a mismatch is reported key by key with the setting that fixes it,
+instead of torch's wall of text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from facescale.checkpoint.arcface_torch import BACKBONE_KEY
+from facescale.checkpoint.arcface_torch import BACKBONE_KEY, read_checkpoint
 from facescale.checkpoint.layout import BACKBONE_WEIGHTS, LATEST, CheckpointError, resolve_checkpoint
 from facescale.errors import InputError
 from facescale.models.legacy_names import upgrade_legacy_names
@@ -67,7 +68,7 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except CheckpointError as exc:
             raise WeightsError(f"{path}: {exc}") from None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = read_checkpoint(p)  # memory-mapped: of a checkpoint_gpu_<r>.pt only the backbone is read
     except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe file gets the same advice
         raise WeightsError(f"{p}: not a readable torch state dict ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); give a file written by "

@@ -93,7 +93,7 @@ def _render_matplotlib(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], titl
         if positive.any():
             floor = min(floor, float(far[positive].min()))
     ax.set_xscale("log")
-    ax.set_xlim(max(floor, 1e-6), 1.0)
+    ax.set_xlim(max(min(floor, 0.1), 1e-6), 1.0)  # at least a decade: a tiny set may reach no FAR below 1
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("False accept rate")
     ax.set_ylabel("True accept rate")
