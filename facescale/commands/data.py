@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -17,7 +18,8 @@ def _convert(args: argparse.Namespace) -> int:
     if args.format == "rec":
         source = rec_source(args.rec, args.idx or Path(args.rec).with_suffix(".idx"))
     else:
-        source = folder_source(args.root, None if args.depth == "auto" else int(args.depth), not args.quiet)
+        source = folder_source(args.root, None if args.depth == "auto" else int(args.depth), not args.quiet,
+                               out=args.out)
     summary = convert(source, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
                       image_size=args.image_size, quality=args.quality, overwrite=args.overwrite,
                       progress=not args.quiet)
@@ -27,6 +29,22 @@ def _convert(args: argparse.Namespace) -> int:
     for line in lines:
         print(f"[convert] {line}")
     return 0
+
+
+def _bounded(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound for None)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            span = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"'{value}' is not an integer {span}")
+        return number
+
+    return parse
 
 
 def _depth(value: str) -> str:
@@ -53,11 +71,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for train-*.tar, *.idx, manifest.json")
-    parser.add_argument("--shard-size", type=int, default=20000, help="samples per shard")
+    parser.add_argument("--shard-size", type=_bounded(1), default=20000, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    parser.add_argument("--workers", type=_bounded(1), default=None,
+                        help="worker processes (default: all cores)")
+    parser.add_argument("--image-size", type=_bounded(16), default=112)
+    parser.add_argument("--quality", type=_bounded(1, 100), default=95,
+                        help="JPEG quality of re-encoded images (1-100)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another conversion")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

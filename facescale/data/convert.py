@@ -5,7 +5,9 @@ processes write whole shards. Each finished shard leaves a completion record `.c
 sha256, label counts, bad images), written after the tar and its index are renamed into place, so a re-run
 with the same arguments redoes only the shards that have no record. `manifest.json` is written last.
 Images that are JPEGs of the target size are stored unchanged; others are decoded, resized and re-encoded;
-images that do not decode are left out and listed in the summary.
+images that do not decode (or whose label is not a class number) are left out and listed in the summary. A
+source that cannot be read (a truncated `.rec`, an `.idx` of another file, an unreadable image file) stops
+the conversion with one line naming it instead of leaving its images out.
 """
 
 from __future__ import annotations
@@ -25,13 +27,19 @@ from typing import Any
 import numpy as np
 
 from facescale.data.folder_listing import IMAGE_SUFFIXES, FolderLayoutError, detect_depth, list_identities
-from facescale.data.jpeg import decode_jpeg, encode_jpeg
+from facescale.data.jpeg import decode_jpeg, encode_jpeg, pil_rgb
 from facescale.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from facescale.data.recordio import RecordFile
 from facescale.data.shard_writer import ShardWriter
+from facescale.errors import InputError
 
 STATE_DIR = ".convert"
 _SHUFFLE_TAG = 7
+MAX_LABEL = 2**31 - 1  # shard labels are int32
+
+
+class ConvertError(InputError, ValueError):
+    """A source the conversion cannot read or that gives no sample; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -60,25 +68,40 @@ def rec_source(rec: str | Path, idx: str | Path) -> Source:
     keys = records.image_keys()
     identities = records.identity_count() or 0
     records.close()
+    if not keys:
+        raise ConvertError("its .idx lists no image record (only the header and identity records)", where=rec,
+                           fix="check that it is the data set's train.rec (and --idx its index)")
     return Source("rec", (str(Path(rec).resolve()), str(Path(idx).resolve())), keys, identities,
                   _stat_fingerprint([Path(rec), Path(idx)]))
 
 
-def folder_source(root: str | Path, depth: int | None = None, progress: bool = False) -> Source:
+def folder_source(root: str | Path, depth: int | None = None, progress: bool = False,
+                  out: str | Path | None = None) -> Source:
     """Images under `root/<identity>/` where an identity is `depth` directory levels down (None: detected);
-    label = index of the identity's relative path in sorted order."""
+    label = index of the identity's relative path in sorted order. An `out` directory inside `root` (the
+    conversion's own output) is not part of the set."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory; --root must hold one directory per identity "
                                 "(possibly nested, see --depth)")
-    depth = depth or detect_depth(root)
-    identities = list_identities(root, depth, progress)
+    skip = _inside(Path(out), root) if out is not None else ""
+    depth = depth or detect_depth(root, skip)
+    identities = list_identities(root, depth, progress, skip)
     refs = [(f"{name}/{image}", label) for label, (name, images) in enumerate(identities) for image in images]
     if not refs:
         raise FolderLayoutError(f"holds no images {depth} level(s) down ({', '.join(IMAGE_SUFFIXES)})",
                                 where=root)
-    digest = hashlib.sha256("\n".join(f"{path}:{label}" for path, label in refs).encode()).hexdigest()
+    listing = [f"{name}/" for name, _ in identities] + [f"{path}:{label}" for path, label in refs]
+    digest = hashlib.sha256("\n".join(listing).encode("utf-8", "surrogateescape")).hexdigest()
     return Source("folder", (str(root.resolve()),), refs, len(identities), digest)
+
+
+def _inside(path: Path, root: Path) -> str:
+    """`path` spelled from `root` (as a listing of `root` names it) when it lies inside `root`, else ""."""
+    try:
+        return str(root / path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return ""
 
 
 def training_jpeg(data: bytes, image_size: int, quality: int) -> tuple[bytes, bool]:
@@ -93,7 +116,7 @@ def training_jpeg(data: bytes, image_size: int, quality: int) -> tuple[bytes, bo
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
+            image = pil_rgb(image)
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             pixels = np.asarray(image)
@@ -103,24 +126,48 @@ def training_jpeg(data: bytes, image_size: int, quality: int) -> tuple[bytes, bo
     return encode_jpeg(pixels, quality), True
 
 
-_RECORD_FILES: dict[tuple[str, ...], RecordFile] = {}
+_RECORD_FILES: dict[tuple[str, ...], RecordFile] = {}  # per process: the pool's workers open each once
 
 
-def _load(source_kind: str, paths: tuple[str, ...], ref: Any) -> tuple[bytes, int]:
-    """(image bytes, label) of one ref."""
+def _forget_record_files() -> None:
+    """Close the `.rec` files this process opened for an earlier conversion."""
+    for records in _RECORD_FILES.values():
+        records.close()
+    _RECORD_FILES.clear()
+
+
+def _load(source_kind: str, paths: tuple[str, ...], ref: Any) -> tuple[bytes, float]:
+    """(image bytes, label) of one ref; a source that cannot be read raises an InputError naming it."""
     if source_kind == "rec":
         records = _RECORD_FILES.get(paths)
         if records is None:
             records = _RECORD_FILES[paths] = RecordFile(*paths)
-        record = records.read(ref)
-        return record.image, record.class_label
+        record = records.read(ref)  # RecordIOError: the .rec or .idx is broken, not this image
+        return record.image, record.labels[0]
     rel, label = ref
-    return (Path(paths[0]) / rel).read_bytes(), label
+    try:
+        return (Path(paths[0]) / rel).read_bytes(), label
+    except OSError as error:
+        raise ConvertError(f"cannot read it ({error.strerror or error})", where=Path(paths[0]) / _shown(rel),
+                           fix="make it readable or remove it, then re-run the same command (finished "
+                               "shards are kept)") from None
+
+
+def _class_number(label: float) -> int:
+    """A sample's label as a class number; ValueError for a fraction or a value out of [0, 2**31)."""
+    if not (0 <= label <= MAX_LABEL) or label != int(label):
+        raise ValueError(f"label {label:g} is not a class number (0 .. {MAX_LABEL})")
+    return int(label)
+
+
+def _shown(text: str) -> str:
+    """A file name as it can be printed: bytes that are not UTF-8 (surrogate-escaped) as \\x.. escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _ref_name(source_kind: str, ref: Any) -> str:
     """How a left-out sample is named in the report: its record number, or its path under --root."""
-    return f"record {ref}" if source_kind == "rec" else f"{ref[0]} (identity {ref[1]})"
+    return f"record {ref}" if source_kind == "rec" else f"{_shown(ref[0])} (identity {ref[1]})"
 
 
 def convert_shard(source_kind: str, paths: tuple[str, ...], refs: list[Any], out_dir: str, number: int,
@@ -132,12 +179,11 @@ def convert_shard(source_kind: str, paths: tuple[str, ...], refs: list[Any], out
     bad, reencoded = [], 0
     with ShardWriter(partial, shard_size, start_shard=number, start_index=number * shard_size) as writer:
         for ref in refs:
+            data, value = _load(source_kind, paths, ref)
             try:
-                data, label = _load(source_kind, paths, ref)
+                label = _class_number(value)
                 jpeg, changed = training_jpeg(data, image_size, quality)
-                if label < 0:
-                    raise ValueError(f"negative label {label}")
-            except (ValueError, OSError) as error:
+            except ValueError as error:  # this image: left out and listed
                 bad.append(f"{_ref_name(source_kind, ref)}: {error}")
                 continue
             writer.write(jpeg, label)
@@ -170,6 +216,7 @@ class ConvertSummary:
     reencoded: int
     bad: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    announced: int = 0  # identities a .rec header announces (0: none)
 
     def lines(self) -> list[str]:
         """A human summary, one fact per line."""
@@ -179,6 +226,13 @@ class ConvertSummary:
                  f"({self.converted_shards} written now, {self.resumed_shards} from an earlier run)",
                  f"images re-encoded to {m.image_size}px JPEG: {self.reencoded}; left out (undecodable): "
                  f"{len(self.bad)}", f"time {self.seconds:.1f} s ({rate:.0f} images/s this run)"]
+        empty = [label for label, count in enumerate(m.samples_per_identity) if count == 0]
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+            announced = (f"; the .rec header announces {self.announced} identities" if self.announced and
+                         self.announced < m.num_classes else "")
+            lines.append(f"identities without an image: {len(empty)} (labels {shown}{announced}); each is a "
+                         "class center that no sample trains")
         lines += [f"  left out: {entry}" for entry in self.bad[:20]]
         if len(self.bad) > 20:
             lines.append(f"  ... and {len(self.bad) - 20} more (see {STATE_DIR}/shard-*.json)")
@@ -214,6 +268,7 @@ def convert(source: Source, out_dir: str | Path, *, shard_size: int = 20000, see
     plan = {"source": source.description, "fingerprint": source.fingerprint, "num_images": len(source.refs),
             "seed": seed, "shard_size": shard_size, "image_size": image_size, "quality": quality}
     _prepare_output(out, plan, overwrite)
+    _forget_record_files()  # an in-process run (workers 1) reads the pair as it is now, not an earlier one
     order = np.random.default_rng([seed, _SHUFFLE_TAG]).permutation(len(source.refs))
     chunks = [order[i:i + shard_size].tolist() for i in range(0, len(order), shard_size)]
     pending = [n for n in range(len(chunks)) if not _done_path(out, n).is_file()]
@@ -239,7 +294,8 @@ def convert(source: Source, out_dir: str | Path, *, shard_size: int = 20000, see
     return ConvertSummary(manifest, converted_shards=len(pending), resumed_shards=len(chunks) - len(pending),
                           reencoded=sum(r["reencoded"] for r in records),
                           bad=[entry for r in records for entry in r["bad"]],
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start,
+                          announced=source.num_classes_hint if source.kind == "rec" else 0)
 
 
 def _manifest(records: list[dict[str, Any]], source: Source, image_size: int) -> Manifest:
@@ -250,7 +306,10 @@ def _manifest(records: list[dict[str, Any]], source: Source, image_size: int) ->
         for label, count in record["labels"]:
             counts[label] = counts.get(label, 0) + count
     if not counts:
-        raise ValueError(f"{source.description}: no image could be converted")
+        bad = [entry for record in records for entry in record["bad"]]
+        first = f" (the first left out: {bad[0]})" if bad else ""
+        raise ConvertError(f"none of its {len(source.refs)} images could be converted{first}",
+                           where=source.paths[0], fix="check that it is the data set (and --idx its index)")
     num_classes = max(source.num_classes_hint, max(counts) + 1)
     per_identity = [counts.get(label, 0) for label in range(num_classes)]
     return Manifest(num_classes=num_classes, num_samples=sum(per_identity), image_size=image_size,

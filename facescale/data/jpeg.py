@@ -1,8 +1,10 @@
-"""JPEG encode/decode with simplejpeg when installed (fast, libjpeg-turbo) and Pillow otherwise."""
+"""JPEG encode/decode with simplejpeg when installed (fast, libjpeg-turbo) and Pillow otherwise; any other
+image file (PNG, TIFF, ...) as RGB the way OpenCV reads it."""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +14,17 @@ try:
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised only where simplejpeg is absent
     simplejpeg = None
+
+
+def pil_rgb(image: Any) -> Any:
+    """A Pillow image as 8-bit RGB; a 16-bit grey image (PNG/TIFF modes I;16*, I) scaled as OpenCV reads it
+    (value >> 8), where Pillow's own convert would clip every value above 255 to white."""
+    if image.mode.startswith("I"):
+        from PIL import Image
+
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray((values >> 8).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:

@@ -12,11 +12,15 @@ Format facts used here (MXNet `dmlc::RecordIOWriter`, `mx.recordio.pack`, insigh
 * insightface sets: record 0 is a header whose first two labels are `(first_identity_record, end)`; image
   records are 1 .. first_identity_record - 1, and identity records carry `(first_image, end_image)`. Without
   that header (flag 0, e.g. a shuffled rec), every record in the index is an image. An image's class is its
-  label, or the first label of a multi-label header.
+  label, or the first label of a multi-label header. An identity record has two labels and no image bytes.
+* labels are float32, exact for integers up to 2**24 (16,777,216): above that (Glint360K's 17.1M images,
+  a 42M-image WebFace42M .rec) the header's record numbers are rounded, so the boundary between image and
+  identity records is found among the records within the rounding of the header's value.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ RECORD_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 IR_HEADER = struct.Struct("<IfQQ")
+_FLOAT32_EXACT = 1 << 24  # float32 holds every integer up to here
 
 
 class RecordIOError(InputError, ValueError):
@@ -111,6 +116,10 @@ class RecordFile:
         self.rec_path, self.idx_path = Path(rec_path), Path(idx_path)
         if not self.rec_path.is_file():
             raise FileNotFoundError(f"{self.rec_path} not found; pass --rec the insightface train.rec")
+        if not self.idx_path.is_file():
+            raise RecordIOError(f"{self.idx_path} not found: the .rec is read through the .idx written "
+                                "with it (insightface ships train.idx beside train.rec); copy it there or "
+                                "pass --idx")
         self.offsets = read_index(self.idx_path)
         self._fd: int | None = None
         self._pid = -1
@@ -126,23 +135,50 @@ class RecordFile:
 
     def image_keys(self) -> list[int]:
         """Keys of the image records: 1 .. first identity record - 1 under an insightface header, else all."""
-        keys = sorted(self.offsets)
-        header = self.read(keys[0])
-        if keys[0] == 0 and header.flag > 0 and len(header.labels) >= 2:
-            first_identity = int(header.labels[0])
-            return [key for key in keys if 0 < key < first_identity]
-        return keys
+        keys, identities = sorted(self.offsets), self._identity_range()
+        if identities is None:
+            return keys
+        return [key for key in keys if 0 < key < identities[0]]
 
     def identity_count(self) -> int | None:
         """How many identity records the insightface header announces, or None without such a header."""
+        identities = self._identity_range()
+        return None if identities is None else identities[1] - identities[0]
+
+    def _identity_range(self) -> tuple[int, int] | None:
+        """(first identity record, end) of an insightface header record 0, or None: the set has none."""
         keys = sorted(self.offsets)
         header = self.read(keys[0])
-        if keys[0] == 0 and header.flag > 0 and len(header.labels) >= 2:
-            return int(header.labels[1]) - int(header.labels[0])
-        return None
+        if not (keys[0] == 0 and header.flag > 0 and len(header.labels) >= 2):
+            return None
+        first_value, end_value = header.labels[:2]
+        if end_value < _FLOAT32_EXACT:
+            return int(first_value), int(end_value)
+        first = int(first_value)
+        if first_value >= _FLOAT32_EXACT:  # rounded: the first identity record near it is the boundary
+            first = next((key for key in _rounded_keys(first_value) if self._is_identity(key)), None)
+            if first is None:
+                raise RecordIOError(f"{self.rec_path}: no identity record within the float32 rounding of the "
+                                    f"header's first identity record {first_value:.0f}; the header does not "
+                                    "describe this .rec (re-create the pair with insightface's tools)")
+        ends = [key for key in _rounded_keys(end_value) if key > first and self._is_identity(key - 1)]
+        return first, max(ends, default=int(end_value))
+
+    def _is_identity(self, key: int) -> bool:
+        """Whether `key` is an identity record: two labels (first image, end) and no image bytes."""
+        if key not in self.offsets:
+            return False
+        record = self.read(key)
+        return record.flag >= 2 and not record.image
 
     def close(self) -> None:
         """Close the file descriptor (the next `read` opens it again)."""
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+
+
+def _rounded_keys(value: float) -> list[int]:
+    """The integers a float32 `value` may have been rounded from (half its spacing either side), ascending."""
+    half = 2.0 ** (math.floor(math.log2(value)) - 24)  # float32 has 24 significant bits
+    return list(range(math.ceil(value - half), math.floor(value + half) + 1))

@@ -52,5 +52,7 @@ def _decode_bytes(data: bytes) -> np.ndarray:
 
     from PIL import Image
 
+    from facescale.data.jpeg import pil_rgb
+
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.asarray(pil_rgb(img), dtype=np.uint8)
