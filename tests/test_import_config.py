@@ -125,3 +125,21 @@ def test_synthetic_rec_names_the_synth_command_that_writes_its_shards(tmp_path, 
     out = tmp_path / "synthetic"  # the named command runs, at a test's size
     assert main([*command[1:3], str(out), "--identities", "4", "--images-per-identity", "2"]) == 0
     assert (out / "manifest.json").is_file()
+
+
+def _imported(tmp_path: Path, text: str, *args: str) -> str:
+    """The header (comment lines joined by spaces) of the YAML `facescale import-config` writes for `text`."""
+    source = tmp_path / "recipe.py"
+    source.write_text(text)
+    out = tmp_path / "recipe.yaml"
+    assert main(["import-config", str(source), "--out", str(out), *args]) == 0
+    return " ".join(line[1:].strip() for line in out.read_text().splitlines() if line.startswith("#"))
+
+
+def test_a_negative_warmup_epoch_is_no_warm_up(tmp_path, data_dir) -> None:
+    """arcface_torch's 3millions.py sets warmup_epoch = -1: a negative warmup_step, i.e. no warm-up at all."""
+    text = ARCFACE_STYLE.replace("config.num_epoch // 10", "-1")
+    assert "warmup_epoch = -1 -> schedule.warmup_epochs: 0" in _imported(tmp_path, text)
+    cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
+    resolve_schedule(cfg, world_size=8, num_samples=42474557)
+    assert cfg.schedule.warmup_steps == 0 and cfg.schedule.steps == 42474557 // (96 * 8) * 30

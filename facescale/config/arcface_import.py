@@ -155,9 +155,10 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
         head["momentum"] = optim["momentum"] = float(values["momentum"])
     schedule: dict[str, Any] = {"power": 1.0, "seed": int(values["seed"]),
                                 "grad_accumulation": int(values["gradient_acc"])}
+    schedule_notes: list[str] = []
     if "num_epoch" in values:
         schedule["epochs"] = values["num_epoch"]
-        schedule["warmup_epochs"] = values.get("warmup_epoch", 0)
+        schedule["warmup_epochs"], schedule_notes = _warmup_epochs(values.get("warmup_epoch", 0))
     if gpus:
         schedule["global_batch_size"] = int(values["batch_size"]) * gpus * int(values["gradient_acc"])
     else:
@@ -186,11 +187,21 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "settings for backbone and centers), fp16 -> deepspeed.precision bf16, DDP -> "
              "deepspeed.zero_stage 0, val_targets -> eval.bins (names in data.shards), verbose -> "
              "eval.every_steps, frequent -> logging.every_steps",
-             *_data_notes(rec, shards, values)]
+             *schedule_notes, *_data_notes(rec, shards, values)]
     secret = {"wandb_key"}
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
     return mapping, notes
+
+
+def _warmup_epochs(warmup: Any) -> tuple[Any, list[str]]:
+    """schedule.warmup_epochs for arcface_torch's warmup_epoch, and a note when they differ: a negative one
+    makes its warmup_step negative, and PolynomialLRWarmup then decays from lr at once (no warm-up), as 0."""
+    if warmup >= 0:
+        return warmup, []
+    return 0, [f"warmup_epoch = {warmup!r} -> schedule.warmup_epochs: 0 (arcface_torch's warmup_step = "
+               "num_image // total_batch_size x warmup_epoch is then negative and PolynomialLRWarmup decays "
+               "from lr at the first step: no warm-up, as 0)"]
 
 
 def _data_notes(rec: str, shards: str, values: dict[str, Any]) -> list[str]:
