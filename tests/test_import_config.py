@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from facescale.cli import main
 from facescale.config.arcface_import import read_arcface_config
@@ -143,3 +144,36 @@ def test_a_negative_warmup_epoch_is_no_warm_up(tmp_path, data_dir) -> None:
     cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
     resolve_schedule(cfg, world_size=8, num_samples=42474557)
     assert cfg.schedule.warmup_steps == 0 and cfg.schedule.steps == 42474557 // (96 * 8) * 30
+
+
+# margin_list -> arcface_torch's CombinedMarginLoss target logit for cosine c: cos(theta + m2) when m1 = 1 and
+# m3 = 0, else c - m3 whenever m3 > 0 (m1 and m2 unread); the unread values the note names
+MARGINS = {
+    (1.0, 0.5, 0.0): (lambda c: torch.cos(torch.acos(c) + 0.5), ""),
+    (1.0, 0.3, 0.2): (lambda c: c - 0.2, "never reading m2 = 0.3"),
+    (1.2, 0.0, 0.4): (lambda c: c - 0.4, "never reading m1 = 1.2"),
+    (1.35, 0.5, 0.35): (lambda c: c - 0.35, "never reading m1 = 1.35 and m2 = 0.5"),
+}
+
+
+@pytest.mark.parametrize("margin", sorted(MARGINS))
+def test_margin_list_imports_as_arcface_torch_computes_it(tmp_path, data_dir, margin) -> None:
+    from facescale.heads.margins import build_margin
+
+    expected, unread = MARGINS[margin]
+    header = _imported(tmp_path, ARCFACE_STYLE.replace("(1.0, 0.0, 0.4)", repr(margin)))
+    assert unread in header and ("never reading" in header) == bool(unread)
+    cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
+    cos = torch.linspace(-0.3, 0.99, 50, dtype=torch.float64)
+    got = build_margin(cfg.head.margin).target_margin(cos)
+    torch.testing.assert_close(got, expected(cos))
+
+
+@pytest.mark.parametrize("margin", [(1.35, 0.0, 0.0), (1.0, 0.5, -0.1), (0.9, 0.2, 0.0)])
+def test_a_margin_list_arcface_torch_raises_for_is_refused(tmp_path, capsys, margin) -> None:
+    source = tmp_path / "sphere.py"
+    source.write_text(ARCFACE_STYLE.replace("(1.0, 0.0, 0.4)", repr(margin)))
+    assert main(["import-config", str(source)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{source}: margin_list {margin!r}" in err
+    assert "CombinedMarginLoss raises for it" in err

@@ -112,17 +112,23 @@ def read_arcface_config(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def _margin(margin: Any, where: str) -> dict[str, Any]:
+def _margin(margin: Any, where: str) -> tuple[dict[str, Any], list[str]]:
+    """head.margin for what arcface_torch's CombinedMarginLoss computes from (m1, m2, m3), and notes: ArcFace
+    cos(theta + m2) for (1, m2, 0), CosFace target - m3 whenever m3 > 0 (m1, m2 unread), else it raises."""
     if not (isinstance(margin, (tuple, list)) and len(margin) == 3):
         raise ImportConfigError(f"margin_list {margin!r} is not (m1, m2, m3)", where=where)
     m1, m2, m3 = (float(v) for v in margin)
-    if m1 == 1.0 and m3 == 0.0:
-        kind = "arcface_straight_through"  # what arcface_torch's CombinedMarginLoss computes for (1, m2, 0)
-    elif m1 == 1.0 and m2 == 0.0:
-        kind = "cosface"
-    else:
-        kind = "combined"
-    return {"type": kind, "s": 64.0, "m1": m1, "m2": m2, "m3": m3}
+    if m1 == 1.0 and m3 == 0.0:  # arcface_torch's forward cos(theta + m2), gradient passed straight through
+        return {"type": "arcface_straight_through", "s": 64.0, "m1": m1, "m2": m2, "m3": m3}, []
+    if m3 > 0.0:
+        unread = [f"m{i} = {v:g}" for i, v, default in ((1, m1, 1.0), (2, m2, 0.0)) if v != default]
+        note = (f"margin_list {tuple(margin)!r} -> cosface m3 = {m3:g}: once m3 > 0 arcface_torch's "
+                f"CombinedMarginLoss takes the target logit less m3, never reading {' and '.join(unread)}")
+        return {"type": "cosface", "s": 64.0, "m1": 1.0, "m2": 0.0, "m3": m3}, [note] if unread else []
+    raise ImportConfigError(
+        f"margin_list {tuple(margin)!r}: arcface_torch's CombinedMarginLoss raises for it (it computes only "
+        "(1.0, m2, 0.0) as ArcFace and m3 > 0 as CosFace)", where=where,
+        fix="use one of those, or write head.margin by hand (type: combined is cos(m1*theta + m2) - m3)")
 
 
 def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = None,
@@ -145,8 +151,9 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
     if drop_path is not None:
         model.update(drop_path_rate=drop_path, mask_ratio=mask)
     optimizer, lr, wd = values["optimizer"], float(values["lr"]), float(values["weight_decay"])
+    margin, margin_notes = _margin(values["margin_list"], source)
     head: dict[str, Any] = {"type": "partial_fc", "sample_rate": float(values["sample_rate"]),
-                            "margin": {**_margin(values["margin_list"], source),
+                            "margin": {**margin,
                                        "interclass_filtering_threshold":
                                            float(values["interclass_filtering_threshold"])},
                             "optimizer": optimizer, "update": "dense", "lr_scale": 1.0, "weight_decay": wd}
@@ -187,7 +194,7 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "settings for backbone and centers), fp16 -> deepspeed.precision bf16, DDP -> "
              "deepspeed.zero_stage 0, val_targets -> eval.bins (names in data.shards), verbose -> "
              "eval.every_steps, frequent -> logging.every_steps",
-             *schedule_notes, *_data_notes(rec, shards, values)]
+             *margin_notes, *schedule_notes, *_data_notes(rec, shards, values)]
     secret = {"wandb_key"}
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
