@@ -177,3 +177,12 @@ def test_a_margin_list_arcface_torch_raises_for_is_refused(tmp_path, capsys, mar
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{source}: margin_list {margin!r}" in err
     assert "CombinedMarginLoss raises for it" in err
+
+
+def test_sgd_momentum_is_arcface_torchs_fixed_0_9(tmp_path, data_dir) -> None:
+    """train_v2.py builds torch.optim.SGD(..., momentum=0.9): config.momentum = 0.8 is never read."""
+    header = _imported(tmp_path, ARCFACE_STYLE.replace("config.momentum = 0.9", "config.momentum = 0.8"))
+    assert "momentum = 0.8 -> optim.momentum and head.momentum: 0.9" in header
+    cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
+    assert cfg.optim.name == cfg.head.optimizer == "sgd" and cfg.optim.momentum == cfg.head.momentum == 0.9
+    assert "momentum = 0.9 ->" not in _imported(tmp_path, ARCFACE_STYLE)  # a note only where they differ

@@ -48,6 +48,7 @@ MAPPED = {"margin_list", "network", "output", "embedding_size", "sample_rate", "
           "interclass_filtering_threshold", "optimizer", "lr", "momentum", "weight_decay", "verbose",
           "frequent", "dali", "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_epoch",
           "warmup_epoch", "val_targets", "using_wandb", "wandb_entity", "wandb_project"}
+SGD_MOMENTUM = 0.9  # arcface_torch's train_v2.py: torch.optim.SGD(..., momentum=0.9); config.momentum unread
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -158,8 +159,10 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
                                            float(values["interclass_filtering_threshold"])},
                             "optimizer": optimizer, "update": "dense", "lr_scale": 1.0, "weight_decay": wd}
     optim: dict[str, Any] = {"name": optimizer, "lr": lr, "weight_decay": wd, "grad_clip": 5.0}
+    momentum_notes: list[str] = []
     if optimizer == "sgd":
-        head["momentum"] = optim["momentum"] = float(values["momentum"])
+        head["momentum"] = optim["momentum"] = SGD_MOMENTUM
+        momentum_notes = _momentum_notes(values["momentum"])
     schedule: dict[str, Any] = {"power": 1.0, "seed": int(values["seed"]),
                                 "grad_accumulation": int(values["gradient_acc"])}
     schedule_notes: list[str] = []
@@ -190,15 +193,23 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
     notes = [f"imported from arcface_torch config {source} by `facescale import-config`",
              "mapping: margin_list -> head.margin (s=64 as arcface_torch), batch_size -> schedule."
              + ("global_batch_size (x --gpus)" if gpus else "batch_per_rank") + ", num_epoch/warmup_epoch -> "
-             "schedule.epochs/warmup_epochs, optimizer/lr/momentum/weight_decay -> optim.* and head.* (same "
-             "settings for backbone and centers), fp16 -> deepspeed.precision bf16, DDP -> "
-             "deepspeed.zero_stage 0, val_targets -> eval.bins (names in data.shards), verbose -> "
-             "eval.every_steps, frequent -> logging.every_steps",
-             *margin_notes, *schedule_notes, *_data_notes(rec, shards, values)]
+             "schedule.epochs/warmup_epochs, optimizer/lr/weight_decay -> optim.* and head.* (same settings "
+             "for backbone and centers; SGD momentum 0.9 as train_v2.py builds it), fp16 -> "
+             "deepspeed.precision bf16, DDP -> deepspeed.zero_stage 0, val_targets -> eval.bins (names in "
+             "data.shards), verbose -> eval.every_steps, frequent -> logging.every_steps",
+             *margin_notes, *momentum_notes, *schedule_notes, *_data_notes(rec, shards, values)]
     secret = {"wandb_key"}
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
     return mapping, notes
+
+
+def _momentum_notes(momentum: Any) -> list[str]:
+    """A note when config.momentum is not 0.9, the momentum arcface_torch's SGD runs with whatever it says."""
+    if float(momentum) == SGD_MOMENTUM:
+        return []
+    return [f"momentum = {momentum!r} -> optim.momentum and head.momentum: {SGD_MOMENTUM} (arcface_torch's "
+            f"train_v2.py builds its SGD with momentum={SGD_MOMENTUM} and never reads config.momentum)"]
 
 
 def _warmup_epochs(warmup: Any) -> tuple[Any, list[str]]:
