@@ -186,3 +186,22 @@ def test_sgd_momentum_is_arcface_torchs_fixed_0_9(tmp_path, data_dir) -> None:
     cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
     assert cfg.optim.name == cfg.head.optimizer == "sgd" and cfg.optim.momentum == cfg.head.momentum == 0.9
     assert "momentum = 0.9 ->" not in _imported(tmp_path, ARCFACE_STYLE)  # a note only where they differ
+
+
+@pytest.mark.parametrize(("drop", "named"), [
+    (("config.num_epoch = 30\n", "config.warmup_epoch = config.num_epoch // 10\n"),
+     "config.num_epoch and config.warmup_epoch are not set"),
+    (("config.warmup_epoch = config.num_epoch // 10\n",), "config.warmup_epoch is not set"),
+])
+def test_a_config_without_epochs_is_refused(tmp_path, capsys, drop, named) -> None:
+    """base.py sets no num_epoch / warmup_epoch, arcface_torch's train_v2.py reads both: no silent default."""
+    text = ARCFACE_STYLE
+    for line in drop:
+        assert line in text
+        text = text.replace(line, "")
+    source = tmp_path / "noepoch.py"
+    source.write_text(text)
+    assert main(["import-config", str(source)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert f"{source}: {named}" in captured.err

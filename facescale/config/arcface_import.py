@@ -165,10 +165,9 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
         momentum_notes = _momentum_notes(values["momentum"])
     schedule: dict[str, Any] = {"power": 1.0, "seed": int(values["seed"]),
                                 "grad_accumulation": int(values["gradient_acc"])}
-    schedule_notes: list[str] = []
-    if "num_epoch" in values:
-        schedule["epochs"] = values["num_epoch"]
-        schedule["warmup_epochs"], schedule_notes = _warmup_epochs(values.get("warmup_epoch", 0))
+    _require_epochs(values, source)
+    schedule["epochs"] = values["num_epoch"]
+    schedule["warmup_epochs"], schedule_notes = _warmup_epochs(values["warmup_epoch"])
     if gpus:
         schedule["global_batch_size"] = int(values["batch_size"]) * gpus * int(values["gradient_acc"])
     else:
@@ -202,6 +201,18 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
     return mapping, notes
+
+
+def _require_epochs(values: dict[str, Any], source: str) -> None:
+    """Refuse a config without num_epoch / warmup_epoch: base.py sets neither and arcface_torch's train_v2.py
+    reads both, so it would fail there (facescale would silently train its default step count)."""
+    missing = [f"config.{k}" for k in ("num_epoch", "warmup_epoch") if k not in values]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ImportConfigError(f"{' and '.join(missing)} {verb} not set (arcface_torch's base.py has no "
+                                "default and its train_v2.py would stop there)", where=source,
+                                fix="set them as its recipes do, e.g. config.num_epoch = 20 and "
+                                    "config.warmup_epoch = 0")
 
 
 def _momentum_notes(momentum: Any) -> list[str]:
