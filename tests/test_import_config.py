@@ -205,3 +205,18 @@ def test_a_config_without_epochs_is_refused(tmp_path, capsys, drop, named) -> No
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert f"{source}: {named}" in captured.err
+
+
+# gradient_acc -> (logging.every_steps, eval.every_steps) for frequent = 10, verbose = 2000: arcface_torch
+# logs and evaluates every that many batches: every 10 / acc, 2000 / acc optimizer steps (nearest, >= 1)
+EVERY = {1: (10, 2000), 3: (3, 667), 40: (1, 50)}
+
+
+@pytest.mark.parametrize("acc", sorted(EVERY))
+def test_frequent_and_verbose_count_optimizer_steps_under_gradient_acc(tmp_path, data_dir, acc) -> None:
+    text = ARCFACE_STYLE + f"config.gradient_acc = {acc}\nconfig.frequent = 10\n"
+    header = _imported(tmp_path, text)
+    assert ("facescale in optimizer steps of gradient_acc" in header) == (acc > 1)
+    cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
+    assert (cfg.logging.every_steps, cfg.eval.every_steps) == EVERY[acc]
+    assert cfg.schedule.grad_accumulation == acc

@@ -172,6 +172,7 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
         schedule["global_batch_size"] = int(values["batch_size"]) * gpus * int(values["gradient_acc"])
     else:
         schedule["batch_per_rank"] = int(values["batch_size"])
+    log_every, eval_every, every_notes = _every_steps(values)
     rec = str(values.get("rec") or "")
     shards = f"data/{Path(rec).name}" if rec else "data/train"
     output = values["output"] or f"runs/{name}"
@@ -183,8 +184,8 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
         # arcface_torch's DDP = ZeRO stage 0 (gradients all-reduced during backward, parallel/grad_overlap.py)
         "deepspeed": {"zero_stage": 0, "precision": "bf16" if values["fp16"] else "fp32"},
         "checkpoint": {"resume": "auto"},
-        "logging": {"run_dir": str(output), "every_steps": int(values["frequent"])},
-        "eval": {"bins": list(values.get("val_targets") or []), "every_steps": int(values["verbose"])},
+        "logging": {"run_dir": str(output), "every_steps": log_every},
+        "eval": {"bins": list(values.get("val_targets") or []), "every_steps": eval_every},
     }
     if values.get("using_wandb"):
         mapping["logging"]["wandb"] = {"project": str(values.get("wandb_project") or name),
@@ -196,7 +197,7 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "for backbone and centers; SGD momentum 0.9 as train_v2.py builds it), fp16 -> "
              "deepspeed.precision bf16, DDP -> deepspeed.zero_stage 0, val_targets -> eval.bins (names in "
              "data.shards), verbose -> eval.every_steps, frequent -> logging.every_steps",
-             *margin_notes, *momentum_notes, *schedule_notes, *_data_notes(rec, shards, values)]
+             *margin_notes, *momentum_notes, *schedule_notes, *every_notes, *_data_notes(rec, shards, values)]
     secret = {"wandb_key"}
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
@@ -213,6 +214,19 @@ def _require_epochs(values: dict[str, Any], source: str) -> None:
                                 "default and its train_v2.py would stop there)", where=source,
                                 fix="set them as its recipes do, e.g. config.num_epoch = 20 and "
                                     "config.warmup_epoch = 0")
+
+
+def _every_steps(values: dict[str, Any]) -> tuple[int, int, list[str]]:
+    """(logging.every_steps, eval.every_steps, notes) for frequent / verbose: arcface_torch counts them in
+    batches (global_step += 1 per batch), facescale in optimizer steps of gradient_acc batches each."""
+    acc, frequent, verbose = int(values["gradient_acc"]), int(values["frequent"]), int(values["verbose"])
+    if acc <= 1:
+        return frequent, verbose, []
+    log_every, eval_every = (max(1, int(n / acc + 0.5)) for n in (frequent, verbose))
+    return log_every, eval_every, [
+        f"frequent = {frequent}, verbose = {verbose} batches -> logging.every_steps: {log_every}, "
+        f"eval.every_steps: {eval_every} (arcface_torch counts them in batches, facescale in optimizer steps "
+        f"of gradient_acc = {acc} batches; rounded, at least 1)"]
 
 
 def _momentum_notes(momentum: Any) -> list[str]:
