@@ -220,3 +220,11 @@ def test_frequent_and_verbose_count_optimizer_steps_under_gradient_acc(tmp_path,
     cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
     assert (cfg.logging.every_steps, cfg.eval.every_steps) == EVERY[acc]
     assert cfg.schedule.grad_accumulation == acc
+
+
+def test_the_notes_name_facescales_warm_up_start(tmp_path) -> None:
+    """facescale's first warm-up step runs at lr / warmup_steps; arcface_torch's warm-up starts from 0."""
+    header = _imported(tmp_path, ARCFACE_STYLE)
+    assert "warm-up is linear from lr/warmup_steps (arcface_torch starts from 0)" in header
+    shipped = Path("configs/ms1mv3_r50.yaml").read_text().replace("\n# ", " ")
+    assert "warm-up is linear from lr/warmup_steps (arcface_torch starts from 0)" in shipped  # same words

@@ -48,6 +48,9 @@ MAPPED = {"margin_list", "network", "output", "embedding_size", "sample_rate", "
           "interclass_filtering_threshold", "optimizer", "lr", "momentum", "weight_decay", "verbose",
           "frequent", "dali", "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_epoch",
           "warmup_epoch", "val_targets", "using_wandb", "wandb_entity", "wandb_project"}
+# the shipped recipes' header line on the one schedule difference
+WARMUP_NOTE = ("difference: warm-up is linear from lr/warmup_steps (arcface_torch starts from 0), then the "
+               "same polynomial decay (power 1, PolynomialLRWarmup's default in train_v2.py)")
 SGD_MOMENTUM = 0.9  # arcface_torch's train_v2.py: torch.optim.SGD(..., momentum=0.9); config.momentum unread
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -197,7 +200,8 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "for backbone and centers; SGD momentum 0.9 as train_v2.py builds it), fp16 -> "
              "deepspeed.precision bf16, DDP -> deepspeed.zero_stage 0, val_targets -> eval.bins (names in "
              "data.shards), verbose -> eval.every_steps, frequent -> logging.every_steps",
-             *margin_notes, *momentum_notes, *schedule_notes, *every_notes, *_data_notes(rec, shards, values)]
+             *margin_notes, *momentum_notes, *schedule_notes, WARMUP_NOTE, *every_notes,
+             *_data_notes(rec, shards, values)]
     secret = {"wandb_key"}
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
