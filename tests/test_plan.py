@@ -143,12 +143,46 @@ def test_plan_of_the_42m_config_uses_the_real_partition_and_formulas():
     rows = class_partition(2_059_906, 64, 0)[1]
     assert plan.head.rows == rows and plan.head.num_sample == int(0.2 * rows)
     assert plan.head.centers_bytes == rows * 512 * 4 and plan.head.optimizer_bytes == rows * 512 * 4
-    assert plan.micro_batch == 128 and plan.memory["logits"] == 8192 * plan.head.num_sample * 4
+    # the 8192 labels of a micro-step may all be positives on the 32,187-row shard: more than 6,437 sampled
+    assert plan.micro_batch == 128 and plan.memory["logits"] == 8192 * 8192 * 4
     p, trainable = plan.backbone.num_params, plan.backbone.trainable
     assert plan.zero.params == 4 * p and plan.zero.optimizer == 4 * -(-trainable // 64)
     assert plan.traffic["backbone grad reduce-scatter"] == pytest.approx(63 / 64 * 4 * trainable)
     assert plan.traffic["embedding all-gather"] == pytest.approx(63 / 64 * 8192 * 512 * 4)
     assert 1 < plan.activations / 2**30 < 40  # r100 at 128 images in bf16: a few GiB
+
+
+@pytest.mark.parametrize(("classes", "rate", "columns"), [
+    (2_059_906, 0.0, 8192),  # sample_rate 0 keeps the positives alone: up to the 8192 gathered labels
+    (2_059_906, 0.5, 16_093),  # int(0.5 x 32,187 rows) > 8192 labels: the sample_rate budget
+    (64 * 100, 0.0, 100),  # 100 rows per rank < 8192 labels: every row can be a positive
+])
+def test_plan_logits_count_the_positives_partial_fc_always_keeps(classes, rate, columns, capsys):
+    """Partial FC keeps every positive center of the batch on the shard, whatever sample_rate keeps."""
+    from facescale.commands.plan import _load
+
+    cfg = _load("configs/webface42m_r100.yaml", [f"head.sample_rate={rate}"])
+    plan = plan_rank(cfg, classes, 64)
+    assert plan.head.columns == columns and plan.memory["logits"] == 8192 * columns * 4
+    assert plan.memory["sampled centers + grad"] == 2 * columns * 512 * 4
+    bound = "(a bound:" in plan.head.summary
+    assert f" {columns:,} per step" in plan.head.summary and bound == (rate == 0.0)
+
+
+@pytest.mark.parametrize(("rows", "rate", "labels", "kept", "bound"), [
+    (100, 0.0, list(range(64)), 64, 64),  # 64 distinct positives and no budget: 64 columns
+    (50, 0.0, [i % 50 for i in range(64)], 50, 50),  # every row a positive: the whole shard
+    (1000, 0.2, list(range(64)), 200, 200),  # a budget of 200 above the 64 positives
+    (1000, 0.0, [7] * 64, 1, 64),  # one positive kept; the plan cannot know the labels: 64 at most
+])
+def test_plan_columns_bound_what_sample_centers_keeps(rows, rate, labels, kept, bound):
+    from facescale.heads.sampling import num_samples_for, sample_centers
+    from facescale.partial_fc.plan import sampled_columns
+
+    budget = num_samples_for(rate, rows)
+    sample = sample_centers(torch.tensor(labels), 0, rows, budget, 1)
+    assert (rows if sample.width is None else sample.width) == kept
+    assert sampled_columns(budget, rows, len(labels)) == bound
 
 
 def test_cli_prints_every_item(capsys):

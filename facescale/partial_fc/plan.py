@@ -1,5 +1,6 @@
 """Partial FC's share of `facescale plan`: this rank's class-center shard (rows from `class_partition`,
-storage from the real head classes), the logits of one micro-step and the head's collectives."""
+storage from the real head classes), the logits of one micro-step and the head's collectives. The logit width
+is a bound: the sample_rate budget, or all the micro-step's positives on the shard where they can be more."""
 
 from __future__ import annotations
 
@@ -50,15 +51,21 @@ def head_shard(cfg: HeadConfig, num_classes: int, embedding_size: int, world: in
     return HeadShard(rank, rows, num_sample, rows * embedding_size * element, state, residual)
 
 
-def head_step_bytes(shard: HeadShard, global_batch: int, embedding_size: int) -> dict[str, int]:
-    """Transient head memory of one micro-step: logits [B_global, num_sample] and the sampled centers.
+def sampled_columns(num_sample: int, rows: int, batch: int) -> int:
+    """The most centers one micro-step keeps on a shard of `rows`: `sample_centers` keeps the num_sample
+    budget, or every positive of the `batch` gathered labels on the shard when more (<= min(rows, batch))."""
+    return max(num_sample, min(rows, batch))
+
+
+def head_step_bytes(columns: int, global_batch: int, embedding_size: int) -> dict[str, int]:
+    """Transient head memory of one micro-step: logits [B_global, columns] and the sampled centers.
 
     The cosine logits are fp32 and turned into probabilities in place (kept for backward); the sampled
     center rows are copied out of the shard (index_select) and get a gradient of the same size.
     """
     return {
-        "logits": global_batch * shard.num_sample * 4,
-        "sampled centers + grad": 2 * shard.num_sample * embedding_size * 4,
+        "logits": global_batch * columns * 4,
+        "sampled centers + grad": 2 * columns * embedding_size * 4,
         "gathered embeddings + grad": 2 * global_batch * embedding_size * 4,
     }
 
@@ -86,6 +93,7 @@ class PartialFCPlan(HeadShard, ModePlan):
     batch: int = 0  # rows the head sees per micro-step (micro batch x world)
     embedding_size: int = 0
     world: int = 1
+    columns: int = 0  # logit columns per micro-step: sampled_columns, a bound where the positives decide it
 
     @property
     def memory(self) -> dict[str, int]:
@@ -95,19 +103,29 @@ class PartialFCPlan(HeadShard, ModePlan):
 
     @property
     def step_memory(self) -> dict[str, int]:
-        return head_step_bytes(self, self.batch, self.embedding_size)
+        return head_step_bytes(self.columns, self.batch, self.embedding_size)
 
     @property
     def traffic(self) -> dict[str, float]:
         return head_traffic(self.batch, self.embedding_size, self.world)
 
     @property
+    def positives_dominate(self) -> bool:
+        """Whether the batch's positives, not sample_rate, may set the logit width (`columns`: a bound)."""
+        return self.columns > self.num_sample
+
+    @property
     def summary(self) -> str:
-        return f"rank {self.rank} holds {self.rows:,} class centers, samples {self.num_sample:,} per step"
+        head = f"rank {self.rank} holds {self.rows:,} class centers, "
+        if not self.positives_dominate:
+            return head + f"samples {self.columns:,} per step"
+        return head + (f"samples up to {self.columns:,} per step (a bound: it keeps every positive of the "
+                       f"{self.batch:,} gathered labels on its shard; sample_rate alone {self.num_sample:,})")
 
     @property
     def table_rows(self) -> dict[str, str]:
-        return {"class centers": f"{self.rows:,}", "logits columns": f"{self.num_sample:,}"}
+        columns = f"<= {self.columns:,}" if self.positives_dominate else f"{self.columns:,}"
+        return {"class centers": f"{self.rows:,}", "logits columns": columns}
 
     @property
     def activation_images(self) -> int:
@@ -120,5 +138,6 @@ def plan_partial_fc(
     """The Partial FC plan of `rank` (default: the one with the largest center shard)."""
     rank = largest_shard_rank(num_classes, world) if rank is None else rank
     shard = head_shard(cfg.head, num_classes, cfg.model.embedding_size, world, rank)
-    return PartialFCPlan(**vars(shard), batch=micro_batch * world, embedding_size=cfg.model.embedding_size,
-                         world=world)
+    batch = micro_batch * world
+    return PartialFCPlan(**vars(shard), batch=batch, embedding_size=cfg.model.embedding_size, world=world,
+                         columns=sampled_columns(shard.num_sample, shard.rows, batch))
