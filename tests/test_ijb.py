@@ -95,7 +95,22 @@ class RandomProjection(nn.Module):
         return x.flatten(1) @ self.weight.T + self.bias
 
 
-def _reference_report(root: str, mode: IJBMode) -> tuple[np.ndarray, dict[float, float | None]]:
+def eval_ijbc_tar(genuine: list[float], impostor: list[float], far: float) -> float:
+    """TAR at `far` the way insightface's eval_ijbc.py reads it, in plain loops: scikit-learn's roc_curve
+    (one point per distinct score, accepting scores >= it; a point dropped when the step into it equals the
+    step out of it; (0, 0) first), then the point nearest `far`, the last of equally near ones."""
+    points = []
+    for threshold in sorted(set(genuine) | set(impostor), reverse=True):
+        points.append((sum(i >= threshold for i in impostor), sum(g >= threshold for g in genuine)))
+    kept = [p for k, p in enumerate(points) if k in (0, len(points) - 1) or len(points) <= 2
+            or (p[0] - points[k - 1][0], p[1] - points[k - 1][1]) !=
+            (points[k + 1][0] - p[0], points[k + 1][1] - p[1])]
+    curve = [(0.0, 0.0)] + [(fp / len(impostor), tp / len(genuine)) for fp, tp in kept]
+    nearest = min(abs(x - far) for x, _ in curve)
+    return [y for x, y in curve if abs(x - far) == nearest][-1]
+
+
+def _reference_report(root: str, mode: IJBMode) -> tuple[np.ndarray, dict[float, float | None], dict]:
     """The protocol in plain float64 loops, from faces aligned one at a time (alignment is tested above)."""
     meta = read_ijb_release(root)
     model = RandomProjection()
@@ -131,7 +146,8 @@ def _reference_report(root: str, mode: IJBMode) -> tuple[np.ndarray, dict[float,
         # best TAR over every threshold (accept above it) whose false accepts stay within far * impostors
         table[far] = max(sum(g > t for g in genuine) / len(genuine) for t in impostor + [max(genuine)]
                          if sum(i > t for i in impostor) <= far * len(impostor))
-    return scores, table
+    nearest = {far: eval_ijbc_tar(genuine, impostor, far) for far in table}
+    return scores, table, nearest
 
 
 @pytest.mark.parametrize("flip,norm_score,detector_score", list(itertools.product([True, False], repeat=3)))
@@ -139,10 +155,14 @@ def test_protocol_equals_brute_force(release, flip, norm_score, detector_score) 
     root, _ = release
     mode = IJBMode(flip, norm_score, detector_score)
     report = evaluate_ijb(RandomProjection(), root, mode=mode, batch_size=7, image_size=SIZE, progress=False)
-    scores, table = _reference_report(root, mode)
+    scores, table, nearest = _reference_report(root, mode)
     np.testing.assert_allclose(report["scores"], scores, atol=2e-6)
-    got = {float(k.removeprefix("tar_at_far_")): v for k, v in report.items() if k.startswith("tar_at")}
+    got = {float(k.removeprefix("tar_at_far_at_most_")): v for k, v in report.items()
+           if k.startswith("tar_at_far_at_most_")}
     assert got == table
+    got = {float(k.removeprefix("tar_at_far_")): v for k, v in report.items()
+           if k.startswith("tar_at_far_") and not k.startswith("tar_at_far_at_most")}
+    assert got == nearest
     assert report["mode"] == mode.label and report["num_impostor"] == 120
     assert table[1e-2] is not None and 0.0 < table[1e-1] < 1.0  # non-trivial: the modes can disagree
 

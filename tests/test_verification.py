@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facescale.eval.roc import far_is_resolvable, roc_curve, roc_figure, tar_at_far
+from facescale.eval.roc import far_is_resolvable, roc_curve, roc_figure, tar_at_far, tar_at_nearest_far
 from facescale.eval.verification import (
     fold_bounds,
     pair_distances,
@@ -113,6 +113,23 @@ def test_tar_at_far_respects_far_with_ties() -> None:
     impostor = np.r_[np.full(10, 0.9), np.zeros(990)]  # ten tied high impostors
     tars = tar_at_far([0.95, 0.9, 0.1], impostor, fars=(1e-3,))
     assert tars[1e-3] == pytest.approx(1 / 3)  # accepting 0.9 would let 10 impostors in (FAR 1e-2)
+
+
+def test_tar_at_nearest_far_reads_the_roc_as_eval_ijbc_does() -> None:
+    """Worked by hand from eval_ijbc.py's rule (the vertex of scikit-learn's ROC nearest the FAR)."""
+    genuine = [0.99, 0.9, 0.8, 0.7, 0.6]
+    impostor = [0.95, 0.75, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2]
+    # (FAR, TAR) vertices: (0,0) (0,.2) (.1,.2) (.1,.6) (.2,.6) (.2,1) (1,1); the rest lie on straight runs
+    tars = tar_at_nearest_far(genuine, impostor, fars=(0.18, 0.12, 0.01))
+    assert tars == {0.18: 1.0, 0.12: 0.6, 0.01: 0.2}  # nearest FAR .2, .1, 0; highest TAR among them
+    strict = tar_at_far(genuine, impostor, fars=(0.18, 0.12, 0.01))
+    assert strict == {0.18: 0.6, 0.12: 0.6, 0.01: None}  # FAR <= target: one false accept at most
+    # a straight run is one segment: (0,.6) -> (.5,.6) has no point at FAR .4 (scikit-learn drops it), so
+    # FAR .42 reads the vertex at .5, whose highest TAR is .9
+    genuine = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.88, 0.87, 0.86, 0.80]
+    impostor = [0.93, 0.92, 0.91, 0.90, 0.89, 0.85, 0.84, 0.83, 0.82, 0.81]
+    assert tar_at_nearest_far(genuine, impostor, fars=(0.42,)) == {0.42: 0.9}
+    assert tar_at_far(genuine, impostor, fars=(0.42,)) == {0.42: 0.6}
 
 
 def test_roc_curve_endpoints_and_image() -> None:

@@ -14,17 +14,19 @@ import torch
 from torch import nn
 
 from facescale.eval.ijb_extract import extract_ijb_embeddings
-from facescale.eval.ijb_protocol import IJBMode, format_table, pair_scores, tar_table
+from facescale.eval.ijb_protocol import IJBMode, format_table, pair_scores, tar_table, tar_table_at_most
 from facescale.eval.ijb_release import check_images_exist, read_ijb_release
 
 PUBLISHED_MODE = IJBMode()  # F1 N1 D1, as in the published arcface_torch tables
+AT_MOST = "tar_at_far_at_most_"  # report keys of the TARs at an empirical FAR <= each target
 
 
 def evaluate_ijb(model: nn.Module, root: str, name: str | None = None, mode: IJBMode = PUBLISHED_MODE,
                  batch_size: int = 128, device: torch.device | str = "cpu", rank: int = 0,
                  world_size: int = 1, image_size: int = 112, workers: int = 0,
                  progress: bool = True) -> dict[str, Any]:
-    """TAR@FAR 1e-6..1e-1 (None if unmeasurable) of `model` on the release under `root`, with counts, the
+    """TAR@FAR 1e-6..1e-1 of `model` on the release under `root` as eval_ijbc.py reads it (`tar_at_far_*`)
+    and at an empirical FAR <= each target (`tar_at_far_at_most_*`, None if unmeasurable), with counts, the
     test mode, and the per-pair `scores` / `labels` arrays. Every rank returns the same report."""
     release = read_ijb_release(root, name)
     check_images_exist(release)
@@ -40,6 +42,8 @@ def evaluate_ijb(model: nn.Module, root: str, name: str | None = None, mode: IJB
     }
     for far, tar in tar_table(scores, labels).items():
         report[f"tar_at_far_{far:.0e}"] = tar
+    for far, tar in tar_table_at_most(scores, labels).items():
+        report[f"{AT_MOST}{far:.0e}"] = tar
     report["scores"], report["labels"] = scores, labels
     return report
 
@@ -47,12 +51,14 @@ def evaluate_ijb(model: nn.Module, root: str, name: str | None = None, mode: IJB
 def table_text(report: dict[str, Any]) -> str:
     """The report as the human-readable TAR@FAR table, titled with the set, test mode and counts."""
     table = {float(key.removeprefix("tar_at_far_")): value for key, value in report.items()
-             if key.startswith("tar_at_far_")}
+             if key.startswith("tar_at_far_") and not key.startswith(AT_MOST)}
+    at_most = {float(key.removeprefix(AT_MOST)): value for key, value in report.items()
+               if key.startswith(AT_MOST)}
     mode = IJBMode(*(part.endswith("1") for part in report["mode"].split()))
     title = (f"{report['name'].upper()} 1:1 verification, {mode.describe()}\n"
              f"{report['num_images']} faces, {report['num_templates']} templates, "
              f"{report['num_genuine']} genuine / {report['num_impostor']} impostor pairs")
-    return format_table(title, table)
+    return format_table(title, table, at_most)
 
 
 def write_outputs(report: dict[str, Any], out_dir: str) -> dict[str, str]:

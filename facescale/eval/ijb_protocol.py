@@ -5,7 +5,8 @@ Test modes (published arcface_torch IJB tables use all three):
     N1  keep the embedding norm into template pooling (N0 L2-normalizes every image feature first).
     D1  weight every image feature by its face detector score.
 Images of one media (frames of one video) are averaged, a template's medias summed, the sum L2-normalized;
-a pair's score is the cosine of its two templates.
+a pair's score is the cosine of its two templates. TAR@FAR is read off the ROC as eval_ijbc.py reads it (the
+point nearest each FAR), with the TAR at an empirical FAR <= each target beside it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facescale.eval.roc import STANDARD_FARS, tar_at_far
+from facescale.eval.roc import STANDARD_FARS, tar_at_far, tar_at_nearest_far
 from facescale.eval.verification import l2_normalize
 
 
@@ -84,15 +85,26 @@ def pair_scores(embeddings: np.ndarray, detector_scores: np.ndarray, template_id
     return score_template_pairs(templates, pooled, pair_templates)
 
 
-def tar_table(scores: np.ndarray, labels: np.ndarray) -> dict[float, float | None]:
-    """TAR at each standard FAR 1e-6 .. 1e-1 (None where there are too few impostor pairs to measure it)."""
+def tar_table(scores: np.ndarray, labels: np.ndarray) -> dict[float, float]:
+    """TAR at each standard FAR 1e-6 .. 1e-1 as eval_ijbc.py reads it (the published tables' numbers)."""
+    labels = np.asarray(labels)
+    return tar_at_nearest_far(scores[labels == 1], scores[labels == 0], STANDARD_FARS)
+
+
+def tar_table_at_most(scores: np.ndarray, labels: np.ndarray) -> dict[float, float | None]:
+    """TAR at each standard FAR with an empirical FAR <= it (None where too few impostor pairs measure it)."""
     labels = np.asarray(labels)
     return tar_at_far(scores[labels == 1], scores[labels == 0], STANDARD_FARS)
 
 
-def format_table(title: str, table: dict[float, float | None]) -> str:
-    """A human-readable TAR@FAR table in percent, the way published IJB results are written."""
-    header = "FAR  " + "".join(f"{far:>9.0e}" for far in table)
-    values = "TAR% " + "".join(f"{'n/a' if tar is None else f'{100 * tar:.2f}':>9}" for tar in table.values())
+def format_table(title: str, table: dict[float, float | None],
+                 at_most: dict[float, float | None] | None = None) -> str:
+    """A human-readable TAR@FAR table in percent, the way published IJB results are written; `at_most`
+    adds the row of TARs reached at an empirical FAR <= each target."""
+    def row(label: str, values: dict[float, float | None]) -> str:
+        return label + "".join(f"{'n/a' if v is None else f'{100 * v:.2f}':>9}" for v in values.values())
+
+    header = "FAR          " + "".join(f"{far:>9.0e}" for far in table)
+    rows = [row("TAR%         ", table)] + ([row("TAR% FAR<=   ", at_most)] if at_most else [])
     rule = "-" * len(header)
-    return "\n".join([title, rule, header, values, rule])
+    return "\n".join([title, rule, header, *rows, rule])
