@@ -212,7 +212,7 @@ def test_head_step_peak_memory_within_15_percent_of_the_plan():
     classes, batch, dim = 1_000_000, 512, 512
     cfg = HeadConfig(sample_rate=0.1)
     shard = head_shard(cfg, classes, dim, world=1, rank=0)
-    columns = sampled_columns(shard.num_sample, shard.rows, batch)  # the 100,000 sampled: above 512 positives
+    columns = sampled_columns(shard.num_sample, shard.rows, classes, batch)  # the 100,000 sampled
     step_bytes = sum(head_step_bytes(columns, batch, dim).values())
     predicted = shard.centers_bytes + shard.optimizer_bytes + step_bytes
     torch.cuda.empty_cache()

@@ -1,9 +1,10 @@
 """Partial FC's share of `facescale plan`: this rank's class-center shard (rows from `class_partition`,
 storage from the real head classes), the logits of one micro-step and the head's collectives. The logit width
-is a bound: the sample_rate budget, or all the micro-step's positives on the shard where they can be more."""
+is the sample_rate budget, or the positives a shard expects from the micro-step's labels where more."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +52,17 @@ def head_shard(cfg: HeadConfig, num_classes: int, embedding_size: int, world: in
     return HeadShard(rank, rows, num_sample, rows * embedding_size * element, state, residual)
 
 
-def sampled_columns(num_sample: int, rows: int, batch: int) -> int:
-    """The most centers one micro-step keeps on a shard of `rows`: `sample_centers` keeps the num_sample
-    budget, or every positive of the `batch` gathered labels on the shard when more (<= min(rows, batch))."""
-    return max(num_sample, min(rows, batch))
+def expected_positives(rows: int, num_classes: int, batch: int) -> int:
+    """Distinct classes a shard of `rows` of `num_classes` expects among `batch` labels drawn uniformly: each
+    of its rows is a positive with probability 1 - (1 - 1/C)^B (rounded up)."""
+    miss = math.exp(batch * math.log1p(-1 / num_classes)) if num_classes > 1 else 0.0
+    return min(rows, math.ceil(rows * (1 - miss)))
+
+
+def sampled_columns(num_sample: int, rows: int, num_classes: int, batch: int) -> int:
+    """The centers one micro-step keeps on a shard of `rows`: `sample_centers` keeps the num_sample budget,
+    or every positive of the `batch` gathered labels on the shard when there are more (as expected)."""
+    return max(num_sample, expected_positives(rows, num_classes, batch))
 
 
 def head_step_bytes(columns: int, global_batch: int, embedding_size: int) -> dict[str, int]:
@@ -93,7 +101,7 @@ class PartialFCPlan(HeadShard, ModePlan):
     batch: int = 0  # rows the head sees per micro-step (micro batch x world)
     embedding_size: int = 0
     world: int = 1
-    columns: int = 0  # logit columns per micro-step: sampled_columns, a bound where the positives decide it
+    columns: int = 0  # logit columns per micro-step: sampled_columns (expected, where the positives decide)
 
     @property
     def memory(self) -> dict[str, int]:
@@ -111,7 +119,7 @@ class PartialFCPlan(HeadShard, ModePlan):
 
     @property
     def positives_dominate(self) -> bool:
-        """Whether the batch's positives, not sample_rate, may set the logit width (`columns`: a bound)."""
+        """Whether the batch's positives, not sample_rate, set the logit width (`columns`: expected)."""
         return self.columns > self.num_sample
 
     @property
@@ -119,12 +127,13 @@ class PartialFCPlan(HeadShard, ModePlan):
         head = f"rank {self.rank} holds {self.rows:,} class centers, "
         if not self.positives_dominate:
             return head + f"samples {self.columns:,} per step"
-        return head + (f"samples up to {self.columns:,} per step (a bound: it keeps every positive of the "
-                       f"{self.batch:,} gathered labels on its shard; sample_rate alone {self.num_sample:,})")
+        return head + (f"samples about {self.columns:,} per step (every positive of the {self.batch:,} "
+                       f"gathered labels on its shard, as expected from shuffled data, more for batches of "
+                       f"few identities; sample_rate alone {self.num_sample:,})")
 
     @property
     def table_rows(self) -> dict[str, str]:
-        columns = f"<= {self.columns:,}" if self.positives_dominate else f"{self.columns:,}"
+        columns = f"~{self.columns:,}" if self.positives_dominate else f"{self.columns:,}"
         return {"class centers": f"{self.rows:,}", "logits columns": columns}
 
     @property
@@ -140,4 +149,4 @@ def plan_partial_fc(
     shard = head_shard(cfg.head, num_classes, cfg.model.embedding_size, world, rank)
     batch = micro_batch * world
     return PartialFCPlan(**vars(shard), batch=batch, embedding_size=cfg.model.embedding_size, world=world,
-                         columns=sampled_columns(shard.num_sample, shard.rows, batch))
+                         columns=sampled_columns(shard.num_sample, shard.rows, num_classes, batch))
