@@ -222,9 +222,28 @@ def test_frequent_and_verbose_count_optimizer_steps_under_gradient_acc(tmp_path,
     assert cfg.schedule.grad_accumulation == acc
 
 
-def test_the_notes_name_facescales_warm_up_start(tmp_path) -> None:
-    """facescale's first warm-up step runs at lr / warmup_steps; arcface_torch's warm-up starts from 0."""
-    header = _imported(tmp_path, ARCFACE_STYLE)
-    assert "warm-up is linear from lr/warmup_steps (arcface_torch starts from 0)" in header
-    shipped = Path("configs/ms1mv3_r50.yaml").read_text().replace("\n# ", " ")
-    assert "warm-up is linear from lr/warmup_steps (arcface_torch starts from 0)" in shipped  # same words
+def arcface_torch_lr(batch: int, lr: float, warmup: int, total: int) -> float:
+    """arcface_torch's PolynomialLRWarmup (power 1) at `batch` as train_v2.py steps it (after each batch):
+    its constructor's step leaves last_epoch 0, for which get_lr returns the optimizer's lr unchanged."""
+    if batch == 0:
+        return lr
+    if batch <= warmup:
+        return lr * batch / warmup
+    return lr * (1 - (min(batch, total) - warmup) / (total - warmup))
+
+
+def test_the_notes_say_how_facescales_warm_up_differs(tmp_path) -> None:
+    """facescale's warm-up is arcface_torch's one batch earlier (without its first batch at the full lr)."""
+    from facescale.config.schema import ScheduleConfig
+    from facescale.train.schedule import lr_at
+
+    words = "warm-up runs step s at lr*(s+1)/warmup_steps (arcface_torch's scheduler runs its first batch"
+    header = _imported(tmp_path, ARCFACE_STYLE).replace("\n# ", " ")
+    assert words in header
+    shipped = Path("configs/ms1mv3_r50.yaml").read_text().replace("\n# ", " ").replace("\n#   ", " ")
+    assert words in shipped  # the same words
+    sch = ScheduleConfig(steps=50, warmup_steps=10, power=1.0)  # as import-config writes it
+    ours = [lr_at(s, 0.1, sch) for s in range(50)]
+    theirs = [arcface_torch_lr(b, 0.1, 10, 50) for b in range(51)]
+    assert ours[:10] == pytest.approx(theirs[1:11]) and ours[10:] == pytest.approx(theirs[10:50])
+    assert theirs[0] == 0.1 and ours[0] == pytest.approx(0.01)

@@ -49,8 +49,9 @@ MAPPED = {"margin_list", "network", "output", "embedding_size", "sample_rate", "
           "frequent", "dali", "dali_aug", "gradient_acc", "seed", "num_workers", "rec", "num_epoch",
           "warmup_epoch", "val_targets", "using_wandb", "wandb_entity", "wandb_project"}
 # the shipped recipes' header line on the one schedule difference
-WARMUP_NOTE = ("difference: warm-up is linear from lr/warmup_steps (arcface_torch starts from 0), then the "
-               "same polynomial decay (power 1, PolynomialLRWarmup's default in train_v2.py)")
+WARMUP_NOTE = ("difference: warm-up runs step s at lr*(s+1)/warmup_steps (arcface_torch's scheduler runs its "
+               "first batch at the full lr, then lr*s/warmup_steps: one batch later), then the same "
+               "polynomial decay (power 1, PolynomialLRWarmup's default in train_v2.py)")
 SGD_MOMENTUM = 0.9  # arcface_torch's train_v2.py: torch.optim.SGD(..., momentum=0.9); config.momentum unread
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
