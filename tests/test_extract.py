@@ -203,3 +203,31 @@ def test_malformed_bin_is_named(tmp_path) -> None:
     odd.write_bytes(pickle.dumps(([_png(_images(1)[0])] * 3, [True])))
     with pytest.raises(ValueError, match="odd.bin"):
         evaluate_bin(TinyEmbedder(), str(odd), 4, "cpu", image_size=SIZE, progress=False)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_bin_evaluation_reports_insightfaces_xnorm_and_sums_in_float64(tmp_path, flip) -> None:
+    """insightface's verification: XNorm is the mean norm of every embedding, image and mirror apart, and
+    the flip-sum is formed and normalised in float64 (np.zeros buffers) from the network's float32 outputs."""
+    from facescale.eval.binfile import read_bin
+    from facescale.eval.verification import verify_embeddings
+
+    root = str(tmp_path / "lfw")
+    pairs = _write_lfw_tree(root, people=10, per_person=2)
+    out = str(tmp_path / "tiny.bin")
+    make_bin(root, pairs, out, image_size=SIZE)
+    model = TinyEmbedder().eval()
+    report = evaluate_bin(model, out, 8, "cpu", image_size=SIZE, progress=False, pixel_reference=False,
+                          flip=flip)
+    images, issame = read_bin(out)
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(image)).convert("RGB")) for image in images])
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - 127.5) / 127.5
+    with torch.no_grad():
+        outputs = [model(x).numpy()] + ([model(x.flip(3)).numpy()] if flip else [])
+    norms = [np.linalg.norm(o.astype(np.float64), axis=1) for o in outputs]
+    assert report["xnorm"] == pytest.approx(float(np.concatenate(norms).mean()), rel=1e-6)
+    summed = sum(o.astype(np.float64) for o in outputs)
+    expected = verify_embeddings(summed, issame)
+    assert report["accuracy"] == expected.accuracy_mean and report["threshold"] == expected.best_threshold
+    if flip:  # the summed embedding's norm is about twice XNorm
+        assert 1.5 < report["embedding_norm"] / report["xnorm"] <= 2.0

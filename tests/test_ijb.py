@@ -241,3 +241,15 @@ def test_bad_loose_crop_is_named_from_a_worker(tmp_path) -> None:
     (tmp_path / "IJBC" / "loose_crop" / "3.png").unlink()
     with pytest.raises(IJBReleaseError, match=r"3\.png: missing \(1 of 4 loose crops"):
         evaluate_ijb(RandomProjection(), root, image_size=SIZE, progress=False)
+
+
+def test_a_template_whose_faces_all_have_detector_score_zero_scores_zero() -> None:
+    """D1 weights faces by detector score; a template of score-0 faces pools to the zero vector, which
+    eval_ijbc.py's sklearn normalize leaves at zero: its pairs score 0 instead of failing the evaluation."""
+    from facescale.eval.ijb_protocol import pair_scores
+
+    embeddings = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    scores = pair_scores(embeddings, np.array([0.9, 0.0, 0.5]), template_ids=np.array([1, 2, 3]),
+                         media_ids=np.array([10, 20, 30]), pair_templates=np.array([[1, 2], [1, 3], [2, 3]]),
+                         mode=IJBMode())
+    np.testing.assert_allclose(scores, [0.0, 0.6, 0.0])  # template 3 is (3, 4) / 5: cosine 0.6 with (1, 0)

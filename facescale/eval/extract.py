@@ -50,8 +50,10 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def embed_batch(model: nn.Module, pixels: torch.Tensor, device: torch.device, flip: bool) -> torch.Tensor:
-    """Float32 [B, D] embeddings of an NHWC uint8 RGB batch, each summed with its mirror image when `flip`."""
+def embed_batch(model: nn.Module, pixels: torch.Tensor, device: torch.device, flip: bool,
+                separate: bool = False) -> torch.Tensor:
+    """Float32 [B, D] embeddings of an NHWC uint8 RGB batch, each summed with its mirror image when `flip`
+    ([B, 2D] with `separate`: the image's and its mirror's embeddings side by side, unsummed)."""
     batch = len(pixels)
     x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).to(_model_dtype(model))
     x = x.sub_(127.5).div_(127.5)
@@ -59,12 +61,14 @@ def embed_batch(model: nn.Module, pixels: torch.Tensor, device: torch.device, fl
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise TypeError(f"the model must return a [batch, dim] tensor, got {type(out).__name__} "
                         f"{getattr(out, 'shape', '')}")
+    if flip and separate:
+        return torch.cat([out[:batch], out[batch:]], dim=1).float()
     return (out[:batch] + out[batch:] if flip else out).float()
 
 
 def _embed_slice(model: nn.Module, images: Sequence[ImageInput], batch_size: int, device: torch.device,
                  flip: bool, image_size: int | None, source: str, first_index: int,
-                 progress: bool) -> torch.Tensor:
+                 progress: bool, separate: bool = False) -> torch.Tensor:
     update, close = progress_bar(len(images), progress, f"embedding {os.path.basename(source)}")
     chunks = []
     try:
@@ -73,7 +77,7 @@ def _embed_slice(model: nn.Module, images: Sequence[ImageInput], batch_size: int
                      for i in range(start, min(start + batch_size, len(images)))]
             if len({b.shape for b in batch}) > 1:
                 raise ValueError(f"{source}: images {first_index + start}.. have different sizes")
-            chunks.append(embed_batch(model, torch.from_numpy(np.stack(batch)), device, flip))
+            chunks.append(embed_batch(model, torch.from_numpy(np.stack(batch)), device, flip, separate))
             update(len(batch))
     finally:
         close()
@@ -159,8 +163,9 @@ def gather_extraction(embed_local: Callable[[], torch.Tensor], world_size: int,
 def extract_embeddings(model: nn.Module, images: Sequence[ImageInput] | np.ndarray, batch_size: int,
                        device: torch.device | str, flip: bool = True, rank: int = 0, world_size: int = 1,
                        progress: bool = True, image_size: int | None = 112,
-                       source: str = "<images>") -> np.ndarray:
-    """Embeddings [N, D] float32 of encoded or HWC uint8 images, each summed with its horizontal flip.
+                       source: str = "<images>", separate: bool = False) -> np.ndarray:
+    """Embeddings [N, D] float32 of encoded or HWC uint8 images, each summed with its horizontal flip
+    ([N, 2D] with `separate`: each image's and its mirror's embeddings side by side).
 
     With world_size > 1 (process group initialized) rank r embeds its contiguous slice and all ranks receive
     all N rows; an error on one rank is raised on every rank. Ranks may run different batch counts, so pass
@@ -180,7 +185,7 @@ def extract_embeddings(model: nn.Module, images: Sequence[ImageInput] | np.ndarr
     try:
         return gather_extraction(
             lambda: _embed_slice(model, images[start:start + count], batch_size, device, flip, image_size,
-                                 source, start, progress and rank == 0),
+                                 source, start, progress and rank == 0, separate),
             world_size, device)
     finally:
         model.train(was_training)
@@ -220,6 +225,19 @@ def load_bin_checked(bin_path: str) -> tuple[list[bytes], list[bool]]:
     return list(images), [bool(s) for s in issame]
 
 
+def flip_sum(parts: np.ndarray, flip: bool) -> tuple[np.ndarray, float]:
+    """(float64 embeddings, XNorm) as insightface's verification forms them: an image's and its mirror's
+    float32 embeddings (side by side in `parts` when `flip`) summed in float64; XNorm = the mean norm of
+    every single embedding, image and mirror counted apart (about half the summed embedding's norm)."""
+    if not flip:
+        embeddings = parts.astype(np.float64)
+        return embeddings, float(np.linalg.norm(embeddings, axis=1).mean())
+    half = parts.shape[1] // 2
+    image, mirror = parts[:, :half].astype(np.float64), parts[:, half:].astype(np.float64)
+    norms = np.concatenate([np.linalg.norm(image, axis=1), np.linalg.norm(mirror, axis=1)])
+    return image + mirror, float(norms.mean())
+
+
 def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, image_size: int | None = 112, flip: bool = True,
                  progress: bool = True, pixel_reference: bool = True,
@@ -234,9 +252,10 @@ def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch
     except EvalSetError:
         announce_failure(world_size, torch.device(device))  # the other ranks are already in the extraction
         raise
-    embeddings = extract_embeddings(model, images, batch_size, device, flip=flip, rank=rank,
-                                    world_size=world_size, progress=progress, image_size=image_size,
-                                    source=bin_path)
+    parts = extract_embeddings(model, images, batch_size, device, flip=flip, rank=rank,
+                               world_size=world_size, progress=progress, image_size=image_size,
+                               source=bin_path, separate=flip)
+    embeddings, xnorm = flip_sum(parts, flip)
     result = verify_embeddings(embeddings, issame)
     report: dict[str, Any] = {
         "name": os.path.splitext(os.path.basename(bin_path))[0],
@@ -246,6 +265,7 @@ def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch
         "threshold": result.best_threshold,
         "cosine_threshold": result.best_cosine_threshold,
         "embedding_norm": float(np.linalg.norm(embeddings, axis=1).mean()),
+        "xnorm": xnorm,
     }
     for far, tar in result.tar_at_far.items():
         report[f"tar_at_far_{far:.0e}"] = tar

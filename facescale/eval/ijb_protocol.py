@@ -50,7 +50,8 @@ def image_features(embeddings: np.ndarray, detector_scores: np.ndarray, mode: IJ
 def template_features(features: np.ndarray, template_ids: np.ndarray,
                       media_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted template ids, L2-normalized template features): images averaged per (template, media),
-    media means summed per template."""
+    media means summed per template. A template whose sum is zero (D1 with every face's detector score 0)
+    stays zero and scores 0 with any template, as scikit-learn's normalize leaves it in eval_ijbc.py."""
     feats = np.asarray(features, dtype=np.float64)
     keys = np.stack([np.asarray(template_ids), np.asarray(media_ids)], axis=1)
     media_keys, media_of_image = np.unique(keys, axis=0, return_inverse=True)
@@ -61,7 +62,11 @@ def template_features(features: np.ndarray, template_ids: np.ndarray,
     templates, template_of_media = np.unique(media_keys[:, 0], return_inverse=True)
     template_sum = np.zeros((len(templates), feats.shape[1]))
     np.add.at(template_sum, template_of_media.reshape(-1), media_mean)
-    return templates, l2_normalize(template_sum, "template features")
+    zero = ~template_sum.any(axis=1)
+    template_sum[zero] = 1.0  # normalised, then put back to zero
+    pooled = l2_normalize(template_sum, "template features")
+    pooled[zero] = 0.0
+    return templates, pooled
 
 
 def score_template_pairs(templates: np.ndarray, features: np.ndarray, pair_templates: np.ndarray,

@@ -102,7 +102,8 @@ def verify_distances(distances: np.ndarray | Sequence[float], issame: Sequence[b
 
 
 def l2_normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
-    """Rows scaled to unit length in their own float dtype (as insightface does); a zero row is an error."""
+    """Rows scaled to unit length in their own float dtype (a `.bin`'s embeddings arrive as float64 sums, as
+    insightface's verification forms them); a zero row is an error."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)

@@ -184,6 +184,7 @@ class TrainConsole:
         """Log one set's accuracy with its best so far; return the best-so-far scalars."""
         best, best_step = self.best.update(name, result["accuracy"], step)
         self.log(f"[eval] step {step} {name}: accuracy {result['accuracy']:.4f} "
-                 f"± {result['accuracy_std']:.4f} (best {best:.4f} at step {best_step}; raw-pixel baseline "
+                 f"± {result['accuracy_std']:.4f} (best {best:.4f} at step {best_step}; XNorm "
+                 f"{result.get('xnorm', float('nan')):.2f}; raw-pixel baseline "
                  f"{result.get('pixel_accuracy', float('nan')):.4f}, {result['num_pairs']} pairs)")
         return {f"eval/{name}/best_accuracy": best}
