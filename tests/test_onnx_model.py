@@ -110,6 +110,32 @@ def test_input_convention_is_read_from_the_graph(files, tmp_path):
     assert not OnnxBackbone(tmp_path / "layernorm.onnx").raw_pixels
 
 
+@pytest.mark.parametrize("op", ["Identity", "Cast"])
+def test_an_mxnet_style_graph_with_a_node_before_its_normalisation_gets_raw_pixels(files, tmp_path, op):
+    """insightface's MXNet symbols start `data = mx.sym.identity(data, name='id'); data = data - 127.5;
+    data = data * 0.0078125`, which MXNet's ONNX exporter writes as Identity -> Sub -> Mul (a Cast in the
+    fp16 ones): the graph normalises itself, so it must get raw pixels, not normalised ones twice."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from facescale.eval.onnx_model import OnnxBackbone
+
+    model = onnx.load(str(files / "raw.onnx"))
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = ["id_out" if name == "data" else name for name in node.input]
+    extra = {"to": TensorProto.FLOAT} if op == "Cast" else {}
+    graph.node.insert(0, helper.make_node(op, ["data"], ["id_out"], name="id", **extra))
+    onnx.save(model, str(tmp_path / "mxnet.onnx"))
+    assert OnnxBackbone(tmp_path / "mxnet.onnx").raw_pixels
+    common = [str(files / "faces"), "--workers", "0", "--batch-size", "3"]
+    assert main(["embed", "--weights", str(files / "backbone.pth"), "--model", "demo",
+                 "--out", str(tmp_path / "torch"), *common]) == 0
+    assert main(["embed", "--onnx", str(tmp_path / "mxnet.onnx"), "--out", str(tmp_path / "mx"),
+                 *common]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "mx.npy"), np.load(tmp_path / "torch.npy"), atol=2e-4)
+
+
 def test_bad_onnx_sources_are_one_line(files, tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
     faces = [str(files / "faces"), "--out", str(tmp_path / "o")]

@@ -24,13 +24,21 @@ class OnnxModelError(InputError, ValueError):
     default_fix = "give an ONNX face model with one NCHW image input and one [batch, dim] output"
 
 
+_PASS_THROUGH = ("Identity", "Cast")  # MXNet's exporter puts `id` (Identity) between `data` and its `- 127.5`
+
+
 def _normalises_inside(path: Path, image: str) -> bool:
-    """Whether the graph's `image` input goes straight into a Sub whose result is scaled (Mul or Div): its own
-    normalisation. (Any Sub and Mul among the first nodes would also match a ViT's decomposed LayerNorm.)"""
+    """Whether the graph's `image` input goes (through Identity / Cast nodes only) into a Sub whose result is
+    scaled (Mul or Div): its own normalisation. (Any Sub and Mul among the first nodes would also match a
+    ViT's decomposed LayerNorm.)"""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    subtracted = {out for node in graph.node if node.op_type == "Sub" and image in node.input
+    inputs = {image}
+    for node in graph.node:  # ONNX lists nodes in topological order
+        if node.op_type in _PASS_THROUGH and node.input and node.input[0] in inputs:
+            inputs.update(node.output)
+    subtracted = {out for node in graph.node if node.op_type == "Sub" and inputs & set(node.input)
                   for out in node.output}
     return any(node.op_type in ("Mul", "Div") and subtracted & set(node.input) for node in graph.node)
 
