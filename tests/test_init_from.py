@@ -187,7 +187,7 @@ def test_backbone_weights_of_a_checkpoint_gpu_file_leave_its_centers_unread(tmp_
     import sys
 
     state = arcface_torch_state("mbf")
-    centers = torch.full((160_000, 512), 0.5)  # 312 MiB, then as much again in the optimizer state
+    centers = torch.full((64_000, 512), 0.5)  # 125 MiB, then as much again in the optimizer state
     torch.save({"epoch": 1, "global_step": 10, "state_dict_backbone": state,
                 "state_dict_softmax_fc": {"weight": centers},
                 "state_optimizer": {"state": {0: {"momentum_buffer": centers.clone()}}, "param_groups": []}},
