@@ -62,7 +62,7 @@ def test_imported_yaml_validates_and_resolves_to_the_same_recipe(tmp_path, data_
     text = out.read_text()
     assert "ignored num_classes = 2059906" in text and "secret-key" not in text
     assert "convert rec --rec /train_tmp/WebFace42M/train.rec" in text
-    assert "convert folder --root /train_tmp/WebFace42M --out data/WebFace42M" in text  # the folder release
+    assert "convert folder --root /train_tmp/WebFace42M --out data/webface42m" in text  # the folder release
 
     cfg = load_config(out, [f"data.shards={data_dir}"])
     assert cfg.eval.bins == [str(data_dir / "lfw.bin"), str(data_dir / "cfp_fp.bin")]
@@ -247,3 +247,23 @@ def test_the_notes_say_how_facescales_warm_up_differs(tmp_path) -> None:
     theirs = [arcface_torch_lr(b, 0.1, 10, 50) for b in range(51)]
     assert ours[:10] == pytest.approx(theirs[1:11]) and ours[10:] == pytest.approx(theirs[10:50])
     assert theirs[0] == 0.1 and ours[0] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(("classes", "images", "shards", "plan_names"), [
+    (85742, 5822653, "data/ms1mv2", "85,742 identities"),  # ms1mv2_*.py: rec /train_tmp/faces_emore
+    (1017970, 12720066, "data/WebFace12M_Conflict", None),  # wf12m_conflict_*.py: not a set plan knows
+])
+def test_a_known_sets_shards_are_named_so_plan_sizes_it_before_conversion(tmp_path, capsys, classes, images,
+                                                                          shards, plan_names) -> None:
+    text = (ARCFACE_STYLE.replace("config.num_classes = 2059906", f"config.num_classes = {classes}")
+            .replace("config.num_image = 42474557", f"config.num_image = {images}")
+            .replace("/train_tmp/WebFace42M", "/train_tmp/WebFace12M_Conflict" if not plan_names else "/d/x"))
+    _imported(tmp_path, text)
+    yaml_text = (tmp_path / "recipe.yaml").read_text()
+    assert f"shards: {shards}" in yaml_text and f"--out {shards}" in yaml_text
+    capsys.readouterr()
+    code = main(["plan", "--config", str(tmp_path / "recipe.yaml"), "--nodes", "1", "--gpus-per-node", "8"])
+    if plan_names:
+        assert code == 0 and plan_names in capsys.readouterr().out
+    else:
+        assert code == 2 and "pass --num-classes N" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import operator
 from pathlib import Path
 from typing import Any
 
+from facescale.data.known_sets import known_set_name
 from facescale.errors import InputError
 
 # arcface_torch configs/base.py
@@ -178,7 +179,9 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
         schedule["batch_per_rank"] = int(values["batch_size"])
     log_every, eval_every, every_notes = _every_steps(values)
     rec = str(values.get("rec") or "")
-    shards = f"data/{Path(rec).name}" if rec else "data/train"
+    known = None if rec == "synthetic" else known_set_name(values.get("num_classes", 0),
+                                                            values.get("num_image", 0))  # a name plan knows
+    shards = f"data/{known or Path(rec).name}" if known or rec else "data/train"
     output = values["output"] or f"runs/{name}"
     mapping = {
         "model": model,

@@ -8,26 +8,11 @@ from pathlib import Path
 
 from facescale.config.errors import ConfigError
 from facescale.config.schema import Config
+from facescale.data.known_sets import KNOWN_SETS
 from facescale.modes.base import ModePlan
 from facescale.modes.registry import get_mode
 from facescale.plan.backbone import BackboneStats, backbone_stats
 from facescale.plan.zero import ZeroMemory, zero_memory, zero_traffic
-
-# identities of public training sets, used when the shards are not on this machine (keyed by folder name)
-KNOWN_NUM_CLASSES = {
-    "webface42m": 2_059_906,
-    "webface12m": 617_970,
-    "webface4m": 205_990,
-    "glint360k": 360_232,
-    "ms1mv3": 93_431,
-}
-KNOWN_NUM_SAMPLES = {  # images of the same sets (F2C's identity index is sized by them)
-    "webface42m": 42_474_557,
-    "webface12m": 12_720_066,
-    "webface4m": 4_235_242,
-    "glint360k": 17_091_657,
-    "ms1mv3": 5_179_510,
-}
 
 
 @dataclass(frozen=True)
@@ -88,11 +73,11 @@ def resolve_num_classes(cfg: Config, num_classes: int | None = None) -> int:
     if manifest.is_file():
         return int(json.loads(manifest.read_text())["num_classes"])
     name = Path(cfg.data.shards).name.lower()
-    if name in KNOWN_NUM_CLASSES:
-        return KNOWN_NUM_CLASSES[name]
+    if name in KNOWN_SETS:
+        return KNOWN_SETS[name][0]
     raise ConfigError(
         f"data.shards: '{cfg.data.shards}' has no manifest.json and is not a known data set "
-        f"({', '.join(sorted(KNOWN_NUM_CLASSES))}); pass --num-classes N"
+        f"({', '.join(sorted(KNOWN_SETS))}); pass --num-classes N"
     )
 
 
@@ -101,7 +86,8 @@ def resolve_num_samples(cfg: Config) -> int | None:
     manifest = Path(cfg.data.shards) / "manifest.json"
     if manifest.is_file():
         return int(json.loads(manifest.read_text()).get("num_samples", 0)) or None
-    return KNOWN_NUM_SAMPLES.get(Path(cfg.data.shards).name.lower())
+    known = KNOWN_SETS.get(Path(cfg.data.shards).name.lower())
+    return known[1] if known else None
 
 
 def plan_rank(
