@@ -110,6 +110,8 @@ def format_table(title: str, table: dict[float, float | None],
         return label + "".join(f"{'n/a' if v is None else f'{100 * v:.2f}':>9}" for v in values.values())
 
     header = "FAR          " + "".join(f"{far:>9.0e}" for far in table)
-    rows = [row("TAR%         ", table)] + ([row("TAR% FAR<=   ", at_most)] if at_most else [])
+    rows = [row("TAR%         ", table)] + ([row("TAR% strict  ", at_most)] if at_most else [])
     rule = "-" * len(header)
-    return "\n".join([title, rule, header, *rows, rule])
+    legend = ["TAR%: the ROC point nearest each FAR, as eval_ijbc.py and the published tables read it; "
+              "strict: the best TAR at an empirical FAR <= it"] if at_most else []
+    return "\n".join([title, rule, header, *rows, rule, *legend])
