@@ -127,6 +127,8 @@ def _from_mpi(env: Mapping[str, str]) -> DistEnv | None:
         ("PMI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ):
         if rank_k in env and size_k in env:
+            if local_k not in env:  # Slurm's pmi2 plugin sets PMI_RANK/PMI_SIZE alone: its SLURM_* say more
+                continue
             world = _int(env, size_k, prefix)
             return DistEnv(
                 rank=_int(env, rank_k, prefix),
@@ -183,11 +185,13 @@ def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     for other in found[1:]:
         # srun running one torchrun per node legitimately differs (fewer Slurm tasks than ranks); an srun with
         # one task per rank must agree with what torchrun-style variables say.
-        if other.world_size == chosen.world_size and other.rank != chosen.rank:
+        if other.world_size == chosen.world_size and (other.rank, other.local_rank) != (
+                chosen.rank, chosen.local_rank):
             raise LaunchEnvError(
-                f"launchers disagree: {chosen.source} says rank {chosen.rank}/{chosen.world_size} but "
-                f"{other.source} says rank {other.rank}/{other.world_size}; unset the stale variables "
-                "(e.g. RANK/WORLD_SIZE exported in a batch script) or launch with one launcher only"
+                f"launchers disagree: {chosen.source} says rank {chosen.rank}/{chosen.world_size} (local "
+                f"{chosen.local_rank}) but {other.source} says rank {other.rank}/{other.world_size} (local "
+                f"{other.local_rank}); unset the stale variables (e.g. RANK/WORLD_SIZE exported in a batch "
+                "script) or launch with one launcher only"
             )
     if not 0 <= chosen.rank < chosen.world_size:
         raise LaunchEnvError(f"{chosen.source}: rank {chosen.rank} is outside world size {chosen.world_size}")

@@ -59,6 +59,25 @@ def test_srun_task_per_rank():
     assert d.master_addr == "gpu07" and d.master_port == 20000 + 4242
 
 
+def test_srun_with_slurms_pmi2_plugin_maps_each_rank_to_its_own_gpu():
+    """Clusters with MpiDefault=pmi2: Slurm's pmi2 plugin gives every task PMI_RANK and PMI_SIZE (gtaskid,
+    ntasks) but no local rank; the task's GPU is its SLURM_LOCALID, not 0 on every rank of a node."""
+    env = {"PMI_RANK": "13", "PMI_SIZE": "64", "PMI_FD": "7", "SLURM_PROCID": "13", "SLURM_NTASKS": "64",
+           "SLURM_LOCALID": "5", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "g[1-8]",
+           "SLURM_STEP_TASKS_PER_NODE": "8(x8)"}
+    d = resolve_dist_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size) == (13, 64, 5, 8)
+    hydra = {"PMI_RANK": "13", "PMI_SIZE": "64", "MPI_LOCALRANKID": "5", "MPI_LOCALNRANKS": "8"}
+    assert (resolve_dist_env(hydra).local_rank, resolve_dist_env(hydra).source) == (5, "mpi")  # mpirun's
+
+
+def test_launchers_that_disagree_on_the_local_rank_are_an_error():
+    env = {"RANK": "13", "WORLD_SIZE": "64", "LOCAL_RANK": "0", "SLURM_PROCID": "13", "SLURM_NTASKS": "64",
+           "SLURM_LOCALID": "5", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "g[1-8]"}
+    with pytest.raises(LaunchEnvError, match=r"rank 13/64 \(local 0\).*rank 13/64 \(local 5\)"):
+        resolve_dist_env(env)
+
+
 def test_batch_shell_is_not_a_rank():
     assert (
         resolve_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).source == "single"
