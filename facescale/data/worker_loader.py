@@ -14,13 +14,18 @@ from typing import Any
 import torch
 
 from facescale.errors import InputError
+from launcher.preemption import DEFAULT_SIGNALS
 
 
-def _one_thread_worker(worker_id: int) -> None:
+def one_thread_worker(worker_id: int) -> None:
     """DataLoader worker init: one intra-op thread (tiny tensors; OpenMP spinning costs ~10x here), and Ctrl-C
-    left to the main process (it saves at the next step boundary, and needs its workers until then)."""
+    and the preemption signals left to the main process, which saves at the next step boundary and needs its
+    workers until then: Slurm signals every process of the job step (`--signal=USR2@300` and scancel's TERM
+    reach the workers too), and a spawned worker does not inherit the main process's Python handlers, so the
+    signal's default action would kill it (no save, no requeue)."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGINT", *DEFAULT_SIGNALS):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class LoaderWorkerDied(InputError, RuntimeError):
@@ -120,6 +125,6 @@ def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: 
     within `timeout_s` (0: no limit), as LoaderTimedOut."""
     return _StepBoundaryDataLoader(
         dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-        multiprocessing_context="spawn" if num_workers else None, worker_init_fn=_one_thread_worker,
+        multiprocessing_context="spawn" if num_workers else None, worker_init_fn=one_thread_worker,
         pin_memory=pin_memory, prefetch_factor=2 if num_workers else None,
         timeout=timeout_s if num_workers else 0.0)

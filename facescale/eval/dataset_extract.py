@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from facescale.data.worker_loader import one_thread_worker
 from facescale.errors import InputError
 from facescale.eval.binfile import EvalSetError
 from facescale.eval.decode import decode_image
@@ -57,10 +58,6 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(1, min(16, cpus // max(1, local_world_size) - 1))
 
 
-def _single_thread_worker(_: int) -> None:
-    torch.set_num_threads(1)  # many workers per rank: one thread each keeps them from oversubscribing
-
-
 def embed_on_ranks(model: nn.Module, faces: Dataset, *, batch_size: int, device: torch.device | str,
                    flip: bool, world_size: int, workers: int, progress: bool, label: str,
                    error_type: type[InputError], skipped: list[int] | None = None) -> RankRows:
@@ -74,7 +71,7 @@ def embed_on_ranks(model: nn.Module, faces: Dataset, *, batch_size: int, device:
     loader = DataLoader(faces, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_faces if skipped is None else collate_keeping_errors,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                        worker_init_fn=_single_thread_worker if workers else None)
+                        worker_init_fn=one_thread_worker if workers else None)
 
     def embed_local() -> torch.Tensor:
         update, close = progress_bar(count, progress, label)
