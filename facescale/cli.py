@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _ExactOptionParser(prog="facescale", description="Face recognition training at scale.")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of input errors (also FACESCALE_DEBUG=1); allowed anywhere")
+    # `deepspeed --module facescale train ...` runs `facescale --local_rank=N train ...` (unless its
+    # --no_local_rank); LOCAL_RANK in the environment, which launcher/env.py reads, says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"facescale.commands.{name}").register(sub)

@@ -2,8 +2,9 @@
 
 The hostfile comes from `launcher.hostfile` (two "nodes" of one slot each, as `deepspeed --hostfile` expects
 on a cluster); each node is started with `--no_ssh --node_rank N`, which is how the launcher runs where
-there is no passwordless ssh (and what a per-node srun would do). `--no_local_rank` keeps the launcher from
-appending `--local_rank=N` to our command line (the rank comes from LOCAL_RANK).
+there is no passwordless ssh (and what a per-node srun would do). The launcher appends `--local_rank=N` to
+the command (as the README's `deepspeed --num_gpus 8 --module facescale train ...` gets it): accepted, the
+rank coming from LOCAL_RANK.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ def test_deepspeed_launcher_two_nodes_from_hostfile(tmp_path):
             f"--node_rank={node_rank}",
             "--master_addr=127.0.0.1",
             f"--master_port={port}",
-            "--no_local_rank",
             "--module",
             "facescale",
             "train",
