@@ -1,6 +1,10 @@
 """Preemption: a signal sets a flag; all ranks agree on it at a step boundary, save, and exit for requeue.
-Ctrl-C (SIGINT, where the trainer asks for it) stops the same way but exits with INTERRUPT_EXIT_CODE, and a
-rank whose next batch cannot be read (bad or vanished data) the same way, without requeue, raising its error.
+The requeue signals are SIGUSR1/SIGUSR2, the ones the batch scripts ask Slurm for before the time limit
+(`--signal=USR2@300`). SIGTERM (scancel, a Slurm preemption, which requeues the job itself where its
+PreemptMode says so) saves and stops without asking for a requeue (TERMINATE_EXIT_CODE): a cancelled job
+must not come back. Ctrl-C (SIGINT, where the trainer asks for it) stops the same way with
+INTERRUPT_EXIT_CODE, and a rank whose next batch cannot be read (bad or vanished data) the same way, without
+requeue, raising its error.
 
 Never exit inside the handler (a collective may be in flight): the handler only records the signal.
 The trainer calls `should_stop()` once per step; it MAX-reduces the flag so every rank stops at the same step,
@@ -22,10 +26,12 @@ import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 3  # the batch script requeues the job when the trainer exits with this code
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C saved and stopped the run (no requeue)
+TERMINATE_EXIT_CODE = 143  # 128 + SIGTERM: scancel (or a preemption Slurm requeues itself) saved and stopped
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
-# what a rank saw, MAX-reduced: a preemption outranks a Ctrl-C, and an input failure both (a requeued job
-# would meet the same bad input)
-_NONE, _INTERRUPT, _PREEMPT, _INPUT_FAILED = 0, 1, 2, 3
+STOP_SIGNAL = "SIGTERM"  # saves and stops; the others in DEFAULT_SIGNALS save and ask for a requeue
+# what a rank saw, MAX-reduced: a preemption outranks a Ctrl-C, a SIGTERM a preemption (a cancelled job must
+# not be requeued), and an input failure all of them (a requeued job would meet the same bad input)
+_NONE, _INTERRUPT, _PREEMPT, _TERMINATE, _INPUT_FAILED = 0, 1, 2, 3, 4
 REQUEUE_MARKER_ENV = "FACESCALE_REQUEUE_MARKER"
 
 _first_check_hooks: list[Callable[[], None]] = []
@@ -50,12 +56,15 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.interrupted = False  # Ctrl-C (SIGINT) on this rank
-        self.requeue = False  # set by should_stop: the agreed stop is a preemption (else a Ctrl-C)
+        self.terminated = False  # SIGTERM on this rank
+        self.requeue = False  # set by should_stop: the agreed stop is a preemption to requeue
+        self.terminate = False  # set by should_stop: the agreed stop is a SIGTERM (save, stop, no requeue)
         self.input_failed = False  # set by should_stop: some rank's input failed (it raises its own error)
 
     def _handle(self, signum: int, _frame) -> None:
         first = self.signal_name is None
         self.signal_name = signal.Signals(signum).name
+        self.terminated |= self.signal_name == STOP_SIGNAL
         if first:
             sys.stderr.write(f"[facescale] received {self.signal_name}: saving at the next step boundary\n")
 
@@ -79,10 +88,11 @@ class PreemptionFlag:
 
     def should_stop(self, device: torch.device | None = None, input_failed: bool = False) -> bool:
         """True on every rank once any rank has been signalled or says `input_failed` (its next batch could
-        not be read); then `input_failed` says whether any rank's input failed, else `requeue` whether any
-        rank was preempted (a Ctrl-C alone stops without requeue)."""
-        seen = (_INPUT_FAILED if input_failed else _PREEMPT if self.signal_name
-                else _INTERRUPT if self.interrupted else _NONE)
+        not be read); then `input_failed` says whether any rank's input failed, else `terminate` whether any
+        rank got SIGTERM, else `requeue` whether any rank was preempted (a Ctrl-C alone stops without
+        requeue)."""
+        seen = (_INPUT_FAILED if input_failed else _TERMINATE if self.terminated
+                else _PREEMPT if self.signal_name else _INTERRUPT if self.interrupted else _NONE)
         local = torch.tensor([seen], dtype=torch.int32, device=device)
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
@@ -90,6 +100,7 @@ class PreemptionFlag:
         agreed = int(local.item())
         self.input_failed = agreed == _INPUT_FAILED
         self.requeue = agreed == _PREEMPT
+        self.terminate = agreed == _TERMINATE
         if self.requeue and (not distributed or dist.get_rank() == 0):
             write_requeue_marker(self.signal_name or "peer")
         _run_first_check_hooks()

@@ -97,6 +97,27 @@ def test_ctrl_c_on_one_rank_stops_every_rank_without_requeue(tmp_path):
     assert not marker.exists()  # an interrupted run is not requeued
 
 
+def _term_on_rank1_usr2_on_rank0(rank: int, world: int, marker: str) -> list[tuple[bool, bool, bool]]:
+    os.environ[REQUEUE_MARKER_ENV] = marker
+    flag = PreemptionFlag.install()  # the trainer's signals: USR1, USR2, TERM
+    answers = []
+    for step in range(4):
+        if step == 2:  # the time-limit warning on rank 0, scancel's SIGTERM on rank 1 at the same moment
+            os.kill(os.getpid(), signal.SIGTERM if rank == 1 else signal.SIGUSR2)
+        answers.append((flag.should_stop(), flag.requeue, flag.terminate))
+    return answers
+
+
+def test_sigterm_saves_and_stops_every_rank_without_asking_for_a_requeue(tmp_path):
+    """scancel sends SIGTERM to every step (and a Slurm preemption, which requeues the job itself where it
+    should): a cancelled job must stay cancelled, even when another rank got the requeue signal."""
+    marker = tmp_path / "REQUEUE"
+    answers = run_ranks(_term_on_rank1_usr2_on_rank0, 2, str(marker))
+    assert answers == [[(False, False, False), (False, False, False), (True, False, True),
+                        (True, False, True)]] * 2
+    assert not marker.exists()
+
+
 def _input_fails_on_rank0_while_rank1_is_preempted(rank: int, world: int, marker: str) -> list[tuple]:
     os.environ[REQUEUE_MARKER_ENV] = marker
     flag = PreemptionFlag.install(("SIGUSR1",))

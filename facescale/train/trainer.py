@@ -32,7 +32,7 @@ from facescale.train.resume_check import epoch_plan_change, resume_step_dir
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
 from launcher.env import DistEnv
-from launcher.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
+from launcher.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, TERMINATE_EXIT_CODE, PreemptionFlag
 
 
 @dataclass
@@ -327,7 +327,7 @@ class Trainer:
     def _stop(self, input_error: Exception | None) -> None:
         """Save the agreed step on every rank and end the process: the rank whose input failed raises its
         error (an input error: one line, exit 2; anything else with its traceback), the others exit 2; else a
-        preemption exits for requeue, a Ctrl-C with 130."""
+        SIGTERM exits with 143, a preemption for requeue (3), a Ctrl-C with 130."""
         if self.preemption.input_failed:
             path = self.save()
             self.metrics.console(f"[facescale] stopped at step {self.step}: a rank could not read its next "
@@ -338,8 +338,9 @@ class Trainer:
                 raise input_error
             raise SystemExit(INPUT_ERROR_EXIT_CODE)
         requeue = self.preemption.requeue
-        code = REQUEUE_EXIT_CODE if requeue else INTERRUPT_EXIT_CODE
-        what = "preempted" if requeue else "interrupted (Ctrl-C)"
+        code, what = ((REQUEUE_EXIT_CODE, "preempted") if requeue else
+                      (TERMINATE_EXIT_CODE, "stopped by SIGTERM (scancel or preemption)")
+                      if self.preemption.terminate else (INTERRUPT_EXIT_CODE, "interrupted (Ctrl-C)"))
         self.metrics.console(f"[facescale] {what} at step {self.step}: saving and exiting with code "
                              f"{code}{' for requeue' if requeue else ''}")
         self.save()

@@ -40,7 +40,8 @@ facescale_banner() {
 
 facescale_torchrun_grace() {
   # Prints torchrun's --shutdown-timeout option (how long its agent lets the ranks finish a checkpoint after
-  # SIGTERM before SIGKILL; FACESCALE_SHUTDOWN_TIMEOUT, default 300 s), or nothing with a warning where this
+  # SIGTERM before SIGKILL; FACESCALE_SHUTDOWN_TIMEOUT, default 300 s; Slurm itself kills the step KillWait
+  # seconds after its SIGTERM, 30 by default, whichever comes first), or nothing with a warning where this
   # torch's torchrun has no such option (torch 2.11's: its agent waits 30 s).
   local grace=${FACESCALE_SHUTDOWN_TIMEOUT:-300} usage
   usage=$("$PYTHON" -m torch.distributed.run --help 2>&1 || true)
@@ -54,8 +55,11 @@ facescale_torchrun_grace() {
 
 facescale_wait_step() {
   # $1 = pid of the backgrounded `srun` step. With --signal=B:SIG the batch shell gets the signal: pass it on
-  # to the training tasks. SIGTERM (time limit, scancel) reaches the tasks from Slurm itself; the shell stays
-  # alive to requeue or report. Ends with facescale_requeue_or_exit on the step's exit code.
+  # to the training tasks. SIGTERM (time limit, scancel, preemption) reaches the tasks from Slurm itself; they
+  # save and exit with 143 (no requeue: a cancelled job stays cancelled; Slurm requeues a preempted one itself
+  # where its PreemptMode says so) within Slurm's KillWait (30 s by default; GraceTime for preemption), after
+  # which it kills them; the shell stays alive to report. Ends with facescale_requeue_or_exit on the step's
+  # exit code.
   local pid=$1 rc=0
   trapped=0
   trap 'trapped=1; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
