@@ -149,7 +149,8 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv | None:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
     addr = env.get("MASTER_ADDR") or (slurm_hosts(nodelist)[0] if nodelist else "127.0.0.1")
     job = int(env.get("SLURM_JOB_ID", "0") or 0)
-    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else job_port(job)
+    restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else job_port(job, restarts)
     tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", str(world))
     local_world = int(re.match(r"\d+", tasks_per_node).group()) if re.match(r"\d+", tasks_per_node) else world
     return DistEnv(

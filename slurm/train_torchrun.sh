@@ -29,6 +29,11 @@ cd "${FACESCALE_ROOT:-${SLURM_SUBMIT_DIR:-.}}"
 source slurm/env/job.sh
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1
+# the node's task holds every rank of the node: its CPUs shared among them (torchrun keeps a value it finds)
+if [[ -z "$FACESCALE_OMP_GIVEN" ]]; then
+  OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE ))
+  export OMP_NUM_THREADS=$(( OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1 ))
+fi
 facescale_banner
 GRACE=$(facescale_torchrun_grace)  # --shutdown-timeout where this torch has it (slurm/env/common.sh)
 

@@ -44,3 +44,18 @@ def test_older_torchrun_gets_no_option_and_the_job_log_says_why(tmp_path: Path) 
     proc = _grace(_fake_python(tmp_path, OLDER_USAGE))
     assert proc.stdout.strip() == ""  # torch 2.11's torchrun stops at an unknown option (exit 2)
     assert "no --shutdown-timeout" in proc.stderr and "30 s" in proc.stderr
+
+
+@pytest.mark.parametrize(("job", "restarts"), [(4242, 0), (4242, 1), (123_456, 3), (11_999, 0)])
+def test_the_batch_scripts_port_is_launcher_ports_and_below_the_ephemeral_range(job, restarts) -> None:
+    """A plain srun (launcher/env.py) and the batch scripts pick the same port for a job and requeue, below
+    Linux's default ephemeral range (32768-60999), where any outgoing connection may hold a port."""
+    from launcher.ports import job_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "SLURM_RESTART_COUNT")}
+    env.update(MASTER_ADDR="127.0.0.1", SLURM_JOB_ID=str(job), SLURM_RESTART_COUNT=str(restarts))
+    out = subprocess.run(["bash", "-c", "source slurm/env/common.sh && echo $MASTER_PORT"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert int(out) == job_port(job, restarts) and 1024 < int(out) < 32768
+    if restarts:
+        assert job_port(job, restarts) != job_port(job, 0)

@@ -4,6 +4,7 @@
 
 export PYTHONUNBUFFERED=1          # log lines reach the job's output file as they are written
 export PYTHONFAULTHANDLER=1        # Python stacks on SIGSEGV/SIGABRT (e.g. a NCCL abort)
+FACESCALE_OMP_GIVEN=${OMP_NUM_THREADS:-}  # set by the user: kept as given by every launch script
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
@@ -17,10 +18,11 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # srun in Slurm >= 22.05 no longer inherits --cpus-per-task from the allocation.
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 
-# Rendezvous: the first host of the job; a port derived from the job id and the requeue count, so
-# concurrent jobs on shared nodes and a requeued job (same id) never reuse a port (launcher/ports.py).
+# Rendezvous: the first host of the job; a port derived from the job id and the requeue count, as
+# launcher/ports.py's job_port (below Linux's ephemeral ports; concurrent jobs on shared nodes and a requeued
+# job, same id, get different ports unless their ids collide modulo the 12000-port span).
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
-MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 7919 * ${SLURM_RESTART_COUNT:-0}) % 20000))}
+MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + 7919 * ${SLURM_RESTART_COUNT:-0}) % 12000))}
 export MASTER_ADDR MASTER_PORT
 
 # The interpreter: $PYTHON, else the repository's .venv (made by `make venv`), else python3 on PATH.
@@ -92,5 +94,8 @@ facescale_requeue_or_exit() {
     exit 0
   fi
   echo "=== training ended with exit code $rc at $(date -Is)"
+  if [[ "$rc" -ne 0 ]]; then  # a new job gets a new default run directory: say how to go on with this one
+    echo "=== to resume this run after fixing the cause: RUN_DIR=$RUN_DIR CONFIG=$CONFIG sbatch <the same script>"
+  fi
   exit "$rc"
 }
