@@ -162,9 +162,15 @@ def _wait_for_step(proc, log_path, step: int, timeout: float = 240.0) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_step_and_stops_with_130(tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, data workers included, as a terminal sends it) saves the
-    current step, exits with 130 and no traceback; the run resumes from that step."""
+@pytest.mark.parametrize(("name", "code", "said"), [
+    ("SIGINT", 130, r"interrupted \(Ctrl-C\)"),
+    ("SIGTERM", 143, r"stopped by SIGTERM \(scancel or preemption\)"),
+])
+def test_ctrl_c_or_scancel_saves_the_step_and_stops_without_requeue(tmp_path, name, code, said):
+    """Ctrl-C (SIGINT to the whole process group, data workers included, as a terminal sends it) or scancel's
+    SIGTERM (to every process of the step, workers too) saves the current step, exits with 130 / 143 and no
+    traceback, asks for no requeue (a marker an earlier job left is cleared at the start); the run resumes
+    from that step."""
     import re
     import subprocess
     import sys
@@ -179,18 +185,20 @@ def test_ctrl_c_saves_the_step_and_stops_with_130(tmp_path):
             "data.num_workers=1", "schedule.warmup_steps=0", "schedule.global_batch_size=8",
             "logging.every_steps=1", "checkpoint.every_steps=1000"]
     argv = [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml"]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    marker = tmp_path / "REQUEUE"
+    marker.write_text("SIGUSR2\n")  # left by an earlier job whose batch shell was killed before removing it
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", REQUEUE_MARKER_ENV: str(marker)}
     log_path = tmp_path / "train.log"
     with log_path.open("w") as log:
         command = argv + [x for item in [*sets, "schedule.steps=100000"] for x in ("--set", item)]
         proc = subprocess.Popen(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         _wait_for_step(proc, log_path, 3)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+        os.killpg(proc.pid, getattr(signal, name))
+        assert proc.wait(timeout=120) == code, log_path.read_text()[-3000:]
     text = log_path.read_text()
-    assert "Traceback" not in text
-    step = int(re.search(r"interrupted \(Ctrl-C\) at step (\d+): saving", text).group(1))
+    assert "Traceback" not in text and not marker.exists()
+    step = int(re.search(said + r" at step (\d+): saving", text).group(1))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
     command = argv + [x for item in [*sets, f"schedule.steps={step + 1}"] for x in ("--set", item)]
     again = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)

@@ -44,6 +44,8 @@ def run_training(config_path: str | None, overrides: list[str]):
         from facescale.train.trainer import Trainer
 
         with run_dir_lock(cfg.logging.run_dir, env.rank):  # one run directory, one writer
+            if env.rank == 0:
+                clear_requeue_marker()  # one an earlier job left (its batch shell killed) asks nothing now
             return Trainer(cfg, env, runtime).train()
     except CheckpointSaveError:
         if env.rank == 0:

@@ -345,6 +345,8 @@ class Trainer:
                              f"{code}{' for requeue' if requeue else ''}")
         self.save()
         self.metrics.close()
+        if dist.is_initialized():  # no rank exits (srun --kill-on-bad-exit then kills the others) while rank
+            dist.barrier()  # 0 still closes its logs (TensorBoard's last events, W&B's run)
         raise SystemExit(code)
 
     def _loader_cursor(self) -> dict | None:
