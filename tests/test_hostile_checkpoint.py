@@ -236,3 +236,20 @@ def test_deepspeed_files_resume_through_the_safe_loader(tmp_path: Path, stage: i
 
     allowed = {f"{g.__module__}.{g.__name__}" for g in allowed_globals(DEEPSPEED_GLOBALS)}
     assert set(needed) <= allowed, needed
+
+
+def test_a_checkpoint_file_cut_at_any_length_is_one_error_naming_it(tmp_path: Path) -> None:
+    """A file cut short (a copy interrupted, a node lost mid-write outside facescale) fails as a
+    CheckpointError that names it at every length; torch's zip reader raises a bare OSError (EINVAL) at
+    some of them, which became a traceback blaming a crashed rank."""
+    from facescale.checkpoint.layout import CheckpointError
+    from facescale.checkpoint.safe_load import safe_load
+
+    whole = tmp_path / "shard.pt"
+    torch.save({"centers": torch.randn(300, 64), "momentum_buffer": torch.randn(300, 64), "start": 7}, whole)
+    data = whole.read_bytes()
+    for tenth in range(1, 10):
+        cut = tmp_path / f"cut{tenth}.pt"
+        cut.write_bytes(data[: len(data) * tenth // 10])
+        with pytest.raises(CheckpointError, match=f"cut{tenth}.pt' is not readable"):
+            safe_load(cut)

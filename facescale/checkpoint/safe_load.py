@@ -70,7 +70,8 @@ def safe_load(path: str | Path, allow: str | None = None, map_location: Any = "c
         raise CheckpointError(f"checkpoint file '{path}' does not exist") from None
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(_refusal(path, exc)) from None
-    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile,
+            OSError) as exc:  # torch's zip reader raises a bare OSError (EINVAL) at some truncations
         raise CheckpointError(
             f"checkpoint file '{path}' is not readable ({_first_line(exc)}); it is truncated or damaged. "
             "Use an earlier step directory"
