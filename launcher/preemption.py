@@ -20,9 +20,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
+from typing import Any
 
 REQUEUE_EXIT_CODE = 3  # the batch script requeues the job when the trainer exits with this code
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C saved and stopped the run (no requeue)
@@ -78,19 +76,30 @@ class PreemptionFlag:
     @classmethod
     def install(cls, names: tuple[str, ...] = DEFAULT_SIGNALS, interrupt: bool = False) -> PreemptionFlag:
         """Create a flag and make each signal in `names` set it (replacing any earlier handler); `interrupt`:
-        Ctrl-C too, unless SIGINT is ignored here (nohup, a background job), which is left as it is."""
+        Ctrl-C too (see catch_interrupt). `facescale train` installs it first thing, so that a signal during
+        start-up (imports, the process group, the engine) is kept for the first step boundary instead of
+        killing the rank by its default action."""
         flag = cls()
         for name in names:
             signal.signal(getattr(signal, name), flag._handle)
-        if interrupt and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, flag._interrupt)
+        if interrupt:
+            flag.catch_interrupt()
         return flag
 
-    def should_stop(self, device: torch.device | None = None, input_failed: bool = False) -> bool:
+    def catch_interrupt(self) -> None:
+        """Make Ctrl-C set this flag (once training runs), unless SIGINT is ignored here (nohup, a background
+        job), which is left as it is."""
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._interrupt)
+
+    def should_stop(self, device: Any = None, input_failed: bool = False) -> bool:
         """True on every rank once any rank has been signalled or says `input_failed` (its next batch could
         not be read); then `input_failed` says whether any rank's input failed, else `terminate` whether any
         rank got SIGTERM, else `requeue` whether any rank was preempted (a Ctrl-C alone stops without
         requeue)."""
+        import torch
+        import torch.distributed as dist
+
         seen = (_INPUT_FAILED if input_failed else _TERMINATE if self.terminated
                 else _PREEMPT if self.signal_name else _INTERRUPT if self.interrupted else _NONE)
         local = torch.tensor([seen], dtype=torch.int32, device=device)

@@ -250,3 +250,35 @@ def test_a_preemption_save_with_the_next_step_read_ahead_resumes_exactly(tmp_pat
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout + resumed.stderr
     whole, preempted = losses("whole"), losses("preempted")
     assert [preempted[s] for s in range(step + 1, 31)] == [whole[s] for s in range(step + 1, 31)]
+
+
+@pytest.mark.slow
+def test_a_preemption_signal_during_start_up_waits_for_the_first_step_and_requeues(tmp_path):
+    """Slurm may signal while the ranks still build (process group, engine, loaders: minutes on a cluster):
+    the signal is kept from the command's start, so the run saves its first step and exits for requeue
+    instead of dying by the signal's default action (no save, no requeue, its peers left waiting)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from facescale.data.synth import synthesize
+
+    repo = Path(__file__).resolve().parents[1]
+    shards, run_dir = tmp_path / "shards", tmp_path / "run"
+    synthesize(shards, identities=12, images_per_identity=4, holdout_identities=0, seed=7, workers=1)
+    sets = [f"data.shards={shards}", f"logging.run_dir={run_dir}", "eval.bins=[]", "schedule.steps=50",
+            "schedule.warmup_steps=0", "schedule.global_batch_size=8", "checkpoint.every_steps=1000"]
+    command = [sys.executable, "-m", "facescale", "train", "--config", "configs/synthetic.yaml",
+               *[x for item in sets for x in ("--set", item)]]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "LOCK").exists():  # the process group is up; the engine and loaders come next
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 3, out[-3000:]
+    assert "preempted at step 1: saving" in out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000001"

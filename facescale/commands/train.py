@@ -6,9 +6,12 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
+    from launcher.preemption import PreemptionFlag
+
+    preemption = PreemptionFlag.install()  # before the heavy imports: a start-up signal waits for step 1
     from facescale.train.run import run_training
 
-    run_training(args.config, args.set or [])
+    run_training(args.config, args.set or [], preemption)
     return 0
 
 

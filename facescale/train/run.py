@@ -16,11 +16,12 @@ from facescale.train.resume_check import check_resume_fits, keep_saved_global_ba
 from facescale.train.run_lock import run_dir_lock
 from facescale.writable import require_writable
 from launcher.env import resolve_dist_env
-from launcher.preemption import clear_requeue_marker
+from launcher.preemption import PreemptionFlag, clear_requeue_marker
 
 
-def run_training(config_path: str | None, overrides: list[str]):
-    """Train with the config at `config_path` plus overrides; every check runs before the process group."""
+def run_training(config_path: str | None, overrides: list[str], preemption: PreemptionFlag | None = None):
+    """Train with the config at `config_path` plus overrides; every check runs before the process group.
+    `preemption`: the flag `facescale train` installed at its start (else the trainer installs one)."""
     env = resolve_dist_env()
     cfg = load_config(config_path, overrides)
     resume_from = resume_step_dir(cfg)  # the complete step it continues from, checked once here
@@ -46,7 +47,7 @@ def run_training(config_path: str | None, overrides: list[str]):
         with run_dir_lock(cfg.logging.run_dir, env.rank):  # one run directory, one writer
             if env.rank == 0:
                 clear_requeue_marker()  # one an earlier job left (its batch shell killed) asks nothing now
-            return Trainer(cfg, env, runtime).train()
+            return Trainer(cfg, env, runtime, preemption).train()
     except CheckpointSaveError:
         if env.rank == 0:
             clear_requeue_marker()  # a preemption save that failed must not requeue into the same failure

@@ -90,7 +90,8 @@ def keep_clip_norm(engine) -> None:
 class Trainer:
     """Owns the engine (backbone), the class-center head, the loader, metrics and checkpoints of one run."""
 
-    def __init__(self, cfg: Config, env: DistEnv, runtime: Runtime) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, runtime: Runtime,
+                 preemption: PreemptionFlag | None = None) -> None:
         import deepspeed
 
         from facescale.data.manifest import Manifest
@@ -143,7 +144,8 @@ class Trainer:
         self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
         self._skip_batches = 0  # batches to drop on resume when the loader has no load_state_dict
         self._nan_steps = nan_injection_steps()
-        self.preemption = PreemptionFlag.install(interrupt=True)
+        self.preemption = preemption or PreemptionFlag.install()  # a signal since start-up is kept
+        self.preemption.catch_interrupt()  # Ctrl-C saves from here on (before, it stops at once)
         if env.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             warn_if_short_of_space(cfg, self.run_dir, self.manifest.num_classes, env.world_size, self.metrics)
