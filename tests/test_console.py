@@ -53,6 +53,34 @@ def test_train_log_is_appended_with_timestamps_and_levels(tmp_path, capsys) -> N
     assert "rank 1 info" not in out and re.search(STAMP + r" WARNING \[rank 1\] rank 1 warning", out)
 
 
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def write(self, _text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def test_train_log_on_a_full_disk_warns_once_and_stops(tmp_path, capsys) -> None:
+    """As the other metrics sinks: one warning, then training goes on without train.log; logging's default
+    printed a '--- Logging error ---' traceback to stderr for every line (196 in 200 steps)."""
+    setup_run_logging(tmp_path, rank=0)
+    file_handler = next(h for h in run_logger().handlers if isinstance(h, logging.FileHandler))
+    file_handler.stream = _FullDisk()
+    for step in range(5):
+        run_logger().info(f"[train] step {step}")
+    close_run_logging()
+    captured = capsys.readouterr()
+    assert "Logging error" not in captured.err and "Traceback" not in captured.err
+    assert captured.out.count("cannot be written") == 1 and "No space left on device" in captured.out
+    assert captured.out.count("[train] step") == 5  # the console goes on
+
+
 def test_window_averages_the_loss_and_times_the_eta() -> None:
     clock = FakeClock()
     window = StepWindow(global_batch=32, clock=clock)

@@ -6,6 +6,7 @@ prefixed with their rank. train.log is opened in append mode, so a requeued job 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -23,6 +24,28 @@ def run_logger() -> logging.Logger:
     if not logger.handlers:
         setup_run_logging(None, rank=0)
     return logger
+
+
+class _RunLogFile(logging.FileHandler):
+    """train.log, which like the other metrics sinks says once that it cannot be written (a full disk, a lost
+    mount) and stops, where logging's default prints a traceback for every line that fails."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        with contextlib.suppress(Exception):
+            self.close()
+        logging.getLogger(LOGGER_NAME).warning(
+            f"[facescale] warning: {self.baseFilename} cannot be written ({error}); training goes on without "
+            "it until the run is started again")
 
 
 def setup_run_logging(run_dir: str | Path | None, rank: int) -> logging.Logger:
@@ -43,7 +66,7 @@ def setup_run_logging(run_dir: str | Path | None, rank: int) -> logging.Logger:
     logger.addHandler(stream)
     if rank == 0 and run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        log_file = logging.FileHandler(Path(run_dir) / LOG_FILE, mode="a", encoding="utf-8")
+        log_file = _RunLogFile(Path(run_dir) / LOG_FILE, mode="a", encoding="utf-8")
         log_file.setFormatter(formatter)
         logger.addHandler(log_file)
     silence_unactionable_warnings()
