@@ -39,3 +39,25 @@ def test_loader_workers_outlive_the_signals_the_trainer_saves_on() -> None:
     later = [next(loader) for _ in range(16)]  # a dead worker would raise LoaderWorkerDied here
     assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     assert len(first) == 8 and len(later) == 16
+
+
+_EXIT_WITH_LIVE_WORKERS = """
+from facescale.data.worker_loader import batch_stream_loader
+from tests.test_worker_signals import Counting
+loader = iter(batch_stream_loader(Counting(), num_workers=2))
+next(loader)
+print("fetched", flush=True)
+"""  # and exit with the workers running (persistent, the iterator never deleted)
+
+
+def test_a_process_exits_with_its_loader_workers_still_running() -> None:
+    """Workers that ignore SIGTERM would hang the exit: multiprocessing's exit handler sends its daemonic
+    children SIGTERM and then waits for them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS], cwd=repo, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0 and "fetched" in done.stdout, done.stderr[-2000:]

@@ -5,7 +5,11 @@ data.read_timeout_s (LoaderTimedOut)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit handler is registered before ours below
+import os
 import signal
 import threading
 import time
@@ -26,6 +30,17 @@ def one_thread_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
     for name in ("SIGINT", *DEFAULT_SIGNALS):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's own exit handler was registered, so it runs before it (LIFO)
+def _end_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing sends its daemonic children (DataLoader workers) SIGTERM and waits
+    for them: ours ignore SIGTERM (above), so they are ended here, before that wait, with SIGKILL (they hold
+    nothing to save)."""
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
 
 
 class LoaderWorkerDied(InputError, RuntimeError):
