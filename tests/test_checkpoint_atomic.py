@@ -119,7 +119,10 @@ def _resave_keeps_complete(rank: int, world: int, root: str) -> list[str]:
         seen.append(name)
 
     manager.on_file_written = check
+    stale = Path(root) / "checkpoints" / ".latest.tmp4242"  # a process killed between its write and rename
+    stale.write_text("step_00000004\n")
     second = manager.save(4, engine, head, {"seed": 0}, "x: 1\n")
+    assert not stale.exists() and not list(Path(root, "checkpoints").glob(".latest.tmp*"))
     return [first.name, second.name, (Path(root) / "checkpoints/latest").read_text().strip(), *seen]
 
 

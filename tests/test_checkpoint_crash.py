@@ -192,3 +192,7 @@ def test_the_latest_file_names_its_step_and_other_files_are_refused(tmp_path: Pa
     assert read_backbone_weights(tmp_path / "checkpoints" / "latest").keys() == {"fc.weight"}
     with pytest.raises(CheckpointError, match="trainer.json' is a file; point at a run directory"):
         resolve_checkpoint(step / "trainer.json")
+    (tmp_path / "checkpoints" / "latest").write_text("\n")  # a partial copy of the run directory
+    for given in (tmp_path, tmp_path / "checkpoints" / "latest"):
+        with pytest.raises(CheckpointError, match="latest' is empty, where it names the newest complete"):
+            resolve_checkpoint(given)

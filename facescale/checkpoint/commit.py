@@ -109,6 +109,8 @@ def commit_step(
     atomic_write_text(root / LATEST, target.name + "\n")
     fsync_dir(root)
     phase(LATEST)
+    for stale in root.glob(f".{LATEST}.tmp*"):  # an earlier process killed between its write and rename
+        stale.unlink(missing_ok=True)
     return target
 
 

@@ -162,6 +162,15 @@ def verify_step_dir(step_dir: Path) -> dict[str, Any]:
     return state
 
 
+def _latest_step(latest: Path) -> str:
+    """The step directory name a `latest` file holds; an empty one (a partial copy of the run) is named."""
+    name = read_text(latest).strip()
+    if not name:
+        raise CheckpointError(f"'{latest}' is empty, where it names the newest complete step directory; "
+                              "write that name into it (e.g. step_00000050) or point at a step directory")
+    return name
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run dir, its `checkpoints` dir, its `latest` file or a step dir; return the complete step dir
     it means."""
@@ -169,14 +178,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint '{p}' does not exist")
     if p.is_file() and p.name == LATEST:
-        p = p.parent / read_text(p).strip()
+        p = p.parent / _latest_step(p)
     elif p.is_file():
         raise CheckpointError(f"checkpoint '{p}' is a file; point at a run directory, its checkpoints/ or a "
                               "step directory (checkpoints/step_XXXXXXXX)")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if (p / LATEST).is_file():
-        p = p / read_text(p / LATEST).strip()
+        p = p / _latest_step(p / LATEST)
     elif not (p / TRAINER_STATE).exists() and not (p / COMPLETE).exists() and any(p.glob("step_*")):
         raise CheckpointError(f"'{p}' holds step directories but no '{LATEST}'; name one step dir explicitly")
     verify_step_dir(p)
