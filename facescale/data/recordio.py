@@ -20,6 +20,7 @@ Format facts used here (MXNet `dmlc::RecordIOWriter`, `mx.recordio.pack`, insigh
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -135,21 +136,23 @@ class RecordFile:
 
     def image_keys(self) -> list[int]:
         """Keys of the image records: 1 .. first identity record - 1 under an insightface header, else all."""
-        keys, identities = sorted(self.offsets), self._identity_range()
+        keys, identities = sorted(self.offsets), self.identity_range
         if identities is None:
             return keys
         return [key for key in keys if 0 < key < identities[0]]
 
     def identity_count(self) -> int | None:
         """How many identity records the insightface header announces, or None without such a header."""
-        identities = self._identity_range()
+        identities = self.identity_range
         return None if identities is None else identities[1] - identities[0]
 
-    def _identity_range(self) -> tuple[int, int] | None:
-        """(first identity record, end) of an insightface header record 0, or None: the set has none."""
-        keys = sorted(self.offsets)
-        header = self.read(keys[0])
-        if not (keys[0] == 0 and header.flag > 0 and len(header.labels) >= 2):
+    @functools.cached_property
+    def identity_range(self) -> tuple[int, int] | None:
+        """(first identity record, end) of an insightface header record 0, or None: the set has none. Read
+        once (near the boundary of a 42M-record set it reads a few records more)."""
+        first_key = min(self.offsets)  # not a sort of every key: the index may list 42M
+        header = self.read(first_key)
+        if not (first_key == 0 and header.flag > 0 and len(header.labels) >= 2):
             return None
         first_value, end_value = header.labels[:2]
         if end_value < _FLOAT32_EXACT:
