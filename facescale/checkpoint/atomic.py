@@ -14,6 +14,12 @@ def temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def remove_leftover_temps(path: Path) -> None:
+    """Remove the temp files of `path` that processes killed between their write and rename left behind."""
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a sibling temp file, fsync, then rename over `path`."""
     tmp = temp_beside(path)

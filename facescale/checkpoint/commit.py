@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from facescale.checkpoint.atomic import atomic_write_text
+from facescale.checkpoint.atomic import atomic_write_text, remove_leftover_temps
 from facescale.checkpoint.layout import (
     COMPLETE,
     HEAD_DIR,
@@ -109,8 +109,7 @@ def commit_step(
     atomic_write_text(root / LATEST, target.name + "\n")
     fsync_dir(root)
     phase(LATEST)
-    for stale in root.glob(f".{LATEST}.tmp*"):  # an earlier process killed between its write and rename
-        stale.unlink(missing_ok=True)
+    remove_leftover_temps(root / LATEST)  # an earlier process killed between its write and rename
     return target
 
 
