@@ -19,7 +19,6 @@ from facescale.config.errors import ConfigError
 from facescale.config.load import config_to_dict, config_yaml
 from facescale.config.schema import Config
 from facescale.data.hang_guard import read_hang_limit_s
-from facescale.data.worker_loader import LoaderWorkerDied
 from facescale.errors import INPUT_ERROR_EXIT_CODE
 from facescale.metrics.console import TrainConsole, run_logger, setup_run_logging
 from facescale.metrics.writer import MetricsWriter, peak_memory_mb
@@ -397,8 +396,6 @@ class Trainer:
                 self.save()
             t0 = time.perf_counter()  # the next step's time includes reading its batches, here
             input_error = batches.read_ahead(sch.grad_accumulation)
-            if self.preemption.terminated and isinstance(input_error, LoaderWorkerDied):
-                input_error = None  # scancel's SIGTERM reached the loader's workers too: a stop, not bad data
             if self._preempted(input_error is not None):
                 self._stop(input_error)
         throughput = (
