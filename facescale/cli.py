@@ -44,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    return report_errors(command_name(args), lambda: args.func(args), debug=debug)
+    return report_errors(command_name(args), lambda: _run(args), debug=debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from facescale.plugins import load_plugins
+
+    load_plugins()  # out-of-tree backbones and modes register before the command reads a config or checkpoint
+    return args.func(args)
 
 
 if __name__ == "__main__":

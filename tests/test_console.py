@@ -3,14 +3,17 @@ best-so-far accuracy, the start-up plan, and the filters for warnings users cann
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from facescale.config.schema import Config
+from facescale.f2c.mode import F2CRun
 from facescale.metrics.console import (
     LOG_FILE,
     BestSoFar,
@@ -23,6 +26,7 @@ from facescale.metrics.console import (
 )
 from facescale.metrics.quiet import silence_unactionable_warnings
 from facescale.metrics.startup import RunFacts, plan_lines
+from facescale.partial_fc.mode import PartialFCRun
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
@@ -125,9 +129,10 @@ def test_plan_lines_name_the_run() -> None:
     cfg = Config()
     cfg.schedule.steps, cfg.schedule.global_batch_size, cfg.schedule.grad_accumulation = 3000, 1024, 2
     cfg.head.sample_rate, cfg.checkpoint.every_steps, cfg.eval.every_steps = 0.2, 500, 0
+    pfc = PartialFCRun(SimpleNamespace(num_sample=25_749), loader=None)  # the line reads the head's width
     facts = RunFacts(world_size=16, ranks_per_node=8, device=torch.device("cpu"), precision="bf16",
                      micro_batch=32, batches_per_epoch=2000, num_identities=2_059_906, num_images=42_474_557,
-                     sampled_centers=25_749, run_dir="runs/wf42m",
+                     head_summary=pfc.describe(cfg, 2_059_906, 16), run_dir="runs/wf42m",
                      resumed_from="runs/wf42m/checkpoints/step_500", start_step=500)
     text = "\n".join(plan_lines(cfg, facts))
     assert "16 ranks = 2 node(s) x 8 rank(s)" in text and "precision bf16, ZeRO stage 1" in text
@@ -138,6 +143,8 @@ def test_plan_lines_name_the_run() -> None:
     assert "checkpoint every 500 steps" in text and "eval none" in text
     assert "resumed from runs/wf42m/checkpoints/step_500 at step 500" in text
     cfg.head.type = "f2c"
+    f2c = F2CRun(SimpleNamespace(), SimpleNamespace())
+    facts = dataclasses.replace(facts, head_summary=f2c.describe(cfg, 2_059_906, 16))
     assert "F2C Dynamic Class Pool of 7409 identities" in "\n".join(plan_lines(cfg, facts))
 
 

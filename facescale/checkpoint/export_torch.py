@@ -12,13 +12,11 @@ from typing import Any
 
 from facescale.checkpoint.atomic import atomic_torch_save
 from facescale.checkpoint.layout import (
-    BACKBONE_WEIGHTS,
     CONFIG,
     CheckpointError,
     read_text,
     resolve_checkpoint,
 )
-from facescale.checkpoint.safe_load import safe_load
 
 # facescale name -> arcface_torch get_model name (its only ViT-L is the dp005/mask005 one); the demo nets are
 # facescale's own and have none
@@ -29,18 +27,15 @@ ARCFACE_TORCH_NAMES = {**{name: name for name in ("r18", "r34", "r50", "r100", "
 
 def export_torch(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the backbone of `checkpoint` (run, checkpoints or step dir) to `out`; return what was written."""
+    from facescale.checkpoint.manager import load_backbone
     from facescale.config.load import load_config_text
-    from facescale.models.legacy_names import upgrade_legacy_names
-    from facescale.models.registry import build_backbone
 
     step_dir = resolve_checkpoint(checkpoint)
     cfg = load_config_text(read_text(step_dir / CONFIG), str(step_dir / CONFIG))
     if cfg.model.norm != "batch":
         raise CheckpointError(f"{step_dir}: model.norm is '{cfg.model.norm}'; arcface_torch's backbones use "
                               f"BatchNorm, so only model.norm=batch runs export to its format")
-    state = safe_load(step_dir / BACKBONE_WEIGHTS)
-    model = build_backbone(cfg.model)
-    model.load_state_dict(upgrade_legacy_names(state)[0], strict=True)  # complete before anything is written
+    model, _ = load_backbone(step_dir)  # a strict load, complete before anything is written
     plain = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
              for k, v in model.state_dict().items()}
     out = Path(out)

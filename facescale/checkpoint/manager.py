@@ -222,7 +222,7 @@ class CheckpointManager:
                 raise CheckpointError(f"DeepSpeed could not load '{step_dir / DEEPSPEED_DIR}'")
         else:
             self._load_consolidated_backbone(step_dir, engine)
-        self._load_head(step_dir, head, saved_world, same_world)
+        self._load_head(step_dir, head, saved_world, same_world, trainer.get("head_type"))
         rank_path = step_dir / STATE_DIR / rank_state_name(self.rank)
         own = safe_load(rank_path, LEGACY_RANK_STATE_GLOBALS) if rank_path.is_file() else {}
         if "rng" in own:
@@ -248,13 +248,14 @@ class CheckpointManager:
         except ValueError as exc:
             raise CheckpointError(f"'{step_dir}': {exc}") from exc
 
-    def _load_head(self, step_dir: Path, head, saved_world: int, same_world: bool) -> None:
+    def _load_head(self, step_dir: Path, head, saved_world: int, same_world: bool,
+                   head_type: str | None) -> None:
         if same_world:
             shard = step_dir / HEAD_DIR / head_shard_name(self.rank, saved_world)
             state = safe_load(shard)
         else:
             shards = load_head_shards(step_dir, saved_world)
-            state = reshard_head(shards, self.world_size, self.rank)
+            state = reshard_head(shards, self.world_size, self.rank, head_type)
         try:
             head.load_state_dict(state)
         except ValueError as exc:
@@ -272,7 +273,7 @@ def load_backbone(path: str | Path) -> tuple[torch.nn.Module, Any]:
     model = build_backbone(cfg.model)
     state = safe_load(step_dir / BACKBONE_WEIGHTS)
     try:
-        model.load_state_dict(upgrade_legacy_names(state)[0])  # mbf/ViT runs saved before arcface_torch names
+        model.load_state_dict(upgrade_legacy_names(state, model.state_dict().keys())[0])  # mbf/ViT: old names
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise CheckpointError(
             f"'{step_dir / BACKBONE_WEIGHTS}' does not fit model.name={cfg.model.name} of its config.yaml: "

@@ -32,7 +32,7 @@ from facescale.checkpoint.layout import (
     verify_step_dir,
 )
 from facescale.checkpoint.safe_load import LEGACY_RANK_STATE_GLOBALS, plain_state, safe_load
-from facescale.modes.registry import all_modes
+from facescale.modes.registry import UnknownModeError, all_modes, get_mode
 from facescale.parallel.partition import class_partition
 
 
@@ -95,9 +95,16 @@ def _rows(values: list[Any], counts: list[int], starts: list[int], lo: int, hi: 
     return first.clone() if torch.is_tensor(first) else first
 
 
-def reshard_head(shards: list[dict[str, Any]], world_size: int, rank: int) -> dict[str, Any]:
-    """The head state `rank` of `world_size` needs, cut from `shards` saved at any world size."""
-    for mode in all_modes():  # a mode with its own state format (F2C's sharded pool) re-cuts it itself
+def reshard_head(
+    shards: list[dict[str, Any]], world_size: int, rank: int, head_type: str | None = None
+) -> dict[str, Any]:
+    """The head state `rank` of `world_size` needs, cut from `shards` saved at any world size by the training
+    mode `head_type` (trainer.json's; None, from files that do not say: every registered mode is asked)."""
+    try:
+        modes = all_modes() if head_type is None else [get_mode(head_type)]
+    except UnknownModeError as exc:
+        raise CheckpointError(f"the checkpoint's head was saved by {exc}") from None
+    for mode in modes:  # a mode with its own state format (F2C's sharded pool) re-cuts it itself
         try:
             state = mode.reshard_head_state(shards, world_size, rank)
         except ValueError as exc:
@@ -111,7 +118,8 @@ def reshard_head(shards: list[dict[str, Any]], world_size: int, rank: int) -> di
                 f"head state with meta {meta} is sharded but has no class range "
                 "(num_classes/start/count); it cannot be resharded"
             )
-        return shards[0]
+        no_rows = [-1] * len(shards)  # no tensor is per-row: every value must be the same on every shard
+        return _rows(shards, no_rows, [0] * len(shards), 0, 0, "head")
     num_classes = _check_cover(shards)
     start, count = class_partition(num_classes, world_size, rank)
     counts = [s["meta"]["count"] for s in shards]
@@ -132,6 +140,7 @@ def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"output directory '{out_dir}' exists and is not empty; choose a new one")
     shards = load_head_shards(step_dir, state["world_size"])
+    head_type = state.get("head_type")
     for sub in (HEAD_DIR, STATE_DIR):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     for name in (BACKBONE_WEIGHTS, BACKBONE_OPTIMIZER):
@@ -139,9 +148,8 @@ def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:
     for name in (BACKBONE_WEIGHTS, BACKBONE_OPTIMIZER, CONFIG):
         shutil.copy2(step_dir / name, out_dir / name)
     for rank in range(world_size):
-        atomic_torch_save(
-            reshard_head(shards, world_size, rank), out_dir / HEAD_DIR / head_shard_name(rank, world_size)
-        )
+        shard = reshard_head(shards, world_size, rank, head_type)
+        atomic_torch_save(shard, out_dir / HEAD_DIR / head_shard_name(rank, world_size))
         source = step_dir / STATE_DIR / rank_state_name(rank)
         rank_state = safe_load(source, LEGACY_RANK_STATE_GLOBALS) if source.is_file() else {"fresh": True}
         atomic_torch_save(plain_state(rank_state), out_dir / STATE_DIR / rank_state_name(rank))

@@ -80,7 +80,7 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
                            f"export one with `facescale export torch` or torch.save(backbone.state_dict())")
     if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    return upgrade_legacy_names(dict(obj))[0]
+    return dict(obj)  # facescale's legacy mbf/ViT names are renamed against the model (compare_weights)
 
 
 def infer_embedding_size(state: dict[str, torch.Tensor], default: int = 512) -> int:
@@ -128,6 +128,7 @@ def compare_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, s
     works). Strict: any missing / unexpected / mis-shaped key raises WeightsError listing them."""
     settings = settings or Settings()
     own = model.state_dict()
+    state = upgrade_legacy_names(state, own.keys())[0]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     misshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
@@ -149,6 +150,7 @@ def load_backbone_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
     the rest."""
     report = compare_weights(model, state, strict=strict, source=source, settings=settings)
     own = model.state_dict()
+    state = upgrade_legacy_names(state, own.keys())[0]
     skipped = set(report.missing) | set(report.misshaped)
     take = {k: state[k].to(dtype=v.dtype) for k, v in own.items() if k not in skipped}
     model.load_state_dict({**own, **take})

@@ -19,7 +19,6 @@ UpdateKind = Literal["dense", "sparse"]
 StorageDtype = Literal["fp32", "bf16"]
 PoolKind = Literal["replicated", "sharded"]
 PrecisionKind = Literal["auto", "fp32", "bf16", "fp16"]
-ModeKind = Literal["partial_fc", "f2c"]
 WandbModeKind = Literal["online", "offline", "disabled"]
 
 
@@ -48,6 +47,9 @@ class ModelConfig:
     # the compile (minutes on CPU, logged apart), later steps run the fused graph
     compile: bool = False
     compile_backend: str = "inductor"  # a torch.compile backend; "aot_eager" traces without code generation
+    # a plug-in backbone's own settings, read by its factory from cfg.options (the keys it registered with
+    # `register_backbone(name, options=...)`); the built-in backbones read none
+    options: dict[str, typing.Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +101,8 @@ class F2CConfig:
 class HeadConfig:
     """The model-parallel class-center layer (Partial FC) or the F2C pool."""
 
-    type: ModeKind = "partial_fc"  # the training mode
+    # the training mode: a name in facescale.modes.registry (partial_fc, f2c, a plug-in's: README "Plug-ins")
+    type: str = "partial_fc"
     sample_rate: float = 1.0
     margin: MarginConfig = field(default_factory=MarginConfig)
     optimizer: OptimizerKind = "sgd"
@@ -114,6 +117,8 @@ class HeadConfig:
     # resumed run ignores it
     init_from: str = ""
     f2c: F2CConfig = field(default_factory=F2CConfig)
+    # a plug-in mode's own settings (the keys its TrainingMode.options names); the built-in modes read none
+    options: dict[str, typing.Any] = field(default_factory=dict)
 
 
 @dataclass

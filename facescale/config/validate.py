@@ -32,19 +32,10 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         if value not in allowed:
             raise ConfigError(f"{source}: {key}: {not_one_of(value, list(allowed))}")
 
-    from facescale.models.registry import list_backbones
-
-    names = list_backbones()
-    check(
-        cfg.model.name in names,
-        source,
-        "model.name",
-        f"unknown backbone '{cfg.model.name}';{suggest(cfg.model.name, names, 'backbones')}",
-    )
     from facescale.models.registry import check_model_config
 
-    try:
-        check_model_config(cfg.model)  # includes the ViT-only keys (model.drop_path_rate, model.mask_ratio)
+    try:  # the name (known backbones, a close one), sizes, the keys only some backbones read
+        check_model_config(cfg.model)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     if cfg.model.compile:
@@ -54,8 +45,6 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         check(cfg.model.compile_backend in backends, source, "model.compile_backend",
                f"unknown torch.compile backend '{cfg.model.compile_backend}';"
                f"{suggest(cfg.model.compile_backend, backends, 'backends')}")
-    check(cfg.model.embedding_size > 0, source, "model.embedding_size", "must be > 0")
-    check(0.0 <= cfg.model.dropout < 1.0, source, "model.dropout", "must be in [0, 1)")
 
     shards = Path(cfg.data.shards) if cfg.data.shards else None
     check(
@@ -116,6 +105,10 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         mode = get_mode(head.type)
     except UnknownModeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    unread = sorted(set(head.options) - set(mode.options))
+    reads = f"it reads {', '.join(mode.options)}" if mode.options else "it reads none"
+    check(not unread, source, f"head.options.{unread[0] if unread else ''}",
+          f"training mode '{head.type}' has no such option ({reads}); remove it")
     mode.check_config(cfg, source, world_size)
 
     check(cfg.optim.lr > 0, source, "optim.lr", "must be > 0")

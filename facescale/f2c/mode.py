@@ -36,6 +36,11 @@ class F2CRun(ModeRun):
     def __init__(self, head: DcpHead, loader: DualLoader) -> None:
         self.head, self.loader = head, loader
 
+    def describe(self, cfg: Any, num_classes: int, world_size: int) -> str:
+        f2c = cfg.head.f2c
+        return (f"F2C Dynamic Class Pool of {f2c.queue_size} identities ({f2c.pool}), "
+                f"G-Net momentum {f2c.momentum}")
+
     def micro_step(self, ctx: StepContext, batch: Any) -> MicroOutput:
         (x_images, x_labels), (y_images, y_labels) = batch
         t0 = ctx.clock()

@@ -25,8 +25,6 @@ def build_head(
     device: torch.device | str | None = None,
 ) -> PartialFCHead:
     """Build this rank's Partial FC head (centers on `device`, default CPU) from the `head:` config."""
-    if cfg.type != "partial_fc":
-        raise ValueError(f"head.type = {cfg.type!r}: build_head builds 'partial_fc' heads only")
     if cfg.storage_dtype not in STORAGE_DTYPES:
         raise ValueError(
             f"head.storage_dtype = {cfg.storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}"

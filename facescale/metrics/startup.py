@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from facescale.config.schema import Config
-from facescale.parallel.partition import class_partition
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,7 @@ class RunFacts:
     batches_per_epoch: int  # per rank, as the loader counts them (micro-batches)
     num_identities: int
     num_images: int
-    sampled_centers: int | None  # per rank and step (Partial FC); None for the F2C pool
+    head_summary: str  # what the head of this run is (the mode's ModeRun.describe)
     run_dir: str
     resumed_from: str | None
     start_step: int
@@ -44,15 +43,6 @@ def plan_lines(cfg: Config, facts: RunFacts) -> list[str]:
     sch = cfg.schedule
     nodes = max(1, facts.world_size // max(1, facts.ranks_per_node))
     per_epoch = steps_per_epoch(facts, sch.grad_accumulation)
-    centers = class_partition(facts.num_identities, facts.world_size, 0)[1]
-    if cfg.head.type == "f2c":
-        head = (f"F2C Dynamic Class Pool of {cfg.head.f2c.queue_size} identities "
-                f"({cfg.head.f2c.pool}), G-Net momentum {cfg.head.f2c.momentum}")
-    else:
-        head = (f"Partial FC: {centers} centers per rank (of {facts.num_identities}), "
-                f"{facts.sampled_centers} sampled per step (sample_rate {cfg.head.sample_rate}; all the "
-                "positives of the global batch in its shard when they are more), "
-                f"{cfg.head.update} update, margin {cfg.head.margin.type}")
     ckpt = (f"every {cfg.checkpoint.every_steps} steps" if cfg.checkpoint.every_steps else "at the end only")
     evals = (f"every {cfg.eval.every_steps} steps" if cfg.eval.every_steps else "at the end only")
     evals = f"{evals} on {len(cfg.eval.bins)} set(s)" if cfg.eval.bins else "none (no eval.bins)"
@@ -67,7 +57,7 @@ def plan_lines(cfg: Config, facts: RunFacts) -> list[str]:
         f"accumulation = global {sch.global_batch_size}",
         f"data: {facts.num_identities} identities, {facts.num_images} images; {per_epoch:g} steps per epoch, "
         f"{sch.steps} steps = {sch.steps / per_epoch:.2f} epochs (warmup {sch.warmup_steps})",
-        f"head: {head}",
+        f"head: {facts.head_summary}",
         f"checkpoint {ckpt} (keep {cfg.checkpoint.keep_last}), eval {evals}, log every "
         f"{cfg.logging.every_steps} steps",
         f"run dir {facts.run_dir}; resumed from {resumed}",

@@ -9,6 +9,7 @@ evaluated, exported and used as `model.init_from`.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 
@@ -38,8 +39,15 @@ def _rename(key: str, rules: list) -> str:
     return key
 
 
-def upgrade_legacy_names(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
-    """(state with current names, which legacy layout was found or None); other state dicts pass unchanged."""
+def upgrade_legacy_names(
+    state: dict[str, torch.Tensor], model_keys: Collection[str] | None = None
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(state with current names, which legacy layout was found or None); other state dicts pass unchanged.
+
+    `model_keys`: the state_dict keys of the model it is for; a state whose keys are all the model's own (any
+    backbone, a plug-in's too, that merely uses such names) is never renamed."""
+    if model_keys is not None and set(state) <= set(model_keys):
+        return state, None
     if "gdc.0.weight" in state:
         return {_rename(k, _MBF_RULES): v for k, v in state.items()}, "MobileFaceNet"
     if "patch_embed.weight" in state and "pos_embed" in state:

@@ -18,7 +18,7 @@ NORM_CHOICES = choices(NormKind)
 
 _REGISTRY: dict[str, BackboneFactory] = {}
 _OPTIONS: dict[str, tuple[str, ...]] = {}  # the optional `model.*` keys each backbone reads
-OPTIONAL_KEYS = ("drop_path_rate", "mask_ratio")
+OPTIONAL_KEYS = ("drop_path_rate", "mask_ratio")  # `model.*` keys some built-in backbones read
 
 
 class UnknownBackboneError(InputError, ValueError):
@@ -29,7 +29,8 @@ def register_backbone(
     name: str, options: tuple[str, ...] = ()
 ) -> Callable[[BackboneFactory], BackboneFactory]:
     """Decorator adding `factory(cfg: ModelConfig, **overrides) -> nn.Module` to the registry under `name`;
-    `options` are the optional `model.*` keys (of OPTIONAL_KEYS) the factory reads."""
+    `options` are the optional keys the factory reads: `model.*` keys of OPTIONAL_KEYS, and any other name is
+    a key of `model.options` (a plug-in backbone's own settings, read from `cfg.options`)."""
 
     def decorator(factory: BackboneFactory) -> BackboneFactory:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
@@ -51,7 +52,8 @@ def unknown_backbone_message(name: str) -> str:
     known = list_backbones()
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"model.name: unknown backbone '{name}'.{hint} Known backbones: {', '.join(known)}."
+    return (f"model.name: unknown backbone '{name}'.{hint} Known backbones: {', '.join(known)} (a plug-in's "
+            f"backbone is known once its module is loaded: FACESCALE_PLUGINS=module).")
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -64,6 +66,12 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.embedding_size: must be a positive integer, got {cfg.embedding_size!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout: must be in [0, 1), got {cfg.dropout!r}")
+    reads = _OPTIONS.get(cfg.name, ())
+    for key in cfg.options:
+        if key not in reads:
+            own = [k for k in reads if k not in OPTIONAL_KEYS]
+            raise ValueError(f"model.options.{key}: backbone '{cfg.name}' has no such option (it reads "
+                             f"{', '.join(own) if own else 'none'}); remove it")
     for key in OPTIONAL_KEYS:
         value = getattr(cfg, key)
         if value is None:

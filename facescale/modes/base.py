@@ -43,10 +43,17 @@ def detached_leaf(embeddings: Tensor) -> Tensor:
 
 
 class ModeRun(ABC):
-    """A built mode of one rank: its head (checkpointed through `state_dict`), its loader, its step hooks."""
+    """A built mode of one rank: its head (checkpointed through `state_dict`), its loader, its step hooks.
+
+    `loader` is iterated for batches (each handed to `micro_step`), has `steps_per_epoch` (micro-batches per
+    rank and epoch), and `state_dict` / `load_state_dict` when its position is to survive a resume."""
 
     head: nn.Module
     loader: Any
+
+    def describe(self, cfg: Any, num_classes: int, world_size: int) -> str:
+        """The start-up plan's `head:` line (metrics/startup.py): what this rank's head is."""
+        return f"{cfg.head.type} ({type(self.head).__name__})"
 
     def begin_step(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Before the first micro-step of an optimizer step."""
@@ -99,6 +106,7 @@ class TrainingMode(ABC):
 
     name: str
     resume_keys: tuple[str, ...] = ()  # config keys that fix this mode's saved state (checked on resume)
+    options: tuple[str, ...] = ()  # the keys of `head.options` this mode reads (any other is refused)
 
     def check_config(self, cfg: Any, source: str, world_size: int | None) -> None:  # noqa: B027
         """Raise ConfigError for settings this mode cannot run (before any process group starts)."""

@@ -1,7 +1,9 @@
 """Mode registry: `head.type` names a mode; built-in modes are modules loaded on first use, others register.
 
 Adding a mode: a package with a module that defines `MODE = YourMode()` (a `TrainingMode`), plus one line in
-`BUILTIN_MODES` (or `register_mode(YourMode())` from the package for an out-of-tree mode).
+`BUILTIN_MODES`; an out-of-tree mode calls `register_mode(YourMode())` in a plug-in module
+(facescale/plugins.py: FACESCALE_PLUGINS or a `facescale.plugins` entry point). A built-in name is never
+taken over by another mode.
 """
 
 from __future__ import annotations
@@ -24,9 +26,17 @@ class UnknownModeError(ValueError):
 
 
 def register_mode(mode: TrainingMode) -> TrainingMode:
-    """Add `mode` under `mode.name`; registering another object under a taken name is refused."""
-    if mode.name in _MODES and _MODES[mode.name] is not mode:
-        raise ValueError(f"training mode '{mode.name}' is already registered by {type(_MODES[mode.name])}")
+    """Add `mode` under `mode.name`; registering another object under a taken or built-in name is refused."""
+    name = getattr(mode, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"training mode {type(mode).__name__} has no `name`; set the class attribute")
+    if name in BUILTIN_MODES and name not in _MODES:
+        builtin = importlib.import_module(BUILTIN_MODES[name]).MODE
+        if builtin is not mode:
+            raise ValueError(f"training mode '{name}' is built in ({BUILTIN_MODES[name]}); give "
+                             f"{type(mode).__name__} a name of its own")
+    if name in _MODES and _MODES[name] is not mode:
+        raise ValueError(f"training mode '{name}' is already registered by {type(_MODES[name])}")
     _MODES[mode.name] = mode
     return mode
 
@@ -47,7 +57,8 @@ def get_mode(name: str) -> TrainingMode:
         close = difflib.get_close_matches(str(name), list_modes(), n=1, cutoff=0.6)
         hint = f" did you mean '{close[0]}'?" if close else ""
         raise UnknownModeError(f"head.type: unknown training mode '{name}';{hint} known modes: "
-                               f"{', '.join(list_modes())}")
+                               f"{', '.join(list_modes())} (a plug-in's mode is known once its module is "
+                               f"loaded: FACESCALE_PLUGINS=module)")
     return _MODES[name]
 
 

@@ -20,7 +20,7 @@ def full_centers(step_dir: Path, fp32: bool = False) -> torch.Tensor:
         raise CheckpointError(
             f"'{step_dir}' holds no class-center shards (head meta {shards[0].get('meta')})"
         )
-    head = reshard_head(shards, 1, 0)
+    head = reshard_head(shards, 1, 0, "partial_fc")
     if not fp32:
         return head["centers"]
     residual = head.get("optimizer", {}).get(RESIDUAL)

@@ -13,6 +13,7 @@ from facescale.data.hang_guard import read_hang_limit_s
 from facescale.data.loader import build_train_loader
 from facescale.heads import build_head
 from facescale.modes.base import MicroOutput, ModeRun, StepContext, TrainingMode, detached_leaf
+from facescale.parallel.partition import class_partition
 from facescale.partial_fc.init_centers import (
     check_center_source,
     open_center_source,
@@ -27,6 +28,12 @@ class PartialFCRun(ModeRun):
 
     def __init__(self, head: torch.nn.Module, loader: Any) -> None:
         self.head, self.loader = head, loader
+
+    def describe(self, cfg: Any, num_classes: int, world_size: int) -> str:
+        centers = class_partition(num_classes, world_size, 0)[1]
+        return (f"Partial FC: {centers} centers per rank (of {num_classes}), {self.head.num_sample} sampled "
+                f"per step (sample_rate {cfg.head.sample_rate}; all the positives of the global batch in its "
+                f"shard when they are more), {cfg.head.update} update, margin {cfg.head.margin.type}")
 
     def begin_step(self, ctx: StepContext) -> None:
         self.head.zero_grad()

@@ -309,7 +309,8 @@ class Trainer:
             world_size=self.env.world_size, ranks_per_node=self.env.local_world_size,
             device=self.runtime.device, precision=self.runtime.precision, micro_batch=self.micro_batch,
             batches_per_epoch=self.loader.steps_per_epoch, num_identities=self.manifest.num_classes,
-            num_images=self.manifest.num_samples, sampled_centers=getattr(self.head, "num_sample", None),
+            num_images=self.manifest.num_samples,
+            head_summary=self.mode.describe(self.cfg, self.manifest.num_classes, self.env.world_size),
             run_dir=str(self.run_dir), resumed_from=str(self.resume_from) if self.resume_from else None,
             start_step=self.step,
         )
