@@ -26,12 +26,15 @@ def _steps(num_steps: int = 6, seed: int = 0) -> list[tuple[torch.Tensor | None,
     return steps
 
 
+ADAMW_BETAS = (0.8, 0.95)  # not torch's defaults, so a head that drops the configured betas shows
+
+
 def _torch_optimizer(
     kind: str, param: torch.nn.Parameter, momentum: float, wd: float
 ) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD([param], lr=1.0, momentum=momentum, weight_decay=wd)
-    return torch.optim.AdamW([param], lr=1.0, weight_decay=wd)
+    return torch.optim.AdamW([param], lr=1.0, weight_decay=wd, betas=ADAMW_BETAS)
 
 
 @pytest.mark.parametrize("kind, momentum", [("sgd", 0.9), ("sgd", 0.0), ("adamw", 0.0)])
@@ -39,9 +42,8 @@ def _torch_optimizer(
 def test_dense_mode_equals_torch_optim_on_the_full_shard(kind: str, momentum: float, block_rows: int) -> None:
     init = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1))
     centers = init.clone()
-    opt = CenterOptimizer(
-        ROWS, DIM, kind=kind, mode="dense", momentum=momentum, weight_decay=0.01, block_rows=block_rows
-    )
+    opt = CenterOptimizer(ROWS, DIM, kind=kind, mode="dense", momentum=momentum, weight_decay=0.01,
+                          betas=ADAMW_BETAS, block_rows=block_rows)
     param = torch.nn.Parameter(init.clone())
     reference = _torch_optimizer(kind, param, momentum, 0.01)
     for index, grad, lr in _steps():
@@ -56,7 +58,8 @@ def test_dense_mode_equals_torch_optim_on_the_full_shard(kind: str, momentum: fl
 def test_sparse_mode_leaves_unsampled_rows_and_state_bit_identical(kind: str) -> None:
     init = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(2))
     centers = init.clone()
-    opt = CenterOptimizer(ROWS, DIM, kind=kind, mode="sparse", momentum=0.9, weight_decay=0.01)
+    opt = CenterOptimizer(ROWS, DIM, kind=kind, mode="sparse", momentum=0.9, weight_decay=0.01,
+                          betas=ADAMW_BETAS)
     history: dict[int, list[tuple[torch.Tensor, float]]] = {r: [] for r in range(ROWS)}
     for index, grad, lr in _steps():
         before = centers.clone()
@@ -176,3 +179,20 @@ def test_the_b512_update_forms_no_product_of_2048_rows() -> None:
         head.optimizer_step(0.1)
     assert stats["num_sampled"] == 6000
     assert 0 < tracker.largest <= 1024 * 512, (tracker.largest, tracker.largest_op)
+
+
+def test_the_partial_fc_head_steps_adamw_with_the_runs_betas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """head.optimizer adamw takes optim.betas (arcface_torch steps backbone and centers with one AdamW); the
+    head used to keep torch's default (0.9, 0.999) whatever the config said."""
+    from types import SimpleNamespace
+
+    from facescale.config.schema import Config
+    from facescale.partial_fc import mode as partial_fc_mode
+
+    cfg = Config()
+    cfg.head.optimizer, cfg.optim.name, cfg.optim.betas = "adamw", "adamw", (0.5, 0.6)
+    cfg.model.embedding_size = DIM
+    monkeypatch.setattr(partial_fc_mode, "build_train_loader", lambda *args, **kwargs: None)
+    run = partial_fc_mode.MODE.build(cfg, None, SimpleNamespace(num_classes=ROWS), rank=0, world_size=1,
+                                     micro_batch=2, precision="fp32", device=torch.device("cpu"))
+    assert run.head.center_optimizer.betas == (0.5, 0.6)

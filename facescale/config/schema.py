@@ -105,7 +105,7 @@ class HeadConfig:
     type: str = "partial_fc"
     sample_rate: float = 1.0
     margin: MarginConfig = field(default_factory=MarginConfig)
-    optimizer: OptimizerKind = "sgd"
+    optimizer: OptimizerKind = "sgd"  # adamw takes optim.betas (one optimizer over both, as arcface_torch)
     update: UpdateKind = "dense"
     lr_scale: float = 1.0  # head lr = optim.lr * lr_scale
     momentum: float = 0.9

@@ -21,10 +21,12 @@ def build_head(
     embedding_size: int,
     *,
     seed: int,
+    betas: tuple[float, float] = (0.9, 0.999),
     process_group: Any = None,
     device: torch.device | str | None = None,
 ) -> PartialFCHead:
-    """Build this rank's Partial FC head (centers on `device`, default CPU) from the `head:` config."""
+    """Build this rank's Partial FC head (centers on `device`, default CPU) from the `head:` config; `betas`:
+    AdamW's (the run's `optim.betas`: arcface_torch steps backbone and centers with one optimizer)."""
     if cfg.storage_dtype not in STORAGE_DTYPES:
         raise ValueError(
             f"head.storage_dtype = {cfg.storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}"
@@ -41,6 +43,7 @@ def build_head(
         update=cfg.update,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
+        betas=betas,
         storage_dtype=STORAGE_DTYPES[cfg.storage_dtype],
         init_std=cfg.init_std,
         process_group=process_group,

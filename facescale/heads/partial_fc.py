@@ -65,6 +65,7 @@ class PartialFCHead(torch.nn.Module):
         update: str = "dense",
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
         storage_dtype: torch.dtype = torch.float32,
         init_std: float = 0.01,
         process_group: Any = None,
@@ -93,6 +94,7 @@ class PartialFCHead(torch.nn.Module):
             mode=update,
             momentum=momentum,
             weight_decay=weight_decay,
+            betas=betas,
             state_dtype=storage_dtype,
             device=device,
             defer_dense=True,  # every read of the rows goes through `centers` or the catch-up gather
