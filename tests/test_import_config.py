@@ -222,6 +222,38 @@ def test_frequent_and_verbose_count_optimizer_steps_under_gradient_acc(tmp_path,
     assert cfg.schedule.grad_accumulation == acc
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_gradient_acc_steps_as_arcface_torchs_summed_gradients(tmp_path, data_dir, optimizer) -> None:
+    """train_v2.py calls loss.backward() on each of gradient_acc batches (gradients add up) and clips the sum
+    at 5; facescale averages the batches. The imported settings, run the facescale way, take the same steps
+    (the batches' scales vary, so the clip binds on some steps and not on others)."""
+    acc = 3
+    text = ARCFACE_STYLE + f"config.gradient_acc = {acc}\nconfig.optimizer = '{optimizer}'\n"
+    _imported(tmp_path, text)
+    cfg = load_config(tmp_path / "recipe.yaml", [f"data.shards={data_dir}"])
+    assert cfg.schedule.grad_accumulation == acc and cfg.head.weight_decay == cfg.optim.weight_decay
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 4, generator=gen)
+    batches = [torch.randn(5, 4, generator=gen) * (0.2 + i % 5) for i in range(5 * acc)]
+
+    def run(lr: float, wd: float, clip: float, mean: bool) -> torch.Tensor:
+        weight = torch.nn.Parameter(start.clone())
+        opt = (torch.optim.SGD([weight], lr=lr, momentum=0.9, weight_decay=wd) if optimizer == "sgd"
+               else torch.optim.AdamW([weight], lr=lr, weight_decay=wd))
+        for i, batch in enumerate(batches):
+            loss = (batch @ weight.t()).square().mean()
+            (loss / acc if mean else loss).backward()
+            if (i + 1) % acc == 0:
+                torch.nn.utils.clip_grad_norm_([weight], clip)
+                opt.step()
+                opt.zero_grad()
+        return weight.detach()
+
+    arcface_torch = run(0.1, 5e-4, 5.0, mean=False)  # ARCFACE_STYLE's lr and weight decay
+    facescale = run(cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, mean=True)
+    torch.testing.assert_close(facescale, arcface_torch, rtol=1e-5, atol=1e-6)
+
+
 def arcface_torch_lr(batch: int, lr: float, warmup: int, total: int) -> float:
     """arcface_torch's PolynomialLRWarmup (power 1) at `batch` as train_v2.py steps it (after each batch):
     its constructor's step leaves last_epoch 0, for which get_lr returns the optimizer's lr unchanged."""

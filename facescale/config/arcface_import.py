@@ -168,6 +168,7 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
     if optimizer == "sgd":
         head["momentum"] = optim["momentum"] = SGD_MOMENTUM
         momentum_notes = _momentum_notes(values["momentum"])
+    accumulation_notes = _summed_gradients(optimizer, int(values["gradient_acc"]), optim, head)
     schedule: dict[str, Any] = {"power": 1.0, "seed": int(values["seed"]),
                                 "grad_accumulation": int(values["gradient_acc"])}
     _require_epochs(values, source)
@@ -204,12 +205,31 @@ def arcface_to_facescale(values: dict[str, Any], name: str, gpus: int | None = N
              "for backbone and centers; SGD momentum 0.9 as train_v2.py builds it), fp16 -> "
              "deepspeed.precision bf16, DDP -> deepspeed.zero_stage 0, val_targets -> eval.bins (names in "
              "data.shards), verbose -> eval.every_steps, frequent -> logging.every_steps",
-             *margin_notes, *momentum_notes, *schedule_notes, WARMUP_NOTE, *every_notes,
+             *margin_notes, *momentum_notes, *accumulation_notes, *schedule_notes, WARMUP_NOTE, *every_notes,
              *_data_notes(rec, shards, values)]
     secret = {"wandb_key"}
     notes += [f"ignored {k}{'' if k in secret else f' = {values[k]!r}'}: {IGNORED[k]}"
               for k in sorted(values) if k in IGNORED]
     return mapping, notes
+
+
+def _summed_gradients(optimizer: str, acc: int, optim: dict[str, Any], head: dict[str, Any]) -> list[str]:
+    """arcface_torch accumulates by calling loss.backward() on each of gradient_acc batches (the gradients
+    add up: acc x the mean) and clips that sum; facescale averages them. The same steps: the clip norm / acc,
+    and for SGD lr x acc with weight decay / acc (its momentum buffer is then 1/acc of arcface_torch's);
+    AdamW does not see a constant scale of the gradients. Rewrites `optim` and `head`; returns the note."""
+    if acc <= 1:
+        return []
+    lr, wd, clip = optim["lr"], optim["weight_decay"], optim["grad_clip"]
+    optim["grad_clip"] = clip / acc
+    note = (f"gradient_acc = {acc}: arcface_torch sums the batches' gradients (and clips the sum at "
+            f"{clip:g}), facescale averages them, so optim.grad_clip = {clip:g} / {acc}")
+    if optimizer != "sgd":
+        return [note + " (AdamW's steps do not depend on the gradients' scale)"]
+    optim.update(lr=lr * acc, weight_decay=wd / acc)
+    head["weight_decay"] = wd / acc
+    return [note + f", optim.lr = {lr:g} x {acc}, optim.weight_decay and head.weight_decay = {wd:g} / {acc}: "
+            f"the same SGD steps (momentum buffers 1/{acc} of arcface_torch's)"]
 
 
 def _require_epochs(values: dict[str, Any], source: str) -> None:
