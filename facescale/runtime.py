@@ -10,6 +10,9 @@ import torch
 from facescale.config.errors import ConfigError
 from launcher.env import LaunchEnvError
 
+# a resolved `deepspeed.precision` -> the dtype the backbone computes in (fp32: no autocast)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class Runtime:

@@ -26,8 +26,7 @@ from facescale.f2c.reshard import is_sharded_pool, reshard_pool
 from facescale.heads.margins import build_margin
 from facescale.models.registry import build_backbone
 from facescale.modes.base import MicroOutput, ModeRun, StepContext, TrainingMode, detached_leaf
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+from facescale.runtime import PRECISION_DTYPES
 
 
 class F2CRun(ModeRun):
@@ -73,7 +72,7 @@ class F2CMode(TrainingMode):
             )
         f2c = cfg.head.f2c
         blank = build_backbone(cfg.model)
-        autocast = AUTOCAST.get(precision)
+        autocast = None if precision == "fp32" else PRECISION_DTYPES[precision]  # G-Net as the backbone runs
         gallery_net = GalleryNet(engine.module, f2c.momentum, blank=blank, autocast_dtype=autocast).to(device)
         head = DcpHead(gallery_net, cfg.model.embedding_size, build_margin(cfg.head.margin),
                        queue_size=f2c.queue_size, seed=cfg.schedule.seed, pool_mode=f2c.pool, device=device)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from facescale.config.schema import ModelConfig
+from facescale.runtime import PRECISION_DTYPES
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROBE_BATCH = 2  # BatchNorm in training mode needs more than one sample; activations scale linearly in B
 
 
