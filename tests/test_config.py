@@ -176,3 +176,15 @@ def test_deepspeed_extra_keys_that_change_gradient_scaling_are_refused_by_name(t
         load_config(write(tmp_path, base(shard_dir)), [f"deepspeed.extra.{key}=2"])
     cfg = load_config(write(tmp_path, base(shard_dir)), ["deepspeed.extra.steps_per_print=5"])
     assert deepspeed_json(cfg, 1, "fp32")["steps_per_print"] == 5  # other expert knobs still pass through
+
+
+def test_f2c_refuses_the_partial_fc_settings_it_does_not_read(tmp_path, shard_dir):
+    """F2C has no class centers: a sample rate or a centers' optimizer given with it would be silently unread
+    (the shipped webface42m_f2c.yaml carried five such keys, with a comment on the update mode)."""
+    path = write(tmp_path, base(shard_dir) + "head: {type: f2c, sample_rate: 0.2, update: sparse}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.line().endswith(
+        "head.sample_rate: head.type f2c has no class centers, so it reads none of the Partial FC settings; "
+        "remove head.sample_rate, head.update (F2C reads head.margin and head.f2c)")
+    assert load_config(path, ["head.sample_rate=1.0", "head.update=dense"]).head.type == "f2c"

@@ -49,14 +49,15 @@ def saved_run(tmp_path_factory) -> tuple[Path, Path]:
     ("model.embedding_size=256", "model.embedding_size 128 (now 256)", False),
     ("model.name=mbf", "model.name 'demo' (now 'mbf')", False),
     ("optim.name=adamw", "optim.name 'sgd' (now 'adamw')", True),
-    ("head.type=f2c", "head.type 'partial_fc' (now 'f2c')", True),
+    ("head.type=f2c head.sample_rate=1.0", "head.type 'partial_fc' (now 'f2c')", True),  # F2C has no sampling
 ])
 def test_resume_with_another_state_shape_is_one_line_before_anything_runs(
         saved_run, capsys, monkeypatch, change, expect, offers_weights):
     shards, run_dir = saved_run
     monkeypatch.chdir(REPO)
     config_before = (run_dir / "config.yaml").read_bytes()
-    assert main(_argv(shards, run_dir, "schedule.steps=6", "head.f2c.identities_per_rank=4", change)) == 2
+    sets = ("schedule.steps=6", "head.f2c.identities_per_rank=4", *change.split())
+    assert main(_argv(shards, run_dir, *sets)) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("facescale train: error: "), lines
     assert f"step_00000003 was saved with {expect}, so it cannot continue" in lines[0]

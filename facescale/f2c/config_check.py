@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from facescale.config.errors import check
-from facescale.config.schema import Config
+from facescale.config.schema import Config, HeadConfig
+
+# `head.*` keys of the class-center layer, which F2C does not have (its pool fills from G-Net)
+CENTER_KEYS = ("sample_rate", "optimizer", "update", "lr_scale", "momentum", "weight_decay", "storage_dtype",
+               "init_std")
 
 
 def check_f2c_config(cfg: Config, source: str, world_size: int | None) -> None:
@@ -11,6 +15,11 @@ def check_f2c_config(cfg: Config, source: str, world_size: int | None) -> None:
     dcp = cfg.head.f2c
     check(not cfg.head.init_from, source, "head.init_from",
           "loads Partial FC class centers; head.type f2c has none (its pool fills from G-Net); unset it")
+    defaults = HeadConfig()
+    unread = [f"head.{k}" for k in CENTER_KEYS if getattr(cfg.head, k) != getattr(defaults, k)]
+    check(not unread, source, unread[0] if unread else "head",
+          f"head.type f2c has no class centers, so it reads none of the Partial FC settings; remove "
+          f"{', '.join(unread)} (F2C reads head.margin and head.f2c)")
     check(
         dcp.queue_size >= 1, source, "head.f2c.queue_size", "must be >= 1 (pool slots, e.g. 1% of identities)"
     )
