@@ -42,8 +42,9 @@ import facescale.heads.native as native  # noqa: E402
 CLASSES, BATCH, DIM = 100_000, 128, 512
 
 
-def build_revision(rev: str, folder: Path) -> native.CenterKernels:
-    """The kernels library of git revision `rev`, compiled into `folder`."""
+def build_revision(rev: str, folder: Path, extra_flags: tuple[str, ...] = ()) -> native.CenterKernels:
+    """The kernels library of git revision `rev`, compiled into `folder` with native.py's flags, then
+    `extra_flags` (a later flag wins: `-mprefer-vector-width=256` undoes native.py's 512)."""
     folder.mkdir(parents=True)
     for source in (*native.SOURCES, *native._HEADERS):
         name = source.relative_to(ROOT).as_posix()
@@ -51,7 +52,7 @@ def build_revision(rev: str, folder: Path) -> native.CenterKernels:
         (folder / source.name).write_bytes(text.stdout)
     target = folder / "kernels.so"
     sources = sorted(str(path) for path in folder.glob("*.cpp"))
-    command = native.compile_command(native.compiler(), "-shared", *sources, "-o", str(target))
+    command = native.compile_command(native.compiler(), *extra_flags, "-shared", *sources, "-o", str(target))
     subprocess.run(command, check=True)
     return native.CenterKernels(ctypes.CDLL(str(target)), target)
 
@@ -230,10 +231,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--missed", type=int, default=10, help="catch-up: steps each row missed (~1/rate)")
+    parser.add_argument("--rev-flags", action="append", default=[], metavar="K=FLAGS",
+                        help="compiler flags for the K-th revision (0-based), added after native.py's, e.g. "
+                        "0=-mprefer-vector-width=256 (repeatable)")
     args = parser.parse_args(argv)
+    extra: dict[int, tuple[str, ...]] = {}
+    for item in args.rev_flags:
+        index, _, flags = item.partition("=")
+        extra[int(index)] = tuple(flags.split())
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        libs = [build_revision(rev, Path(tmp) / f"{k}-{rev}") for k, rev in enumerate(args.revs)]
+        libs = [build_revision(rev, Path(tmp) / f"{k}-{rev}", extra.get(k, ()))
+                for k, rev in enumerate(args.revs)]
         make_calls = {
             "step": step_calls,
             "update": update_calls,
@@ -244,10 +253,11 @@ def main(argv: list[str] | None = None) -> None:
         times = alternate(calls, args.rounds)
     label = f"{args.what} {args.dtype}" + (f" {args.mode}" if args.what == "step" else "") + f" r={args.rate}"
     label += f" missed={args.missed}" if args.what == "catch-up" else ""
-    for rev, samples in zip(args.revs, times, strict=True):
+    names = [rev + (f" [{' '.join(extra[k])}]" if k in extra else "") for k, rev in enumerate(args.revs)]
+    for rev, samples in zip(names, times, strict=True):
         ratio = statistics.median(a / b for a, b in zip(samples, times[0], strict=True))
         print(f"{label} {rev}: median {statistics.median(samples):.2f} ms, min {min(samples):.2f}, "
-              f"median of round ratios to {args.revs[0]} {ratio:.3f}")  # fmt: skip
+              f"median of round ratios to {names[0]} {ratio:.3f}")  # fmt: skip
     if identical is not None:
         print(f"builds bit-identical after {args.rounds} rounds: {identical()}")
 

@@ -33,6 +33,17 @@ constexpr int64_t kBlock = 64;  // elements converted through a local block (rea
 
 // block(i, c, len) over elements [i0, i1) of a [rows, cols] buffer, in ascending blocks of at most kBlock that
 // never cross a row (c: the column of element i), so each block reads its whole input before writing.
+// dst[0, len) = src[0, len) for len <= kBlock: a whole block's copy has a constant size, which the compiler
+// inlines as vector moves (a call to libc's memmove per 64 elements was ~8% of a bf16 B = 512 step's time)
+template <class T>
+inline void copy_block(T* dst, const T* src, int64_t len) {
+  if (len == kBlock) {
+    std::memcpy(dst, src, kBlock * sizeof(T));
+  } else {
+    std::memcpy(dst, src, len * sizeof(T));
+  }
+}
+
 template <class Block>
 inline void for_row_blocks(int64_t i0, int64_t i1, int64_t cols, const Block& block) {
   for (int64_t i = i0; i < i1;) {
@@ -101,7 +112,7 @@ int facescale_bf16_cosines_to_f32(const uint16_t* raw, const float* scale, int64
         const float v = bf16_to_f32(raw[i + j]) * scale[c + j];
         block[j] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
       }
-      std::memcpy(out + i, block, len * sizeof(float));
+      copy_block(out + i, block, len);
     });
   };
   std::vector<int64_t> bounds{0};
@@ -122,9 +133,9 @@ int facescale_f32_scaled_to_bf16(const float* in, const float* scale, int64_t ro
     for_row_blocks(i0, i1, cols, [=](int64_t i, int64_t c, int64_t len) {
       float block[kBlock];
       uint16_t half[kBlock];
-      std::memcpy(block, in + i, len * sizeof(float));
+      copy_block(block, in + i, len);
       for (int64_t j = 0; j < len; ++j) half[j] = f32_to_bf16(block[j] * scale[c + j]);  // simd
-      std::memcpy(out + i, half, len * sizeof(uint16_t));
+      copy_block(out + i, half, len);
     });
   };
   std::vector<int64_t> bounds{0, std::min<int64_t>(n, kMinWave)};  // the first: one part, ascending
