@@ -85,7 +85,7 @@ def _export_torch(args: argparse.Namespace) -> int:
     report = export_torch(args.checkpoint, args.out)
     name, size = report["arcface_torch_name"], report["embedding_size"]
     loads = (f"arcface_torch loads it with get_model({name!r}, num_features={size})" if name else
-             f"'{report['model']}' is facescale's own network (arcface_torch has none): load it with "
+             f"arcface_torch has no '{report['model']}' network: load it in facescale with "
              f"--weights {report['path']} --model {report['model']}")
     print(f"[export] wrote {report['path']}: {report['tensors']} fp32 tensors of '{report['model']}' "
           f"({size}-d); {loads}")
