@@ -206,7 +206,7 @@ def test_checkpoint_and_its_exported_weights_embed_alike(faces, tmp_path, capsys
     run, pth = tmp_path / "run", tmp_path / "backbone.pth"
     assert main(["export", "torch", "--checkpoint", str(run), "--out", str(pth)]) == 0
     said = capsys.readouterr().out
-    assert "arcface_torch has no 'demo' network: load it in facescale with" in said and "get_model" not in said
+    assert "arcface_torch has no 'demo' network: load it in facescale" in said and "get_model" not in said
     common = [str(faces), "--workers", "0", "--batch-size", "3"]
     assert main(["embed", "--checkpoint", str(run), "--out", str(tmp_path / "a"), *common]) == 0
     assert main(["embed", "--weights", str(pth), "--model", "demo", "--out", str(tmp_path / "b"),
