@@ -352,6 +352,18 @@ class Trainer:
             dist.barrier()  # 0 still closes its logs (TensorBoard's last events, W&B's run)
         raise SystemExit(code)
 
+    def _already_finished(self) -> TrainResult:
+        """A run resumed at or past schedule.steps trains and evaluates nothing: its result.json, metrics and
+        TensorBoard stay as the finished run wrote them; the result is that file's (if readable)."""
+        result_file = self.run_dir / "result.json"
+        self.metrics.console(f"[facescale] run already finished at step {self.step} ({result_file}); raise "
+                             "schedule.steps to train on")
+        self.metrics.close()
+        try:
+            return TrainResult(**json.loads(result_file.read_text()))
+        except (OSError, ValueError, TypeError):  # none yet (stopped between the last save and its write)
+            return TrainResult(self.step, float("nan"), 0.0, {}, str(self.run_dir), self.eval_skipped)
+
     def _loader_cursor(self) -> dict | None:
         return self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
 
@@ -362,6 +374,8 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg, sch = self.cfg, self.cfg.schedule
+        if self.step >= sch.steps:
+            return self._already_finished()
         # DataLoader readers stop a wait at data.read_timeout_s themselves (every rank saves); the others
         # (DALI, no workers) say a little later which rank waits, and end it at dist.timeout_s
         batches = self.batches = BatchLookahead(self._batches(), self._loader_cursor,
@@ -402,9 +416,10 @@ class Trainer:
         throughput = (
             (self.step - start_step) * sch.global_batch_size / max(time.perf_counter() - t_start, 1e-9)
         )
+        if cfg.eval.bins:  # before the save, as a periodic eval: the checkpoint's best_eval holds it
+            with torch.random.fork_rng(devices=[]):  # the saved RNG state is that of an eval-free run
+                eval_results = self.evaluate()
         self.save()
-        if cfg.eval.bins:
-            eval_results = self.evaluate()
         result = TrainResult(
             steps=self.step,
             final_loss=loss,

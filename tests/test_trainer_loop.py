@@ -1,0 +1,127 @@
+"""Trainer.train's own bookkeeping, on a trainer whose step, evaluation and save are stand-ins (seconds, no
+model): a finished run is left alone, the final eval reaches the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from facescale.config.schema import Config
+from facescale.metrics.console import TrainConsole
+from facescale.train import trainer as trainer_module
+from facescale.train.step import StepResult
+from facescale.train.trainer import Trainer
+
+
+class Sink:
+    """Records what MetricsWriter would write."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+        self.lines: list[str] = []
+        self.closed = False
+        self.superseded = None
+
+    def scalars(self, step: int, values: dict) -> None:
+        self.rows.append((step, dict(values)))
+
+    def image(self, step: int, tag: str, image) -> None:
+        pass
+
+    def console(self, line: str) -> None:
+        self.lines.append(line)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Loader:
+    steps_per_epoch = 4
+
+    def __init__(self, seen: int = 0, skipped: int = 0) -> None:
+        self.seen, self.skipped = seen, skipped
+
+    def __iter__(self):
+        return iter(range(self.steps_per_epoch))
+
+
+def fake_trainer(run_dir: Path, steps: int, *, step: int = 0, log_every: int = 1, max_bad: int = 3,
+                 bins: tuple[str, ...] = (), loader: Loader | None = None) -> Trainer:
+    """A Trainer with the real loop and bookkeeping; `save` and `evaluate` record instead of writing."""
+    cfg = Config()
+    cfg.schedule.steps, cfg.schedule.warmup_steps, cfg.schedule.global_batch_size = steps, 0, 8
+    cfg.logging.every_steps, cfg.checkpoint.max_bad_steps, cfg.checkpoint.every_steps = log_every, max_bad, 0
+    cfg.eval.bins, cfg.eval.every_steps, cfg.data.read_timeout_s = list(bins), 0, 0.0
+    t = Trainer.__new__(Trainer)
+    t.cfg, t.run_dir, t.step, t.metrics = cfg, run_dir, step, Sink()
+    t.env = SimpleNamespace(rank=0, world_size=1)
+    t.runtime = SimpleNamespace(device=torch.device("cpu"), precision="fp32")
+    t.loader = loader or Loader()
+    t.console = TrainConsole(t.metrics.console, steps, 8, t.loader.steps_per_epoch, 1)
+    t.engine = t.mode = t.head = t.batches = t._saved = None
+    t.eval_skipped, t._nan_steps, t._data_before = {}, frozenset(), {}
+    t.skipped_steps = t.bad_steps_in_row = t._skip_batches = 0
+    t._plan = list
+    t._preempted = lambda input_failed=False: False
+    t.saves = []
+
+    def save() -> Path:
+        t.saves.append((t.step, t.console.best.state_dict(), torch.get_rng_state()))
+        return run_dir / "checkpoints" / f"step_{t.step:08d}"
+
+    def evaluate() -> dict:
+        torch.rand(8)  # an evaluation draws from the global RNG (e.g. a worker's seed)
+        report = {"accuracy": 0.75, "accuracy_std": 0.0, "num_pairs": 10}
+        t.metrics.scalars(t.step, t.console.eval_result(t.step, "verify", report))
+        return {"verify": report}
+
+    t.save, t.evaluate = save, evaluate
+    return t
+
+
+@pytest.fixture
+def steps_skipped(monkeypatch):
+    """train_step stand-in: loss 1.0, or a skipped step with a NaN loss at the 0-based steps named."""
+    bad: set[int] = set()
+
+    def train_step(mode, batches, ctx, inject_nan=False) -> StepResult:
+        next(batches)
+        skipped = ctx.step in bad
+        return StepResult(loss=float("nan") if skipped else 1.0, data_wait_s=0.0, grad_norm=None,
+                          skipped=skipped)
+
+    monkeypatch.setattr(trainer_module, "train_step", train_step)
+    return bad
+
+
+def test_a_finished_run_started_again_trains_nothing_and_keeps_its_result(tmp_path, steps_skipped) -> None:
+    written = {"steps": 8, "final_loss": 1.25, "samples_per_s": 40.0, "eval": {"verify": {"accuracy": 0.5}},
+               "run_dir": str(tmp_path), "eval_skipped": {}}
+    (tmp_path / "result.json").write_text(json.dumps(written, indent=2))
+    before = (tmp_path / "result.json").read_text()
+    t = fake_trainer(tmp_path, steps=8, step=8, bins=("verify.bin",))
+    result = t.train()
+    assert result.__dict__ == written
+    assert (tmp_path / "result.json").read_text() == before
+    assert t.metrics.rows == [] and t.saves == [] and t.metrics.closed
+    assert t.metrics.lines == [f"[facescale] run already finished at step 8 ({tmp_path / 'result.json'}); "
+                               "raise schedule.steps to train on"]
+
+
+def test_the_final_eval_is_in_the_final_checkpoint(tmp_path, steps_skipped) -> None:
+    t = fake_trainer(tmp_path, steps=4, bins=("verify.bin",))
+    torch.manual_seed(3)
+    result = t.train()
+    assert result.eval["verify"]["accuracy"] == 0.75
+    [(step, best, rng)] = t.saves
+    assert (step, best) == (4, {"verify": [0.75, 4]})
+    (tmp_path / "plain").mkdir()
+    plain = fake_trainer(tmp_path / "plain", steps=4)  # no eval: the RNG state a checkpoint saves is the same
+    torch.manual_seed(3)
+    plain.train()
+    assert torch.equal(rng, plain.saves[0][2])
+    assert json.loads((tmp_path / "result.json").read_text())["final_loss"] == 1.0
