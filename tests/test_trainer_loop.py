@@ -1,5 +1,6 @@
 """Trainer.train's own bookkeeping, on a trainer whose step, evaluation and save are stand-ins (seconds, no
-model): a finished run is left alone, the final eval reaches the checkpoint."""
+model): a finished run is left alone, the final eval reaches the checkpoint, the loss guard's counter is
+logged once and its stop is one line."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from facescale.config.schema import Config
+from facescale.errors import INPUT_ERROR_EXIT_CODE, InputError, report_errors
 from facescale.metrics.console import TrainConsole
 from facescale.train import trainer as trainer_module
-from facescale.train.step import StepResult
+from facescale.train.step import NonFiniteLossError, StepResult
 from facescale.train.trainer import Trainer
 
 
@@ -125,3 +127,27 @@ def test_the_final_eval_is_in_the_final_checkpoint(tmp_path, steps_skipped) -> N
     plain.train()
     assert torch.equal(rng, plain.saves[0][2])
     assert json.loads((tmp_path / "result.json").read_text())["final_loss"] == 1.0
+
+
+def test_skipped_steps_are_logged_once_and_the_guard_stop_is_one_line(tmp_path, steps_skipped,
+                                                                      capsys) -> None:
+    steps_skipped.update({1, 2})  # steps 2 and 3 (1-based) are skipped; step 2 is also a log step
+    t = fake_trainer(tmp_path, steps=6, log_every=2, max_bad=1)
+    with pytest.raises(NonFiniteLossError) as stop:
+        t.train()
+    key = "train/skipped_steps"
+    logged = [(step, row[key]) for step, row in t.metrics.rows if key in row]
+    assert logged == [(2, 1), (3, 2)]
+    assert [s for s, *_ in t.saves] == [3] and t.metrics.closed
+    error = stop.value
+    assert isinstance(error, InputError) and error.every_rank
+    line = error.line()
+    assert "steps 2-3 had a non-finite loss or gradient" in line and "checkpoint.max_bad_steps = 1" in line
+    assert f"{tmp_path / 'checkpoints' / 'step_00000003'} holds the weights of step 1" in line
+    assert t.metrics.lines[-1] == f"[facescale] error: {line}"  # train.log gets it too
+
+    def run() -> int:
+        raise error
+
+    assert report_errors("train", run) == INPUT_ERROR_EXIT_CODE
+    assert capsys.readouterr().err.splitlines() == [f"train: error: {line}"]

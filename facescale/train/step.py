@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from facescale.errors import InputError
 from facescale.modes.base import ModeRun, StepContext
 
 
@@ -41,8 +42,11 @@ class StepResult:
 NAN_INJECTION_ENV = "FACESCALE_INJECT_NAN_STEPS"
 
 
-class NonFiniteLossError(RuntimeError):
-    """More consecutive steps than `checkpoint.max_bad_steps` had a non-finite loss or gradient."""
+class NonFiniteLossError(InputError):
+    """More consecutive steps than `checkpoint.max_bad_steps` had a non-finite loss or gradient: settings or
+    data need a change (a requeue would diverge again). Every rank raises it alike, at the same step."""
+
+    every_rank = True
 
 
 def nan_injection_steps() -> frozenset[int]:

@@ -257,27 +257,38 @@ class Trainer:
         self._saved = (self.step, path)
         return path
 
-    def _guard(self, out) -> None:
-        """Count skipped steps; more than checkpoint.max_bad_steps in a row save and stop the run."""
+    def _guard(self, out) -> bool:
+        """Count skipped steps; True when more than checkpoint.max_bad_steps in a row must stop the run."""
         if not getattr(out, "skipped", False):
             self.bad_steps_in_row = 0
-            return
+            return False
         self.skipped_steps += 1
         self.bad_steps_in_row += 1
-        self.metrics.scalars(self.step, {"train/skipped_steps": self.skipped_steps})
         self.metrics.console(
             f"[facescale] step {self.step}: non-finite loss or gradient, update skipped "
             f"({self.bad_steps_in_row} in a row, {self.skipped_steps} in total)"
         )
-        limit = self.cfg.checkpoint.max_bad_steps
-        if self.bad_steps_in_row > limit:
-            path = self.save()
-            self.metrics.close()
-            raise NonFiniteLossError(
-                f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient (more than "
-                f"checkpoint.max_bad_steps = {limit}); stopped at step {self.step}. The last good weights "
-                f"are saved in {path}. Lower optim.lr or check the data, then resume from it"
-            )
+        return self.bad_steps_in_row > self.cfg.checkpoint.max_bad_steps
+
+    def _stop_non_finite(self) -> None:
+        """Save and end every rank alike (NonFiniteLossError, one line, also in train.log). The skipped steps
+        changed no weights, so the step saved holds those of the last good step, its data cursor past the
+        bad batches: a resume from it goes on with the next batch."""
+        path = self.save()
+        good = self.step - self.bad_steps_in_row
+        error = NonFiniteLossError(
+            f"steps {good + 1}-{self.step} had a non-finite loss or gradient, more than "
+            f"checkpoint.max_bad_steps = {self.cfg.checkpoint.max_bad_steps} in a row; stopped at step "
+            f"{self.step}",
+            fix=f"{path} holds the weights of step {good} (the skipped steps changed nothing): lower "
+                "optim.lr or check the data, then run the same command again to resume from it "
+                "(checkpoint.resume: auto)",
+        )
+        self.metrics.console(f"[facescale] error: {error.line()}")
+        self.metrics.close()
+        if dist.is_initialized():  # no rank exits while rank 0 still closes its logs (as _stop)
+            dist.barrier()
+        raise error
 
     def _log(self, lr: float, out) -> None:
         """TensorBoard scalars and the console line for the steps since the last log."""
@@ -399,9 +410,13 @@ class Trainer:
 
                 self.metrics.console(compile_line(self.step, time.perf_counter() - t0))
             self.console.add_step(out.loss, time.perf_counter() - t0, out.data_wait_s, out.head_s)
+            stop = self._guard(out)  # counters first: the step's scalars carry them, logged once
             if self.step % cfg.logging.every_steps == 0 or self.step == sch.steps:
                 self._log(lr, out)
-            self._guard(out)
+            elif out.skipped:
+                self.metrics.scalars(self.step, {"train/skipped_steps": self.skipped_steps})
+            if stop:
+                self._stop_non_finite()
             if self.step == sch.steps:
                 break
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
