@@ -1,6 +1,6 @@
 """Trainer.train's own bookkeeping, on a trainer whose step, evaluation and save are stand-ins (seconds, no
 model): a finished run is left alone, the final eval reaches the checkpoint, the loss guard's counter is
-logged once and its stop is one line."""
+logged once and its stop is one line, the data counters survive a resume."""
 
 from __future__ import annotations
 
@@ -151,3 +151,22 @@ def test_skipped_steps_are_logged_once_and_the_guard_stop_is_one_line(tmp_path, 
 
     assert report_errors("train", run) == INPUT_ERROR_EXIT_CODE
     assert capsys.readouterr().err.splitlines() == [f"train: error: {line}"]
+
+
+def test_data_counters_go_on_from_the_saved_ones_after_a_resume(tmp_path, monkeypatch) -> None:
+    saved: dict = {}
+    t = fake_trainer(tmp_path, steps=8, step=4, loader=Loader(seen=40, skipped=3))
+    t.checkpoints = SimpleNamespace(save=lambda step, engine, head, state, yaml, extra: saved.update(state))
+    Trainer.save(t)
+    assert saved["data_counters"] == {"seen": 40.0, "skipped": 3.0}
+
+    resumed = fake_trainer(tmp_path, steps=8, loader=Loader(seen=16, skipped=1))
+    resumed.resume_from = tmp_path / "checkpoints" / "step_00000004"
+    resumed.checkpoints = SimpleNamespace(root=tmp_path / "checkpoints",
+                                          load=lambda path, engine, head: {**saved, "world_size": 1,
+                                                                               "rank_state": {}})
+    monkeypatch.setattr(trainer_module, "resolve_checkpoint", Path)
+    resumed._maybe_resume()
+    assert resumed._data_counters() == {"data/skipped_samples": 4.0, "data/skip_fraction": 4.0 / 60.0}
+    resumed.loader.skipped_is_per_set = True  # DALI: the set's bad samples, counted again by this process
+    assert resumed._data_counters()["data/skipped_samples"] == 1.0

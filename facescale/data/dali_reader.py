@@ -100,6 +100,8 @@ def write_filtered_indexes(manifest: Manifest, bad: list[BadSample], out_dir: Pa
 class DaliTrainLoader(TrainLoader):
     """TrainLoader over one DALI pipeline per epoch, each cut to exactly `steps_per_epoch` batches."""
 
+    skipped_is_per_set = True  # the scan's bad samples, left out up front: a resume does not add saved ones
+
     def __init__(self, manifest: Manifest, data_cfg: DataConfig, *, rank: int, world_size: int,
                  batch_size: int, seed: int, device: torch.device, epoch: int = 0,
                  hang_limit_s: float = 0.0) -> None:

@@ -143,6 +143,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = self.bad_steps_in_row = 0  # loss guard counters (see train/step.py)
         self._skip_batches = 0  # batches to drop on resume when the loader has no load_state_dict
+        self._data_before: dict[str, float] = {}  # data counters summed before a resume (see _data_totals)
         self._nan_steps = nan_injection_steps()
         self.preemption = preemption or PreemptionFlag.install()  # a signal since start-up is kept
         self.preemption.catch_interrupt()  # Ctrl-C saves from here on (before, it stops at once)
@@ -183,6 +184,7 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_steps_in_row = int(state.get("bad_steps_in_row", 0))
         self.console.best.load_state_dict(state.get("best_eval"))
+        self._data_before = state.get("data_counters") or {}
         cursor = state["rank_state"].get("loader", state.get("loader"))
         if cursor is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(cursor)
@@ -251,6 +253,7 @@ class Trainer:
             "bad_steps_in_row": self.bad_steps_in_row,
             "head_type": self.cfg.head.type,
             "best_eval": self.console.best.state_dict(),
+            "data_counters": self._data_totals(),  # summed over ranks, added back on resume
         }
         extra = {"loader": cursor} if cursor is not None else {}
         path = self.checkpoints.save(self.step, self.engine, self.head, state, config_yaml(self.cfg), extra)
@@ -327,16 +330,29 @@ class Trainer:
         )
         return plan_lines(self.cfg, facts)
 
-    def _data_counters(self) -> dict[str, float]:
-        """Bad samples skipped under data.on_bad_sample=skip, summed over ranks (every rank calls this)."""
+    def _data_totals(self) -> dict[str, float] | None:
+        """Samples seen and bad samples skipped (data.on_bad_sample=skip) since the run started, summed over
+        ranks: this process's loader counts plus those saved before a resume (every rank calls this); None
+        for a loader that counts neither."""
         seen, skipped = getattr(self.loader, "seen", None), getattr(self.loader, "skipped", None)
         if seen is None or skipped is None:
-            return {}
+            return None
         counts = torch.tensor([float(seen), float(skipped)], dtype=torch.float64, device=self.runtime.device)
         if dist.is_initialized():
             dist.all_reduce(counts)
-        return {"data/skipped_samples": counts[1].item(),
-                "data/skip_fraction": (counts[1] / counts.sum().clamp_min(1)).item()}
+        before = self._data_before
+        if getattr(self.loader, "skipped_is_per_set", False):  # counted again by this process: not added
+            before = {**before, "skipped": 0.0}
+        return {"seen": counts[0].item() + before.get("seen", 0.0),
+                "skipped": counts[1].item() + before.get("skipped", 0.0)}
+
+    def _data_counters(self) -> dict[str, float]:
+        """Bad samples skipped under data.on_bad_sample=skip since the run started, summed over ranks."""
+        totals = self._data_totals()
+        if totals is None:
+            return {}
+        return {"data/skipped_samples": totals["skipped"],
+                "data/skip_fraction": totals["skipped"] / max(1.0, totals["seen"] + totals["skipped"])}
 
     def _stop(self, input_error: Exception | None) -> None:
         """Save the agreed step on every rank and end the process: the rank whose input failed raises its
