@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -127,3 +128,40 @@ def test_a_full_disk_stops_the_metrics_not_the_training(small_fs, capsys) -> Non
     resumed.close()
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+class _FakeWandb:
+    """Stands in for the `wandb` module: records init's arguments, or fails as W&B without an API key."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.inits = fail, []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        if self.fail:
+            raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+        return SimpleNamespace(log=lambda values, step: None, finish=lambda: None)
+
+
+def test_wandb_mode_unset_leaves_wandb_mode_to_the_environment(tmp_path, monkeypatch) -> None:
+    from facescale.config.schema import WandbConfig
+
+    fake = _FakeWandb(fail=False)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for cfg in (WandbConfig(project="probe"), WandbConfig(project="probe", mode="offline")):
+        MetricsWriter(tmp_path, enabled=True, tensorboard=False, wandb=cfg).close()
+    assert [init["mode"] for init in fake.inits] == [None, "offline"]  # None: W&B reads WANDB_MODE itself
+
+
+def test_a_wandb_run_that_cannot_start_is_one_warning(tmp_path, monkeypatch, capsys) -> None:
+    from facescale.config.schema import WandbConfig
+    from facescale.metrics.console import setup_run_logging
+
+    setup_run_logging(None, rank=0)  # console lines to this test's captured stdout
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb(fail=True))
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False, wandb=WandbConfig(project="probe"))
+    writer.scalars(1, {"train/loss": 1.0})
+    writer.close()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "W&B cannot be written (api_key not configured" in out[0], out
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -183,7 +183,7 @@ class WandbConfig:
     project: str = ""
     entity: str = ""
     name: str = ""  # "" = the run directory's name
-    mode: WandbModeKind = "online"
+    mode: WandbModeKind | None = None  # None: W&B's own choice (WANDB_MODE, else online)
 
 
 @dataclass

@@ -109,7 +109,10 @@ class MetricsWriter:
         if wandb is not None and wandb.project and wandb.mode != "disabled":
             from facescale.metrics.wandb_logger import WandbLogger
 
-            self._wandb = WandbLogger(wandb, run_dir, config or {})
+            def start_wandb() -> None:
+                self._wandb = WandbLogger(wandb, run_dir, config or {})
+
+            self._guarded("_wandb", start_wandb)  # a start that fails (no API key) warns as a failing write
         self._jsonl = open(run_dir / JSONL, "a")  # noqa: SIM115 - kept open for the run
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
