@@ -188,3 +188,20 @@ def test_f2c_refuses_the_partial_fc_settings_it_does_not_read(tmp_path, shard_di
         "head.sample_rate: head.type f2c has no class centers, so it reads none of the Partial FC settings; "
         "remove head.sample_rate, head.update (F2C reads head.margin and head.f2c)")
     assert load_config(path, ["head.sample_rate=1.0", "head.update=dense"]).head.type == "f2c"
+
+
+def test_two_eval_sets_with_one_name_are_refused_naming_both(tmp_path, shard_dir):
+    bins = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        bins.append(tmp_path / folder / "lfw.bin")
+        bins[-1].write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, base(shard_dir)), [f"eval.bins=[{bins[0]}, {bins[1]}]"])
+    assert str(e.value).endswith(f"eval.bins[1]: '{bins[1]}' has the name 'lfw' of eval.bins[0] '{bins[0]}' "
+                                 "(a set is named by its file name in TensorBoard tags, best accuracy and "
+                                 "result.json); list each set once, and copy or rename a file that shares "
+                                 "another's name")
+    (tmp_path / "b" / "cfp_fp.bin").write_bytes(b"")
+    cfg = load_config(write(tmp_path, base(shard_dir)), [f"eval.bins=[{bins[0]}, {tmp_path}/b/cfp_fp.bin]"])
+    assert len(cfg.eval.bins) == 2

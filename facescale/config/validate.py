@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facescale.config.deepspeed import RESERVED_EXTRA_KEYS, reserved_extra_keys
 from facescale.config.errors import ConfigError, check, not_one_of, suggest
+from facescale.config.eval_bins import eval_set_name
 from facescale.config.schema import Config
 from facescale.modes.registry import UnknownModeError, get_mode
 
@@ -180,6 +181,14 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
             f"verification set '{b}' not found (a name such as 'lfw' means <data.shards>/lfw.bin, where "
             "`facescale convert rec` copies the sets beside the .rec; or make one with `facescale make-bin`)",
         )
+    named: dict[str, int] = {}  # set name -> the first entry with it
+    for i, b in enumerate(cfg.eval.bins):
+        name = eval_set_name(b)
+        first = named.setdefault(name, i)
+        check(first == i, source, f"eval.bins[{i}]",
+              f"'{b}' has the name '{name}' of eval.bins[{first}] '{cfg.eval.bins[first]}' (a set is named "
+              "by its file name in TensorBoard tags, best accuracy and result.json); list each set once, and "
+              "copy or rename a file that shares another's name")
     check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
     check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
 

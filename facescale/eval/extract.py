@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from facescale.config.eval_bins import eval_set_name
 from facescale.eval.binfile import EvalSetError
 from facescale.eval.decode import ImageInput, decode_image
 from facescale.eval.verification import pixel_baseline, verify_embeddings
@@ -258,7 +259,7 @@ def evaluate_bin(model: nn.Module, bin_path: str, batch_size: int, device: torch
     embeddings, xnorm = flip_sum(parts, flip)
     result = verify_embeddings(embeddings, issame)
     report: dict[str, Any] = {
-        "name": os.path.splitext(os.path.basename(bin_path))[0],
+        "name": eval_set_name(bin_path),
         "num_pairs": result.num_pairs,
         "accuracy": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
