@@ -95,3 +95,35 @@ def test_numpy_globals_beyond_the_bin_format_stay_refused(tmp_path):
     path.write_bytes(pickle.dumps(([_Sneaky(), b"b"], [True]), protocol=5))
     with pytest.raises(EvalSetError, match="refusing to load numpy.*frombuffer"):
         read_bin(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (([b"a", b"b"], 5), "issame is a int, expected a list"),
+    ((5, [True]), "images is a int, expected a list"),
+    (([b"a", b"b"], "x"), "issame is a str, expected a list"),
+    (([b"a", b"b"], np.array([True, None], dtype=object)), "issame is a ndarray, expected a list"),
+    (([b"a", b"b"], [np.array([1, 2])]), "issame 0 is a ndarray, expected a bool"),
+    (([b"a", b"b", b"c", b"d"], [True, 2]), "issame 1 is a int, expected a bool"),
+])
+def test_containers_and_flags_of_the_wrong_type_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps(content))
+    with pytest.raises(EvalSetError, match=message) as info:
+        read_bin(path)
+    assert str(path) in str(info.value)
+
+
+def test_numpy_bool_vector_and_integer_flags_are_read(tmp_path):
+    path = tmp_path / "v.bin"
+    path.write_bytes(pickle.dumps(([b"a", b"b", b"c", b"d"], np.array([True, False]))))
+    assert read_bin(path).issame == [True, False]
+    path.write_bytes(pickle.dumps(([b"a", b"b", b"c", b"d"], [1, 0])))
+    assert read_bin(path).issame == [True, False]
+
+
+def test_a_length_beyond_memory_is_refused_with_a_reason(tmp_path):
+    path = tmp_path / "huge.bin"  # protocol 4 BINBYTES8 declaring 2**62 bytes, then two
+    path.write_bytes(b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"ab")
+    with pytest.raises(EvalSetError, match=r"huge.bin: not an insightface .bin pickle \(it declares an "
+                                           r"object too large"):
+        read_bin(path)

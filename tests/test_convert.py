@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 import tarfile
 
@@ -394,4 +395,15 @@ def test_out_of_range_options_are_refused_before_any_work(tmp_path, capsys, opti
     with pytest.raises(SystemExit) as stop:
         main(["convert", "rec", "--rec", str(rec), "--out", str(tmp_path / "out"), *option])
     assert stop.value.code == 2 and f"'{option[1]}' is not an integer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_verification_sets_of_the_wrong_shape_are_not_copied(tmp_path):
+    from facescale.data.eval_sets import copy_verification_sets
+
+    (tmp_path / "flags_int.bin").write_bytes(pickle.dumps(([b"a", b"b"], 5)))
+    (tmp_path / "huge.bin").write_bytes(b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"ab")
+    lines = copy_verification_sets(tmp_path, tmp_path / "out")
+    assert lines[0].startswith("not copied flags_int.bin:") and "issame is a int" in lines[0]
+    assert lines[1].startswith("not copied huge.bin:") and "too large" in lines[1]
     assert not (tmp_path / "out").exists()

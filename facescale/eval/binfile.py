@@ -10,8 +10,11 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from facescale.errors import InputError
 
@@ -72,11 +75,19 @@ def read_bin(path: str | Path) -> VerificationBin:
         content = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
         raise EvalSetError(f"{path}: not an insightface .bin pickle ({error})") from error
+    except (MemoryError, OverflowError, RecursionError) as error:  # a declared length or depth beyond reach
+        raise EvalSetError(f"{path}: not an insightface .bin pickle (it declares an object too large or too "
+                           f"deep to read: {type(error).__name__})") from error
     if not (isinstance(content, list | tuple) and len(content) == 2):
         raise EvalSetError(f"{path}: expected a pickled (images, issame) pair, got {type(content).__name__}")
     images, issame = content
+    if isinstance(issame, np.ndarray) and issame.ndim == 1 and issame.dtype.kind == "b":
+        issame = issame.tolist()  # a numpy bool vector of flags
+    for name, value in (("images", images), ("issame", issame)):
+        if not isinstance(value, list | tuple):
+            raise EvalSetError(f"{path}: {name} is a {type(value).__name__}, expected a list")
     images = [_as_bytes(image, path, number) for number, image in enumerate(images)]
-    flags = [bool(flag) for flag in issame]
+    flags = [_as_flag(flag, path, number) for number, flag in enumerate(issame)]
     if len(images) != 2 * len(flags) or not flags:
         raise EvalSetError(f"{path}: {len(images)} images for {len(flags)} pairs; a .bin holds exactly "
                          "2 images per pair and at least one pair")
@@ -89,3 +100,10 @@ def _as_bytes(image: Any, path: Path, number: int) -> bytes:
     if hasattr(image, "tobytes") and getattr(image, "dtype", None) is not None and image.dtype.itemsize == 1:
         return image.tobytes()  # numpy uint8 buffer of encoded bytes
     raise EvalSetError(f"{path}: image {number} is a {type(image).__name__}, expected encoded image bytes")
+
+
+def _as_flag(flag: Any, path: Path, number: int) -> bool:
+    """An is-same flag: a bool (Python or numpy) or the integer 0 or 1; anything else is a damaged file."""
+    if isinstance(flag, bool | np.bool_) or (isinstance(flag, Integral) and flag in (0, 1)):
+        return bool(flag)
+    raise EvalSetError(f"{path}: issame {number} is a {type(flag).__name__}, expected a bool")
