@@ -167,6 +167,35 @@ def test_read_accepts_arcface_torch_checkpoints_and_refuses_non_state_dicts(tmp_
         read_backbone_weights(tmp_path / "absent.pth")
 
 
+@pytest.mark.parametrize("obj", [{0: torch.zeros(3)}, {"state_dict_backbone": {(1, 2): torch.zeros(3)}}],
+                         ids=["int-keys", "tuple-keys-nested"])
+def test_state_dicts_keyed_by_other_than_names_are_refused(tmp_path: Path, obj) -> None:
+    torch.save(obj, tmp_path / "odd.pth")
+    with pytest.raises(WeightsError, match="odd.pth: holds no backbone state dict"):
+        read_backbone_weights(tmp_path / "odd.pth")
+
+
+class _Call:
+    """Pickles as a call of os.getcwd: a global the weights-only loader refuses."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize(("write", "detail"), [
+    (lambda path: torch.save({"w": _Call()}, path), "(global posix.getcwd)"),
+    (lambda path: path.write_bytes(b"\x80\x04\x95\x02\x00\x00\x00\x00\x00\x00\x00N."),  # protocol 4 framing
+     "(Unsupported operand 149)"),
+], ids=["global", "opcode"])
+def test_refused_files_name_what_was_refused_without_torchs_advice(tmp_path: Path, write, detail) -> None:
+    write(tmp_path / "w.pth")
+    with pytest.raises(WeightsError) as error:
+        read_backbone_weights(tmp_path / "w.pth")
+    line = error.value.line()
+    assert f"w.pth: refusing to load it: it holds objects facescale never writes {detail}" in line
+    assert "nothing in it was run" in line and "weights_only" not in line
+
+
 _PEAK_READ = """
 import re, sys
 import torch

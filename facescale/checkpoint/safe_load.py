@@ -13,6 +13,7 @@ A file that needs anything else is refused with an `UnsafeCheckpointError` namin
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -83,15 +84,26 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# what to do with a file the weights-only loader refused, when its owner trusts it
+TRUST_FIX = ("if you made this file yourself and trust it, re-save it holding only tensors, numbers, "
+             "strings, lists and dicts")
+
+
+def unsafe_reason(exc: pickle.UnpicklingError) -> str:
+    """Why torch's weights-only unpickler refused a file, naming the refused global or opcode; never torch's
+    own advice, which is to rerun with `weights_only=False` (running the file's code)."""
+    text = str(exc)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    other = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)  # e.g. an opcode it does not know
+    detail = (f"global {refused.group(1)}" if refused else other.group(1).strip().rstrip(".") if other
+              else "something outside the weights-only allow-list")
+    return (f"it holds objects facescale never writes ({detail}), so it was altered or written by other "
+            "code; nothing in it was run")
+
+
 def _refusal(path: Path, exc: pickle.UnpicklingError) -> str:
-    lines = str(exc).splitlines()
-    detail = next((line.strip() for line in lines if "GLOBAL" in line or "global" in line), "")
-    return (
-        f"refusing to load checkpoint file '{path}': it holds objects facescale never writes ("
-        f"{detail or _first_line(exc)}), so it was altered or written by other code; nothing in it was run. "
-        "Use a step directory written by facescale. If you made this file yourself and trust it, re-save it "
-        "holding only tensors, numbers, strings, lists and dicts"
-    )
+    return (f"refusing to load checkpoint file '{path}': {unsafe_reason(exc)}. Use a step directory written "
+            f"by facescale, or, {TRUST_FIX}")
 
 
 def plain_state(obj: Any, where: str = "state") -> Any:

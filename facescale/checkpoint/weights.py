@@ -8,6 +8,7 @@ instead of torch's wall of text.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from facescale.checkpoint.arcface_torch import BACKBONE_KEY, read_checkpoint
 from facescale.checkpoint.layout import BACKBONE_WEIGHTS, LATEST, CheckpointError, resolve_checkpoint
+from facescale.checkpoint.safe_load import TRUST_FIX, unsafe_reason
 from facescale.errors import InputError
 from facescale.models.legacy_names import upgrade_legacy_names
 
@@ -69,13 +71,16 @@ def read_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: {exc}") from None
     try:
         obj = read_checkpoint(p)  # memory-mapped: of a checkpoint_gpu_<r>.pt only the backbone is read
+    except pickle.UnpicklingError as exc:  # the weights-only loader refused it: nothing in it ran
+        raise WeightsError(f"{p}: refusing to load it: {unsafe_reason(exc)}; {TRUST_FIX}") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe file gets the same advice
         raise WeightsError(f"{p}: not a readable torch state dict ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); give a file written by "
                            f"torch.save(model.state_dict())") from None
     if isinstance(obj, dict) and isinstance(obj.get(BACKBONE_KEY), dict):
         obj = obj[BACKBONE_KEY]
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                       for k, v in obj.items()):
         raise WeightsError(f"{p}: holds no backbone state dict (a mapping of parameter names to tensors); "
                            f"export one with `facescale export torch` or torch.save(backbone.state_dict())")
     if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper

@@ -10,6 +10,7 @@ the first C % W ranks one row more, so the blocks in rank order are the full mat
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from facescale.checkpoint.arcface_torch import NotCarried, read_checkpoint, saved_optimizer
+from facescale.checkpoint.safe_load import TRUST_FIX, unsafe_reason
 from facescale.errors import InputError
 
 ARCFACE_TORCH_HEAD_KEY = "state_dict_softmax_fc"  # PartialFC_V2.state_dict(): {"weight": [rows, D]}
@@ -47,6 +49,9 @@ class CenterSource:
 def _load(path: Path) -> object:
     try:
         return read_checkpoint(path)
+    except pickle.UnpicklingError as exc:  # the weights-only loader refused it: nothing in it ran
+        raise CenterSourceError(f"refusing to load it: {unsafe_reason(exc)}", where=path,
+                                fix=TRUST_FIX) from None
     except Exception as exc:  # noqa: BLE001 - unreadable or unsafe: one message
         raise CenterSourceError(f"not a readable torch file ({type(exc).__name__})", where=path) from None
 
