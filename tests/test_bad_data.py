@@ -211,3 +211,33 @@ def test_dali_reader_names_a_shard_cut_while_it_reads(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert "BadSampleError: bad training sample: train-000001.tar" in proc.stdout
     assert "truncated" in proc.stdout
+
+
+def _header_says(width: int, height: int) -> bytes:
+    """A tiny real JPEG whose frame header (SOF0) is rewritten to claim width x height pixels."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_claiming_more_pixels_than_pillows_limit_is_refused_undecoded():
+    from facescale.data.convert import training_jpeg
+    from facescale.data.jpeg import decode_jpeg
+    from facescale.eval.decode import decode_image
+
+    bomb = _header_says(10_000, 10_000)  # 1e8 pixels: over Pillow's 89478485, under its own 2x refusal
+    refusal = "its header says 10000x10000 pixels, more than Pillow's Image.MAX_IMAGE_PIXELS"
+    for decoder in ("auto", "pil"):
+        with pytest.raises(ValueError, match=refusal):
+            decode_jpeg(bomb, decoder=decoder)
+    assert refusal in check_image(bomb, 16)
+    with pytest.raises(ValueError, match=f"lfw.bin: image 3 could not be decoded \\({refusal}"):
+        decode_image(bomb, 16, "lfw.bin", 3)
+    with pytest.raises(ValueError, match=f"does not decode as an image \\({refusal}"):
+        training_jpeg(bomb, 16, 90)

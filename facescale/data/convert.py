@@ -13,7 +13,6 @@ the conversion with one line naming it instead of leaving its images out.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from facescale.data.folder_listing import IMAGE_SUFFIXES, FolderLayoutError, detect_depth, list_identities
-from facescale.data.jpeg import decode_jpeg, encode_jpeg, pil_rgb
+from facescale.data.jpeg import decode_jpeg, encode_jpeg, open_image, pil_rgb
 from facescale.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from facescale.data.recordio import RecordFile
 from facescale.data.shard_writer import ShardWriter
@@ -115,7 +114,7 @@ def training_jpeg(data: bytes, image_size: int, quality: int) -> tuple[bytes, bo
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             image = pil_rgb(image)
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)

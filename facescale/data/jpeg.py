@@ -16,6 +16,30 @@ except ImportError:  # pragma: no cover - exercised only where simplejpeg is abs
     simplejpeg = None
 
 
+def check_pixels(width: int, height: int) -> None:
+    """Refuse an image whose header claims more pixels than Pillow's `Image.MAX_IMAGE_PIXELS`, before
+    decoding: a few hundred bytes can otherwise cost gigabytes of memory and seconds per image."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ValueError(f"its header says {width}x{height} pixels, more than Pillow's "
+                         f"Image.MAX_IMAGE_PIXELS ({limit}): a damaged file or a decompression bomb")
+
+
+def open_image(data: bytes) -> Any:
+    """Pillow's lazy `Image.open` of encoded bytes, refused by `check_pixels` before any pixel is decoded."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    try:
+        check_pixels(*image.size)
+    except ValueError:
+        image.close()
+        raise
+    return image
+
+
 def pil_rgb(image: Any) -> Any:
     """A Pillow image as 8-bit RGB; a 16-bit grey image (PNG/TIFF modes I;16*, I) scaled as OpenCV reads it
     (value >> 8), where Pillow's own convert would clip every value above 255 to white."""
@@ -57,15 +81,14 @@ def decode_jpeg(data: bytes, out: np.ndarray | None = None, decoder: str = "auto
         raise ImportError("data.jpeg_decoder is 'simplejpeg' but it is not installed; pip install simplejpeg "
                           "or set data.jpeg_decoder to 'auto'")
     if decoder != "pil" and simplejpeg is not None:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        check_pixels(width, height)
         if out is not None:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             if out.shape == (height, width, 3) and out.flags.c_contiguous:
                 simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
                 return out
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         pixels = np.asarray(image.convert("RGB"))
     if out is not None and out.shape == pixels.shape:
         out[...] = pixels

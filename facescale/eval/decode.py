@@ -41,18 +41,9 @@ def decode_image(image: ImageInput, image_size: int | None, source: str, index: 
 
 
 def _decode_bytes(data: bytes) -> np.ndarray:
+    from facescale.data.jpeg import decode_jpeg, open_image, pil_rgb
+
     if data[:2] == b"\xff\xd8":
-        try:
-            import simplejpeg
-
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
-        except ImportError:
-            pass
-    import io
-
-    from PIL import Image
-
-    from facescale.data.jpeg import pil_rgb
-
-    with Image.open(io.BytesIO(data)) as img:
+        return decode_jpeg(data)  # simplejpeg when installed, else Pillow
+    with open_image(data) as img:
         return np.asarray(pil_rgb(img), dtype=np.uint8)
