@@ -231,6 +231,27 @@ def test_bad_meta_lines_are_named(tmp_path) -> None:
         read_ijb_release(str(tmp_path))
 
 
+@pytest.mark.parametrize(("kind", "damage", "message"), [
+    ("face_tid_mid", lambda text: b"\xff\xfe" + text.encode(), r"face_tid_mid\.txt:1: not UTF-8 text"),
+    ("template_pair_label", lambda text: (text + "100000000000000000000000 1 1\n").encode(),
+     r"template_pair_label\.txt:4: a field of '100000000000000000000000 1 1' is beyond 64-bit integers"),
+    ("face_tid_mid", lambda text: ("/etc/hostname" + text[text.index(" "):]).encode(),
+     r"face_tid_mid\.txt:1: image name '/etc/hostname' is absolute or has '\.\.'"),
+    ("face_tid_mid", lambda text: ("../../x.png" + text[text.index(" "):]).encode(),
+     r"face_tid_mid\.txt:1: image name '\.\./\.\./x\.png' is absolute or has '\.\.'"),
+])
+def test_undecodable_oversized_or_escaping_meta_lines_are_named(tmp_path, kind, damage, message) -> None:
+    root = str(tmp_path / "IJBB")
+    faces, ids = _faces(2, 2)
+    write_synthetic_ijb_release(root, faces, ids, name="ijbb")
+    path = f"{root}/meta/ijbb_{kind}.txt"
+    text = open(path, encoding="utf-8").read()
+    with open(path, "wb") as handle:
+        handle.write(damage(text))
+    with pytest.raises(IJBReleaseError, match=message):
+        read_ijb_release(root)
+
+
 def test_bad_loose_crop_is_named_from_a_worker(tmp_path) -> None:
     root = str(tmp_path / "IJBC")
     faces, ids = _faces(2, 2)

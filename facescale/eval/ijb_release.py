@@ -19,6 +19,7 @@ import numpy as np
 from facescale.errors import InputError
 
 NAMES = ("ijbb", "ijbc")
+INT64 = np.iinfo(np.int64)  # template and media ids, labels: what the arrays hold
 
 
 class IJBReleaseError(InputError, ValueError):
@@ -78,12 +79,20 @@ def _lines(path: str) -> list[tuple[int, list[str]]]:
     if not os.path.isfile(path):
         raise IJBReleaseFileError(f"{path}: IJB meta file not found; --root must be the release directory "
                                 "holding meta/ and loose_crop/ (see facescale.eval.ijb_release)")
-    with open(path, encoding="utf-8") as handle:
-        rows = [(number, line.split()) for number, line in enumerate(handle, start=1)]
+    with open(path, "rb") as handle:
+        rows = [(number, _text(path, number, line).split()) for number, line in enumerate(handle, start=1)]
     rows = [(number, tokens) for number, tokens in rows if tokens]
     if not rows:
         raise IJBReleaseError(f"{path}: empty; re-extract the IJB meta files")
     return rows
+
+
+def _text(path: str, number: int, line: bytes) -> str:
+    """One line of a meta file as text (the release's files are ASCII, so UTF-8 reads them)."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IJBReleaseError(f"{path}:{number}: not UTF-8 text; fix or re-extract the file") from None
 
 
 def _ints(path: str, number: int, tokens: list[str], expected: int, layout: str) -> list[int]:
@@ -91,17 +100,29 @@ def _ints(path: str, number: int, tokens: list[str], expected: int, layout: str)
         raise IJBReleaseError(f"{path}:{number}: expected {expected} fields ({layout}), got {len(tokens)}; "
                          "fix or re-extract the file")
     try:
-        return [int(t) for t in tokens]
+        values = [int(t) for t in tokens]
     except ValueError:
         raise IJBReleaseError(f"{path}:{number}: non-integer field in {' '.join(tokens)!r} ({layout})"
                               ) from None
+    if not all(INT64.min <= value <= INT64.max for value in values):
+        raise IJBReleaseError(f"{path}:{number}: a field of {' '.join(tokens)!r} is beyond 64-bit integers "
+                              f"({layout}); fix or re-extract the file")
+    return values
+
+
+def _image_name(path: str, number: int, name: str) -> str:
+    """An image name of the face file: a path inside loose_crop/ (absolute or `..` names would leave it)."""
+    if os.path.isabs(name) or ".." in name.split("/"):
+        raise IJBReleaseError(f"{path}:{number}: image name {name!r} is absolute or has '..': names are "
+                              "paths inside loose_crop/; fix or re-extract the file")
+    return name
 
 
 def _read_faces(path: str) -> tuple[list[str], np.ndarray]:
     names, ids = [], []
     for number, tokens in _lines(path):
         ids.append(_ints(path, number, tokens[1:], 2, "image_name template_id media_id"))
-        names.append(tokens[0])
+        names.append(_image_name(path, number, tokens[0]))
     return names, np.asarray(ids, dtype=np.int64).reshape(-1, 2)
 
 
@@ -113,7 +134,7 @@ def _read_pairs(path: str) -> np.ndarray:
     try:  # numpy's C parser: seconds for IJB-C, without a Python object per number
         table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
         table = table if table.shape[1:] == (3,) and len(table) else None
-    except ValueError:
+    except (ValueError, OverflowError):  # also a non-UTF-8 file (UnicodeDecodeError is a ValueError)
         table = None
     if table is None:  # something is malformed: find and name the line
         table = np.asarray([_ints(path, number, tokens, 3, layout) for number, tokens in _lines(path)],
