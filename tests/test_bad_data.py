@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from facescale.config.schema import DataConfig
-from facescale.data.bad_data import BadSampleError, check_image
+from facescale.data.bad_data import BadSample, BadSampleError, check_image
 from facescale.data.index_check import ShardIndexError
 from facescale.data.jpeg import encode_jpeg
 from facescale.data.loader import build_train_loader, dali_available
@@ -241,3 +241,32 @@ def test_an_image_claiming_more_pixels_than_pillows_limit_is_refused_undecoded()
         decode_image(bomb, 16, "lfw.bin", 3)
     with pytest.raises(ValueError, match=f"does not decode as an image \\({refusal}"):
         training_jpeg(bomb, 16, 90)
+
+
+@pytest.mark.parametrize("size", [1 << 62, 1 << 70], ids=["beyond-memory", "beyond-int64"])
+def test_an_index_size_beyond_the_tar_reads_at_most_the_tar(tmp_path, size):
+    from facescale.data.tar_samples import read_segment
+
+    make_bad_dir(tmp_path, "good")
+    index = tmp_path / "train-000000.idx"
+    lines = index.read_text().splitlines()
+    jpg = lines[6].split()  # the last sample (a read ends there): `jpg offset size name lbl offset size name`
+    lines[6] = " ".join([*jpg[:2], str(size), *jpg[3:]])
+    index.write_text("\n".join(lines) + "\n")
+    read = list(read_segment(str(tmp_path / "train-000000.tar"), 0, 6))
+    assert [item.key if isinstance(item, BadSample) else item["__key__"] for item in read] == [
+        f"00000000{i}" for i in range(6)]
+    assert isinstance(read[5], BadSample) and "past the end of the tar" in read[5].reason
+
+
+@pytest.mark.parametrize("value", ["4²", "-5"])
+def test_index_numbers_that_are_not_plain_digits_name_the_line(tmp_path, value):
+    from facescale.data.bad_data import read_index_lines
+
+    make_bad_dir(tmp_path, "good")
+    index = tmp_path / "train-000000.idx"
+    lines = index.read_text().splitlines()
+    lines[2] = " ".join([lines[2].split()[0], value, *lines[2].split()[2:]])
+    index.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train-000000.idx:3: offsets and sizes must be non-negative"):
+        list(read_index_lines(index))

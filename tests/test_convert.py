@@ -407,3 +407,18 @@ def test_verification_sets_of_the_wrong_shape_are_not_copied(tmp_path):
     assert lines[0].startswith("not copied flags_int.bin:") and "issame is a int" in lines[0]
     assert lines[1].startswith("not copied huge.bin:") and "too large" in lines[1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    (b"1\t99999999999999999999", r"train.idx:2: offset 99999999999999999999 of key 1 is past the end of \S+"
+                                 r"train.rec \(\d+ B\)"),
+    (b"1\t\xff\xfe", r"train.idx:2: expected 'key<TAB>offset'"),
+    ("1\t4²".encode(), r"train.idx:2: expected 'key<TAB>offset', got '1\\t4²'"),
+    (b"1\t-5", r"train.idx:2: expected 'key<TAB>offset'"),
+], ids=["past-the-rec", "not-utf8", "superscript-digit", "negative"])
+def test_a_damaged_idx_line_is_named(tmp_path, line, message):
+    rec, idx, _ = write_insightface_rec(tmp_path)
+    lines = idx.read_bytes().splitlines()
+    idx.write_bytes(b"\n".join([lines[0], line, *lines[2:]]) + b"\n")
+    with pytest.raises(RecordIOError, match=message):
+        RecordFile(rec, idx)

@@ -76,6 +76,9 @@ def read_index_lines(index_path: str | Path) -> Iterator[IndexedSample]:
         parts = line.split()
         if not parts or len(parts) % 4:
             raise ValueError(f"{index_path}:{position + 2}: expected 'ext offset size name' groups")
+        numbers = [parts[i + j] for i in range(0, len(parts), 4) for j in (1, 2)]
+        if not all(number.isascii() and number.isdigit() for number in numbers):
+            raise ValueError(f"{index_path}:{position + 2}: offsets and sizes must be non-negative integers")
         members = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
         yield IndexedSample(position, parts[3].split(".", 1)[0], members, line)
 

@@ -56,17 +56,26 @@ class ImageRecord:
         return int(self.labels[0])
 
 
-def read_index(idx_path: str | Path) -> dict[int, int]:
-    """`train.idx` as {record key: byte offset}; raises RecordIOError naming the bad line."""
+def read_index(idx_path: str | Path, rec_path: str | Path | None = None) -> dict[int, int]:
+    """`train.idx` as {record key: byte offset}; raises RecordIOError naming the bad line. Read as bytes (the
+    file is ASCII digits: a damaged, non-text file is a bad line, not a decode error); with `rec_path`, every
+    offset must lie inside that `.rec`."""
     offsets: dict[int, int] = {}
-    with open(idx_path) as lines:
+    rec_size = None if rec_path is None else os.path.getsize(rec_path)
+    with open(idx_path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
             parts = line.split()
-            if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit():
-                raise RecordIOError(f"{idx_path}:{number}: expected 'key<TAB>offset', got {line.strip()!r}")
-            offsets[int(parts[0])] = int(parts[1])
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit():  # bytes: ASCII digits
+                text = line.strip().decode("utf-8", "replace")
+                raise RecordIOError(f"{idx_path}:{number}: expected 'key<TAB>offset', got {text!r}")
+            key, offset = int(parts[0]), int(parts[1])
+            if rec_size is not None and offset >= rec_size:
+                raise RecordIOError(f"{idx_path}:{number}: offset {offset} of key {key} is past the end of "
+                                    f"{rec_path} ({rec_size} B); the .idx does not belong to this .rec, or "
+                                    "the .rec is truncated")
+            offsets[key] = offset
     if not offsets:
         raise RecordIOError(f"{idx_path} lists no records; pass the .idx written with the .rec")
     return offsets
@@ -121,7 +130,7 @@ class RecordFile:
             raise RecordIOError(f"{self.idx_path} not found: the .rec is read through the .idx written "
                                 "with it (insightface ships train.idx beside train.rec); copy it there or "
                                 "pass --idx")
-        self.offsets = read_index(self.idx_path)
+        self.offsets = read_index(self.idx_path, self.rec_path)
         self._fd: int | None = None
         self._pid = -1
 

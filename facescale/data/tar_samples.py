@@ -98,6 +98,7 @@ def _read_indexed(url: str, index: Path, first: int, end: int) -> Iterator[dict[
     extents = {p: _extent(samples[p]) for p in range(first, min(end, len(samples)))}
     fd = os.open(url, os.O_RDONLY)
     try:
+        tar_size = os.fstat(fd).st_size  # reads stop there: a damaged .idx line cannot ask for any length
         position = first
         while position < end:
             if position >= len(samples):
@@ -108,7 +109,8 @@ def _read_indexed(url: str, index: Path, first: int, end: int) -> Iterator[dict[
             base, stop = extents[position][0], position + 1
             while stop in extents and extents[stop][1] - base <= READ_CHUNK_BYTES:
                 stop += 1
-            span = os.pread(fd, extents[stop - 1][1] - base, base)
+            length = min(extents[stop - 1][1], tar_size) - base
+            span = os.pread(fd, length, base) if length > 0 else b""
             for sample in samples[position:stop]:
                 hi = extents[sample.position][1]
                 if hi - base > len(span):
