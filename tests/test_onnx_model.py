@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,43 @@ def test_bad_onnx_sources_are_one_line(files, tmp_path, capsys):
         assert expected in err and "Traceback" not in err
     with pytest.raises(SystemExit):  # export onnx takes no ONNX model
         main(["export", "onnx", "--onnx", str(files / "raw.onnx"), "--out", str(tmp_path / "x.onnx")])
+
+
+def _external_data_model(folder, location: str) -> Path:
+    """A 4x4-input linear model in `folder` whose weight lives in the external data file `location`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = onnx.numpy_helper.from_array(np.ones((48, 2), np.float32), "W")  # raw bytes: can go external
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, location="w.bin",
+                    size_threshold=0)
+    if location != "w.bin":  # point the weight elsewhere (where the test puts a copy of its bytes)
+        stored = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+        next(e for e in stored.graph.initializer[0].external_data if e.key == "location").value = location
+        (folder / "m.onnx").write_bytes(stored.SerializeToString())
+    return folder / "m.onnx"
+
+
+@pytest.mark.parametrize("where", ["traversal", "absolute", "symlink"])
+def test_external_data_outside_the_models_folder_is_refused_before_loading(tmp_path, where):
+    from facescale.eval.onnx_model import OnnxBackbone, OnnxModelError
+
+    inside = _external_data_model(tmp_path / "model", "w.bin")
+    assert OnnxBackbone(inside).image_size == 4  # the weight beside the model loads
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((tmp_path / "model" / "w.bin").read_bytes())
+    location = {"traversal": "../outside.bin", "absolute": str(outside), "symlink": "link.bin"}[where]
+    if where == "symlink":
+        (tmp_path / "model" / "link.bin").symlink_to(outside)
+    path = _external_data_model(tmp_path / "model", location)
+    with pytest.raises(OnnxModelError) as error:
+        OnnxBackbone(path)
+    assert (f"m.onnx: tensor 'W' keeps its data in {location!r} ({outside.resolve()}), outside the model's "
+            f"folder {(tmp_path / 'model').resolve()}") in error.value.line()

@@ -9,7 +9,9 @@ protobuf by onnxruntime: it runs no Python.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +29,35 @@ class OnnxModelError(InputError, ValueError):
 _PASS_THROUGH = ("Identity", "Cast")  # MXNet's exporter puts `id` (Identity) between `data` and its `- 127.5`
 
 
-def _normalises_inside(path: Path, image: str) -> bool:
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initializers (sparse ones too) and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from (attribute.t, *attribute.tensors)
+            for subgraph in (attribute.g, *attribute.graphs):
+                yield from _tensors(subgraph)
+
+
+def _check_external_data(path: Path, graph: Any) -> None:
+    """Refuse a tensor whose external data file resolves (symlinks too) outside the model's folder: older
+    onnxruntime versions open such paths (`../../etc/passwd`, absolute ones) as they are."""
+    folder = path.resolve().parent
+    for tensor in _tensors(graph):
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+        target = None if location is None else (folder / location).resolve()
+        if target is not None and not target.is_relative_to(folder):
+            raise OnnxModelError(f"tensor {tensor.name!r} keeps its data in {location!r} ({target}), outside "
+                                 f"the model's folder {folder}", where=path,
+                                 fix="keep the model's external data files in its folder, as onnx.save does")
+
+
+def _normalises_inside(graph: Any, image: str) -> bool:
     """Whether the graph's `image` input goes (through Identity / Cast nodes only) into a Sub whose result is
     scaled (Mul or Div): its own normalisation. (Any Sub and Mul among the first nodes would also match a
     ViT's decomposed LayerNorm.)"""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
     inputs = {image}
     for node in graph.node:  # ONNX lists nodes in topological order
         if node.op_type in _PASS_THROUGH and node.input and node.input[0] in inputs:
@@ -57,10 +81,16 @@ class OnnxBackbone(nn.Module):
         if not self.path.is_file():
             raise OnnxModelError("does not exist", where=path, fix="check the path")
         try:
+            import onnx
+
+            graph = onnx.load(str(self.path), load_external_data=False).graph
+            _check_external_data(self.path, graph)  # before onnxruntime opens any of those files
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")  # CUDA: onnxruntime-gpu
                          if p in onnxruntime.get_available_providers()]
             self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
-            self.raw_pixels = _normalises_inside(self.path, self.session.get_inputs()[0].name)
+            self.raw_pixels = _normalises_inside(graph, self.session.get_inputs()[0].name)
+        except OnnxModelError:
+            raise
         except Exception as error:  # noqa: BLE001 - onnxruntime and onnx raise assorted types on bad files
             reason = " ".join(str(error).split())[:300]
             raise OnnxModelError(f"not a loadable ONNX model ({reason})", where=path) from error
