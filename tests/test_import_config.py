@@ -107,6 +107,70 @@ def test_unknown_or_unsafe_lines_are_refused_by_name(tmp_path, capsys, monkeypat
     assert not (tmp_path / "pwned").exists()
 
 
+ARCFACE_STYLE_LINES = 27  # a line appended to ARCFACE_STYLE is line 28
+
+
+@pytest.mark.timeout(60)  # the old evaluator computed 10 ** 10 ** 8 for as long as it took
+@pytest.mark.parametrize(("line", "message"), [
+    ("config.lr = 10 ** 10 ** 8", "'10 ** 10 ** 8' is larger than 256 bits"),
+    ("config.output = 'x' * 10 ** 12", "'x' * 10 ** 12' has over 10000 characters or items"),
+    ("config.notes = [[0] * 10000] * 10000", "has over 10000 characters or items"),  # printed in the notes
+    ("config.lr = 1 / 0", "'1 / 0' cannot be computed (division by zero)"),
+    ("config.lr = 10.0 ** 400", "'10.0 ** 400' cannot be computed"),
+    ("config.lr = 'a' - 1", "''a' - 1' is arithmetic on a non-number"),
+    ("config.lr = -'a'", "is arithmetic on a non-number"),
+    ("config.notes = '%0999999999d' % 1", "is arithmetic on a non-number"),  # string formatting
+    ("config.notes = {[1]: 2}", "'{[1]: 2}' cannot be computed (unhashable type: 'list')"),
+    ("config.output = ['runs']", "config.output = ['runs'] is not a string or None"),
+    ("config.num_epoch = '20'", "config.num_epoch = '20' is not a number"),
+    ("config.warmup_epoch = '1'", "config.warmup_epoch = '1' is not a number"),
+    ("config.embedding_size = 'big'", "config.embedding_size = 'big' is not an integer"),
+    ("config.batch_size = True", "config.batch_size = True is not an integer"),
+    ("config.sample_rate = None", "config.sample_rate = None is not a number"),
+    ("config.fp16 = 'yes'", "config.fp16 = 'yes' is not True or False"),
+    ("config.network = ['r50']", "config.network = ['r50'] is not a string"),
+    ("config.margin_list = ('a', 0.5, 0)", "config.margin_list = ('a', 0.5, 0) is not (m1, m2, m3)"),
+    ("config.margin_list = (1.0, 0.5)", "is not (m1, m2, m3) of numbers"),
+    ("config.val_targets = 5", "config.val_targets = 5 is not a list of names"),
+])
+def test_hostile_or_mistyped_values_are_refused_by_line_and_key(tmp_path, capsys, line, message) -> None:
+    """Each is one error line naming the file's line, at once: no traceback, hang or run_dir "['runs']"."""
+    source = tmp_path / "bad.py"
+    source.write_text(ARCFACE_STYLE + line + "\n")
+    assert main(["import-config", str(source)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert f"error: {source}:{ARCFACE_STYLE_LINES + 1}: " in captured.err and message in captured.err
+
+
+NESTED = ": not valid Python: an expression nested too deeply to parse"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"\xff\xfe config = 1\n", ":1: not valid Python: (unicode error) 'utf-8' codec can't decode byte 0xff"),
+    (b"config = edict()\x00\n", ": not valid Python: source code string cannot contain null bytes"),
+    (("config.lr = " + "+".join(["1"] * 100_000) + "\n").encode(), NESTED),
+    (("config.lr = " + "-" * 100_000 + "1\n").encode(), NESTED),
+])
+def test_a_file_python_cannot_parse_is_one_line(tmp_path, capsys, text, message) -> None:
+    """Undecodable bytes, a null byte, an expression past the parser's depth: one line, no traceback."""
+    source = tmp_path / "bad.py"
+    source.write_bytes(text)
+    assert main(["import-config", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"error: {source}{message}" in err
+
+
+def test_recipe_arithmetic_within_the_bounds_is_computed(tmp_path) -> None:
+    source = tmp_path / "sums.py"
+    source.write_text("config = edict()\nconfig.seed = 2 ** 32 - 1\nconfig.rec = '/train_tmp/' + 'ms1m'\n"
+                      "config.lr = 0.1 * 2 ** -1\nconfig.val_targets = ['lfw'] * 3\n"
+                      "config.notes = 'x' * 10000\n")
+    values = read_arcface_config(source)
+    assert (values["seed"], values["rec"], values["lr"]) == (4294967295, "/train_tmp/ms1m", 0.05)
+    assert values["val_targets"] == ["lfw", "lfw", "lfw"] and len(values["notes"]) == 10000
+
+
 def test_base_defaults_fill_missing_keys(tmp_path) -> None:
     source = tmp_path / "tiny.py"
     source.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.network = 'mbf'\n")

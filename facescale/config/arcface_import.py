@@ -2,7 +2,8 @@
 
 The file is never executed: its syntax tree is walked and only `config = edict()` and `config.key = <value>`
 statements are accepted, where a value is built from literals, arithmetic and earlier `config.key`s (e.g.
-`config.warmup_epoch = config.num_epoch // 10`). arcface_torch's `configs/base.py` defaults come first, as its
+`config.warmup_epoch = config.num_epoch // 10`), bounded in size (MAX_INT_BITS, MAX_LENGTH) and of the kind
+each key takes (KEY_KINDS). arcface_torch's `configs/base.py` defaults come first, as its
 `get_config` merges them. Every key is mapped or explicitly ignored; an unknown key is refused by name.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import operator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,40 @@ SGD_MOMENTUM = 0.9  # arcface_torch's train_v2.py: torch.optim.SGD(..., momentum
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+# bounds on what an expression may build, far above any recipe's number or string (`10 ** 10 ** 8` would run
+# for hours and `"x" * 10 ** 12` fill the memory: both are refused before they are computed)
+MAX_INT_BITS = 256
+MAX_LENGTH = 10_000  # characters of a string, items of a list / tuple / dict
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (True is an int to Python, never a count or rate in a recipe)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# what a key the file sets must be (as arcface_torch uses it); anything else is refused by file:line and key
+KEY_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{k: ("an integer", _is_integer) for k in (
+        "embedding_size", "batch_size", "verbose", "frequent", "gradient_acc", "seed", "num_workers",
+        "num_classes", "num_image")},
+    **{k: ("a number", _is_number) for k in (
+        "sample_rate", "interclass_filtering_threshold", "lr", "momentum", "weight_decay", "num_epoch",
+        "warmup_epoch")},
+    **{k: ("True or False", lambda v: isinstance(v, bool)) for k in (
+        "fp16", "dali", "dali_aug", "using_wandb")},
+    **{k: ("a string", lambda v: isinstance(v, str)) for k in ("network", "optimizer")},
+    **{k: ("a string or None", lambda v: v is None or isinstance(v, str)) for k in (
+        "output", "rec", "wandb_entity", "wandb_project")},
+    "margin_list": ("(m1, m2, m3) of numbers",
+                    lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_is_number, v))),
+    "val_targets": ("a list of names",
+                    lambda v: isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v)),
+}
 
 
 class ImportConfigError(InputError):
@@ -65,38 +101,101 @@ class ImportConfigError(InputError):
     default_fix = "edit the Python config (only `config.key = value` lines are read) or write the YAML"
 
 
+def _shown(node: ast.AST) -> str:
+    """The source of `node`, cut to fit an error line."""
+    text = ast.unparse(node)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _value(node: ast.AST, values: dict[str, Any], where: str) -> Any:
     """Evaluate a literal / arithmetic / `config.key` expression without executing anything."""
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
-        return node.value
+        return _bounded(node.value, node, where)
     if isinstance(node, (ast.Tuple, ast.List)):
         items = [_value(e, values, where) for e in node.elts]
-        return tuple(items) if isinstance(node, ast.Tuple) else items
+        return _bounded(tuple(items) if isinstance(node, ast.Tuple) else items, node, where)
     if isinstance(node, ast.Dict):
         pairs = zip(node.keys, node.values, strict=True)
-        return {_value(k, values, where): _value(v, values, where) for k, v in pairs}
+        try:
+            mapping = {_value(k, values, where): _value(v, values, where) for k, v in pairs}
+        except TypeError as exc:  # a list or dict as a key
+            raise ImportConfigError(f"'{_shown(node)}' cannot be computed ({exc})", where=where) from None
+        return _bounded(mapping, node, where)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_value(node.left, values, where), _value(node.right, values, where))
+        left, right = _value(node.left, values, where), _value(node.right, values, where)
+        return _arithmetic(node, left, right, where)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_value(node.operand, values, where))
+        operand = _value(node.operand, values, where)
+        if not isinstance(operand, (int, float)):
+            raise ImportConfigError(f"'{_shown(node)}' is arithmetic on a non-number", where=where)
+        return _UNARY[type(node.op)](operand)
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config":
         if node.attr not in values:
             raise ImportConfigError(f"config.{node.attr} is read before it is set", where=where)
         return values[node.attr]
-    raise ImportConfigError(f"'{ast.unparse(node)}' is not a literal, arithmetic or an earlier config.key",
+    raise ImportConfigError(f"'{_shown(node)}' is not a literal, arithmetic or an earlier config.key",
                             where=where)
+
+
+def _arithmetic(node: ast.BinOp, left: Any, right: Any, where: str) -> Any:
+    """`left op right` for numbers, or strings / lists / tuples joined (+) or repeated (* n); refused by
+    expression when it cannot be computed or would exceed MAX_INT_BITS / MAX_LENGTH (checked beforehand)."""
+    op = type(node.op)
+    if op not in (ast.Add, ast.Mult) and not all(isinstance(v, (int, float)) for v in (left, right)):
+        raise ImportConfigError(f"'{_shown(node)}' is arithmetic on a non-number", where=where)
+    if op is ast.Pow and isinstance(left, int) and isinstance(right, int) \
+            and left.bit_length() * right > MAX_INT_BITS:
+        raise ImportConfigError(f"'{_shown(node)}' is larger than {MAX_INT_BITS} bits", where=where)
+    lengths = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
+    counts = [v for v in (left, right) if isinstance(v, int)]
+    if op is ast.Mult and lengths and counts and lengths[0] * counts[0] > MAX_LENGTH:
+        raise ImportConfigError(f"'{_shown(node)}' has over {MAX_LENGTH} characters or items", where=where)
+    try:
+        result = _BINARY[op](left, right)
+    except (ArithmeticError, TypeError, ValueError) as exc:  # 1 / 0, 10.0 ** 400, "a" - 1
+        raise ImportConfigError(f"'{_shown(node)}' cannot be computed ({exc})", where=where) from None
+    return _bounded(result, node, where)
+
+
+def _size(value: Any) -> int:
+    """Characters and items in `value`, nested ones included, counted up to just past MAX_LENGTH (a list
+    repeating one long list is small in memory but not when printed)."""
+    size, pending = 0, [value]
+    while pending and size <= MAX_LENGTH:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            pending += item
+        size += len(item) if isinstance(item, (str, list, tuple, dict)) else 0
+    return size
+
+
+def _bounded(value: Any, node: ast.AST, where: str) -> Any:
+    """`value`, refused when it exceeds MAX_INT_BITS or MAX_LENGTH (a recipe's values are far smaller)."""
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise ImportConfigError(f"'{_shown(node)}' is larger than {MAX_INT_BITS} bits", where=where)
+    if _size(value) > MAX_LENGTH:
+        raise ImportConfigError(f"'{_shown(node)}' has over {MAX_LENGTH} characters or items", where=where)
+    return value
 
 
 def read_arcface_config(path: str | Path) -> dict[str, Any]:
     """The keys of an arcface_torch config file over base.py's defaults, read without running the file."""
     p = Path(path)
-    try:
-        tree = ast.parse(p.read_text(), filename=str(p))
+    try:  # bytes: Python's own decoding (UTF-8 or the file's coding line); a bad byte is a SyntaxError
+        tree = ast.parse(p.read_bytes(), filename=str(p))
     except OSError as exc:
         raise ImportConfigError(f"cannot read it ({exc.strerror})", where=p,
                                 fix="give the path of an arcface_torch configs/*.py file") from None
-    except SyntaxError as exc:
-        raise ImportConfigError(f"not valid Python: {exc.msg}", where=f"{p}:{exc.lineno}") from None
+    except SyntaxError as exc:  # a null byte has no line
+        raise ImportConfigError(f"not valid Python: {exc.msg}",
+                                where=f"{p}:{exc.lineno}" if exc.lineno else p) from None
+    except ValueError as exc:
+        raise ImportConfigError(f"not valid Python: {exc}", where=p) from None
+    except (RecursionError, MemoryError):  # the parser's own limits: 1+1+...+1 or -----...1 in thousands
+        raise ImportConfigError("not valid Python: an expression nested too deeply to parse",
+                                where=p) from None
     values = dict(BASE_DEFAULTS)
     for stmt in tree.body:
         where = f"{p}:{stmt.lineno}"
@@ -114,15 +213,20 @@ def read_arcface_config(path: str | Path) -> dict[str, Any]:
                 and target.value.id == "config"):
             raise ImportConfigError(f"'{ast.unparse(stmt)[:60]}' is not a `config.key = value` line",
                                     where=where)
-        values[target.attr] = _value(stmt.value, values, where)
+        try:
+            value = _value(stmt.value, values, where)
+        except RecursionError:
+            raise ImportConfigError("the expression is nested too deeply", where=where) from None
+        kind, fits = KEY_KINDS.get(target.attr, ("", None))
+        if fits is not None and not fits(value):
+            raise ImportConfigError(f"config.{target.attr} = {_shown(stmt.value)} is not {kind}", where=where)
+        values[target.attr] = value
     return values
 
 
 def _margin(margin: Any, where: str) -> tuple[dict[str, Any], list[str]]:
     """head.margin for what arcface_torch's CombinedMarginLoss computes from (m1, m2, m3), and notes: ArcFace
     cos(theta + m2) for (1, m2, 0), CosFace target - m3 whenever m3 > 0 (m1, m2 unread), else it raises."""
-    if not (isinstance(margin, (tuple, list)) and len(margin) == 3):
-        raise ImportConfigError(f"margin_list {margin!r} is not (m1, m2, m3)", where=where)
     m1, m2, m3 = (float(v) for v in margin)
     if m1 == 1.0 and m3 == 0.0:  # arcface_torch's forward cos(theta + m2), gradient passed straight through
         return {"type": "arcface_straight_through", "s": 64.0, "m1": m1, "m2": m2, "m3": m3}, []
