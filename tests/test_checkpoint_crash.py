@@ -196,3 +196,37 @@ def test_the_latest_file_names_its_step_and_other_files_are_refused(tmp_path: Pa
     for given in (tmp_path, tmp_path / "checkpoints" / "latest"):
         with pytest.raises(CheckpointError, match="latest' is empty, where it names the newest complete"):
             resolve_checkpoint(given)
+
+
+@pytest.mark.parametrize(("state", "named"), [
+    ([1, 2], "trainer.json: not a JSON object (list)"),
+    ({"world_size": 1}, "trainer.json: no step"),
+    ({"step": "abc", "world_size": 1}, "trainer.json: step 'abc' is not a whole number >= 0"),
+    ({"step": -1, "world_size": 1}, "trainer.json: step -1 is not a whole number >= 0"),
+    ({"step": 7}, "trainer.json: no world_size"),
+    ({"step": 7, "world_size": True}, "trainer.json: world_size True is not a whole number >= 1"),
+    ({"step": 7, "world_size": 0}, "trainer.json: world_size 0 is not a whole number >= 1"),
+    ({"step": 7, "world_size": 1, "best_eval": [1, 2]}, "trainer.json: best_eval [1, 2] is not a mapping"),
+    ({"step": 7, "world_size": 1, "best_eval": {"lfw": 0.9}}, "best_eval {'lfw': 0.9} is not a mapping"),
+])
+def test_a_trainer_json_of_the_wrong_shape_is_refused_by_key(tmp_path: Path, capsys, state, named):
+    """Resume and export-head read trainer.json's step, world_size and best_eval: a damaged one was a
+    KeyError / ValueError / AttributeError traceback, where it is one line naming the file, key and fix."""
+    import json
+
+    from facescale.checkpoint import CheckpointError
+    from facescale.checkpoint.layout import expected_files, read_trainer_state
+    from facescale.cli import main
+
+    step = tmp_path / "checkpoints" / "step_00000007"
+    for name in [*expected_files(1, with_deepspeed=False), "COMPLETE"]:
+        (step / name).parent.mkdir(parents=True, exist_ok=True)
+        (step / name).write_bytes(b"")
+    (step / "trainer.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="No other complete step directory") as info:
+        read_trainer_state(step)
+    assert str(step / "trainer.json") in str(info.value) and named in str(info.value)
+    assert "the checkpoint is damaged" in str(info.value)
+    assert main(["export-head", "--checkpoint", str(step), "--out", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and named in err

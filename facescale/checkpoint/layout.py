@@ -91,9 +91,36 @@ def read_trainer_state(step_dir: Path) -> dict[str, Any]:
             f"checkpoint '{step_dir}' has no {TRAINER_STATE}; it is not a facescale step dir"
         )
     try:
-        return json.loads(read_text(path))
+        state = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from exc
+    problem = _trainer_state_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; the checkpoint is damaged. {_alternatives(step_dir)}")
+    return state
+
+
+def _is_count(value: Any, least: int) -> bool:
+    """A JSON whole number (not true / false) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _trainer_state_problem(state: Any) -> str:
+    """What makes a parsed trainer.json unusable for resume and export ('' when nothing): an object with a
+    `step` >= 0, a `world_size` >= 1 and, when present, a `best_eval` of eval set -> [best value, step]."""
+    if not isinstance(state, dict):
+        return f"not a JSON object ({type(state).__name__})"
+    for key, least in (("step", 0), ("world_size", 1)):
+        if key not in state:
+            return f"no {key}"
+        if not _is_count(state[key], least):
+            return f"{key} {repr(state[key])[:60]} is not a whole number >= {least}"
+    best = state.get("best_eval")
+    pairs = best.values() if isinstance(best, dict) else [] if best is None else [None]
+    if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], (int, float)) and _is_count(p[1], 0)
+               for p in pairs):
+        return f"best_eval {repr(best)[:60]} is not a mapping of eval set to [best value, step]"
+    return ""
 
 
 def read_saved_config(step_dir: Path) -> dict[str, Any]:
@@ -150,9 +177,7 @@ def verify_step_dir(step_dir: Path) -> dict[str, Any]:
             f"{', '.join(gaps + [COMPLETE])}); it was interrupted while saving. {_alternatives(step_dir)}"
         )
     state = read_trainer_state(step_dir)
-    world = state.get("world_size")
-    if not isinstance(world, int) or world < 1:
-        raise CheckpointError(f"{step_dir / TRAINER_STATE} has no valid world_size ({world!r})")
+    world = state["world_size"]
     gaps = missing_files(step_dir, world, bool(state.get("has_deepspeed_files", True)))
     if gaps:
         raise CheckpointError(
