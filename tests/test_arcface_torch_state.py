@@ -112,6 +112,28 @@ def test_what_cannot_be_carried_says_why(tmp_path) -> None:
     assert backbone_state(saved_optimizer(checkpoint), saved_parameter_names(checkpoint), names, shapes)
 
 
+GROUPS = [{"params": [0]}, {"params": [1]}]
+MOMENTUM = {"momentum_buffer": torch.ones(2)}
+
+
+@pytest.mark.parametrize(("saved", "reason"), [
+    ({"param_groups": [1, 2]}, "param_groups are not torch's"),
+    ({"param_groups": "ab"}, "param_groups are not torch's"),
+    ({"param_groups": [{"params": 0}, {"params": [1]}]}, "param_groups are not torch's"),
+    ({"param_groups": [{"params": [[0]]}, {"params": [1]}]}, "param_groups are not torch's"),
+    ({"param_groups": GROUPS, "state": [MOMENTUM]}, "state is not torch's"),
+    ({"param_groups": GROUPS, "state": {0: 5, 1: MOMENTUM}}, "state is not torch's"),
+    ({"param_groups": GROUPS, "state": {0: {"exp_avg": torch.ones(2), "step": "x"}}}, "step that is not a"),
+])
+def test_a_malformed_state_optimizer_is_not_carried_and_says_why(saved, reason) -> None:
+    """A damaged or hand-made state_optimizer was an AttributeError / TypeError past the callers, which catch
+    NotCarried (and then start the optimizer state fresh, saying why)."""
+    with pytest.raises(NotCarried, match=reason):
+        saved_optimizer({"state_dict_backbone": {}, "state_optimizer": saved})
+    well_formed = {"param_groups": GROUPS, "state": {1: MOMENTUM}}
+    assert saved_optimizer({"state_optimizer": well_formed}).kind == "sgd"
+
+
 def test_center_rows_come_from_the_files_that_hold_them(tmp_path) -> None:
     """A facescale rank's rows straddle arcface_torch's per-GPU files (rows 3/3/2/2/2 read as 0-4, 5-11)."""
     from facescale.partial_fc.init_centers import open_center_source, read_center_state_rows

@@ -64,7 +64,8 @@ def saved_optimizer(checkpoint: Any) -> SavedOptimizer:
     if not isinstance(saved, dict) or not saved.get("param_groups"):
         raise NotCarried(f"the checkpoint has no {OPTIMIZER_KEY} (save_all_states writes it)")
     groups, state = saved["param_groups"], saved.get("state", {})
-    if len(groups) != 2 or len(groups[1].get("params", [])) != 1:
+    _check_torch_layout(groups, state)
+    if len(groups) != 2 or len(groups[1]["params"]) != 1:
         raise NotCarried(f"its {OPTIMIZER_KEY} has {len(groups)} parameter groups, not arcface_torch's two "
                          "(backbone, then the Partial FC weight)")
     kind = _kind(state)
@@ -72,6 +73,26 @@ def saved_optimizer(checkpoint: Any) -> SavedOptimizer:
     center_entry = state.get(groups[1]["params"][0], {})
     step = next((e["step"] for e in state.values() if "step" in e), None) if kind == "adamw" else None
     return SavedOptimizer(kind, backbone, _tensors(center_entry), step)
+
+
+def _is_scalar(value: Any) -> bool:
+    """A number or a one-element tensor (torch keeps Adam's `step` as either, by version)."""
+    return isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1
+
+
+def _check_torch_layout(groups: Any, state: Any) -> None:
+    """NotCarried unless `groups` and `state` have the shape of torch's Optimizer.state_dict(): a list of
+    groups each listing its parameters' positions, and position -> that parameter's state with a numeric
+    `step` (a damaged or hand-made file would otherwise fail on the first lookup)."""
+    positions = [g.get("params") if isinstance(g, dict) else None for g in groups] \
+        if isinstance(groups, list) else [None]
+    if not all(isinstance(p, list) and all(isinstance(i, int) for i in p) for p in positions):
+        raise NotCarried(f"its {OPTIMIZER_KEY}'s param_groups are not torch's (a list of groups, each with "
+                         "its parameters' positions)")
+    if not (isinstance(state, dict) and all(isinstance(entry, dict) for entry in state.values())):
+        raise NotCarried(f"its {OPTIMIZER_KEY}'s state is not torch's (parameter position -> its state)")
+    if not all(_is_scalar(entry["step"]) for entry in state.values() if "step" in entry):
+        raise NotCarried(f"its {OPTIMIZER_KEY}'s state holds a step that is not a number")
 
 
 def read_checkpoint(path: str | Path) -> Any:
