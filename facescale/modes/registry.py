@@ -30,8 +30,8 @@ def register_mode(mode: TrainingMode) -> TrainingMode:
     name = getattr(mode, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"training mode {type(mode).__name__} has no `name`; set the class attribute")
-    if name in BUILTIN_MODES and name not in _MODES:
-        builtin = importlib.import_module(BUILTIN_MODES[name]).MODE
+    if name in BUILTIN_MODES:
+        builtin = _MODES.get(name) or importlib.import_module(BUILTIN_MODES[name]).MODE
         if builtin is not mode:
             raise ValueError(f"training mode '{name}' is built in ({BUILTIN_MODES[name]}); give "
                              f"{type(mode).__name__} a name of its own")
