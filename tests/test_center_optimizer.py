@@ -196,3 +196,65 @@ def test_the_partial_fc_head_steps_adamw_with_the_runs_betas(monkeypatch: pytest
     run = partial_fc_mode.MODE.build(cfg, None, SimpleNamespace(num_classes=ROWS), rank=0, world_size=1,
                                      micro_batch=2, precision="fp32", device=torch.device("cpu"))
     assert run.head.center_optimizer.betas == (0.5, 0.6)
+
+
+def _trained_head(storage_dtype: str = "fp32", momentum: float = 0.9):
+    """A 40-class head after two SGD steps (so its momentum, and a bf16 head's residual, are not zero)."""
+    head = build_head(HeadConfig(momentum=momentum, storage_dtype=storage_dtype), 40, 8, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    emb, labels = torch.randn(6, 8, generator=gen), torch.randint(0, 40, (6,), generator=gen)
+    for step in range(2):
+        head(emb.clone().requires_grad_(), labels, step)[0].backward()
+        head.optimizer_step(0.5)
+    return head
+
+
+def test_a_head_resumed_with_another_head_momentum_keeps_its_centers() -> None:
+    """Saved at head.momentum 0.9, resumed at 0 (its momentum dropped) and the other way (momentum from zero):
+    both were refused after start-up as if head.optimizer had changed."""
+    saved = _trained_head(momentum=0.9).state_dict()
+    assert bool(saved["optimizer"]["momentum_buffer"].abs().sum() > 0)
+    without = _trained_head(momentum=0.0)
+    without.load_state_dict(saved)
+    assert torch.equal(without.centers, saved["centers"]) and not without.state_dict()["optimizer"]
+    with_momentum = _trained_head(momentum=0.9)  # its own momentum is not zero before the load
+    with_momentum.load_state_dict(without.state_dict())
+    assert torch.equal(with_momentum.centers, saved["centers"])
+    assert not bool(with_momentum.state_dict()["optimizer"]["momentum_buffer"].any())
+    with pytest.raises(ValueError, match="head.optimizer"):  # another optimizer is still refused
+        build_head(HeadConfig(optimizer="adamw"), 40, 8, seed=3).load_state_dict(saved)
+
+
+def test_a_head_resumed_with_another_storage_dtype_keeps_the_centers_value() -> None:
+    """fp32 -> bf16 keeps the rounding error in the residual (it was zero, 2^-9 of each center lost);
+    bf16 -> fp32 loads centers plus residual (it failed on the residual's key); the round trip gives
+    back the fp32 centers to bf16-plus-residual precision (~2^-16)."""
+    fp32 = _trained_head("fp32")
+    exact = fp32.state_dict()["centers"]
+    bf16 = _trained_head("bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    state = bf16.state_dict()
+    assert state["centers"].dtype == torch.bfloat16
+    kept = state["centers"].float() + state["optimizer"]["center_residual"].float()
+    assert float((state["centers"].float() - exact).abs().max()) > 1e-5  # rounding bf16 alone loses this
+    torch.testing.assert_close(kept, exact, rtol=2**-15, atol=1e-7)
+    back = _trained_head("fp32")
+    back.load_state_dict(state)
+    torch.testing.assert_close(back.centers, exact, rtol=2**-15, atol=1e-7)
+    assert torch.equal(back.state_dict()["optimizer"]["momentum_buffer"],
+                       state["optimizer"]["momentum_buffer"].float())
+
+
+def test_partial_fc_says_how_a_changed_head_setting_is_carried_on_resume() -> None:
+    from facescale.config.schema import Config
+    from facescale.partial_fc.mode import MODE
+
+    cfg = Config()
+    cfg.head.momentum, cfg.head.storage_dtype = 0.0, "bf16"
+    notes = MODE.resume_notes({"head": {"momentum": 0.9, "storage_dtype": "fp32"}}, cfg)
+    assert notes == ["[facescale] head.momentum 0.9 -> 0.0: the saved momentum of the centers is dropped",
+                     "[facescale] head.storage_dtype fp32 -> bf16: the centers load as the saved centers "
+                     "rounded to bf16, the rounding error kept in their residual"]
+    assert MODE.resume_notes({"head": {"momentum": 0.0, "storage_dtype": "bf16"}}, cfg) == []
+    cfg.head.optimizer = "adamw"  # no momentum buffer either way
+    assert MODE.resume_notes({"head": {"momentum": 0.9, "storage_dtype": "bf16"}}, cfg) == []

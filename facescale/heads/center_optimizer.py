@@ -35,6 +35,7 @@ from facescale.heads.norm_linear import CenterGrad, inverse_row_norms
 OPTIMIZERS = choices(OptimizerKind)
 UPDATE_MODES = choices(UpdateKind)
 RESIDUAL = "center_residual"  # the low part of half-precision centers (see module docstring)
+MOMENTUM = "momentum_buffer"  # SGD's, kept only when head.momentum > 0
 _HALF = (torch.bfloat16, torch.float16)
 _NORM_EPS = 1e-12  # as inverse_row_norms
 _CPU_BLOCK_ROWS, _BF16_BLOCK_ROWS = 2048, 10240  # rows per block on the CPU (see _rows_per_block)
@@ -85,9 +86,7 @@ class CenterOptimizer(torch.nn.Module):
         self.momentum, self.weight_decay, self.betas, self.eps = momentum, weight_decay, betas, eps
         shape = (num_rows, dim)
         if kind == "sgd" and momentum > 0:
-            self.register_buffer(
-                "momentum_buffer", zeros_rows(shape, state_dtype, device), False
-            )
+            self.register_buffer(MOMENTUM, zeros_rows(shape, state_dtype, device), False)
         if kind == "adamw":
             self.register_buffer("exp_avg", zeros_rows(shape, state_dtype, device), False)
             self.register_buffer("exp_avg_sq", zeros_rows(shape, state_dtype, device), False)
@@ -124,12 +123,15 @@ class CenterOptimizer(torch.nn.Module):
         return out
 
     def load_state_tensors(self, state: dict[str, Tensor]) -> None:
-        """Copy saved state into the buffers (shapes must match; dtype/device are converted). A checkpoint
-        written before bf16 centers had a residual loads with a zero residual."""
+        """Copy saved state into the buffers (shapes must match; dtype/device are converted). A buffer this
+        optimizer keeps but the state lacks starts at zero: the residual of a checkpoint written before bf16
+        centers had one, or the momentum of one saved at head.momentum 0 (SGD's first step then sets it to
+        the gradient, as torch's does); saved momentum is dropped at head.momentum 0."""
         expected = self._state()
         if self.deferred is not None:
             self.deferred.reset()  # the loaded rows are all current
-        if set(state) != set(expected) and set(state) != set(expected) - {RESIDUAL}:
+        missing, extra = set(expected) - set(state), set(state) - set(expected)
+        if not missing <= {RESIDUAL, MOMENTUM} or not extra <= {MOMENTUM}:
             raise ValueError(
                 f"center optimizer state has keys {sorted(state)}, expected {sorted(expected)} "
                 f"for optimizer={self.kind}; was the checkpoint written with another head.optimizer?"
@@ -264,7 +266,7 @@ class CenterOptimizer(torch.nn.Module):
                 dense_rows=span,
                 proj_inv=proj,
                 residual=state.get(RESIDUAL),
-                momentum=state.get("momentum_buffer"),
+                momentum=state.get(MOMENTUM),
                 inv_norms=inv_norms,
                 lr=lr,
                 mu=self.momentum,
@@ -414,7 +416,7 @@ class CenterOptimizer(torch.nn.Module):
         wd = self.weight_decay
         if self.kind == "sgd":
             if self.momentum > 0:  # torch.optim.SGD: buf = momentum*buf + (g + wd*p); p -= lr*buf
-                buf = state["momentum_buffer"]
+                buf = state[MOMENTUM]
                 buf.mul_(self.momentum)
                 if wd:
                     buf.add_(params, alpha=wd)

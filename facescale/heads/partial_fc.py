@@ -352,7 +352,9 @@ class PartialFCHead(torch.nn.Module):
         self._pending.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load a shard saved by `state_dict`; its metadata must describe exactly this shard."""
+        """Load a shard saved by `state_dict`; its metadata must describe exactly this shard. A shard saved
+        with another head.storage_dtype loads the value it held (bf16 centers plus their residual), a half
+        precision shard keeping the rounding error in its residual, as `load_center_values` does."""
         meta = state_dict.get("meta")
         if meta is None or "centers" not in state_dict:
             raise ValueError("not a Partial FC head state: expected keys 'meta', 'centers', 'optimizer'")
@@ -363,7 +365,16 @@ class PartialFCHead(torch.nn.Module):
                     f"head checkpoint has {key}={meta.get(key)} but this rank needs {value} "
                     f"(rank {self.rank} of {self.world_size}); {fix}"
                 )
-        self.center_rows.copy_(state_dict["centers"])
-        self.center_optimizer.load_state_tensors(state_dict.get("optimizer", {}))
+        centers, optimizer = state_dict["centers"], dict(state_dict.get("optimizer", {}))
+        if centers.dtype == self.center_rows.dtype:  # as saved, bit for bit
+            self.center_rows.copy_(centers)
+        else:
+            residual = optimizer.pop(RESIDUAL, None)
+            values = centers.float() if residual is None else centers.float() + residual.float()
+            values = values.to(self.center_rows.device)
+            self.center_rows.copy_(values)
+            if hasattr(self.center_optimizer, RESIDUAL):
+                optimizer[RESIDUAL] = values - self.center_rows.float()
+        self.center_optimizer.load_state_tensors(optimizer)
         self._pending.clear()
         return None

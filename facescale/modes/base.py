@@ -119,6 +119,11 @@ class TrainingMode(ABC):
     def start_fresh(self, run: ModeRun, cfg: Any, log: Callable[[str], None]) -> None:  # noqa: B027
         """Called once on a run that does not resume, after `build`: e.g. load given class centers."""
 
+    def resume_notes(self, saved: dict[str, Any], cfg: Any) -> list[str]:
+        """Console lines on how the head state of a step saved with config `saved` (its config.yaml as a dict)
+        is carried into `cfg` where a setting changed that the load converts (e.g. a storage dtype)."""
+        return []
+
     def reshard_head_state(self, shards: list[dict[str, Any]], world_size: int,
                            rank: int) -> dict[str, Any] | None:
         """The head state of `rank` of `world_size` from saved `shards`, when they are in a format only this

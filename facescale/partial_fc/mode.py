@@ -83,6 +83,23 @@ class PartialFCMode(TrainingMode):
         log(f"[facescale] head.init_from: class centers {head.start}..{head.start + head.count - 1} of "
             f"{head.num_classes} from {cfg.head.init_from} ({note})")
 
+    def resume_notes(self, saved: dict[str, Any], cfg: Any) -> list[str]:
+        """What PartialFCHead.load_state_dict does with centers and momentum saved at other settings."""
+        head, notes = saved.get("head") or {}, []
+        momentum = head.get("momentum")
+        if cfg.head.optimizer == "sgd" and momentum is not None and (momentum > 0) != (cfg.head.momentum > 0):
+            what = ("the saved momentum of the centers is dropped" if cfg.head.momentum == 0 else
+                    "the centers' momentum starts at zero (none was saved)")
+            notes.append(f"[facescale] head.momentum {momentum} -> {cfg.head.momentum}: {what}")
+        dtype = head.get("storage_dtype")
+        if dtype is not None and dtype != cfg.head.storage_dtype:
+            how = ("the saved centers plus their residual" if cfg.head.storage_dtype == "fp32" else
+                   f"the saved centers rounded to {cfg.head.storage_dtype}, the rounding error kept in "
+                   "their residual")
+            notes.append(f"[facescale] head.storage_dtype {dtype} -> {cfg.head.storage_dtype}: the centers "
+                         f"load as {how}")
+        return notes
+
     def build(self, cfg: Any, engine: Any, manifest: Any, *, rank: int, world_size: int, micro_batch: int,
               precision: str, device: torch.device) -> PartialFCRun:
         head = build_head(cfg.head, manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed,

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from facescale.checkpoint import CheckpointManager, resolve_checkpoint
-from facescale.checkpoint.layout import read_trainer_state
+from facescale.checkpoint.layout import read_saved_config, read_trainer_state
 from facescale.checkpoint.space_check import warn_if_short_of_space
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.errors import ConfigError
@@ -178,6 +178,8 @@ class Trainer:
         if path is None:
             return
         state = self.checkpoints.load(path, self.engine, self.head)
+        for line in get_mode(self.cfg.head.type).resume_notes(read_saved_config(path), self.cfg):
+            self.metrics.console(line)
         self.step = int(state["step"])
         if resolve_checkpoint(path).parent == self.checkpoints.root:  # this run's own step: no re-save
             self._saved = (self.step, resolve_checkpoint(path))
