@@ -141,13 +141,49 @@ def test_a_resume_that_plans_the_epoch_in_progress_anew_says_so(tmp_path):
     cfg = Config()
     cfg.data.num_workers = 2
     mid = {"epoch": 5, "step_in_epoch": 7}
-    line = epoch_plan_change(cfg, tmp_path, 8, 8, mid, planned_by_workers=True)
+    by_8 = {"world_size": 8}
+    line = epoch_plan_change(cfg, tmp_path, by_8, 8, mid, planned_by_workers=True)
     assert line == ("[facescale] data.num_workers 4 -> 2: the rest of epoch 5 is drawn from the new plan, so "
                     "samples of its first 7 batches may repeat or be missed in it; later epochs are whole")
-    both = epoch_plan_change(cfg, tmp_path, 8, 16, mid, planned_by_workers=True)
+    both = epoch_plan_change(cfg, tmp_path, by_8, 16, mid, planned_by_workers=True)
     assert both is not None and both.startswith("[facescale] world size 8 -> 16, data.num_workers 4 -> 2:")
-    assert epoch_plan_change(cfg, tmp_path, 8, 8, mid, planned_by_workers=False) is None  # DALI: no workers
+    assert epoch_plan_change(cfg, tmp_path, by_8, 8, mid, planned_by_workers=False) is None  # DALI: none
     epoch_start = {"epoch": 6, "step_in_epoch": 0}  # nothing of it was trained yet
-    assert epoch_plan_change(cfg, tmp_path, 8, 16, epoch_start, planned_by_workers=True) is None
+    assert epoch_plan_change(cfg, tmp_path, by_8, 16, epoch_start, planned_by_workers=True) is None
     cfg.data.num_workers = 4
-    assert epoch_plan_change(cfg, tmp_path, 8, 8, mid, planned_by_workers=True) is None
+    assert epoch_plan_change(cfg, tmp_path, by_8, 8, mid, planned_by_workers=True) is None
+
+
+def test_a_step_resharded_offline_is_planned_for_the_ranks_that_trained_it(tmp_path):
+    """`facescale reshard` of a 2-rank step for 3 ranks (then 4) rewrote trainer.json's world_size, so a
+    3-rank resume said nothing of the epoch's new plan (its samples repeated and missed silently)."""
+    import json
+
+    import torch
+
+    from facescale.checkpoint.layout import expected_files, read_trainer_state
+    from facescale.checkpoint.reshard import reshard_checkpoint
+    from facescale.config.schema import Config
+    from facescale.train.resume_check import epoch_plan_change
+
+    step = tmp_path / "step_00000003"
+    for name in expected_files(2, with_deepspeed=False):
+        (step / name).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({}, step / name)
+    for rank in range(2):
+        shard = {"meta": {"num_classes": 6, "start": 3 * rank, "count": 3}, "centers": torch.zeros(3, 2)}
+        torch.save(shard, step / "head" / f"shard-{rank:05d}-of-00002.pt")
+    (step / "config.yaml").write_text("data:\n  num_workers: 1\n")
+    (step / "trainer.json").write_text(json.dumps({"step": 3, "world_size": 2, "has_deepspeed_files": False}))
+    (step / "COMPLETE").write_text("3\n")
+    cfg = Config()
+    cfg.data.num_workers = 1
+    mid = {"epoch": 0, "step_in_epoch": 3}
+    for world in (3, 4):
+        out = reshard_checkpoint(step, world, tmp_path / f"for_{world}")
+        state = read_trainer_state(out)
+        assert state["world_size"] == world and state["resharded_from"]["world_size"] == 2
+        assert epoch_plan_change(cfg, out, state, world, mid, planned_by_workers=True).startswith(
+            f"[facescale] world size 2 -> {world}: the rest of epoch 0")
+        assert epoch_plan_change(cfg, out, state, 2, mid, planned_by_workers=True) is None
+        step = out  # the 4-rank copy is cut from the 3-rank one

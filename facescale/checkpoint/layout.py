@@ -123,6 +123,13 @@ def _trainer_state_problem(state: Any) -> str:
     return ""
 
 
+def trained_world_size(state: dict[str, Any]) -> int:
+    """The world size whose ranks trained a step (`state`: its trainer.json): `world_size`, or for a copy
+    that `facescale reshard` cut for another one, `resharded_from.world_size`; the step's data cursor was
+    planned for that one."""
+    return int((state.get("resharded_from") or {}).get("world_size", state["world_size"]))
+
+
 def read_saved_config(step_dir: Path) -> dict[str, Any]:
     """The config a step was saved with (its config.yaml as a plain dict; {} for a step without one), or a
     CheckpointError naming the file."""

@@ -29,6 +29,7 @@ from facescale.checkpoint.layout import (
     CheckpointError,
     head_shard_name,
     rank_state_name,
+    trained_world_size,
     verify_step_dir,
 )
 from facescale.checkpoint.safe_load import LEGACY_RANK_STATE_GLOBALS, plain_state, safe_load
@@ -157,7 +158,8 @@ def reshard_checkpoint(step_dir: Path, world_size: int, out_dir: Path) -> Path:
         **state,
         "world_size": world_size,
         "has_deepspeed_files": False,
-        "resharded_from": {"path": str(step_dir), "world_size": state["world_size"]},
+        # world_size: the ranks that trained it, kept through a reshard of a resharded copy
+        "resharded_from": {"path": str(step_dir), "world_size": trained_world_size(state)},
     }
     atomic_write_text(out_dir / TRAINER_STATE, json.dumps(new_state, indent=2))
     atomic_write_text(out_dir / COMPLETE, f"{state['step']}\n")

@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from facescale.checkpoint.layout import CONFIG, LATEST, read_saved_config, resolve_checkpoint
+from facescale.checkpoint.layout import (
+    CONFIG,
+    LATEST,
+    read_saved_config,
+    resolve_checkpoint,
+    trained_world_size,
+)
 from facescale.config.errors import ConfigError
 from facescale.config.load import config_to_dict
 from facescale.config.schema import Config
@@ -93,14 +99,16 @@ def check_resume_fits(cfg: Config, step_dir: Path | None, source: str = "config"
             f"(another logging.run_dir, or checkpoint.resume: none){weights}")
 
 
-def epoch_plan_change(cfg: Config, step_dir: Path, saved_world: int, world_size: int, cursor: dict | None,
-                      planned_by_workers: bool) -> str | None:
+def epoch_plan_change(cfg: Config, step_dir: Path, state: dict[str, Any], world_size: int,
+                      cursor: dict | None, planned_by_workers: bool) -> str | None:
     """A line saying that the epoch in progress is planned anew, or None: each rank's part of an epoch (and,
     where `planned_by_workers`, each worker's) follows the world size and data.num_workers, so a resume with
     other ones draws the rest of that epoch from the new plan; the samples of its first batches may then
-    repeat or be missed in that epoch (later epochs are whole)."""
+    repeat or be missed in that epoch (later epochs are whole). `state`: the step's trainer.json; its cursor
+    was planned for the ranks that trained it, also where `facescale reshard` cut it for others."""
     if not cursor or not cursor.get("step_in_epoch"):
         return None
+    saved_world = trained_world_size(state)
     changes = [f"world size {saved_world} -> {world_size}"] if saved_world != world_size else []
     saved_workers = _value(read_saved_config(step_dir), "data.num_workers")
     if planned_by_workers and saved_workers is not None and saved_workers != cfg.data.num_workers:

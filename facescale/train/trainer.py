@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from facescale.checkpoint import CheckpointManager, resolve_checkpoint
-from facescale.checkpoint.layout import read_saved_config, read_trainer_state
+from facescale.checkpoint.layout import read_saved_config, read_trainer_state, trained_world_size
 from facescale.checkpoint.space_check import warn_if_short_of_space
 from facescale.config.deepspeed import deepspeed_json, micro_batch_size
 from facescale.config.errors import ConfigError
@@ -190,7 +190,7 @@ class Trainer:
         cursor = state["rank_state"].get("loader", state.get("loader"))
         if cursor is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(cursor)
-            replanned = epoch_plan_change(self.cfg, path, int(state["world_size"]), self.env.world_size,
+            replanned = epoch_plan_change(self.cfg, path, state, self.env.world_size,
                                           cursor, getattr(self.loader, "planned_by_workers", False))
             if replanned:
                 self.metrics.console(replanned)
@@ -199,9 +199,9 @@ class Trainer:
             self.metrics.console(
                 f"[facescale] the loader cannot restore its position; skipping {self._skip_batches} batches"
             )
-        self.metrics.console(
-            f"[facescale] resumed from {path} (saved by {state['world_size']} ranks) at step {self.step}"
-        )
+        resharded = f", resharded for {state['world_size']}" if "resharded_from" in state else ""
+        self.metrics.console(f"[facescale] resumed from {path} (saved by {trained_world_size(state)} ranks"
+                             f"{resharded}) at step {self.step}")
         if self.metrics.superseded is not None:
             first, last = self.metrics.superseded
             self.metrics.console(
