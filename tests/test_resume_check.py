@@ -95,6 +95,34 @@ def test_mode_keys_count_only_for_their_mode(tmp_path):
             resume_check.check_resume_fits(now, tmp_path)
 
 
+def test_a_resume_with_another_global_batch_is_refused_unless_batch_per_rank_keeps_it(tmp_path):
+    """A step saved at global batch 12 resumed at 24 was accepted and skipped data (its data position and
+    step count are in steps of 12); batch_per_rank (arcface_torch style) takes the saved 12 instead."""
+    from facescale.config.errors import ConfigError
+    from facescale.config.load import config_yaml
+    from facescale.config.schema import Config
+    from facescale.train.resume_check import check_resume_fits, keep_saved_global_batch
+
+    saved = Config()
+    saved.schedule.global_batch_size = 12
+    (tmp_path / "config.yaml").write_text(config_yaml(saved))
+    now = Config()
+    now.schedule.global_batch_size = 24
+    with pytest.raises(ConfigError) as info:
+        check_resume_fits(now, tmp_path, "run.yaml")
+    line = info.value.line()
+    assert line.startswith(f"run.yaml: checkpoint.resume: {tmp_path} was saved with "
+                           "schedule.global_batch_size 12 (now 24)"), line
+    assert "set schedule.global_batch_size: 12" in line and "\n" not in line
+    per_rank = Config()
+    per_rank.schedule.batch_per_rank = 4  # x 6 GPUs would be 24
+    keep_saved_global_batch(per_rank, tmp_path)
+    check_resume_fits(per_rank, tmp_path)
+    assert per_rank.schedule.global_batch_size == 12
+    now.schedule.global_batch_size = 12
+    check_resume_fits(now, tmp_path)
+
+
 @pytest.mark.slow
 def test_batch_per_rank_run_resumed_on_another_gpu_count_keeps_its_global_batch(tmp_path):
     """An arcface_torch-style recipe (batch_per_rank, epochs) saved by 2 ranks and requeued on 1: the global

@@ -79,8 +79,8 @@ def _value(tree: dict[str, Any], dotted: str) -> Any:
 
 def check_resume_fits(cfg: Config, step_dir: Path | None, source: str = "config") -> None:
     """Raise ConfigError when `step_dir` (`resume_step_dir(cfg)`), the step this run resumes from, was saved
-    with other STATE_KEYS (or the mode's resume_keys) values, read from the step's own config.yaml (a step
-    without one is not checked)."""
+    with other STATE_KEYS (or the mode's resume_keys) values, or another global batch, read from the step's
+    own config.yaml (a step without one is not checked)."""
     if step_dir is None:
         return
     saved, current = read_saved_config(step_dir), config_to_dict(cfg)
@@ -88,6 +88,7 @@ def check_resume_fits(cfg: Config, step_dir: Path | None, source: str = "config"
     changed = [(key, _value(saved, key), _value(current, key)) for key in keys
                if _value(saved, key) is not None and _value(saved, key) != _value(current, key)]
     if not changed:
+        _check_global_batch(_value(saved, "schedule.global_batch_size"), cfg, step_dir, source)
         return
     diffs = ", ".join(f"{key} {old!r} (now {new!r})" for key, old, new in changed)
     same_backbone = not any(key.startswith("model.") for key, _, _ in changed)
@@ -97,6 +98,23 @@ def check_resume_fits(cfg: Config, step_dir: Path | None, source: str = "config"
         where=source,
         fix=f"set those keys back to the saved values (its {CONFIG}) to continue, or start a new run "
             f"(another logging.run_dir, or checkpoint.resume: none){weights}")
+
+
+def _check_global_batch(saved: int | None, cfg: Config, step_dir: Path, source: str) -> None:
+    """Raise ConfigError when the step was saved with another schedule.global_batch_size (resolved, so
+    batch_per_rank's too): its step count, learning rate schedule and data position count steps of the
+    saved batch, so the resumed run would skip or repeat data and rescale its schedule."""
+    now = cfg.schedule.global_batch_size
+    if saved is None or int(saved) == now:
+        return
+    raise ConfigError(
+        f"checkpoint.resume: {step_dir} was saved with schedule.global_batch_size {saved} (now {now}); its "
+        f"step count, learning rate schedule and data position count steps of {saved} samples, so it cannot "
+        "continue with another global batch",
+        where=source,
+        fix=f"set schedule.global_batch_size: {saved} (or use schedule.batch_per_rank, which keeps the saved "
+            "global batch on any GPU count) to continue, or start a new run (another logging.run_dir, or "
+            f"checkpoint.resume: none) with model.init_from: {step_dir} to take its backbone weights")
 
 
 def epoch_plan_change(cfg: Config, step_dir: Path, state: dict[str, Any], world_size: int,
