@@ -116,3 +116,20 @@ def test_webdataset_epoch_plan_covers_each_rank_part_once():
                                batch_size=batch, num_workers=workers)
             covered += [(shard, p) for plan in plans for shard, lo, hi in plan for p in range(lo, hi)]
         assert sorted(covered) == [(s, p) for s, n in enumerate(sizes) for p in range(n)]
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_cursor_recounted_for_another_micro_batch_continues_the_same_samples(shard_dir, reader):
+    """Another schedule.grad_accumulation on resume (same global batch, half the micro-batch): the cursor
+    saved after 3 batches of 4 continues at batch 6 of 2, so epoch 0 goes on exactly as a run with batches of
+    2 throughout (the cursor was taken as 3 batches of 2: 6 samples trained again, 6 never)."""
+    from facescale.train.resume_check import recount_cursor
+
+    torch.set_num_threads(1)
+    before = _loader(shard_dir, reader, batch=4)
+    first = torch.cat([labels for _, labels in _take(before, 3)]).tolist()
+    after = _loader(shard_dir, reader, batch=2)
+    after.load_state_dict(recount_cursor(before.state_dict(), 4, 2, after.steps_per_epoch))
+    rest = torch.cat([labels for _, labels in after.iter_epoch()]).tolist()
+    whole = torch.cat([labels for _, labels in _loader(shard_dir, reader, batch=2).iter_epoch()]).tolist()
+    assert first + rest == whole and len(set(whole)) == len(whole) == 22

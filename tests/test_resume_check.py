@@ -182,6 +182,38 @@ def test_a_resume_that_plans_the_epoch_in_progress_anew_says_so(tmp_path):
     assert epoch_plan_change(cfg, tmp_path, by_8, 8, mid, planned_by_workers=True) is None
 
 
+def test_a_resume_with_another_grad_accumulation_recounts_the_data_cursor(tmp_path):
+    """The cursor counts micro-batches: saved at grad_accumulation 1 (batches of 12 samples over all ranks),
+    a resume at 2 (batches of 6) continues at the same sample (it took 3 batches of 12 as 3 of 6); where
+    the position falls inside a batch, or several workers take turns by batch, the epoch is replanned."""
+    from facescale.config.schema import Config
+    from facescale.train.resume_check import cursor_batch, epoch_plan_change, recount_cursor
+
+    (tmp_path / "config.yaml").write_text("schedule:\n  global_batch_size: 12\n  grad_accumulation: 1\n"
+                                          "data:\n  num_workers: 1\n")
+    state = {"world_size": 2}  # saved before trainer.json kept cursor_batch: its config says 12 // 1
+    assert cursor_batch(state, tmp_path) == 12 and cursor_batch({"cursor_batch": 6}, tmp_path) == 6
+    mid = {"epoch": 1, "step_in_epoch": 3, "identity_batches": 9}
+    assert recount_cursor(mid, 12, 6, 16) == {"epoch": 1, "step_in_epoch": 6, "identity_batches": 9}
+    assert recount_cursor({"epoch": 1, "step_in_epoch": 7}, 6, 12, 8) == {"epoch": 1, "step_in_epoch": 3}
+    assert recount_cursor({"epoch": 1, "step_in_epoch": 17}, 6, 12, 8) == {"epoch": 1, "step_in_epoch": 8}
+    cfg = Config()
+    cfg.schedule.global_batch_size, cfg.schedule.grad_accumulation, cfg.data.num_workers = 12, 2, 1
+    assert epoch_plan_change(cfg, tmp_path, state, 2, mid, planned_by_workers=True, batch=6) is None
+    cfg.schedule.grad_accumulation = 4  # 36 samples done: 12 batches of 3
+    assert epoch_plan_change(cfg, tmp_path, state, 2, mid, planned_by_workers=False, batch=3) is None
+    split = {"epoch": 1, "step_in_epoch": 7}  # 42 samples: inside the 4th batch of 12
+    cfg.schedule.grad_accumulation = 1
+    line = epoch_plan_change(cfg, tmp_path, {"cursor_batch": 6, "world_size": 2}, 2, split, False, batch=12)
+    assert line == ("[facescale] schedule.grad_accumulation 2 -> 1: the rest of epoch 1 is drawn from the "
+                    "new plan, so samples of its first 3 batches may repeat or be missed in it; later epochs "
+                    "are whole")
+    cfg.schedule.grad_accumulation, cfg.data.num_workers = 2, 4
+    (tmp_path / "config.yaml").write_text("data:\n  num_workers: 4\n")
+    line = epoch_plan_change(cfg, tmp_path, {"cursor_batch": 12, "world_size": 2}, 2, mid, True, batch=6)
+    assert line is not None and line.startswith("[facescale] schedule.grad_accumulation 1 -> 2: the rest")
+
+
 def test_a_step_resharded_offline_is_planned_for_the_ranks_that_trained_it(tmp_path):
     """`facescale reshard` of a 2-rank step for 3 ranks (then 4) rewrote trainer.json's world_size, so a
     3-rank resume said nothing of the epoch's new plan (its samples repeated and missed silently)."""

@@ -117,13 +117,37 @@ def _check_global_batch(saved: int | None, cfg: Config, step_dir: Path, source: 
             f"checkpoint.resume: none) with model.init_from: {step_dir} to take its backbone weights")
 
 
+def cursor_batch(state: dict[str, Any], step_dir: Path) -> int | None:
+    """The samples, over all ranks, of one batch of a step's data cursor (its `step_in_epoch` counts
+    micro-batches): trainer.json's `cursor_batch`, or for a step saved before it was kept, its config's
+    global batch / grad accumulation; None when neither says."""
+    if state.get("cursor_batch"):
+        return int(state["cursor_batch"])
+    saved = read_saved_config(step_dir)
+    batch, steps = _value(saved, "schedule.global_batch_size"), _value(saved, "schedule.grad_accumulation")
+    return int(batch) // int(steps) if batch and steps else None
+
+
+def recount_cursor(cursor: dict, saved_batch: int, batch: int, steps_per_epoch: int) -> dict:
+    """`cursor`, saved in batches of `saved_batch` samples (over all ranks), in this run's batches of `batch`
+    (another schedule.grad_accumulation): the same position in samples where it divides, else the start of
+    the batch that holds it (see `epoch_plan_change`); at most the end of this run's epoch."""
+    if saved_batch == batch or not cursor.get("step_in_epoch"):
+        return cursor
+    samples = int(cursor["step_in_epoch"]) * saved_batch
+    return {**cursor, "step_in_epoch": min(samples // batch, steps_per_epoch)}
+
+
 def epoch_plan_change(cfg: Config, step_dir: Path, state: dict[str, Any], world_size: int,
-                      cursor: dict | None, planned_by_workers: bool) -> str | None:
+                      cursor: dict | None, planned_by_workers: bool, batch: int | None = None) -> str | None:
     """A line saying that the epoch in progress is planned anew, or None: each rank's part of an epoch (and,
     where `planned_by_workers`, each worker's) follows the world size and data.num_workers, so a resume with
     other ones draws the rest of that epoch from the new plan; the samples of its first batches may then
     repeat or be missed in that epoch (later epochs are whole). `state`: the step's trainer.json; its cursor
-    was planned for the ranks that trained it, also where `facescale reshard` cut it for others."""
+    (as saved) was planned for the ranks that trained it, also where `facescale reshard` cut it for others.
+    `batch`: this run's samples per cursor batch over all ranks; another one (schedule.grad_accumulation)
+    keeps the position only where it divides the samples done and one reader stream cuts a rank's batches
+    (several workers take turns by batch)."""
     if not cursor or not cursor.get("step_in_epoch"):
         return None
     saved_world = trained_world_size(state)
@@ -131,8 +155,15 @@ def epoch_plan_change(cfg: Config, step_dir: Path, state: dict[str, Any], world_
     saved_workers = _value(read_saved_config(step_dir), "data.num_workers")
     if planned_by_workers and saved_workers is not None and saved_workers != cfg.data.num_workers:
         changes.append(f"data.num_workers {saved_workers} -> {cfg.data.num_workers}")
+    epoch, done = cursor["epoch"], cursor["step_in_epoch"]
+    saved_batch = cursor_batch(state, step_dir) or batch
+    if batch and saved_batch != batch:
+        split = done * saved_batch % batch != 0
+        if split or (planned_by_workers and cfg.data.num_workers > 1):
+            now = cfg.schedule.grad_accumulation
+            changes.append(f"schedule.grad_accumulation {now * batch // saved_batch} -> {now}")
+        done = done * saved_batch // batch
     if not changes:
         return None
-    epoch, done = cursor["epoch"], cursor["step_in_epoch"]
     return (f"[facescale] {', '.join(changes)}: the rest of epoch {epoch} is drawn from the new plan, so "
             f"samples of its first {done} batches may repeat or be missed in it; later epochs are whole")

@@ -28,7 +28,7 @@ from facescale.runtime import Runtime
 from facescale.train.evaluation import evaluate_sets
 from facescale.train.init_weights import carry_backbone_optimizer, init_backbone_from
 from facescale.train.lookahead import BatchLookahead
-from facescale.train.resume_check import epoch_plan_change, resume_step_dir
+from facescale.train.resume_check import cursor_batch, epoch_plan_change, recount_cursor, resume_step_dir
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteLossError, nan_injection_steps, train_step
 from launcher.env import DistEnv
@@ -189,9 +189,12 @@ class Trainer:
         self._data_before = state.get("data_counters") or {}
         cursor = state["rank_state"].get("loader", state.get("loader"))
         if cursor is not None and hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(cursor)
-            replanned = epoch_plan_change(self.cfg, path, state, self.env.world_size,
-                                          cursor, getattr(self.loader, "planned_by_workers", False))
+            batch = self.micro_batch * self.env.world_size
+            saved_batch = cursor_batch(state, path) or batch
+            per_epoch = self.loader.steps_per_epoch
+            self.loader.load_state_dict(recount_cursor(cursor, saved_batch, batch, per_epoch))
+            replanned = epoch_plan_change(self.cfg, path, state, self.env.world_size, cursor,
+                                          getattr(self.loader, "planned_by_workers", False), batch)
             if replanned:
                 self.metrics.console(replanned)
         else:  # exact for any deterministic loader, but it decodes every batch again
@@ -249,6 +252,7 @@ class Trainer:
             "epoch": cursor["epoch"] if cursor else micro_steps // max(1, self.loader.steps_per_epoch),
             "loader": cursor,
             "samples_seen": self.step * self.cfg.schedule.global_batch_size,
+            "cursor_batch": self.micro_batch * self.env.world_size,  # samples of a `loader` batch, all ranks
             "seed": self.cfg.schedule.seed,
             "lr": lr_at(self.step, self.cfg.optim.lr, self.cfg.schedule),
             "skipped_steps": self.skipped_steps,
