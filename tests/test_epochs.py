@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from facescale.config.schema import DataConfig
+from facescale.data import wds_reader
 from facescale.data.jpeg import encode_jpeg
 from facescale.data.loader import build_train_loader, dali_available
 from facescale.data.manifest import Manifest
@@ -104,6 +105,35 @@ def test_restored_cursor_yields_exactly_the_uninterrupted_batches(shard_dir, rea
         assert restored.seen == 7 * 2 and restored.skipped == 0
     with pytest.raises(ValueError, match="saved with another global batch size"):
         restored.load_state_dict({"epoch": 0, "step_in_epoch": 12})
+
+
+def test_webdataset_resume_reads_past_the_cursor_without_decoding(shard_dir, monkeypatch):
+    """Under on_bad_sample=error the batches before a resume's cursor are read, not decoded, and the
+    batches after it are the uninterrupted run's (same draws for mirror and augmentation)."""
+    options = {"random_shift": 2, "brightness": 0.2}
+    reference = list(_loader(shard_dir, "webdataset", **options).iter_epoch())
+    decodes = []
+    real = wds_reader.decode_jpeg
+    monkeypatch.setattr(wds_reader, "decode_jpeg", lambda *args: decodes.append(1) or real(*args))
+    restored = _loader(shard_dir, "webdataset", **options)
+    restored.load_state_dict({"epoch": 0, "step_in_epoch": 9})  # 11 steps of 2
+    batches = list(restored.iter_epoch())
+    assert len(batches) == 2 and len(decodes) == 2 * 2
+    for (images, labels), (ref_images, ref_labels) in zip(batches, reference[9:], strict=True):
+        assert torch.equal(labels, ref_labels) and torch.equal(images, ref_images)
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_webdataset_resume_late_in_an_epoch_is_not_taken_for_hung_storage(shard_dir, policy):
+    """The first batch after a resume waits for the workers to read past the batches before the cursor:
+    it gets data.read_timeout_s for each of them (they once failed as LoaderTimedOut every time)."""
+    options = {"num_workers": 1, "on_bad_sample": policy}
+    reference = list(_loader(shard_dir, "webdataset", batch=1, **options).iter_epoch())
+    restored = _loader(shard_dir, "webdataset", batch=1, read_timeout_s=0.5, **options)
+    restored.load_state_dict({"epoch": 0, "step_in_epoch": 21})  # 23 steps of 1: 0.5 s x 22 for the first
+    batches = [(images.clone(), labels.clone()) for images, labels in restored.iter_epoch()]
+    for (images, labels), (ref_images, ref_labels) in zip(batches, reference[21:], strict=True):
+        assert torch.equal(labels, ref_labels) and torch.equal(images, ref_images)
 
 
 def test_webdataset_epoch_plan_covers_each_rank_part_once():

@@ -20,9 +20,10 @@ class TrainLoader(ABC):
 
     Epoch `e` is a pure function of (data, seed, rank, world size, batch size, e): a loader restored with
     `load_state_dict({"epoch": e, "step_in_epoch": k})` yields exactly the batches an uninterrupted loader
-    yields from batch k of epoch e on (readers rebuild epoch e and skip k batches: the cost of k batches
-    of reading and decoding, at most one epoch). `epoch` is the epoch of the batch last yielded. `seen`
-    counts samples yielded; `skipped` counts bad samples left out under `data.on_bad_sample: skip`.
+    yields from batch k of epoch e on (readers rebuild epoch e and skip k batches: the cost of reading k
+    batches, and of decoding them where a reader must, at most one epoch). `epoch` is the epoch of the batch
+    last yielded. `seen` counts samples yielded; `skipped` counts bad samples left out under
+    `data.on_bad_sample: skip`.
     """
 
     steps_per_epoch: int

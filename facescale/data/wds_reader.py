@@ -37,11 +37,11 @@ from facescale.data.worker_loader import batch_stream_loader
 _SHUFFLE, _MIRROR, _AUGMENT, _RESAMPLE = 12, 13, 14, 15
 SHARD_SAMPLING = choices(ShardSamplingKind)
 _AGAIN = BadSample("", "", -1, "marks the start of a refill pass over the worker's range")
+_PIXEL = np.zeros((1, 1, 3), np.uint8)  # augmented in place of a passed-over image, for its random draws
 
 
-def decode_sample(sample: dict[str, Any], image_size: int, num_classes: int, out: np.ndarray | None = None,
-                  decoder: str = "auto") -> tuple[np.ndarray, int] | str:
-    """A `{jpg, lbl}` tar sample as (HWC uint8 RGB, label), or the reason it is bad; decodes into `out`."""
+def sample_label(sample: dict[str, Any], num_classes: int) -> int | str:
+    """A `{jpg, lbl}` tar sample's label, or the reason it is bad short of its JPEG (which is not decoded)."""
     for ext in (IMAGE_EXT, LABEL_EXT):
         if ext not in sample:
             return f"missing .{ext} member"
@@ -49,9 +49,15 @@ def decode_sample(sample: dict[str, Any], image_size: int, num_classes: int, out
         label = decode_label(sample[LABEL_EXT])
     except ValueError as error:
         return str(error)
-    reason = check_label(label, num_classes)
-    if reason:
-        return reason
+    return check_label(label, num_classes) or label
+
+
+def decode_sample(sample: dict[str, Any], image_size: int, num_classes: int, out: np.ndarray | None = None,
+                  decoder: str = "auto") -> tuple[np.ndarray, int] | str:
+    """A `{jpg, lbl}` tar sample as (HWC uint8 RGB, label), or the reason it is bad; decodes into `out`."""
+    label = sample_label(sample, num_classes)
+    if isinstance(label, str):
+        return label
     try:
         image = decode_jpeg(sample[IMAGE_EXT], out, decoder)
     except Exception:  # noqa: BLE001 - decoders raise assorted types; check_image words the reason
@@ -93,11 +99,9 @@ class RankStream(IterableDataset):
         own_skip = skip // self.num_workers + (1 if worker < skip % self.num_workers else 0)
         share = worker_share(self.steps, self.num_workers, worker)
         source = self._resampled if self.sampling == "resampled" else self._exact
-        batches = self._batches(source(epoch, worker), epoch, worker)
-        for number in range(share):
-            batch = next(batches)
-            if number >= own_skip:
-                yield batch
+        batches = self._batches(source(epoch, worker), epoch, worker, passed=own_skip)
+        for _ in range(share - own_skip):
+            yield next(batches)
 
     def _resampled(self, epoch: int, worker: int) -> Iterator[dict[str, Any] | BadSample]:
         """The worker's endless stream of resampled shards through a seeded shuffle buffer."""
@@ -139,9 +143,14 @@ class RankStream(IterableDataset):
         images = torch.empty((self.batch_size, self.image_size, self.image_size, 3), dtype=torch.uint8)
         return images.share_memory_() if get_worker_info() is not None else images
 
-    def _batches(self, samples: Iterator[dict[str, Any] | BadSample], epoch: int,
-                 worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Decode straight into the batch; mirror in place with torch (a reversed numpy copy is 5x slower)."""
+    def _batches(self, samples: Iterator[dict[str, Any] | BadSample], epoch: int, worker: int,
+                 passed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Decode straight into the batch; mirror in place with torch (a reversed numpy copy is 5x slower).
+
+        The first `passed` batches (a resume's fast-forward) are read past without being made: their samples
+        take the same random draws, and under `on_bad_sample: error` their JPEGs are not decoded (a bad one
+        would have stopped the run before it saved its cursor); under `skip` decoding tells which were bad.
+        """
         flips = np.random.default_rng(stream_seed(self.seed, _MIRROR, epoch, self.rank, worker))
         draws = np.random.default_rng(stream_seed(self.seed, _AUGMENT, epoch, self.rank, worker))
         images = self._new_batch()
@@ -154,8 +163,12 @@ class RankStream(IterableDataset):
                 repeat = True
                 continue
             slot = pixels[filled]
-            decoded = decode_sample(sample, self.image_size, self.num_classes, slot, self.decoder) \
-                if not isinstance(sample, BadSample) else sample.reason
+            if isinstance(sample, BadSample):
+                decoded: tuple[np.ndarray, int] | int | str = sample.reason
+            elif passed and self.policy.policy == "error":
+                decoded = sample_label(sample, self.num_classes)
+            else:
+                decoded = decode_sample(sample, self.image_size, self.num_classes, slot, self.decoder)
             if isinstance(decoded, str):
                 where = sample if isinstance(sample, BadSample) else \
                     BadSample(sample["__url__"], sample["__key__"], -1, decoded)
@@ -163,18 +176,27 @@ class RankStream(IterableDataset):
                     self.policy.reject(where)
                     skipped += 1
                 continue
-            image, labels[filled] = decoded
-            if self.augment.active:
-                slot[...] = augment_numpy(image, self.augment, draws)
-            elif image is not slot:
-                slot[...] = image
-            if self.mirror and flips.random() < 0.5:
-                images[filled].copy_(images[filled].flip(1))
+            if passed:
+                if self.augment.active:
+                    augment_numpy(_PIXEL, self.augment, draws)  # the draws an image takes
+                if self.mirror:
+                    flips.random()
+            else:
+                image, labels[filled] = decoded
+                if self.augment.active:
+                    slot[...] = augment_numpy(image, self.augment, draws)
+                elif image is not slot:
+                    slot[...] = image
+                if self.mirror and flips.random() < 0.5:
+                    images[filled].copy_(images[filled].flip(1))
             filled += 1
             if filled == self.batch_size:
-                yield images, torch.from_numpy(labels.copy()), skipped
-                images = self._new_batch()
-                pixels = images.numpy()
+                if passed:
+                    passed -= 1
+                else:
+                    yield images, torch.from_numpy(labels.copy()), skipped
+                    images = self._new_batch()
+                    pixels = images.numpy()
                 filled = skipped = 0
 
 
@@ -209,8 +231,10 @@ class WdsTrainLoader(TrainLoader):
                              policy=SkipPolicy(self.policy.policy, 1.0),
                              augment=Augment.from_config(self.cfg), decoder=self.cfg.jpeg_decoder,
                              sampling=self.cfg.shard_sampling)
+        passed = -(-self.step_in_epoch // max(1, self.cfg.num_workers))  # at most, by one worker
         return batch_stream_loader(dataset, self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                                   timeout_s=self.cfg.read_timeout_s)
+                                   timeout_s=self.cfg.read_timeout_s,
+                                   first_timeout_s=self.cfg.read_timeout_s * (1 + passed))
 
     def reset(self) -> None:
         """Shut the workers down; the next epoch starts new ones at the cursor."""

@@ -73,20 +73,31 @@ class _WorkerWatch:
 
     _DEATH_WAIT_S = 2.0  # a hand-over can break while the killed worker is still being torn down
 
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
+    def __init__(self, inner: Any, first_timeout_s: float = 0.0) -> None:
+        self._inner, self._first_timeout_s = inner, first_timeout_s
 
     def __iter__(self) -> _WorkerWatch:
         return self
 
     def __next__(self) -> Any:
-        return self._watched(next, self._inner)
+        base = getattr(self._inner, "_timeout", 0)
+        first, self._first_timeout_s = self._first_timeout_s, 0.0
+        if not (base > 0 and first > base):
+            return self._watched(next, self._inner)
+        self._inner._timeout = first  # torch reads it at each fetch
+        try:
+            return self._watched(next, self._inner, f"{first} s (data.read_timeout_s, {base} s, for it and "
+                                                    "for each batch a resume reads past before it)")
+        finally:
+            self._inner._timeout = base
 
     def _reset(self, loader: Any, *args: Any, **kwargs: Any) -> None:
         """torch's start of another epoch on persistent workers (it fetches from them too)."""
         self._watched(lambda inner: inner._reset(loader, *args, **kwargs), self._inner)
 
-    def _watched(self, call: Any, inner: Any) -> Any:
+    def _watched(self, call: Any, inner: Any, limit: str = "") -> Any:
+        """`call(inner)`, its failure named; `limit`: the time limit of this fetch in words, when not the
+        usual data.read_timeout_s."""
         try:
             return call(inner)
         except (StopIteration, InputError):  # the end of the data, or a reader's own report (a bad sample)
@@ -104,9 +115,9 @@ class _WorkerWatch:
                 for worker in getattr(inner, "_workers", []):  # stuck: a stopped one would block the exit
                     with contextlib.suppress(Exception):
                         worker.kill()
-                limit = getattr(inner, "_timeout", "?")
-                raise LoaderTimedOut(f"no batch from this rank's data-loader workers within "
-                                     f"data.read_timeout_s ({limit} s)") from error
+                limit = limit or f"data.read_timeout_s ({getattr(inner, '_timeout', '?')} s)"
+                raise LoaderTimedOut(f"no batch from this rank's data-loader workers within {limit}") \
+                    from error
             raise
 
     def __getattr__(self, name: str) -> Any:  # the rest of torch's iterator
@@ -121,25 +132,31 @@ class _StepBoundaryDataLoader(torch.utils.data.DataLoader):
     dead worker within torch's status-check interval (5 s), at the step boundary where the trainer reads
     the next batches ahead and every rank saves before stopping (train/lookahead.py)."""
 
+    first_timeout_s = 0.0  # the first fetch's time limit, when longer than `timeout` (batch_stream_loader)
+
     def _get_iterator(self) -> Any:
         main = threading.current_thread() is threading.main_thread()
         before = signal.getsignal(signal.SIGCHLD) if main else None
         iterator = super()._get_iterator()
         if main and signal.getsignal(signal.SIGCHLD) is not before:  # torch installed its handler just now
             signal.signal(signal.SIGCHLD, signal.SIG_DFL if before is None else before)
-        return _WorkerWatch(iterator) if self.num_workers else iterator
+        return _WorkerWatch(iterator, self.first_timeout_s) if self.num_workers else iterator
 
 
 def batch_stream_loader(dataset: torch.utils.data.IterableDataset, num_workers: int,
-                        pin_memory: bool = False, timeout_s: float = 0.0) -> torch.utils.data.DataLoader:
+                        pin_memory: bool = False, timeout_s: float = 0.0,
+                        first_timeout_s: float = 0.0) -> torch.utils.data.DataLoader:
     """The DataLoader for an IterableDataset that yields whole batches, with the worker settings every
     facescale loader shares: persistent, one torch thread each, 2 batches prefetched per worker, and
     started with spawn: a forked worker inherits other threads' locks (DALI, gloo, queue feeders) and
     objects whose finalisers hang in a child (a DALI pipeline's __del__ did, in the test suite). A worker
     that dies is reported at the next fetch (see _StepBoundaryDataLoader), and so is one that gives no batch
-    within `timeout_s` (0: no limit), as LoaderTimedOut."""
-    return _StepBoundaryDataLoader(
+    within `timeout_s` (0: no limit), as LoaderTimedOut; the first fetch may take `first_timeout_s` when
+    that is longer (a resumed epoch's workers first read past the batches before the cursor)."""
+    loader = _StepBoundaryDataLoader(
         dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
         multiprocessing_context="spawn" if num_workers else None, worker_init_fn=one_thread_worker,
         pin_memory=pin_memory, prefetch_factor=2 if num_workers else None,
         timeout=timeout_s if num_workers else 0.0)
+    loader.first_timeout_s = first_timeout_s
+    return loader
