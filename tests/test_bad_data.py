@@ -270,3 +270,33 @@ def test_index_numbers_that_are_not_plain_digits_name_the_line(tmp_path, value):
     index.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"train-000000.idx:3: offsets and sizes must be non-negative"):
         list(read_index_lines(index))
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+def test_dali_skip_with_same_named_shards_in_subfolders(tmp_path):
+    """a/train-000000.tar (6 samples) and b/train-000000.tar (8, one bad): the bad samples and the filtered
+    .idx copies are kept apart by shard (they shared one scratch .idx: "pipeline no longer valid")."""
+    make_bad_dir(tmp_path / "a", "good")
+    with ShardWriter(tmp_path / "b", shard_size=8) as writer:
+        for label, image in enumerate(render_identity(3, 0, 8, SIZE)):
+            writer.write(encode_jpeg(image), 99 if label == 3 else label)
+    shards = [dataclasses.replace(info, name=f"{part}/{info.name}")
+              for part, infos in (("a", Manifest.load(tmp_path / "a").shards), ("b", writer.shards))
+              for info in infos]
+    Manifest(num_classes=CLASSES, num_samples=COUNT + 8, image_size=SIZE, source="test", shards=shards,
+             samples_per_identity=[]).save(tmp_path)
+    loader = _loader(tmp_path, "dali", on_bad_sample="skip")
+    assert loader.steps_per_epoch == (COUNT + 7) // BATCH and loader.skipped == 1
+    labels = torch.cat([labels for _, labels in loader.iter_epoch()]).tolist()
+    assert len(labels) == loader.steps_per_epoch * BATCH and labels.count(3) <= 1
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+def test_dali_skip_leaves_out_a_shard_with_no_good_sample(tmp_path):
+    """Its filtered .idx would list no sample, which DALI refuses ("sample count must be positive")."""
+    make_bad_dir(tmp_path, "good")
+    tar = tmp_path / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:600])  # inside its first JPEG: all 6 samples lost
+    loader = _loader(tmp_path, "dali", on_bad_sample="skip")
+    labels = torch.cat([labels for _, labels in loader.iter_epoch()]).tolist()
+    assert len(labels) == COUNT // 2 and set(labels) <= set(range(6)) and loader.skipped == 6

@@ -38,7 +38,7 @@ from facescale.data.augment import NO_AUGMENT, Augment, augment_dali
 from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
 from facescale.data.hang_guard import hang_limit
 from facescale.data.manifest import Manifest
-from facescale.data.shard_scan import scan_shards
+from facescale.data.shard_scan import bad_positions, scan_shards
 from facescale.data.shard_writer import IMAGE_EXT, INDEX_VERSION, LABEL_EXT
 from facescale.data.train_loader import Batch, TrainLoader, normalize_batch, steps_per_epoch, stream_seed
 
@@ -84,17 +84,24 @@ def scan_all(manifest: Manifest, decode: bool = True) -> list[BadSample]:
     return bad
 
 
-def write_filtered_indexes(manifest: Manifest, bad: list[BadSample], out_dir: Path) -> tuple[list[str], int]:
-    """Copies of the `.idx` files without the bad samples' lines; returns (index paths, samples kept)."""
-    drop = {(b.shard, b.position) for b in bad}
-    paths, kept = [], 0
-    for tar, index in zip(manifest.shard_paths(), manifest.index_paths(), strict=True):
-        lines = [s.line for s in read_index_lines(index) if (tar.name, s.position) not in drop]
-        path = out_dir / index.name
+def write_filtered_indexes(manifest: Manifest, bad: list[BadSample],
+                           out_dir: Path) -> tuple[list[str], list[str], int]:
+    """Copies of the `.idx` files without the bad samples' lines, named by shard number (file names may
+    repeat in subfolders); returns (tar paths, index paths, samples kept). A shard with no good sample is
+    left out: DALI refuses an index of none."""
+    drop = bad_positions(manifest, bad)
+    tars, paths, kept = [], [], 0
+    pairs = zip(manifest.shard_paths(), manifest.index_paths(), strict=True)
+    for number, (tar, index) in enumerate(pairs):
+        lines = [s.line for s in read_index_lines(index) if s.position not in drop[number]]
+        if not lines:
+            continue
+        path = out_dir / f"{number:06d}-{index.name}"
         path.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(f"{line}\n" for line in lines))
+        tars.append(str(tar))
         paths.append(str(path))
         kept += len(lines)
-    return paths, kept
+    return tars, paths, kept
 
 
 class DaliTrainLoader(TrainLoader):
@@ -131,7 +138,7 @@ class DaliTrainLoader(TrainLoader):
                 raise
             self._scratch = tempfile.TemporaryDirectory(prefix="facescale-idx-")
             scratch = Path(self._scratch.name)
-            self.index_paths, num_samples = write_filtered_indexes(manifest, bad, scratch)
+            self.tar_paths, self.index_paths, num_samples = write_filtered_indexes(manifest, bad, scratch)
             self.policy.skipped = len(bad)  # the whole set's bad samples, left out of every epoch
         self.steps_per_epoch = steps_per_epoch(num_samples, world_size, batch_size,
                                                source=str(manifest.directory))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from facescale.data.bad_data import BadSample, scan_shard
@@ -33,15 +34,18 @@ def _cache_file(tar: Path, sha256: str, manifest: Manifest) -> Path:
 
 
 def _scan_one(manifest: Manifest, number: int) -> list[BadSample]:
-    """Bad samples of shard `number`, from the cache when this exact tar was scanned before."""
+    """Bad samples of shard `number` (named as in manifest.json, unique where file names repeat in
+    subfolders), from the cache when this exact tar was scanned before."""
     tar, index = manifest.shard_paths()[number], manifest.index_paths()[number]
+    name = manifest.shards[number].name
     cached = _cache_file(tar, manifest.shards[number].sha256, manifest)
     if cached.is_file():
         try:
-            return [BadSample(tar.name, *row) for row in json.loads(cached.read_text())["bad"]]
+            return [BadSample(name, *row) for row in json.loads(cached.read_text())["bad"]]
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is rescanned
-    bad = scan_shard(tar, index, num_classes=manifest.num_classes, image_size=manifest.image_size)[0]
+    bad = [replace(b, shard=name) for b in
+           scan_shard(tar, index, num_classes=manifest.num_classes, image_size=manifest.image_size)[0]]
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -66,3 +70,12 @@ def scan_shards(manifest: Manifest, world_size: int = 1) -> list[BadSample]:
     order = {info.name: n for n, info in enumerate(manifest.shards)}
     every = [b for part in parts for b in part or []]
     return sorted(every, key=lambda b: (order.get(b.shard, 0), b.position))
+
+
+def bad_positions(manifest: Manifest, bad: list[BadSample]) -> list[set[int]]:
+    """Per shard of the manifest (by number), the positions of its samples in `bad` (from `scan_shards`)."""
+    number = {info.name: n for n, info in enumerate(manifest.shards)}
+    positions: list[set[int]] = [set() for _ in manifest.shards]
+    for sample in bad:
+        positions[number[sample.shard]].add(sample.position)
+    return positions
