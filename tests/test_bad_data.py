@@ -300,3 +300,16 @@ def test_dali_skip_leaves_out_a_shard_with_no_good_sample(tmp_path):
     loader = _loader(tmp_path, "dali", on_bad_sample="skip")
     labels = torch.cat([labels for _, labels in loader.iter_epoch()]).tolist()
     assert len(labels) == COUNT // 2 and set(labels) <= set(range(6)) and loader.skipped == 6
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+def test_dali_skip_counts_each_bad_sample_once_over_the_ranks(tmp_path):
+    """Every rank held the whole set's count, and the trainer sums data/skipped_samples over the ranks."""
+    directory = make_bad_dir(tmp_path, "truncated_tar")  # 4 bad samples
+    counts = []
+    for rank in range(3):
+        config = DataConfig(shards=str(directory), reader="dali", image_size=SIZE, dali_threads=1,
+                            on_bad_sample="skip", max_skip_fraction=0.5)
+        counts.append(build_train_loader(config, rank=rank, world_size=3, batch_size=1, seed=1,
+                                         device=CPU).skipped)
+    assert sum(counts) == 4

@@ -139,7 +139,8 @@ class DaliTrainLoader(TrainLoader):
             self._scratch = tempfile.TemporaryDirectory(prefix="facescale-idx-")
             scratch = Path(self._scratch.name)
             self.tar_paths, self.index_paths, num_samples = write_filtered_indexes(manifest, bad, scratch)
-            self.policy.skipped = len(bad)  # the whole set's bad samples, left out of every epoch
+            # this rank's share of the set's bad samples (left out of every epoch); the trainer sums them
+            self.policy.skipped = len(bad) * (rank + 1) // world_size - len(bad) * rank // world_size
         self.steps_per_epoch = steps_per_epoch(num_samples, world_size, batch_size,
                                                source=str(manifest.directory))
         self._opener: ThreadPoolExecutor | None = None
