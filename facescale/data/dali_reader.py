@@ -26,6 +26,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,11 +77,12 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], *, shard_id: in
 
 
 def scan_all(manifest: Manifest, decode: bool = True) -> list[BadSample]:
-    """Every bad sample of the shard directory (see `facescale.data.bad_data`)."""
+    """Every bad sample of the shard directory (see `facescale.data.bad_data`), its shard named as
+    manifest.json names it (as `scan_shards` does)."""
     bad: list[BadSample] = []
-    for tar, index in zip(manifest.shard_paths(), manifest.index_paths(), strict=True):
-        bad += scan_shard(tar, index, num_classes=manifest.num_classes, image_size=manifest.image_size,
-                          decode=decode)[0]
+    for info, tar, index in zip(manifest.shards, manifest.shard_paths(), manifest.index_paths(), strict=True):
+        bad += [replace(b, shard=info.name) for b in scan_shard(
+            tar, index, num_classes=manifest.num_classes, image_size=manifest.image_size, decode=decode)[0]]
     return bad
 
 
@@ -129,6 +131,7 @@ class DaliTrainLoader(TrainLoader):
         num_samples = manifest.num_samples
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         bad = scan_shards(manifest, world_size)  # DALI decodes most corrupt JPEGs into garbage silently
+        self._left_out = {(b.shard, b.position) for b in bad}  # under skip; a later failure is another one
         if bad:
             try:  # every rank holds the same scan: each raises alike, rank 0 prints
                 self.policy.reject(bad[0])  # under "error": stop here, naming the shard and key
@@ -205,12 +208,13 @@ class DaliTrainLoader(TrainLoader):
             ahead[1].exception()  # waits for the build; its errors belong to an epoch no longer wanted
 
     def _diagnose(self, error: BaseException) -> BaseException:
-        """Turn a dead pipeline's error into one naming the bad sample (found by scanning the shards)."""
-        if self.policy.policy == "skip":  # the pre-scan found nothing here; report DALI's own error
-            return error
-        bad = scan_all(self.manifest)
+        """Turn a dead pipeline's error into one naming the bad sample (found by scanning the shards); under
+        skip it went bad after the start-up scan (a shard cut or rewritten), and a new run's scan skips it."""
+        bad = [b for b in scan_all(self.manifest) if (b.shard, b.position) not in self._left_out]
         if not bad:
             return error
-        return BadSampleError(f"bad training sample: {bad[0]} (DALI: {str(error).strip().splitlines()[-1]}); "
-                              "`facescale validate DIR` lists all of them; repair the shards or set "
-                              "data.on_bad_sample=skip")
+        fix = ("the shards changed during the run; run the same command again to resume: its start-up scan "
+               "leaves the bad samples out") if self.policy.policy == "skip" else \
+            ("`facescale validate DIR` lists all of them; repair the shards or set data.on_bad_sample=skip")
+        return BadSampleError(f"bad training sample: {bad[0]} (DALI: {str(error).strip().splitlines()[-1]})",
+                              fix=fix)
