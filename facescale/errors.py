@@ -39,7 +39,7 @@ class InputError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.what}" if self.where else self.what
+        text = (f"{self.where}: {self.what}" if self.where else self.what).rstrip()  # the fix on its line
         return f"{text}; {self.fix}" if self.fix else text
 
     def line(self) -> str:

@@ -151,6 +151,19 @@ def test_misaligned_or_foreign_index_is_named_before_reading(tmp_path, reader, d
     assert "train-000001.idx" in message and "line 2" in message and "index_tar" in message
 
 
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_shard_deleted_while_training_is_a_bad_sample_naming_it(tmp_path, policy):
+    """Its .idx kept: the reader opens the tar by the index's offsets (an OSError naming nothing, from a
+    worker); now its samples are bad ones naming the tar, under the run's policy."""
+    loader = _loader(make_bad_dir(tmp_path, "good"), "webdataset", on_bad_sample=policy)
+    (tmp_path / "train-000001.tar").unlink()
+    if policy == "error":
+        with pytest.raises(BadSampleError, match=r"train-000001.tar: sample '\d+': the tar cannot be read"):
+            list(loader.iter_epoch())
+    else:
+        assert len(list(loader.iter_epoch())) == loader.steps_per_epoch and loader.skipped == 6
+
+
 @pytest.mark.parametrize("case", ["label_out_of_range", "missing_lbl", "truncated_tar"])
 def test_identity_index_names_bad_data_as_input_errors(tmp_path, case):
     """F2C's identity index (built after the process group) reports bad shards as one-line input errors

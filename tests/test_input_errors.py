@@ -18,7 +18,7 @@ import pytest
 
 from facescale.cli import main
 from facescale.data.loader import dali_available
-from facescale.errors import INPUT_ERROR_EXIT_CODE, InputError, report_errors
+from facescale.errors import INPUT_ERROR_EXIT_CODE, InputError, as_input_error, report_errors
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -292,6 +292,12 @@ def test_error_line_parts():
                         "call last):\n  File \"x.py\", line 1, in f\n    raise Defaulted(...)\n"
                         "tests.Defaulted: shard 3: bad label; repair it\n")
     assert wrapped.line() == "shard 3: bad label; repair it"
+    # an OSError a worker raised comes back as OSError(its traceback), its message ending with a newline
+    worker_os_error = OSError("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback "
+                              "(most recent call last):\n  File \"x.py\", line 1, in f\nFileNotFoundError: "
+                              "[Errno 2] No such file or directory: '/d/train-000002.tar'\n")
+    assert as_input_error(worker_os_error).line() == \
+        "[Errno 2] No such file or directory: '/d/train-000002.tar'; check the path and its permissions"
 
 
 def _raise_input_error() -> int:

@@ -96,7 +96,11 @@ def _read_indexed(url: str, index: Path, first: int, end: int) -> Iterator[dict[
     READ_CHUNK_BYTES instead of one per sample (far fewer requests on a cluster file system)."""
     samples = list(read_index_lines(index))
     extents = {p: _extent(samples[p]) for p in range(first, min(end, len(samples)))}
-    fd = os.open(url, os.O_RDONLY)
+    try:
+        fd = os.open(url, os.O_RDONLY)
+    except OSError as error:  # deleted or moved since the start (its .idx kept), or unreadable
+        yield from _unreadable(url, samples, first, end, error)
+        return
     try:
         tar_size = os.fstat(fd).st_size  # reads stop there: a damaged .idx line cannot ask for any length
         position = first
@@ -110,7 +114,11 @@ def _read_indexed(url: str, index: Path, first: int, end: int) -> Iterator[dict[
             while stop in extents and extents[stop][1] - base <= READ_CHUNK_BYTES:
                 stop += 1
             length = min(extents[stop - 1][1], tar_size) - base
-            span = os.pread(fd, length, base) if length > 0 else b""
+            try:
+                span = os.pread(fd, length, base) if length > 0 else b""
+            except OSError as error:
+                yield from _unreadable(url, samples, position, end, error)
+                return
             for sample in samples[position:stop]:
                 hi = extents[sample.position][1]
                 if hi - base > len(span):
@@ -124,6 +132,14 @@ def _read_indexed(url: str, index: Path, first: int, end: int) -> Iterator[dict[
             position = stop
     finally:
         os.close(fd)
+
+
+def _unreadable(url: str, samples: list[IndexedSample], first: int, end: int,
+                error: OSError) -> Iterator[BadSample]:
+    """A BadSample naming the tar for each of samples `first..end-1`, which it failed to read."""
+    for position in range(first, end):
+        key = samples[position].key if position < len(samples) else f"#{position}"
+        yield BadSample(url, key, position, f"the tar cannot be read ({error.strerror or error})")
 
 
 def _read_stream(url: str, first: int, end: int) -> Iterator[dict[str, Any] | BadSample]:
