@@ -151,6 +151,21 @@ def test_misaligned_or_foreign_index_is_named_before_reading(tmp_path, reader, d
     assert "train-000001.idx" in message and "line 2" in message and "index_tar" in message
 
 
+@pytest.mark.parametrize("reader", READERS)
+def test_a_shard_replaced_by_a_bigger_one_after_the_manifest_is_refused(tmp_path, reader):
+    """Re-made and re-indexed with 2 more samples: DALI read them and the webdataset reader did not."""
+    make_bad_dir(tmp_path, "good")
+    with ShardWriter(tmp_path / "new", shard_size=8, start_shard=1) as writer:
+        for label, image in enumerate(render_identity(3, 0, 8, SIZE)):
+            writer.write(encode_jpeg(image), label)
+    for suffix in (".tar", ".idx"):
+        (tmp_path / "new" / f"train-000001{suffix}").replace(tmp_path / f"train-000001{suffix}")
+    with pytest.raises(ShardIndexError, match="lists 8 samples but manifest.json counts 6 in "
+                                              "train-000001.tar: the shard was replaced") as caught:
+        _loader(tmp_path, reader)
+    assert "facescale validate" in caught.value.line()
+
+
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_a_shard_deleted_while_training_is_a_bad_sample_naming_it(tmp_path, policy):
     """Its .idx kept: the reader opens the tar by the index's offsets (an OSError naming nothing, from a

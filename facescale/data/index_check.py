@@ -58,6 +58,11 @@ def check_index(tar_path: str | Path, index_path: str | Path, num_samples: int |
     if num_samples is not None and len(samples) < num_samples:
         raise ShardIndexError(f"lists {len(samples)} samples but manifest.json counts {num_samples} in "
                               f"{tar_path.name}", where=index_path, fix=_reindex_hint(tar_path))
+    if num_samples is not None and len(samples) > num_samples:  # the readers would disagree on the extra
+        raise ShardIndexError(f"lists {len(samples)} samples but manifest.json counts {num_samples} in "
+                              f"{tar_path.name}: the shard was replaced after manifest.json was written",
+                              where=index_path, fix="restore the shard it counts, or regenerate the "
+                              "directory (manifest.json with it) and check it with `facescale validate DIR`")
     file_size = tar_path.stat().st_size
     fd = os.open(tar_path, os.O_RDONLY)
     try:
