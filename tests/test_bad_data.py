@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -189,6 +190,49 @@ def test_identity_index_names_bad_data_as_input_errors(tmp_path, case):
     with pytest.raises(ManifestError) as error:
         IdentityIndex.build(make_bad_dir(tmp_path / case, case))
     assert f"{shard}: sample '{key}'" in str(error.value) and reason in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["corrupt_jpeg", "garbled_jpeg"])
+def test_f2c_identity_loader_names_a_bad_jpeg_in_one_line(tmp_path, case):
+    """It was simplejpeg's ValueError: an 88-line traceback from the trainer."""
+    from facescale.data.identity_index import IdentityIndex
+    from facescale.f2c.identity_loader import IdentityPairs
+
+    pairs = IdentityPairs(IdentityIndex.build(make_bad_dir(tmp_path, case)), rank=0, world_size=1,
+                          identities_per_batch=CLASSES, seed=0, mirror=False, image_size=SIZE)
+    with pytest.raises(BadSampleError) as caught:
+        pairs.make_batch(0, 0)
+    assert re.fullmatch(r"bad training sample: .*train-000000\.tar at byte \d+: JPEG does not decode.*; "
+                        r"repair or drop it \(`facescale validate DIR` lists all of them\), .*",
+                        caught.value.line())
+
+
+@pytest.mark.parametrize("case", ["corrupt_jpeg", "label_out_of_range", "missing_lbl", "truncated_tar"])
+def test_f2c_under_skip_leaves_the_bad_samples_out_of_the_identity_index(tmp_path, case):
+    """A bad label or missing .lbl stopped F2C at start-up, and a corrupt JPEG in its identity batches,
+    under on_bad_sample=skip too; the index now leaves out the samples the start-up scan finds bad."""
+    from facescale.data.identity_index import IdentityIndex
+    from facescale.data.shard_scan import scan_shards
+    from facescale.f2c.identity_loader import IdentityPairs
+
+    directory = make_bad_dir(tmp_path, case)
+    index = IdentityIndex.build(directory, leave_out=scan_shards(Manifest.load(directory)))
+    lost = {5} if case != "truncated_tar" else {8, 9, 10, 11}
+    assert [label for label in range(CLASSES) if index.count(label) != 1] == sorted(lost)
+    good = CLASSES - len(lost)
+    pairs = IdentityPairs(index, rank=0, world_size=1, identities_per_batch=good, seed=0, mirror=False,
+                          image_size=SIZE, on_bad_sample="skip")
+    assert sorted(pairs.make_batch(0, 0)[2].tolist()) == sorted(set(range(CLASSES)) - lost)
+
+
+def test_f2c_dual_loader_reports_the_instance_loaders_counts():
+    """The trainer logs data/skipped_samples from its loader's `seen` and `skipped` (F2C logged none)."""
+    from types import SimpleNamespace
+
+    from facescale.f2c.dual_loader import DualLoader
+
+    dual = DualLoader(SimpleNamespace(seen=40, skipped=3), None, CPU)
+    assert (dual.seen, dual.skipped) == (40, 3)
 
 
 def test_identity_index_reads_past_a_shard_cut_after_indexing(tmp_path):

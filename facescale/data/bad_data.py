@@ -41,6 +41,13 @@ class BadSampleError(InputError, RuntimeError):
     """Raised under `on_bad_sample: error` (or when skipping exceeds the budget); names shard, key, reason."""
 
 
+BAD_SAMPLE_FIX = ("repair or drop it (`facescale validate DIR` lists all of them), or set "
+                  "data.on_bad_sample=skip")
+# under skip, a sample found bad after the start-up scan (DALI reader, F2C identities) went bad during the run
+RESCAN_FIX = ("the shards changed during the run; run the same command again to resume: its start-up scan "
+              "leaves the bad samples out")
+
+
 def check_label(label: int, num_classes: int) -> str | None:
     """The reason a label is bad, or None."""
     return None if 0 <= label < num_classes else f"label {label} outside [0, {num_classes}) of manifest.json"
@@ -142,9 +149,7 @@ class SkipPolicy:
     def reject(self, sample: BadSample | str) -> None:
         """Handle one bad sample: raise under "error", otherwise count it."""
         if self.policy == "error":
-            raise BadSampleError(f"bad training sample: {sample}",
-                                 fix="repair or drop it (`facescale validate DIR` lists all of them), "
-                                     "or set data.on_bad_sample=skip")
+            raise BadSampleError(f"bad training sample: {sample}", fix=BAD_SAMPLE_FIX)
         self.skipped += 1
 
     def check_budget(self, skipped: int, examined: int, where: str) -> None:

@@ -36,7 +36,14 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from facescale.config.schema import DataConfig
 from facescale.data.augment import NO_AUGMENT, Augment, augment_dali
-from facescale.data.bad_data import BadSample, BadSampleError, SkipPolicy, read_index_lines, scan_shard
+from facescale.data.bad_data import (
+    RESCAN_FIX,
+    BadSample,
+    BadSampleError,
+    SkipPolicy,
+    read_index_lines,
+    scan_shard,
+)
 from facescale.data.hang_guard import hang_limit
 from facescale.data.manifest import Manifest
 from facescale.data.shard_scan import bad_positions, scan_shards
@@ -213,8 +220,7 @@ class DaliTrainLoader(TrainLoader):
         bad = [b for b in scan_all(self.manifest) if (b.shard, b.position) not in self._left_out]
         if not bad:
             return error
-        fix = ("the shards changed during the run; run the same command again to resume: its start-up scan "
-               "leaves the bad samples out") if self.policy.policy == "skip" else \
-            ("`facescale validate DIR` lists all of them; repair the shards or set data.on_bad_sample=skip")
+        fix = RESCAN_FIX if self.policy.policy == "skip" else \
+            "`facescale validate DIR` lists all of them; repair the shards or set data.on_bad_sample=skip"
         return BadSampleError(f"bad training sample: {bad[0]} (DALI: {str(error).strip().splitlines()[-1]})",
                               fix=fix)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facescale.data.bad_data import BadSampleError, read_index_lines
+from facescale.data.bad_data import BadSample, BadSampleError, read_index_lines
 from facescale.data.manifest import Manifest, ManifestError
+from facescale.data.shard_scan import bad_positions
 from facescale.data.shard_writer import IMAGE_EXT, LABEL_EXT, decode_label
 
 
@@ -53,9 +54,12 @@ class IdentityIndex:
         return int(self.starts[label + 1] - self.starts[label])
 
     @classmethod
-    def build(cls, directory: str | Path) -> IdentityIndex:
-        """Index `directory` (manifest.json, tars, .idx files); a ManifestError names bad entries."""
+    def build(cls, directory: str | Path, leave_out: list[BadSample] | None = None) -> IdentityIndex:
+        """Index `directory` (manifest.json, tars, .idx files); a ManifestError names bad entries. The samples
+        in `leave_out` (under data.on_bad_sample=skip: the start-up scan's, `shard_scan.scan_shards`) are
+        not indexed."""
         manifest = Manifest.load(directory)
+        dropped = bad_positions(manifest, leave_out or [])
         shards, offsets, sizes, labels = [], [], [], []
         pairs = zip(manifest.shard_paths(), manifest.index_paths(), strict=True)
         for number, (tar, index) in enumerate(pairs):
@@ -65,6 +69,8 @@ class IdentityIndex:
             fd = os.open(tar, os.O_RDONLY)
             try:
                 for sample in read_index_lines(index):
+                    if sample.position in dropped[number]:
+                        continue
                     missing = [ext for ext in (IMAGE_EXT, LABEL_EXT) if ext not in sample.members]
                     if missing:
                         raise ManifestError(f"{tar.name}: sample {sample.key!r}: missing .{missing[0]}; run "

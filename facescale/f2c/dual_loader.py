@@ -56,6 +56,16 @@ class DualLoader:
     def epoch(self) -> int:
         return self.instances.epoch
 
+    @property
+    def seen(self) -> int:
+        """Instance samples yielded (the trainer logs data/skip_fraction from these two)."""
+        return self.instances.seen
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples the instance loader left out (the identity index leaves the same ones out)."""
+        return self.instances.skipped
+
     def __iter__(self) -> Iterator[tuple[Batch, Batch]]:
         pairs = iter(self.identities)
         for instance in self.instances:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from facescale.data.bad_data import BAD_SAMPLE_FIX, RESCAN_FIX, BadSampleError, check_image
 from facescale.data.identity_index import IdentityIndex, SampleLocation
 from facescale.data.jpeg import decode_jpeg
 from facescale.data.train_loader import stream_seed
@@ -43,8 +44,10 @@ class IdentityPairs(IterableDataset):
         seed: int,
         mirror: bool,
         image_size: int,
+        on_bad_sample: str = "error",
     ) -> None:
         super().__init__()
+        self.on_bad_sample = on_bad_sample  # under skip the index was built without the bad samples
         self.index, self.rank, self.world_size = index, rank, world_size
         self.batch, self.seed, self.mirror, self.image_size = identities_per_batch, seed, mirror, image_size
         self.start_serial = 0  # the first batch serial to make (a resumed run starts where it stopped)
@@ -93,13 +96,17 @@ class IdentityPairs(IterableDataset):
         return images.share_memory_() if get_worker_info() is not None else images
 
     def _image(self, location: SampleLocation, flip: bool, out: torch.Tensor) -> None:
-        """Decode one image into `out` (HWC), mirrored in place when `flip`."""
-        image = decode_jpeg(self.index.read_jpeg(location), out.numpy())
-        if image.shape != (self.image_size, self.image_size, 3):
-            raise ValueError(
-                f"{location.tar} at byte {location.offset}: image is {image.shape}, expected "
-                f"({self.image_size}, {self.image_size}, 3)"
-            )
+        """Decode one image into `out` (HWC), mirrored in place when `flip`; a bad one is a BadSampleError."""
+        jpeg = self.index.read_jpeg(location)
+        try:
+            shape = decode_jpeg(jpeg, out.numpy()).shape
+            reason = None if shape == (self.image_size, self.image_size, 3) else \
+                f"image is {shape}, expected {self.image_size}px RGB"
+        except Exception:  # noqa: BLE001 - decoders raise assorted types; check_image words the reason
+            reason = check_image(jpeg, self.image_size) or "JPEG does not decode"
+        if reason:
+            raise BadSampleError(f"bad training sample: {location.tar} at byte {location.offset}: {reason}",
+                                 fix=RESCAN_FIX if self.on_bad_sample == "skip" else BAD_SAMPLE_FIX)
         if flip:
             out.copy_(out.flip(1))
 

@@ -16,6 +16,7 @@ import torch
 from facescale.data.hang_guard import read_hang_limit_s
 from facescale.data.identity_index import IdentityIndex
 from facescale.data.loader import build_train_loader
+from facescale.data.shard_scan import scan_shards
 from facescale.f2c.config_check import check_f2c_config
 from facescale.f2c.dual_loader import DualLoader
 from facescale.f2c.ema import GalleryNet
@@ -79,14 +80,16 @@ class F2CMode(TrainingMode):
         instances = build_train_loader(cfg.data, rank=rank, world_size=world_size, batch_size=micro_batch,
                                        seed=cfg.schedule.seed, device=device,
                                        hang_limit_s=read_hang_limit_s(cfg))
+        skip = cfg.data.on_bad_sample == "skip"  # leave out the bad samples (found as the DALI reader does)
         pairs = IdentityPairs(
-            IdentityIndex.build(manifest.directory),
+            IdentityIndex.build(manifest.directory, scan_shards(manifest, world_size) if skip else None),
             rank=rank,
             world_size=world_size,
             identities_per_batch=f2c.identities_per_rank or micro_batch,
             seed=cfg.schedule.seed,
             mirror=cfg.data.random_mirror,
             image_size=cfg.data.image_size,
+            on_bad_sample=cfg.data.on_bad_sample,
         )
         identities = build_identity_loader(pairs, cfg.data.num_workers, cfg.data.read_timeout_s)
         return F2CRun(head, DualLoader(instances, identities, device))
