@@ -152,6 +152,18 @@ def test_misaligned_or_foreign_index_is_named_before_reading(tmp_path, reader, d
     assert "train-000001.idx" in message and "line 2" in message and "index_tar" in message
 
 
+def test_a_worker_with_no_good_sample_names_a_file_and_reason(tmp_path):
+    """The stop message named the worker's part as shard numbers and positions ([(1, 0, 6), ...])."""
+    loader = _loader(make_bad_dir(tmp_path, "good"), "webdataset", on_bad_sample="skip")
+    for tar in tmp_path.glob("*.tar"):
+        tar.unlink()
+    expected = (r"no good sample in its part of epoch 0 \(12 samples in 2 shards\); the first met: "
+                r"\S+/train-00000[01]\.tar: sample '\d+': the tar cannot be read \(No such file or "
+                r"directory\); run `facescale validate`")
+    with pytest.raises(BadSampleError, match=expected):
+        list(loader.iter_epoch())
+
+
 @pytest.mark.parametrize("reader", READERS)
 def test_a_shard_replaced_by_a_bigger_one_after_the_manifest_is_refused(tmp_path, reader):
     """Re-made and re-indexed with 2 more samples: DALI read them and the webdataset reader did not."""

@@ -69,6 +69,13 @@ def test_read_timeout_must_leave_the_other_ranks_time_to_wait(tmp_path, shard_di
     assert load_config(path, ["dist.timeout_s=120", "data.read_timeout_s=0"]).data.read_timeout_s == 0
 
 
+def test_a_path_under_home_is_expanded(tmp_path, shard_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(Path(shard_dir).parent))
+    cfg = load_config(write(tmp_path, base(shard_dir)), [f"data.shards=~/{Path(shard_dir).name}",
+                                                         "logging.run_dir=~/runs/x"])
+    assert cfg.data.shards == str(shard_dir) and cfg.logging.run_dir == f"{Path(shard_dir).parent}/runs/x"
+
+
 def test_missing_shard_dir_names_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.shards: directory .* does not exist.*facescale synth"):
         load_config(write(tmp_path, "data: {shards: /nonexistent/x}\n"))

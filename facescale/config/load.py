@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 import warnings
@@ -183,9 +184,21 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     cfg = build_config(raw, overrides, source)
+    expand_home(cfg)
     resolve_eval_bins(cfg)  # `eval.bins: [lfw]` -> <data.shards>/lfw.bin, as arcface_torch's val_targets
     validate(cfg, source)
     return cfg
+
+
+def expand_home(cfg: Config) -> None:
+    """`~` and `~user` at the start of the config's paths expanded as a shell does (YAML and --set leave
+    them to us), in place."""
+    cfg.data.shards = os.path.expanduser(cfg.data.shards)
+    cfg.model.init_from = os.path.expanduser(cfg.model.init_from)
+    cfg.head.init_from = os.path.expanduser(cfg.head.init_from)
+    cfg.checkpoint.resume = os.path.expanduser(cfg.checkpoint.resume)
+    cfg.logging.run_dir = os.path.expanduser(cfg.logging.run_dir)
+    cfg.eval.bins = [os.path.expanduser(entry) for entry in cfg.eval.bins]
 
 
 def build_config(raw: dict, overrides: list[str] | tuple[str, ...], source: str) -> Config:

@@ -1,4 +1,4 @@
-"""Pick and build the training reader (DALI or webdataset) for one rank; both yield identical batches.
+"""Pick and build the training reader (DALI or webdataset) for one rank; both yield batches of one format.
 
 Batches are `(images, labels)`: float32 [B, 3, H, W] in [-1, 1] ((x - 127.5) / 127.5, RGB) and int64 [B],
 on the model's device. Both readers decode, augment and mirror into uint8 [B, H, W, 3] batches and leave the

@@ -125,17 +125,20 @@ class RankStream(IterableDataset):
                               num_workers=self.num_workers)[worker]
         for cycle in range(1 << 30):
             stream = (s for shard, first, end in segments for s in read_segment(self.urls[shard], first, end))
-            good = 0
+            good, first_bad = 0, None
             if cycle:
                 yield _AGAIN  # bad samples from here on were counted in the first pass
             buffer = shuffle(self.shuffle_buffer, self.shuffle_buffer,
                              seed=stream_seed(self.seed, _SHUFFLE, epoch, self.rank, worker, cycle))
             for sample in buffer(stream):
                 good += not isinstance(sample, BadSample)
+                first_bad = first_bad or (sample if isinstance(sample, BadSample) else None)
                 yield sample
             if not good:
+                count = sum(end - first for _, first, end in segments)
                 raise BadSampleError(f"rank {self.rank} worker {worker}: no good sample in its part of epoch "
-                                     f"{epoch} ({segments}); run `facescale validate` on the shards")
+                                     f"{epoch} ({count} samples in {len(segments)} shards); the first met: "
+                                     f"{first_bad}", fix="run `facescale validate` on the shards")
 
     def _new_batch(self) -> torch.Tensor:
         """An empty uint8 [B, H, W, 3] batch; in a worker it lives in shared memory, so the DataLoader hands
