@@ -32,7 +32,7 @@ class TrainLoader(ABC):
     seen: int = 0
     policy: SkipPolicy
     planned_by_workers: bool = False  # whether an epoch's batches depend on data.num_workers (webdataset)
-    skipped_is_per_set: bool = False  # `skipped`: the set's bad samples, found again by each process (DALI)
+    skipped_is_per_set: bool = False  # `skipped`: a share of the set's bad samples, found at start (DALI)
 
     @property
     def skipped(self) -> int:
