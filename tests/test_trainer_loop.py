@@ -60,7 +60,7 @@ def fake_trainer(run_dir: Path, steps: int, *, step: int = 0, log_every: int = 1
     cfg.eval.bins, cfg.eval.every_steps, cfg.data.read_timeout_s = list(bins), 0, 0.0
     t = Trainer.__new__(Trainer)
     t.cfg, t.run_dir, t.step, t.metrics = cfg, run_dir, step, Sink()
-    t.env = SimpleNamespace(rank=0, world_size=1)
+    t.env, t.micro_batch = SimpleNamespace(rank=0, world_size=1), 8
     t.runtime = SimpleNamespace(device=torch.device("cpu"), precision="fp32")
     t.loader = loader or Loader()
     t.console = TrainConsole(t.metrics.console, steps, 8, t.loader.steps_per_epoch, 1)
