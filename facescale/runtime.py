@@ -34,12 +34,17 @@ def select_runtime(local_rank: int, requested_precision: str = "auto") -> Runtim
     not probe for CUDA.
     """
     if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
+        index, count = local_rank, torch.cuda.device_count()
+        if local_rank >= count == 1:  # Slurm --gpus-per-task=1 / --gpu-bind=single: a task sees its own GPU
+            index = 0
+            os.environ["LOCAL_RANK"] = "0"  # DeepSpeed's engine takes its device from LOCAL_RANK
+        elif local_rank >= count:
             raise LaunchEnvError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are visible",
+                f"LOCAL_RANK {local_rank} but only {count} CUDA devices are visible",
                 fix="launch one process per GPU (srun --ntasks-per-node / torchrun --nproc_per_node)")
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(index)
+        torch.backends.cudnn.benchmark = True  # fixed 112 px shapes: cuDNN's fastest (as arcface_torch)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
@@ -49,8 +54,8 @@ def select_runtime(local_rank: int, requested_precision: str = "auto") -> Runtim
 def bf16_supported(device: torch.device) -> bool:
     """bf16 autocast runs at full speed here: a CUDA device with bf16 (Ampere+), or a CPU whose oneDNN has
     native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 would be emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not counting emulation: torch's default says yes on a V100 or T4
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

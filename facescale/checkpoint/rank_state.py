@@ -22,7 +22,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy": _numpy_rng_state(),
         "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # this rank's own device only: the next allocation may give a node fewer GPUs (set_rng_state_all of
+        # a node's 8 states fails where 4 are visible)
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -31,8 +33,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(_numpy_rng_from_saved(state["numpy"]))
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and torch.cuda.is_available():
+        if isinstance(saved, (list, tuple)):  # written before: every visible GPU's, this rank's at its index
+            index = torch.cuda.current_device()
+            saved = saved[index] if index < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(saved)
 
 
 def _numpy_rng_state() -> dict[str, Any]:

@@ -60,6 +60,7 @@ def deepspeed_json(cfg: Config, world_size: int, precision: str) -> dict:
     elif precision == "fp16":
         ds["fp16"] = {
             "enabled": True,
+            "auto_cast": True,  # the engine casts the fp32 images to half, as its fp16 weights need
             "loss_scale": 0,
             "initial_scale_power": 16,
             "loss_scale_window": 1000,

@@ -103,11 +103,11 @@ class PartialFCMode(TrainingMode):
     def build(self, cfg: Any, engine: Any, manifest: Any, *, rank: int, world_size: int, micro_batch: int,
               precision: str, device: torch.device) -> PartialFCRun:
         head = build_head(cfg.head, manifest.num_classes, cfg.model.embedding_size, seed=cfg.schedule.seed,
-                          betas=cfg.optim.betas)
+                          betas=cfg.optim.betas, device=device)  # built there: its optimizer's GPU blocks
         loader = build_train_loader(cfg.data, rank=rank, world_size=world_size, batch_size=micro_batch,
                                     seed=cfg.schedule.seed, device=device,
                                     hang_limit_s=read_hang_limit_s(cfg))
-        return PartialFCRun(head.to(device), loader)
+        return PartialFCRun(head, loader)
 
     def plan(self, cfg: Any, data: Any, world: int, micro_batch: int, backbone: Any,
              rank: int | None = None) -> PartialFCPlan:

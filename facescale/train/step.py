@@ -130,7 +130,7 @@ def train_step(run: ModeRun, batches: Iterator, ctx: StepContext, inject_nan: bo
         group["lr"] = ctx.lr_backbone
     run.begin_step(ctx)
     guard = LossGuard(engine, gas)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum: torch.Tensor | None = None  # on the loss's device (a CPU tensor cannot add a CUDA one in place)
     wait = head_s = 0.0
     stats: dict = {}
     for micro in range(gas):
@@ -149,7 +149,8 @@ def train_step(run: ModeRun, batches: Iterator, ctx: StepContext, inject_nan: bo
         surrogate = sum((live.float() * leaf.grad).sum() for live, leaf in out.pairs)
         engine.backward(surrogate * (ctx.world_size * gas))
         guard.engine_step(micro)
-        loss_sum += loss.detach().double()
+        value = loss.detach().double()
+        loss_sum = value if loss_sum is None else loss_sum + value
     t2 = ctx.clock()
     bad = guard.finish()
     run.finish_step(ctx, bad)
