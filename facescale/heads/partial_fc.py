@@ -322,12 +322,14 @@ class PartialFCHead(torch.nn.Module):
         }
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """{"meta": metadata + optimizer kind, "centers": [count, D], "optimizer": {name: [count, ...]}}."""
+        """{"meta": metadata + optimizer kind, "centers": [count, D], "optimizer": {name: [count, ...]}},
+        copied to the CPU (a copy beside them on the GPU would double the head's memory at every save)."""
         meta = dict(self.metadata(), optimizer=self.center_optimizer.kind, update=self.center_optimizer.mode)
         return {
             "meta": meta,
-            "centers": self.centers.detach().clone(),
-            "optimizer": {k: v.detach().clone() for k, v in self.center_optimizer.state_tensors().items()},
+            "centers": self.centers.detach().to("cpu", copy=True),
+            "optimizer": {k: v.detach().to("cpu", copy=True)
+                          for k, v in self.center_optimizer.state_tensors().items()},
         }
 
     @torch.no_grad()
