@@ -3,7 +3,7 @@ facescale/heads/kernels/ sources are compiled with native.py's flags and loaded 
 calls alternate between them, so every revision sees the same machine load. For changes to the kernels that
 are a few percent of a step, on a machine too noisy for two separate runs to compare.
 
-  step    the head's step (benchmarks/head.py's head; C = 100k, B = 128, D = 512) with each build in turn
+  step    the head's step (benchmarks/head.py's head; C = 100k, B = --batch, D = 512) with each build in turn
   update  the center update kernel alone on C' scattered rows of a bf16 or fp32 [C, D] shard with momentum
           (and the bf16 residual), caches flushed before each call; also checks the builds agree bit for bit
   catch-up  the deferred dense catch-up alone (heads/deferred_dense.py): C' scattered rows of such a shard
@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import facescale.heads.native as native  # noqa: E402
 
-CLASSES, BATCH, DIM = 100_000, 128, 512
+CLASSES, DIM = 100_000, 512
 
 
 def build_revision(rev: str, folder: Path, extra_flags: tuple[str, ...] = ()) -> native.CenterKernels:
@@ -82,8 +82,8 @@ def step_calls(libs: list[native.CenterKernels], args: argparse.Namespace) -> tu
     cfg = {"dtype": args.dtype, "mode": args.mode, "rate": args.rate, "gemm": "auto", "device": "cpu"}
     head = bench.build_head(cfg, CLASSES, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(BATCH, DIM, generator=gen).to(bench.gemm_dtype(cfg)) for _ in range(4)]
-    labels = [torch.randint(0, CLASSES, (BATCH,), generator=gen) for _ in range(4)]
+    inputs = [torch.randn(args.batch, DIM, generator=gen).to(bench.gemm_dtype(cfg)) for _ in range(4)]
+    labels = [torch.randint(0, CLASSES, (args.batch,), generator=gen) for _ in range(4)]
     counter = [0]
 
     deferred = head.center_optimizer.deferred
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--mode", choices=["dense", "sparse"], default="sparse")
     parser.add_argument("--rate", type=float, default=0.1)
+    parser.add_argument("--batch", type=int, default=128, help="step: the global batch B")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         }[args.what]
         calls, identical = make_calls(libs, args)
         times = alternate(calls, args.rounds)
-    label = f"{args.what} {args.dtype}" + (f" {args.mode}" if args.what == "step" else "") + f" r={args.rate}"
+    label = f"{args.what} {args.dtype}" + (f" {args.mode} B={args.batch}" if args.what == "step" else "")
+    label += f" r={args.rate}"
     label += f" missed={args.missed}" if args.what == "catch-up" else ""
     names = [rev + (f" [{' '.join(extra[k])}]" if k in extra else "") for k, rev in enumerate(args.revs)]
     for rev, samples in zip(names, times, strict=True):
