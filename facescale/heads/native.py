@@ -40,8 +40,9 @@ _FLAGS = [
     "-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-std=c++17", "-fPIC", "-pthread",
 ]  # fmt: skip
 # GCC's tuning for Intel's AVX-512 CPUs (-march=native: rocketlake, icelake, sapphirerapids...) vectorises
-# loops 256 bits wide, so the kernels' `// simd` loops ran at half the CPU's width (benchmarks/results/
-# head_cpu_amx.md: the softmax's exp pass, ...); the same bits either way. Without AVX-512 it changes nothing.
+# loops 256 bits wide, so the kernels' `// simd` loops ran at half the CPU's width (the head's bf16 step at
+# B = 512 took 1/0.87 as long: benchmarks/results/head_kernels_wide_ab.md); the same bits either way. Without
+# AVX-512 it changes nothing.
 if os.uname().machine in ("x86_64", "i686"):
     _FLAGS.append("-mprefer-vector-width=512")
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
