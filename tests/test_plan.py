@@ -224,6 +224,39 @@ def test_a_shortened_option_is_refused_not_taken_for_a_longer_one(argv, capsys):
     assert f"unrecognized arguments: {argv[-2]} {argv[-1]}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, expect", [
+    ("head.sample_rate=2", "head.sample_rate: 2.0 is outside [0, 1]"),
+    ("model.embedding_size=0", "model.embedding_size: must be a positive integer"),
+    ("schedule.grad_accumulation=0", "schedule.grad_accumulation: must be >= 1"),
+    ("data.image_size=0", "data.image_size: must be > 0"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
+])
+def test_plan_checks_the_config_values_but_not_its_data_paths(setting, expect, capsys):
+    """The values a training run would refuse are one line (exit 2); the 42M config's data.shards, absent on
+    this machine, is not asked for."""
+    from facescale.cli import main
+
+    assert main(["plan", "--config", "configs/webface42m_r100.yaml", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"facescale plan: error: configs/webface42m_r100.yaml: {expect}"), err
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--nodes", "0"), ("--gpus-per-node", "-1"), ("--num-classes", "0"), ("--micro-batch", "0"),
+    ("--compare-nodes", "a,b"), ("--compare-nodes", "8,0"),
+])
+def test_plan_refuses_impossible_cluster_sizes(option, value, capsys):
+    from facescale.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", "configs/webface42m_r100.yaml", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: '" in err and "is not an integer >= 1" in err
+    assert "Traceback" not in err
+
+
 def test_unknown_data_set_needs_num_classes(tmp_path):
     from facescale.config.load import ConfigError
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+
+from facescale.commands import bounded_int
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -31,22 +32,6 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bounded(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high] (no upper bound for None)."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < low or (high is not None and number > high):
-            span = f"from {low} to {high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"'{value}' is not an integer {span}")
-        return number
-
-    return parse
-
-
 def _depth(value: str) -> str:
     if value != "auto" and not (value.isdigit() and int(value) >= 1):
         raise argparse.ArgumentTypeError(f"'{value}' is not 'auto' or a level count >= 1")
@@ -71,12 +56,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for train-*.tar, *.idx, manifest.json")
-    parser.add_argument("--shard-size", type=_bounded(1), default=20000, help="samples per shard")
+    parser.add_argument("--shard-size", type=bounded_int(1), default=20000, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
-    parser.add_argument("--workers", type=_bounded(1), default=None,
+    parser.add_argument("--workers", type=bounded_int(1), default=None,
                         help="worker processes (default: all cores)")
-    parser.add_argument("--image-size", type=_bounded(16), default=112)
-    parser.add_argument("--quality", type=_bounded(1, 100), default=95,
+    parser.add_argument("--image-size", type=bounded_int(16), default=112)
+    parser.add_argument("--quality", type=bounded_int(1, 100), default=95,
                         help="JPEG quality of re-encoded images (1-100)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another conversion")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

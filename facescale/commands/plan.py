@@ -7,18 +7,29 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from facescale.commands import bounded_int
+
 
 def _load(config: str, overrides: list[str]):
-    """The config without checking that its data paths exist on this machine (plans are made anywhere)."""
+    """The config with its values checked, but not that its data paths exist on this machine (plans are
+    made anywhere)."""
     import yaml
 
     from facescale.config.errors import ConfigError
     from facescale.config.load import build_config
+    from facescale.config.validate import validate
 
     path = Path(config)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (configs live in configs/)")
-    return build_config(yaml.safe_load(path.read_text()) or {}, overrides, str(path))
+    cfg = build_config(yaml.safe_load(path.read_text()) or {}, overrides, str(path))
+    validate(cfg, str(path), check_paths=False)
+    return cfg
+
+
+def _node_counts(value: str) -> list[int]:
+    """An argparse type: --compare-nodes as a comma-separated list of node counts >= 1."""
+    return [bounded_int(1)(n.strip()) for n in value.split(",")]
 
 
 def _with_micro_batch(cfg, world: int, micro_batch: int | None):
@@ -43,7 +54,6 @@ def _run(args: argparse.Namespace) -> int:
     precision = "bf16" if cfg.deepspeed.precision == "auto" else cfg.deepspeed.precision
     stats = backbone_stats(cfg.model, precision, cfg.data.image_size)
     if args.compare_nodes:
-        counts = [int(n) for n in args.compare_nodes.split(",")]
         plans = {
             n: plan_rank(
                 _with_micro_batch(cfg, n * args.gpus_per_node, args.micro_batch),
@@ -51,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
                 n * args.gpus_per_node,
                 stats=stats,
             )
-            for n in counts
+            for n in args.compare_nodes
         }
         print(comparison_table(plans))
         return 0
@@ -79,13 +89,14 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="per-rank memory and communication of a run at a cluster size")
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/webface42m_r100.yaml")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (default 8)")
-    p.add_argument("--num-classes", type=int, help="identities (default: manifest.json or a known data set)")
+    p.add_argument("--nodes", type=bounded_int(1), default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=bounded_int(1), default=8, help="ranks per node (default 8)")
+    p.add_argument("--num-classes", type=bounded_int(1),
+                   help="identities (default: manifest.json or a known data set)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument(
-        "--micro-batch", type=int, help="images per rank; sets the global batch for each world size"
-    )
+    p.add_argument("--micro-batch", type=bounded_int(1),
+                   help="images per rank; sets the global batch for each world size")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--compare-nodes", metavar="N,N,...", help="a Markdown table for several node counts")
+    p.add_argument("--compare-nodes", type=_node_counts, metavar="N,N,...",
+                   help="a Markdown table for several node counts")
     p.set_defaults(func=_run)

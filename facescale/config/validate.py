@@ -27,8 +27,13 @@ def _choice_fields(node: object, prefix: str = "") -> list[tuple[str, object, tu
     return out
 
 
-def validate(cfg: Config, source: str = "<config>", world_size: int | None = None) -> None:
-    """Raise ConfigError for impossible values; `world_size` enables the batch-divisibility check."""
+def validate(cfg: Config, source: str = "<config>", world_size: int | None = None, *,
+             check_paths: bool = True) -> None:
+    """Raise ConfigError for impossible values; `world_size` enables the batch-divisibility check.
+
+    `check_paths=False` leaves out what depends on this machine (data.shards, eval.bins, the wandb package),
+    for `facescale plan`, which plans a run anywhere.
+    """
     for key, value, allowed in _choice_fields(cfg):
         if value not in allowed:
             raise ConfigError(f"{source}: {key}: {not_one_of(value, list(allowed))}")
@@ -47,28 +52,8 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
                f"unknown torch.compile backend '{cfg.model.compile_backend}';"
                f"{suggest(cfg.model.compile_backend, backends, 'backends')}")
 
-    shards = Path(cfg.data.shards) if cfg.data.shards else None
-    check(
-        shards is not None,
-        source,
-        "data.shards",
-        "no shard directory set; make one with `facescale synth --out DIR` or `facescale convert`, "
-        "then pass --set data.shards=DIR",
-    )
-    check(
-        shards.is_dir(),
-        source,
-        "data.shards",
-        f"directory '{shards}' does not exist; create it with `facescale synth --out {shards}` "
-        "or point data.shards at your converted shards",
-    )
-    check(
-        (shards / "manifest.json").is_file(),
-        source,
-        "data.shards",
-        f"'{shards}' has no manifest.json; it is not a facescale shard directory "
-        "(write shards with `facescale synth` or `facescale convert`)",
-    )
+    if check_paths:
+        _check_shards(cfg, source)
     check(cfg.data.image_size > 0, source, "data.image_size", "must be > 0")
     check(cfg.data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     check(cfg.data.dali_threads >= 1, source, "data.dali_threads", "must be >= 1")
@@ -172,15 +157,9 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
     )
     check(cfg.logging.every_steps >= 1, source, "logging.every_steps", "must be >= 1")
     check(bool(cfg.logging.run_dir), source, "logging.run_dir", "must be set")
-    check_wandb_installed(cfg, source)
-    for i, b in enumerate(cfg.eval.bins):
-        check(
-            Path(b).is_file(),
-            source,
-            f"eval.bins[{i}]",
-            f"verification set '{b}' not found (a name such as 'lfw' means <data.shards>/lfw.bin, where "
-            "`facescale convert rec` copies the sets beside the .rec; or make one with `facescale make-bin`)",
-        )
+    if check_paths:
+        check_wandb_installed(cfg, source)
+        _check_eval_bins(cfg, source)
     named: dict[str, int] = {}  # set name -> the first entry with it
     for i, b in enumerate(cfg.eval.bins):
         name = eval_set_name(b)
@@ -191,6 +170,44 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
               "copy or rename a file that shares another's name")
     check(cfg.eval.every_steps >= 0, source, "eval.every_steps", "must be >= 0")
     check(cfg.eval.batch_size >= 1, source, "eval.batch_size", "must be >= 1")
+
+
+def _check_shards(cfg: Config, source: str) -> None:
+    """data.shards names a shard directory on this machine."""
+    shards = Path(cfg.data.shards) if cfg.data.shards else None
+    check(
+        shards is not None,
+        source,
+        "data.shards",
+        "no shard directory set; make one with `facescale synth --out DIR` or `facescale convert`, "
+        "then pass --set data.shards=DIR",
+    )
+    check(
+        shards.is_dir(),
+        source,
+        "data.shards",
+        f"directory '{shards}' does not exist; create it with `facescale synth --out {shards}` "
+        "or point data.shards at your converted shards",
+    )
+    check(
+        (shards / "manifest.json").is_file(),
+        source,
+        "data.shards",
+        f"'{shards}' has no manifest.json; it is not a facescale shard directory "
+        "(write shards with `facescale synth` or `facescale convert`)",
+    )
+
+
+def _check_eval_bins(cfg: Config, source: str) -> None:
+    """Every eval.bins entry is a file on this machine."""
+    for i, b in enumerate(cfg.eval.bins):
+        check(
+            Path(b).is_file(),
+            source,
+            f"eval.bins[{i}]",
+            f"verification set '{b}' not found (a name such as 'lfw' means <data.shards>/lfw.bin, where "
+            "`facescale convert rec` copies the sets beside the .rec; or make one with `facescale make-bin`)",
+        )
 
 
 def check_wandb_installed(cfg: Config, source: str) -> None:
