@@ -20,11 +20,16 @@ from facescale.data.jpeg import encode_jpeg
 from facescale.data.manifest import MANIFEST_NAME, Manifest
 from facescale.data.shard_writer import ShardWriter
 from facescale.data.synth_faces import DEFAULT_NUISANCE, Nuisance, render_identity
+from facescale.errors import InputError
 from facescale.eval.binfile import write_bin
 
 VERIFY_NAME = "verify.bin"
 _TRAIN_STREAM, _VERIFY_STREAM = 0, 1
 _SHUFFLE_TAG, _PAIRS_TAG = 1, 2  # rng([seed, tag]) streams; synth_faces owns tag 0
+
+
+class SynthError(InputError, ValueError):
+    """Sizes `synthesize` cannot write (no identities, a verification set of one identity...)."""
 
 
 def _encode_identities(seed: int, identities: range, count: int, image_size: int, stream: int,
@@ -92,13 +97,17 @@ def synthesize(out_dir: str | Path, identities: int, images_per_identity: int, h
     Returns the saved Manifest. `holdout_identities=0` skips `verify.bin`; otherwise it needs >= 2 ids and
     holds up to `verify_pairs` balanced pairs drawn from `verify_images_per_identity` images per held-out id.
     """
-    if identities < 1 or images_per_identity < 1 or holdout_identities < 0 or image_size < 16:
-        raise ValueError(f"synthesize needs identities >= 1, images_per_identity >= 1, "
-                         f"holdout_identities >= 0 and image_size >= 16; got {identities}, "
-                         f"{images_per_identity}, {holdout_identities}, {image_size}")
+    if identities < 1 or images_per_identity < 1 or holdout_identities < 0 or image_size < 16 or seed < 0:
+        raise SynthError(f"synthesize needs identities >= 1, images_per_identity >= 1, holdout_identities "
+                         f">= 0, image_size >= 16 and seed >= 0, got {identities}, {images_per_identity}, "
+                         f"{holdout_identities}, {image_size}, {seed}",
+                         fix="use values in those ranges (CLI: --identities, --images-per-identity, "
+                             "--holdout-identities, --image-size, --seed)")
     if holdout_identities and (holdout_identities < 2 or verify_images_per_identity < 2 or verify_pairs < 2):
-        raise ValueError("a verification set needs holdout_identities >= 2, verify_images_per_identity >= 2 "
-                         "and verify_pairs >= 2 (or holdout_identities=0 for none)")
+        raise SynthError(f"a verification set needs holdout_identities >= 2, verify_images_per_identity >= 2 "
+                         f"and verify_pairs >= 2, got {holdout_identities}, {verify_images_per_identity}, "
+                         f"{verify_pairs}", fix="raise them, or set holdout_identities=0 for no verify.bin "
+                         "(CLI: --holdout-identities, --verify-pairs)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_old_output(out, overwrite)
