@@ -10,22 +10,41 @@ import sys
 import time
 from pathlib import Path
 
+from facescale.errors import InputError, report_errors
 from launcher.local import local_train_command
 
 DATA = Path("data/synthetic")
 PFC_CONFIG, F2C_CONFIG = "configs/synthetic.yaml", "configs/synthetic_f2c.yaml"
-SYNTH = {"identities": 2000, "images_per_identity": 16, "holdout_identities": 300, "seed": 7}
+SYNTH = {"identities": 2000, "images_per_identity": 16, "holdout_identities": 300, "seed": 7,
+         "image_size": 112}
 
 
 def ensure_data(data_dir: Path) -> None:
-    """Generate the synthetic set once; later runs reuse it."""
-    if (data_dir / "manifest.json").is_file() and (data_dir / "verify.bin").is_file():
-        print(f"[demo] reusing synthetic identities in {data_dir}")
-        return
-    from facescale.data.synth import synthesize
+    """Generate the demo's synthetic set once; later runs reuse it. A set its manifest says is another (e.g.
+    `facescale synth` at other sizes or seed) would change the accuracy the README quotes: another synthetic
+    set is regenerated, anything else is refused."""
+    from facescale.data.manifest import MANIFEST_NAME, Manifest
+    from facescale.data.synth import VERIFY_NAME, synth_source, synthesize
+
+    want = synth_source(SYNTH["seed"], SYNTH["identities"], SYNTH["images_per_identity"],
+                        SYNTH["holdout_identities"])
+    replace = (data_dir / MANIFEST_NAME).is_file()
+    if replace:
+        found = Manifest.load(data_dir)
+        same = found.source == want and found.image_size == SYNTH["image_size"]
+        if same and (data_dir / VERIFY_NAME).is_file():
+            print(f"[demo] reusing synthetic identities in {data_dir}")
+            return
+        if not found.source.startswith("synth("):  # converted data: not ours to replace
+            raise InputError(f"holds '{found.source}', not the demo's synthetic identities",
+                             where=data_dir / MANIFEST_NAME,
+                             fix=f"move {data_dir} away (or delete it: `make clean` does), then rerun "
+                                 "the demo")
+        print(f"[demo] {data_dir} holds {found.source} at {found.image_size} px, not the demo's {want} at "
+              f"{SYNTH['image_size']} px; synthesizing the demo's set in its place")
 
     t0 = time.perf_counter()
-    m = synthesize(data_dir, **SYNTH)
+    m = synthesize(data_dir, **SYNTH, overwrite=replace)
     print(
         f"[demo] synthesized {m.num_samples} images of {m.num_classes} identities "
         f"(+{SYNTH['holdout_identities']} held out) in {time.perf_counter() - t0:.0f} s"
@@ -109,4 +128,4 @@ def print_comparison(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_errors("facescale demo", main))

@@ -88,6 +88,12 @@ def verification_pairs(num_identities: int, per_identity: int, num_pairs: int,
         yield pairs[index]
 
 
+def synth_source(seed: int, identities: int, images_per_identity: int, holdout_identities: int) -> str:
+    """The manifest `source` of a synthesized set: what it was made from (`make demo` compares it)."""
+    return (f"synth(seed={seed}, identities={identities}, images_per_identity={images_per_identity}, "
+            f"holdout_identities={holdout_identities})")
+
+
 def synthesize(out_dir: str | Path, identities: int, images_per_identity: int, holdout_identities: int,
                seed: int, image_size: int = 112, shard_size: int = 1000, workers: int | None = None, *,
                verify_pairs: int = 3000, verify_images_per_identity: int = 10, quality: int = 90,
@@ -125,8 +131,7 @@ def synthesize(out_dir: str | Path, identities: int, images_per_identity: int, h
                             verify_images_per_identity, verify_pairs, image_size, quality, nuisance, workers)
     manifest = Manifest(num_classes=identities, num_samples=identities * images_per_identity,
                         image_size=image_size,
-                        source=(f"synth(seed={seed}, identities={identities}, images_per_identity="
-                                f"{images_per_identity}, holdout_identities={holdout_identities})"),
+                        source=synth_source(seed, identities, images_per_identity, holdout_identities),
                         shards=writer.shards, samples_per_identity=[images_per_identity] * identities)
     manifest.save(out)
     return manifest
