@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from facescale.commands import bounded_int
 from facescale.errors import InputError, report_errors
 from launcher.local import local_train_command
 
@@ -51,13 +52,35 @@ def ensure_data(data_dir: Path) -> None:
     )
 
 
+def split_batch(ranks: int, config: str, settings: list[str]) -> list[str]:
+    """The override that rounds the config's global batch down to equal shares for `ranks` (e.g. 128 at
+    `make demo RANKS=3`); none where it already splits, as at the default 2 ranks."""
+    from facescale.config.load import load_config
+
+    cfg = load_config(config, settings)
+    sch = cfg.schedule
+    f2c = cfg.head.type == "f2c"  # F2C splits each rank's batch in two halves (check_f2c_config)
+    unit = ranks * sch.grad_accumulation * (2 if f2c else 1)
+    if sch.global_batch_size % unit == 0:
+        return []
+    batch = max(unit, sch.global_batch_size // unit * unit)
+    print(f"[demo] schedule.global_batch_size {sch.global_batch_size} is not a multiple of {unit} ({ranks} "
+          f"ranks x {sch.grad_accumulation} accumulation steps{' x 2 F2C halves' if f2c else ''}); "
+          f"training with {batch}")
+    return [f"schedule.global_batch_size={batch}"]
+
+
 def train(ranks: int, config: str, run_dir: Path, overrides: list[str]) -> dict:
-    """One torchrun job of `ranks` CPU processes; returns its result.json."""
+    """One torchrun job of `ranks` CPU processes; returns its result.json. A failed job ends the demo with
+    its exit code: the ranks and torchrun have said why."""
     settings = [f"logging.run_dir={run_dir}", "checkpoint.resume=none", *overrides]
+    settings += split_batch(ranks, config, settings)
     cmd = local_train_command(ranks, config, settings)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
     print("[demo] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
+    code = subprocess.run(cmd, env=env).returncode
+    if code:
+        raise SystemExit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
     return json.loads((run_dir / "result.json").read_text())
 
 
@@ -73,7 +96,7 @@ def _pfc_line(pfc_dir: Path, steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ranks", type=bounded_int(1), default=2)
     p.add_argument("--sample-rate", type=float, default=0.1)
     p.add_argument("--mode", choices=["pfc", "f2c"], default="pfc")
     p.add_argument("--config", default=None, help=f"default: {PFC_CONFIG} (pfc), {F2C_CONFIG} (f2c)")
