@@ -185,6 +185,23 @@ def test_deepspeed_extra_keys_that_change_gradient_scaling_are_refused_by_name(t
     assert deepspeed_json(cfg, 1, "fp32")["steps_per_print"] == 5  # other expert knobs still pass through
 
 
+def test_deepspeed_extra_zero_stage_and_unknown_keys_are_refused_by_name(tmp_path, shard_dir):
+    """The ZeRO stage belongs to deepspeed.zero_stage (which the [plan] line reports), and DeepSpeed ignores a
+    top-level key it does not know, so a misspelt one would be silently unread: both are refused at load."""
+    path = write(tmp_path, base(shard_dir))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["deepspeed.extra={zero_optimization: {stage: 2}}"])
+    assert "deepspeed.extra.zero_optimization.stage:" in str(caught.value)
+    assert "set deepspeed.zero_stage" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["deepspeed.extra={zero_optimisation: {stage: 2}}"])
+    assert "deepspeed.extra.zero_optimisation: not a DeepSpeed config key" in str(caught.value)
+    assert "did you mean 'zero_optimization'?" in str(caught.value)
+    cfg = load_config(path, ["deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}}"])
+    assert deepspeed_json(cfg, 1, "fp32")["zero_optimization"] == {
+        "stage": 1, "overlap_comm": cfg.deepspeed.overlap_comm, "reduce_bucket_size": 1000}
+
+
 def test_f2c_refuses_the_partial_fc_settings_it_does_not_read(tmp_path, shard_dir):
     """F2C has no class centers: a sample rate or a centers' optimizer given with it would be silently unread
     (the shipped webface42m_f2c.yaml carried five such keys, with a comment on the update mode)."""

@@ -6,8 +6,9 @@ import copy
 
 from facescale.config.schema import Config
 
-# keys of deepspeed.extra that would change the batch or the gradient scaling behind the decoupled backward's
-# W x GAS surrogate factor (facescale/train/step.py), with what to set instead
+# keys of deepspeed.extra that facescale sets itself (the batch, the ZeRO stage its [plan] line reports) or
+# that would change the gradient scaling behind the decoupled backward's W x GAS surrogate factor
+# (facescale/train/step.py), with what to do instead; a dotted key is one inside a section
 RESERVED_EXTRA_KEYS = {
     "train_batch_size": "set schedule.global_batch_size",
     "train_micro_batch_size_per_gpu": "set schedule.global_batch_size (micro batch = global / (W x GAS))",
@@ -15,12 +16,42 @@ RESERVED_EXTRA_KEYS = {
     "gradient_predivide_factor": "facescale's surrogate assumes DeepSpeed's plain mean over ranks",
     "prescale_gradients": "facescale's surrogate assumes DeepSpeed's plain mean over ranks",
     "gradient_allreduce_op": "facescale's surrogate assumes DeepSpeed's plain mean over ranks",
+    "zero_optimization.stage": "set deepspeed.zero_stage (which the [plan] line and the memory plan follow)",
 }
+
+# the top-level keys DeepSpeed 0.19's config reader looks up (the keys DeepSpeedConfig(dict) reads, traced
+# on 0.19.8); DeepSpeed ignores any other, so a misspelt deepspeed.extra key would be silently unread
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt",
+    "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
+    "managed_gradient_accumulation", "memory_breakdown", "nebula", "optimizer", "pipeline",
+    "prescale_gradients", "progressive_layer_drop", "quantize_training", "scheduler",
+    "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients", "steps_per_print",
+    "tensor_parallel", "tensorboard", "timers", "torch_autocast", "train_batch_size",
+    "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism", "vocabulary_size",
+    "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
 
 
 def reserved_extra_keys(extra: dict) -> list[str]:
-    """The keys of `extra` facescale sets itself or whose effect on gradient scaling it cannot follow."""
-    return [key for key in extra if key in RESERVED_EXTRA_KEYS]
+    """The (dotted) keys of `extra` facescale sets itself or whose effect on gradients it cannot follow."""
+    found = []
+    for key in RESERVED_EXTRA_KEYS:
+        section, _, inner = key.rpartition(".")
+        node = extra.get(section, {}) if section else extra
+        if isinstance(node, dict) and inner in node:
+            found.append(key)
+    return found
+
+
+def unknown_extra_keys(extra: dict) -> list[str]:
+    """The top-level keys of `extra` DeepSpeed does not read (it would ignore them without a word)."""
+    return [key for key in extra if key not in DEEPSPEED_KEYS]
 
 
 def micro_batch_size(cfg: Config, world_size: int) -> int:

@@ -7,8 +7,13 @@ import importlib.util
 import typing
 from pathlib import Path
 
-from facescale.config.deepspeed import RESERVED_EXTRA_KEYS, reserved_extra_keys
-from facescale.config.errors import ConfigError, check, not_one_of, suggest
+from facescale.config.deepspeed import (
+    DEEPSPEED_KEYS,
+    RESERVED_EXTRA_KEYS,
+    reserved_extra_keys,
+    unknown_extra_keys,
+)
+from facescale.config.errors import ConfigError, check, did_you_mean, not_one_of, suggest
 from facescale.config.eval_bins import eval_set_name
 from facescale.config.schema import Config
 from facescale.modes.registry import UnknownModeError, get_mode
@@ -139,8 +144,12 @@ def validate(cfg: Config, source: str = "<config>", world_size: int | None = Non
         )
 
     for key in reserved_extra_keys(cfg.deepspeed.extra):
-        check(False, source, f"deepspeed.extra.{key}", "changes the batch or gradient scaling behind "
-              f"facescale's surrogate backward; {RESERVED_EXTRA_KEYS[key]}")
+        check(False, source, f"deepspeed.extra.{key}", "facescale sets it or cannot follow its effect on the "
+              f"batch or gradient scaling behind its surrogate backward; {RESERVED_EXTRA_KEYS[key]}")
+    for key in unknown_extra_keys(cfg.deepspeed.extra):
+        hint = did_you_mean(key, sorted(DEEPSPEED_KEYS)) or " remove it (see DeepSpeed's config docs)"
+        check(False, source, f"deepspeed.extra.{key}",
+              f"not a DeepSpeed config key (DeepSpeed would ignore it);{hint}")
     check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), source, "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     check(cfg.checkpoint.keep_last >= 1, source, "checkpoint.keep_last", "must be >= 1")
     check(
