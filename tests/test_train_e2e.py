@@ -42,10 +42,16 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def _train(shards: Path, run_dir: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
+    """2 ranks x 8 images: configs/synthetic.yaml with its global batch given per rank (arcface_torch's way),
+    which start-up resolves in a schedule line."""
+    config = run_dir.parent / "per_rank.yaml"
+    text = Path("configs/synthetic.yaml").read_text()
+    assert "  global_batch_size: 128\n" in text
+    config.write_text(text.replace("  global_batch_size: 128\n", "  batch_per_rank: 8\n"))
     settings = [f"data.shards={shards}", f"eval.bins=[{shards / 'verify.bin'}]", f"logging.run_dir={run_dir}",
-                "schedule.steps=4", "schedule.warmup_steps=1", "schedule.global_batch_size=16",
+                "schedule.steps=4", "schedule.warmup_steps=1",
                 "logging.every_steps=2", "eval.every_steps=0", "checkpoint.every_steps=2"]
-    cmd = local_train_command(ranks, "configs/synthetic.yaml", settings) + list(extra)
+    cmd = local_train_command(ranks, str(config), settings) + list(extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -71,6 +77,7 @@ def _check_console(run_dir: Path, proc: subprocess.CompletedProcess) -> None:
     """train.log holds the plan and timestamped window lines; unactionable library warnings are gone."""
     log = (run_dir / "train.log").read_text()
     assert "INFO [plan] world 2 ranks = 1 node(s) x 2 rank(s)" in log and "resumed from no (fresh run)" in log
+    assert "INFO [facescale] schedule: global batch 16 = 8 per rank x 2 ranks x 1 accumulation" in log
     assert re.search(r"\d\d:\d\d:\d\d INFO \[train\] step 4/4 epoch [\d.]+ loss [\d.]+ lr .* img/s .*"
                      r"data-wait \d+ ms head \d+ ms elapsed \S+ eta 0s", log), log
     assert "(best " in log

@@ -27,9 +27,7 @@ def run_training(config_path: str | None, overrides: list[str], preemption: Pree
     resume_from = resume_step_dir(cfg)  # the complete step it continues from, checked once here
     kept_line = keep_saved_global_batch(cfg, resume_from)  # a resumed run keeps its global batch on any W
     schedule_line = resolve_schedule(cfg, env.world_size)  # epochs / batch_per_rank -> steps / global batch
-    for line in (kept_line, schedule_line):
-        if line and env.rank == 0:
-            print(line, flush=True)
+    startup_lines = tuple(line for line in (kept_line, schedule_line) if line)  # the Trainer logs them
     validate(cfg, str(config_path), world_size=env.world_size)
     manifest = load_shard_manifest(cfg.data, need_index=resolve_reader(cfg.data.reader) == "dali")
     check_eval_bins(cfg.eval.bins, cfg.data.image_size)
@@ -47,7 +45,7 @@ def run_training(config_path: str | None, overrides: list[str], preemption: Pree
         with run_dir_lock(cfg.logging.run_dir, env.rank):  # one run directory, one writer
             if env.rank == 0:
                 clear_requeue_marker()  # one an earlier job left (its batch shell killed) asks nothing now
-            return Trainer(cfg, env, runtime, preemption).train()
+            return Trainer(cfg, env, runtime, preemption, startup_lines).train()
     except CheckpointSaveError:
         if env.rank == 0:
             clear_requeue_marker()  # a preemption save that failed must not requeue into the same failure

@@ -91,7 +91,9 @@ class Trainer:
     """Owns the engine (backbone), the class-center head, the loader, metrics and checkpoints of one run."""
 
     def __init__(self, cfg: Config, env: DistEnv, runtime: Runtime,
-                 preemption: PreemptionFlag | None = None) -> None:
+                 preemption: PreemptionFlag | None = None, startup_lines: tuple[str, ...] = ()) -> None:
+        """`startup_lines`: what the launch resolved before train.log was open (the schedule line), logged
+        first by rank 0 so the console and train.log carry them alike."""
         import deepspeed
 
         from facescale.data.manifest import Manifest
@@ -102,6 +104,8 @@ class Trainer:
         self.run_dir = Path(cfg.logging.run_dir)
         setup_run_logging(self.run_dir, env.rank)  # before DeepSpeed, whose warnings it filters
         log0 = run_logger().info if env.rank == 0 else (lambda line: None)  # a line once, from rank 0
+        for line in startup_lines:
+            log0(line)
         self.manifest = Manifest.load(cfg.data.shards)
         skip_unused_ops()  # no JIT build of DeepSpeed's inference-only comm op at start-up
         torch.manual_seed(cfg.schedule.seed)  # identical initial backbone on every rank
