@@ -13,7 +13,7 @@ from facescale.config.schema import WandbConfig
 from facescale.metrics.writer import MetricsWriter
 from tests.wandb_history import history, run_ids
 
-pytest.importorskip("wandb", reason="the [wandb] extra is not installed (pip install 'facescale[wandb]')")
+pytest.importorskip("wandb", reason="the [wandb] extra is not installed (pip install -e '.[wandb]')")
 
 
 def jsonl_rows(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -82,7 +82,8 @@ def test_missing_package_is_a_config_error(monkeypatch) -> None:
     # a machine without the extra: find_spec answers None for wandb only
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"run\.yaml: logging\.wandb\.project: .*'facescale\[wandb\]'"):
+    fix = r"pip install -e '\.\[wandb\]' in the facescale checkout"  # not from PyPI: facescale is not there
+    with pytest.raises(ConfigError, match=rf"run\.yaml: logging\.wandb\.project: .*{fix}"):
         check_wandb_installed(cfg, "run.yaml")
     cfg.logging.wandb.mode = "disabled"
     check_wandb_installed(cfg, "run.yaml")

@@ -224,4 +224,4 @@ def check_wandb_installed(cfg: Config, source: str) -> None:
     wandb = cfg.logging.wandb
     check(not wandb.project or wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
            source, "logging.wandb.project", "is set but the wandb package is not installed; "
-           "pip install 'facescale[wandb]', or remove logging.wandb.project")
+           "pip install -e '.[wandb]' in the facescale checkout, or remove logging.wandb.project")

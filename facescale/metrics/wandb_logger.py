@@ -23,7 +23,8 @@ def import_wandb() -> Any:
         import wandb
     except ImportError:
         raise ImportError("logging.wandb.project is set but the wandb package is not installed; "
-                          "pip install 'facescale[wandb]' or unset logging.wandb.project") from None
+                          "pip install -e '.[wandb]' in the facescale checkout, "
+                          "or unset logging.wandb.project") from None
     return wandb
 
 
