@@ -46,8 +46,11 @@ def test_typo_gets_suggestion_and_file(tmp_path, shard_dir):
 
 
 def test_unknown_section(tmp_path, shard_dir):
-    with pytest.raises(ConfigError, match="did you mean 'optim'"):
-        load_config(write(tmp_path, base(shard_dir) + "optimm: {lr: 1}\n"))
+    """A top-level key is named right after the file (no empty section between)."""
+    path = write(tmp_path, base(shard_dir) + "optimm: {lr: 1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: unknown key 'optimm'; did you mean 'optim'?"
 
 
 def test_wrong_type(tmp_path, shard_dir):

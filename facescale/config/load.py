@@ -116,7 +116,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}';{suggest(key, list(fields))}")
+            raise ConfigError(f"unknown key '{key}';{suggest(key, list(fields))}", where=where)
         hint = hints[key]
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
