@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from facescale.cli import build_parser
 from facescale.config.load import build_config
 from facescale.config.schedule_resolve import resolve_schedule
 from facescale.config.schema import Config
@@ -33,3 +34,14 @@ def test_reading_the_console_quotes_what_its_recipe_prints() -> None:
     step, total, lr = re.search(r"`\[train\] step (\d+)/(\d+) epoch \S+ loss \S+ lr (\S+) ", README).groups()
     assert int(total) == cfg.schedule.steps
     assert lr == f"{lr_at(int(step) - 1, cfg.optim.lr, cfg.schedule):.4g}"  # logged after step `step - 1` ran
+
+
+def test_eval_output_default_is_documented_and_ignored_by_git() -> None:
+    """`eval verify` / `eval ijb` without --out write into the current directory: the README says where, and a
+    run from the checkout leaves git clean."""
+    parser = build_parser()
+    defaults = {parser.parse_args(["eval", *argv, "--checkpoint", "run"]).out
+                for argv in (["verify", "--bin", "lfw.bin"], ["ijb", "--root", "IJBC"])}
+    (default,) = defaults
+    assert README.count(f"(default `{default}/`") == 2
+    assert f"/{default}/" in (REPO / ".gitignore").read_text().splitlines()
