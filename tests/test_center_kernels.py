@@ -259,8 +259,11 @@ def test_old_bf16_checkpoints_load_with_a_zero_residual() -> None:
     opt.state_tensors()[RESIDUAL].fill_(1.0)
     opt.load_state_tensors({"momentum_buffer": torch.ones(ROWS, DIM)})
     assert float(opt.state_tensors()[RESIDUAL].abs().max()) == 0.0
-    with pytest.raises(ValueError, match="head.optimizer"):
-        opt.load_state_tensors({})
+    opt.load_state_tensors({})  # saved at head.momentum 0: the momentum starts at zero (README, resume)
+    assert float(opt.state_tensors()["momentum_buffer"].abs().max()) == 0.0
+    moments = {"exp_avg": torch.ones(ROWS, DIM), "exp_avg_sq": torch.ones(ROWS, DIM)}
+    with pytest.raises(ValueError, match="head.optimizer"):  # AdamW's state into SGD: another optimizer
+        opt.load_state_tensors(moments)
 
 
 def test_plan_reports_the_bf16_residual() -> None:
