@@ -104,7 +104,8 @@ def reshard_head(
     try:
         modes = all_modes() if head_type is None else [get_mode(head_type)]
     except UnknownModeError as exc:
-        raise CheckpointError(f"the checkpoint's head was saved by {exc}") from None
+        raise CheckpointError(f"the checkpoint's head was saved by training mode '{head_type}', which is not "
+                              f"known here ({exc})") from None
     for mode in modes:  # a mode with its own state format (F2C's sharded pool) re-cuts it itself
         try:
             state = mode.reshard_head_state(shards, world_size, rank)
